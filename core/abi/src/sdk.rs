@@ -1,0 +1,616 @@
+//! The policy SDK: the plain-Rust side of the ABI.
+//!
+//! A researcher implements [`Policy`] + [`PolicyPlugin`] (or [`Metric`] +
+//! [`MetricPlugin`]) with ordinary std types and exports the type with
+//! [`crate::export_policy!`] / [`crate::export_metric!`]. The adapters here
+//! translate to the stable types of [`crate::ffi`] and back.
+//!
+//! Invariant: no panic leaves a plugin. Every entry point the export macros
+//! generate runs the researcher's code inside `catch_unwind` and returns a
+//! panic as a [`PluginError`] of kind [`ErrorKind::Panic`] (plugins must build
+//! with `panic = "unwind"`, the default).
+
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use abi_stable::{
+    prefix_type::PrefixTypeTrait,
+    sabi_trait::TD_Opaque,
+    std_types::{RResult, RSlice, RStr, RString, RVec},
+};
+
+use crate::ffi::{
+    self, ErrorKind, FfiMetric, FfiMetric_TO, FfiPolicy, FfiPolicy_TO, HostRef, MetricBox, Needs,
+    OptionInfo, PluginError, PluginInfo, PluginKind, PluginModule, PluginModuleRef, PolicyBox,
+};
+
+/// An error from policy or metric code.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyError {
+    /// Broad category, shown to the user.
+    pub kind: ErrorKind,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl PolicyError {
+    /// Bad options (unknown field, wrong type, out-of-range value).
+    pub fn options(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Options, message)
+    }
+    /// Saved state that cannot be restored.
+    pub fn state(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::State, message)
+    }
+    /// An observation or input the policy cannot use.
+    pub fn invalid(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Invalid, message)
+    }
+    /// Anything else.
+    pub fn other(message: impl fmt::Display) -> Self {
+        Self::new(ErrorKind::Other, message)
+    }
+    /// An error of the given kind.
+    pub fn new(kind: ErrorKind, message: impl fmt::Display) -> Self {
+        PolicyError {
+            kind,
+            message: message.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+impl From<PolicyError> for PluginError {
+    fn from(e: PolicyError) -> Self {
+        PluginError {
+            kind: e.kind,
+            message: e.message.into(),
+        }
+    }
+}
+
+impl From<PluginError> for PolicyError {
+    fn from(e: PluginError) -> Self {
+        PolicyError {
+            kind: e.kind,
+            message: e.message.into(),
+        }
+    }
+}
+
+/// A row-major matrix view: `rows` × `cols` values in `data`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Matrix<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// A view of `data` as `rows` × `cols`; `None` if the length disagrees.
+    pub fn new(data: &'a [f32], rows: usize, cols: usize) -> Option<Self> {
+        (rows.checked_mul(cols)? == data.len()).then_some(Matrix { data, rows, cols })
+    }
+    /// Number of rows (samples).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Number of columns (feature width).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Row `i` (panics when out of range, like slice indexing).
+    pub fn row(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+    /// All rows in order.
+    pub fn iter_rows(&self) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let cols = self.cols.max(1);
+        self.data.chunks(cols).take(self.rows)
+    }
+    /// The underlying row-major data.
+    pub fn as_slice(&self) -> &'a [f32] {
+        self.data
+    }
+}
+
+/// What a policy sees after each training step, with std types.
+///
+/// `frontier` and `probe` describe the step just taken; the returned
+/// [`Decision`] applies from the next step on.
+#[derive(Debug, Clone, Copy)]
+pub struct Step<'a> {
+    /// Index of the step just taken, from 0.
+    pub step: u64,
+    /// Its epoch, from 0.
+    pub epoch: u64,
+    /// Optimizer steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Optimizer steps in the run.
+    pub total_steps: u64,
+    /// Number of encoder blocks L.
+    pub layers: usize,
+    /// Blocks `[0, frontier)` are frozen for good.
+    pub frontier: usize,
+    /// The frontier block when it was temporarily frozen.
+    pub probe: Option<usize>,
+    /// Mean batch loss.
+    pub loss: f32,
+    /// Batch size.
+    pub batch: usize,
+    /// Final class-token features, B×D, if the policy asked for
+    /// [`Needs::CLS_FEATURES`].
+    pub features: Option<Matrix<'a>>,
+    /// Batch labels, if the policy asked for [`Needs::LABELS`] (else empty).
+    pub labels: &'a [i64],
+    /// Number of classes, if the policy asked for [`Needs::LABELS`] (else 0).
+    pub num_classes: usize,
+    /// Per-block gradient L2 norms, if the policy asked for
+    /// [`Needs::GRAD_NORMS`] (else empty).
+    pub grad_norms: &'a [f32],
+    /// Named values from newer hosts (usually empty).
+    pub extra: &'a [ffi::NamedValues<'a>],
+}
+
+impl<'a> Step<'a> {
+    /// Converts the stable observation; fails if the feature buffer does not
+    /// match `batch × feature_dim`.
+    pub fn from_ffi(obs: &'a ffi::Observation<'a>) -> Result<Self, PolicyError> {
+        let features = if obs.features.is_empty() {
+            None
+        } else {
+            Some(
+                Matrix::new(
+                    obs.features.as_slice(),
+                    obs.batch as usize,
+                    obs.feature_dim as usize,
+                )
+                .ok_or_else(|| {
+                    PolicyError::invalid(format!(
+                        "feature buffer has {} values, expected batch {} x dim {}",
+                        obs.features.len(),
+                        obs.batch,
+                        obs.feature_dim
+                    ))
+                })?,
+            )
+        };
+        Ok(Step {
+            step: obs.step,
+            epoch: obs.epoch,
+            steps_per_epoch: obs.steps_per_epoch,
+            total_steps: obs.total_steps,
+            layers: obs.layers as usize,
+            frontier: obs.frontier as usize,
+            probe: obs.probe.into_option().map(|p| p as usize),
+            loss: obs.loss,
+            batch: obs.batch as usize,
+            features,
+            labels: obs.labels.as_slice(),
+            num_classes: obs.num_classes as usize,
+            grad_norms: obs.grad_norms.as_slice(),
+            extra: obs.extra.as_slice(),
+        })
+    }
+
+    /// A decision that keeps the current frontier and releases any probe.
+    pub fn keep(&self) -> Decision {
+        Decision::frontier(self.frontier)
+    }
+}
+
+/// What a policy wants from the next step on, with std types.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    /// Blocks `[0, frontier)` frozen for good (never decreases).
+    pub frontier: usize,
+    /// Temporarily freeze the new frontier block (only that block may be
+    /// probed).
+    pub probe: Option<usize>,
+    /// Per-block learning-rate factors (one per block, finite, >= 0), or
+    /// `None` for all 1.
+    pub lr_factors: Option<Vec<f32>>,
+    /// Scalars to log at this step.
+    pub scalars: Vec<(String, f64)>,
+}
+
+impl Decision {
+    /// Freeze blocks `[0, frontier)`, no probe.
+    pub fn frontier(frontier: usize) -> Self {
+        Decision {
+            frontier,
+            ..Decision::default()
+        }
+    }
+    /// Also probe the frontier block.
+    pub fn with_probe(mut self) -> Self {
+        self.probe = Some(self.frontier);
+        self
+    }
+    /// Also set per-block learning-rate factors.
+    pub fn with_lr_factors(mut self, factors: Vec<f32>) -> Self {
+        self.lr_factors = Some(factors);
+        self
+    }
+    /// Also log a named scalar.
+    pub fn with_scalar(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.scalars.push((name.into(), value));
+        self
+    }
+
+    /// The stable form.
+    pub fn into_ffi(self) -> ffi::Decision {
+        ffi::Decision {
+            frontier: clamp_u32(self.frontier),
+            probe: self.probe.map(clamp_u32).into(),
+            lr_factors: self.lr_factors.unwrap_or_default().into(),
+            scalars: self
+                .scalars
+                .into_iter()
+                .map(|(name, value)| ffi::Scalar {
+                    name: name.into(),
+                    value,
+                })
+                .collect(),
+            extra: RVec::new(),
+        }
+    }
+}
+
+fn clamp_u32(x: usize) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
+
+/// Static documentation of one option.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionDoc {
+    /// Field name.
+    pub name: &'static str,
+    /// Default as RON text.
+    pub default: &'static str,
+    /// One line.
+    pub doc: &'static str,
+}
+
+/// Static identity of a plugin.
+#[derive(Debug, Clone, Copy)]
+pub struct Info {
+    /// Short name used to select the plugin.
+    pub name: &'static str,
+    /// The plugin's version; use `env!("CARGO_PKG_VERSION")`.
+    pub version: &'static str,
+    /// One paragraph.
+    pub description: &'static str,
+    /// Every option with its default.
+    pub options: &'static [OptionDoc],
+}
+
+impl Info {
+    fn to_ffi(self, kind: PluginKind) -> PluginInfo {
+        PluginInfo {
+            name: self.name.into(),
+            kind,
+            version: self.version.into(),
+            abi_version: crate::ABI_VERSION.into(),
+            description: self.description.into(),
+            options: self
+                .options
+                .iter()
+                .map(|o| OptionInfo {
+                    name: o.name.into(),
+                    default: o.default.into(),
+                    doc: o.doc.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A freezing policy: the logic, with std types.
+pub trait Policy: Send + 'static {
+    /// What the host must compute for this policy each step (default: only
+    /// counters and loss).
+    fn needs(&self) -> Needs {
+        Needs::NONE
+    }
+    /// Called after every training step; the result applies from the next.
+    fn decide(&mut self, step: &Step<'_>) -> Result<Decision, PolicyError>;
+    /// Everything needed to continue exactly where the policy is now.
+    fn save_state(&self) -> Result<Vec<u8>, PolicyError>;
+    /// Restores what `save_state` wrote.
+    fn load_state(&mut self, state: &[u8]) -> Result<(), PolicyError>;
+}
+
+/// A policy that can be exported as a plugin.
+pub trait PolicyPlugin: Policy + Sized {
+    /// Name, version, description and options.
+    fn info() -> Info;
+    /// Builds the policy from its RON options string (may be empty, meaning
+    /// all defaults). Reject unknown options and list the valid ones.
+    fn new(options: &str, host: &HostServices) -> Result<Self, PolicyError>;
+}
+
+/// A similarity metric: the logic, with std types.
+pub trait Metric: Send + Sync + 'static {
+    /// Similarity of two matrices of the same shape (higher = more similar).
+    fn similarity(&self, a: Matrix<'_>, b: Matrix<'_>) -> Result<f64, PolicyError>;
+}
+
+/// A metric that can be exported as a plugin.
+pub trait MetricPlugin: Metric + Sized {
+    /// Name, version, description and options.
+    fn info() -> Info;
+    /// Builds the metric from its RON options string.
+    fn new(options: &str) -> Result<Self, PolicyError>;
+}
+
+/// A metric a policy uses: loaded through the host, or native in tests.
+pub enum MetricHandle {
+    /// A metric plugin loaded by the host.
+    Plugin(MetricBox),
+    /// A metric linked into the same binary.
+    Native(Box<dyn Metric>),
+}
+
+impl MetricHandle {
+    /// Similarity of two matrices of the same shape.
+    pub fn similarity(&self, a: Matrix<'_>, b: Matrix<'_>) -> Result<f64, PolicyError> {
+        if a.rows() != b.rows() || a.cols() != b.cols() {
+            return Err(PolicyError::invalid(format!(
+                "similarity of a {}x{} and a {}x{} matrix",
+                a.rows(),
+                a.cols(),
+                b.rows(),
+                b.cols()
+            )));
+        }
+        match self {
+            MetricHandle::Native(m) => m.similarity(a, b),
+            MetricHandle::Plugin(m) => m
+                .similarity(
+                    a.as_slice().into(),
+                    b.as_slice().into(),
+                    clamp_u32(a.rows()),
+                    clamp_u32(a.cols()),
+                )
+                .into_result()
+                .map_err(PolicyError::from),
+        }
+    }
+}
+
+type NativeLoader = dyn Fn(&str, &str) -> Result<MetricHandle, PolicyError> + Send + Sync;
+
+/// What the host offers a policy while it is constructed.
+pub struct HostServices {
+    inner: HostInner,
+}
+
+enum HostInner {
+    Ffi(HostRef),
+    Native(Box<NativeLoader>),
+}
+
+impl HostServices {
+    /// Services backed by the real host.
+    pub fn from_ffi(host: HostRef) -> Self {
+        HostServices {
+            inner: HostInner::Ffi(host),
+        }
+    }
+    /// Services for tests and static use: `load` resolves metric names.
+    pub fn native(
+        load: impl Fn(&str, &str) -> Result<MetricHandle, PolicyError> + Send + Sync + 'static,
+    ) -> Self {
+        HostServices {
+            inner: HostInner::Native(Box::new(load)),
+        }
+    }
+    /// Services that offer no metrics (for policies that need none).
+    pub fn none() -> Self {
+        Self::native(|name, _| {
+            Err(PolicyError::other(format!(
+                "no metric loader available to load `{name}`"
+            )))
+        })
+    }
+    /// Loads a metric by name or path with RON options.
+    pub fn metric(&self, name: &str, options: &str) -> Result<MetricHandle, PolicyError> {
+        match &self.inner {
+            HostInner::Native(load) => load(name, options),
+            HostInner::Ffi(host) => {
+                // `load_metric` is in the prefix every host has, so it is
+                // always present.
+                let load = host.load_metric();
+                load(name.into(), options.into())
+                    .into_result()
+                    .map(MetricHandle::Plugin)
+                    .map_err(PolicyError::from)
+            }
+        }
+    }
+}
+
+/// Runs `f`, turning a panic into a [`PluginError`].
+pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PolicyError>) -> RResult<T, PluginError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(e.into()),
+        Err(payload) => RResult::RErr(PluginError {
+            kind: ErrorKind::Panic,
+            message: format!("panicked in {what}: {}", panic_message(&payload)).into(),
+        }),
+    }
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic payload)".to_string()
+    }
+}
+
+struct PolicyAdapter<P>(P);
+
+impl<P: Policy> FfiPolicy for PolicyAdapter<P> {
+    fn needs(&self) -> Needs {
+        // A panic here cannot be reported as an error; fall back to asking
+        // for everything, which is always safe for the host to provide.
+        catch_unwind(AssertUnwindSafe(|| self.0.needs())).unwrap_or(Needs::ALL)
+    }
+
+    fn decide(&mut self, obs: &ffi::Observation<'_>) -> RResult<ffi::Decision, PluginError> {
+        let policy = &mut self.0;
+        guard("decide", || {
+            let step = Step::from_ffi(obs)?;
+            policy.decide(&step).map(Decision::into_ffi)
+        })
+    }
+
+    fn save_state(&self) -> RResult<RVec<u8>, PluginError> {
+        guard("save_state", || self.0.save_state().map(RVec::from))
+    }
+
+    fn load_state(&mut self, state: RSlice<'_, u8>) -> RResult<(), PluginError> {
+        let policy = &mut self.0;
+        guard("load_state", || policy.load_state(state.as_slice()))
+    }
+}
+
+struct MetricAdapter<M>(M);
+
+impl<M: Metric> FfiMetric for MetricAdapter<M> {
+    fn similarity(
+        &self,
+        a: RSlice<'_, f32>,
+        b: RSlice<'_, f32>,
+        rows: u32,
+        cols: u32,
+    ) -> RResult<f64, PluginError> {
+        guard("similarity", || {
+            let shape_err = || PolicyError::invalid("matrix length does not match rows x cols");
+            let a =
+                Matrix::new(a.as_slice(), rows as usize, cols as usize).ok_or_else(shape_err)?;
+            let b =
+                Matrix::new(b.as_slice(), rows as usize, cols as usize).ok_or_else(shape_err)?;
+            self.0.similarity(a, b)
+        })
+    }
+}
+
+/// Wraps a policy as a stable trait object (what the export macro returns to
+/// the host; also usable directly in tests).
+pub fn policy_box<P: Policy>(policy: P) -> PolicyBox {
+    FfiPolicy_TO::from_value(PolicyAdapter(policy), TD_Opaque)
+}
+
+/// Wraps a metric as a stable trait object.
+pub fn metric_box<M: Metric>(metric: M) -> MetricBox {
+    FfiMetric_TO::from_value(MetricAdapter(metric), TD_Opaque)
+}
+
+extern "C" fn policy_info<P: PolicyPlugin>() -> RResult<PluginInfo, PluginError> {
+    guard("info", || Ok(P::info().to_ffi(PluginKind::Policy)))
+}
+
+extern "C" fn metric_info<M: MetricPlugin>() -> RResult<PluginInfo, PluginError> {
+    guard("info", || Ok(M::info().to_ffi(PluginKind::Metric)))
+}
+
+extern "C" fn new_policy<P: PolicyPlugin>(
+    options: RStr<'_>,
+    host: HostRef,
+) -> RResult<PolicyBox, PluginError> {
+    guard("new", || {
+        let host = HostServices::from_ffi(host);
+        P::new(options.as_str(), &host).map(policy_box)
+    })
+}
+
+extern "C" fn new_metric<M: MetricPlugin>(options: RStr<'_>) -> RResult<MetricBox, PluginError> {
+    guard("new", || M::new(options.as_str()).map(metric_box))
+}
+
+extern "C" fn no_policy(_: RStr<'_>, _: HostRef) -> RResult<PolicyBox, PluginError> {
+    RResult::RErr(PluginError {
+        kind: ErrorKind::Unsupported,
+        message: RString::from("this plugin is a metric, not a policy"),
+    })
+}
+
+extern "C" fn no_metric(_: RStr<'_>) -> RResult<MetricBox, PluginError> {
+    RResult::RErr(PluginError {
+        kind: ErrorKind::Unsupported,
+        message: RString::from("this plugin is a policy, not a metric"),
+    })
+}
+
+/// The root module of a policy plugin (used by [`crate::export_policy!`]).
+pub fn policy_module<P: PolicyPlugin>() -> PluginModuleRef {
+    PluginModule {
+        info: policy_info::<P>,
+        new_policy: new_policy::<P>,
+        new_metric: no_metric,
+    }
+    .leak_into_prefix()
+}
+
+/// The root module of a metric plugin (used by [`crate::export_metric!`]).
+pub fn metric_module<M: MetricPlugin>() -> PluginModuleRef {
+    PluginModule {
+        info: metric_info::<M>,
+        new_policy: no_policy,
+        new_metric: new_metric::<M>,
+    }
+    .leak_into_prefix()
+}
+
+/// Exports a [`PolicyPlugin`] type as this library's simfreeze plugin.
+///
+/// Put it once in the plugin crate's `lib.rs`; the crate needs
+/// `crate-type = ["cdylib", "rlib"]` and `abi_stable` as a dependency (the
+/// generated symbol refers to it by name). Also defines
+/// `pub fn plugin_module()` for tests that link the plugin statically.
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        /// This plugin's root module, for static (non-dlopen) use in tests.
+        pub fn plugin_module() -> $crate::ffi::PluginModuleRef {
+            $crate::sdk::policy_module::<$policy>()
+        }
+
+        /// The symbol the simfreeze host looks up when it loads this library.
+        #[::abi_stable::export_root_module]
+        pub fn simfreeze_plugin_root() -> $crate::ffi::PluginModuleRef {
+            plugin_module()
+        }
+    };
+}
+
+/// Exports a [`MetricPlugin`] type as this library's simfreeze plugin.
+/// See [`export_policy!`](crate::export_policy) for the crate setup.
+#[macro_export]
+macro_rules! export_metric {
+    ($metric:ty) => {
+        /// This plugin's root module, for static (non-dlopen) use in tests.
+        pub fn plugin_module() -> $crate::ffi::PluginModuleRef {
+            $crate::sdk::metric_module::<$metric>()
+        }
+
+        /// The symbol the simfreeze host looks up when it loads this library.
+        #[::abi_stable::export_root_module]
+        pub fn simfreeze_plugin_root() -> $crate::ffi::PluginModuleRef {
+            plugin_module()
+        }
+    };
+}

@@ -1,0 +1,15 @@
+//! Link settings torch-sys cannot pass on by itself.
+//!
+//! torch-sys's rpath does not reach the final link of our binaries, so the
+//! binary would not find libtorch at run time without `LD_LIBRARY_PATH`; and
+//! with `--as-needed` the linker drops `libtorch_cuda.so` (nothing references
+//! it directly), which leaves CUDA silently unavailable on GPU machines.
+fn main() {
+    if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
+        if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        }
+    }
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+}

@@ -1,0 +1,233 @@
+//! The command line: argument parsing, output formats and exit codes. The
+//! work itself lives in the other modules.
+//!
+//! Exit codes (also in the README): 0 success; 1 internal or I/O error;
+//! 2 bad command line or configuration; 3 a plugin could not be found,
+//! loaded or constructed; 4 a policy failed while running (error, panic or a
+//! decision that breaks the freezing contract).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::driver::DriverError;
+use crate::plugin::{LoadError, Plugin, PolicyCallError, SearchPath};
+use crate::simulate::{simulate, SimConfig};
+
+/// Fine-tune Vision Transformers, freezing encoder blocks with plugin policies.
+#[derive(Debug, Parser)]
+#[command(name = "simfreeze", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the plugins found on the search path ($SIMFREEZE_PLUGIN_PATH,
+    /// then the directory of this binary).
+    Plugins {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drive a policy with synthetic observations (no training) and print
+    /// its freeze timeline.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SimulateArgs {
+    /// Policy plugin: a name (`atsf`) or a path (`./libatsf.so`).
+    #[arg(long)]
+    policy: String,
+    /// The policy's options as RON, e.g. `(every: 50)`.
+    #[arg(long, default_value = "")]
+    policy_config: String,
+    /// Encoder blocks.
+    #[arg(long, default_value_t = 12)]
+    layers: u32,
+    /// Training steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: u64,
+    /// Steps per epoch (default: steps / 10).
+    #[arg(long)]
+    steps_per_epoch: Option<u64>,
+    /// Classes of the synthetic task.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Feature width.
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Seed of the synthetic world.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A bad command line or configuration (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Runs the CLI and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit_code(&e)
+        }
+    }
+}
+
+/// The documented exit code for an error.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    for cause in e.chain() {
+        if cause.is::<UsageError>() {
+            return 2;
+        }
+        if cause.is::<LoadError>() {
+            return 3;
+        }
+        if cause.is::<DriverError>()
+            || cause.is::<PolicyCallError>()
+            || cause.is::<crate::controller::ContractViolation>()
+        {
+            return 4;
+        }
+    }
+    1
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Plugins { json } => plugins(json),
+        Command::Simulate(args) => simulate_cmd(args),
+    }
+}
+
+fn plugins(json: bool) -> Result<()> {
+    let search = SearchPath::from_env();
+    let (plugins, errors) = search.discover();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let list: Vec<_> = plugins
+            .iter()
+            .map(|p| {
+                let mut v = serde_json::to_value(&p.meta).unwrap_or_default();
+                v["path"] = serde_json::Value::String(p.path.display().to_string());
+                v
+            })
+            .collect();
+        let errs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let dirs: Vec<String> = search
+            .dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let obj = serde_json::json!({ "search_path": dirs, "plugins": list, "errors": errs });
+        writeln!(out, "{obj}")?;
+        return Ok(());
+    }
+    if plugins.is_empty() {
+        writeln!(
+            out,
+            "no plugins found in: {}",
+            search
+                .dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        )?;
+    }
+    for p in &plugins {
+        print_plugin(&mut out, p)?;
+    }
+    for e in &errors {
+        writeln!(out, "not loaded: {e}")?;
+    }
+    Ok(())
+}
+
+fn print_plugin(out: &mut impl Write, p: &Plugin) -> Result<()> {
+    let m = &p.meta;
+    writeln!(
+        out,
+        "{} ({} {}, ABI {})",
+        m.name, m.kind, m.version, m.abi_version
+    )?;
+    writeln!(out, "    path: {}", p.path.display())?;
+    writeln!(out, "    {}", m.description)?;
+    for o in &m.options {
+        writeln!(out, "    option {} = {}    {}", o.name, o.default, o.doc)?;
+    }
+    Ok(())
+}
+
+fn simulate_cmd(a: SimulateArgs) -> Result<()> {
+    let cfg = SimConfig {
+        layers: a.layers,
+        steps: a.steps,
+        steps_per_epoch: a.steps_per_epoch.unwrap_or((a.steps / 10).max(1)),
+        classes: a.classes,
+        dim: a.dim,
+        batch: a.batch,
+        seed: a.seed,
+    };
+    cfg.validate().map_err(UsageError)?;
+    let plugin = SearchPath::from_env().load(&a.policy)?;
+    let path: PathBuf = plugin.path.clone();
+    let policy = plugin.new_policy(&a.policy_config)?;
+    let report =
+        simulate(policy, &cfg, |_| {}).with_context(|| format!("simulating {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "policy {} {} ({}): {} blocks, {} steps, {} per epoch",
+        report.policy,
+        report.version,
+        path.display(),
+        cfg.layers,
+        cfg.steps,
+        cfg.steps_per_epoch
+    )?;
+    writeln!(out, "block  frozen from step")?;
+    for (i, s) in report.freeze_step.iter().enumerate() {
+        match s {
+            Some(s) => writeln!(out, "{i:>5}  {s}")?,
+            None => writeln!(out, "{i:>5}  -")?,
+        }
+    }
+    writeln!(out, "steps with a probe: {}", report.probe_steps)?;
+    writeln!(out, "compute-model speedup: {:.3}x", report.compute_speedup)?;
+    for (name, values) in &report.scalars {
+        let last = values.last().map_or(f64::NAN, |v| v.1);
+        writeln!(
+            out,
+            "scalar {name}: {} values, last {last:.6}",
+            values.len()
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The policy loop shared by the trainer and the simulator: after each step,
+//! build the observation (only what the policy asked for), call the policy,
+//! pass its decision through the [`FreezeController`], and keep the freeze
+//! timeline and the compute-model cost.
+//!
+//! Invariant: the timeline records what actually ran. `frozen(step)` counts
+//! the blocks frozen during that step, the probe included, and the compute
+//! model charges each step `3L - 2 * frozen(step)` units (forward 1, backward
+//! 2 per block) against `3L` for full fine-tuning.
+
+use std::collections::BTreeMap;
+
+use abi_stable::std_types::{ROption, RSlice};
+use serde::Serialize;
+use simfreeze_abi::ffi::{NamedValues, Needs, Observation};
+
+use crate::controller::{Change, ContractViolation, FreezeController, FreezeState};
+use crate::plugin::{PolicyCallError, PolicyHandle};
+
+/// What the trainer or simulator measured in one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInput<'a> {
+    /// Step index, from 0.
+    pub step: u64,
+    /// Epoch of the step, from 0.
+    pub epoch: u64,
+    /// Steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Steps in the run.
+    pub total_steps: u64,
+    /// Mean batch loss.
+    pub loss: f32,
+    /// Batch size.
+    pub batch: usize,
+    /// Class-token features, `batch × feature_dim` (empty if not needed).
+    pub features: &'a [f32],
+    /// Feature width.
+    pub feature_dim: usize,
+    /// Labels (empty if not needed).
+    pub labels: &'a [i64],
+    /// Number of classes.
+    pub num_classes: usize,
+    /// Gradient norm per block (empty if not needed).
+    pub grad_norms: &'a [f32],
+}
+
+/// The freeze timeline of a run.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Timeline {
+    /// Number of blocks.
+    pub layers: u32,
+    /// Steps run so far.
+    pub steps: u64,
+    /// Per block: the first step that ran with it committed frozen (the number
+    /// of steps it trained), or `None` if it never froze.
+    pub freeze_step: Vec<Option<u64>>,
+    /// Steps that ran with a probe.
+    pub probe_steps: u64,
+    /// Policy scalars: name -> `(step, value)`.
+    pub scalars: BTreeMap<String, Vec<(u64, f64)>>,
+    /// Compute-model units spent.
+    pub cost: f64,
+    /// Compute-model units full fine-tuning would have spent.
+    pub full_cost: f64,
+}
+
+impl Timeline {
+    /// Full fine-tuning cost over spent cost (1 = no saving, at most 3).
+    pub fn compute_speedup(&self) -> f64 {
+        if self.cost > 0.0 {
+            self.full_cost / self.cost
+        } else {
+            1.0
+        }
+    }
+}
+
+/// A policy failure during the loop.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The policy returned an error or panicked.
+    #[error(transparent)]
+    Policy(#[from] PolicyCallError),
+    /// The policy's decision broke the freezing contract.
+    #[error(transparent)]
+    Contract(#[from] ContractViolation),
+}
+
+/// What one step's decision did.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutcome {
+    /// Freeze changes.
+    pub change: Change,
+    /// Scalars the policy logged.
+    pub scalars: Vec<(String, f64)>,
+}
+
+/// Runs the policy (or none: the full fine-tuning baseline) step by step.
+pub struct PolicyDriver {
+    policy: Option<PolicyHandle>,
+    controller: FreezeController,
+    timeline: Timeline,
+}
+
+impl PolicyDriver {
+    /// A driver for a model with `layers` blocks.
+    pub fn new(policy: Option<PolicyHandle>, layers: u32) -> Self {
+        let name = policy
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |p| p.meta.name.clone());
+        PolicyDriver {
+            policy,
+            controller: FreezeController::new(name, layers),
+            timeline: Timeline {
+                layers,
+                freeze_step: vec![None; layers as usize],
+                ..Timeline::default()
+            },
+        }
+    }
+
+    /// What the host must compute each step.
+    pub fn needs(&self) -> Needs {
+        self.policy
+            .as_ref()
+            .map_or(Needs::NONE, PolicyHandle::needs)
+    }
+
+    /// The freeze state for the next step.
+    pub fn state(&self) -> &FreezeState {
+        self.controller.state()
+    }
+
+    /// The timeline so far.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// The policy, if any.
+    pub fn policy(&self) -> Option<&PolicyHandle> {
+        self.policy.as_ref()
+    }
+
+    /// Records the step that just ran under [`Self::state`], asks the policy
+    /// for the next state and applies it.
+    pub fn after_step(&mut self, input: &StepInput<'_>) -> Result<StepOutcome, DriverError> {
+        let state = self.controller.state();
+        let layers = f64::from(state.layers);
+        let frozen = f64::from(state.frozen_prefix());
+        self.timeline.steps = input.step + 1;
+        self.timeline.full_cost += 3.0 * layers;
+        self.timeline.cost += 3.0 * layers - 2.0 * frozen;
+        if state.probe.is_some() {
+            self.timeline.probe_steps += 1;
+        }
+        let Some(policy) = self.policy.as_mut() else {
+            return Ok(StepOutcome::default());
+        };
+        let needs = policy.needs();
+        let pick = |flag: Needs| needs.contains(flag);
+        let extra: [NamedValues<'_>; 0] = [];
+        let obs = Observation {
+            step: input.step,
+            epoch: input.epoch,
+            steps_per_epoch: input.steps_per_epoch,
+            total_steps: input.total_steps,
+            layers: state.layers,
+            frontier: state.frontier,
+            probe: ROption::from(state.probe),
+            loss: input.loss,
+            batch: input.batch as u32,
+            feature_dim: if pick(Needs::CLS_FEATURES) {
+                input.feature_dim as u32
+            } else {
+                0
+            },
+            features: RSlice::from_slice(if pick(Needs::CLS_FEATURES) {
+                input.features
+            } else {
+                &[]
+            }),
+            labels: RSlice::from_slice(if pick(Needs::LABELS) {
+                input.labels
+            } else {
+                &[]
+            }),
+            num_classes: if pick(Needs::LABELS) {
+                input.num_classes as u32
+            } else {
+                0
+            },
+            grad_norms: RSlice::from_slice(if pick(Needs::GRAD_NORMS) {
+                input.grad_norms
+            } else {
+                &[]
+            }),
+            extra: RSlice::from_slice(&extra),
+        };
+        let decision = policy.decide(&obs)?;
+        let change = self.controller.apply(input.step, &decision)?;
+        for block in change.committed.clone() {
+            self.timeline.freeze_step[block as usize] = Some(input.step + 1);
+        }
+        let scalars: Vec<(String, f64)> = decision
+            .scalars
+            .into_iter()
+            .map(|s| (s.name.into_string(), s.value))
+            .collect();
+        for (name, value) in &scalars {
+            self.timeline
+                .scalars
+                .entry(name.clone())
+                .or_default()
+                .push((input.step, *value));
+        }
+        Ok(StepOutcome { change, scalars })
+    }
+}

@@ -1,0 +1,113 @@
+//! Template policy: freeze one more block every `every` steps.
+//!
+//! The smallest complete simfreeze policy plugin, written to be copied (see
+//! this crate's README). It shows the three things every policy does:
+//! parse its options (RON, unknown fields rejected), decide after every step,
+//! and save/restore its state so a resumed run continues identically.
+//!
+//! Options: `every` (steps between two freezes, default 100) and
+//! `keep_trainable` (the last blocks that never freeze, default 0).
+
+use serde::{Deserialize, Serialize};
+use simfreeze_abi::sdk::{
+    Decision, HostServices, Info, OptionDoc, Policy, PolicyError, PolicyPlugin, Step,
+};
+
+/// The policy's options, parsed from RON such as `(every: 50)`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Steps between two freezes.
+    pub every: u64,
+    /// Number of final blocks that are never frozen.
+    pub keep_trainable: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            every: 100,
+            keep_trainable: 0,
+        }
+    }
+}
+
+/// The policy. Its only state is the step at which it last froze a block.
+pub struct EveryN {
+    options: Options,
+    state: State,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct State {
+    last_freeze: u64,
+}
+
+impl Policy for EveryN {
+    fn decide(&mut self, step: &Step<'_>) -> Result<Decision, PolicyError> {
+        let limit = step.layers.saturating_sub(self.options.keep_trainable);
+        let done = step.step + 1; // steps completed so far
+        let mut frontier = step.frontier;
+        if frontier < limit && done - self.state.last_freeze >= self.options.every {
+            frontier += 1;
+            self.state.last_freeze = done;
+        }
+        let decision = Decision::frontier(frontier);
+        if frontier == step.frontier {
+            return Ok(decision);
+        }
+        // Scalars are logged per step; log one only when something happens.
+        Ok(decision.with_scalar("frozen", frontier as f64))
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, PolicyError> {
+        ron::to_string(&self.state)
+            .map(String::into_bytes)
+            .map_err(PolicyError::state)
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), PolicyError> {
+        let text = std::str::from_utf8(state).map_err(PolicyError::state)?;
+        self.state = ron::from_str(text).map_err(PolicyError::state)?;
+        Ok(())
+    }
+}
+
+impl PolicyPlugin for EveryN {
+    fn info() -> Info {
+        Info {
+            name: "template",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "Freezes one more block every `every` steps (the example to copy).",
+            options: &[
+                OptionDoc {
+                    name: "every",
+                    default: "100",
+                    doc: "steps between two freezes",
+                },
+                OptionDoc {
+                    name: "keep_trainable",
+                    default: "0",
+                    doc: "final blocks never frozen",
+                },
+            ],
+        }
+    }
+
+    fn new(options: &str, _host: &HostServices) -> Result<Self, PolicyError> {
+        let options: Options = if options.trim().is_empty() {
+            Options::default()
+        } else {
+            ron::from_str(options).map_err(PolicyError::options)?
+        };
+        if options.every == 0 {
+            return Err(PolicyError::options("`every` must be at least 1"));
+        }
+        Ok(EveryN {
+            options,
+            state: State::default(),
+        })
+    }
+}
+
+simfreeze_abi::export_policy!(EveryN);

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Sets up everything simfreeze needs on a fresh Debian-like machine, then builds
+# the release workspace (host and every plugin). Idempotent: a re-run checks
+# each step and skips what is already in place.
+#
+#   1. Fashion-MNIST from Debian's `dataset-fashion-mnist` (when apt exists);
+#   2. a Python environment with torch==2.11.0 from PyPI, kept once per machine
+#      in $SIMFREEZE_CACHE (default ~/.cache/simfreeze) and linked as `.venv`;
+#   3. `.libtorch`, a stable link to that torch, which `.cargo/config.toml`
+#      hands to torch-sys, so plain `cargo build` / `cargo test` work;
+#   4. `cargo build --release --workspace`.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+TORCH_VERSION=2.11.0
+cache=${SIMFREEZE_CACHE:-$HOME/.cache/simfreeze}
+python=${PYTHON:-python3}
+say() { printf '[setup] %s\n' "$*"; }
+
+# 1. Fashion-MNIST ------------------------------------------------------------
+fmnist=/usr/share/datasets/fashion-mnist
+if [ -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
+    say "Fashion-MNIST present in $fmnist"
+elif command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian package dataset-fashion-mnist"
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    if ! $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; then
+        $sudo_cmd apt-get update -q >/dev/null
+        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null
+    fi
+else
+    say "no apt: put the Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)"
+    say "into $fmnist, or set the dataset root in your config"
+fi
+
+# 2. torch in a per-machine cache, linked as .venv -----------------------------
+pyver=$("$python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+env_dir="$cache/torch-$TORCH_VERSION-py$pyver"
+if [ ! -f "$env_dir/.complete" ]; then
+    say "creating $env_dir with torch==$TORCH_VERSION (about 4.7 GB, a few minutes)"
+    rm -rf "$env_dir"
+    mkdir -p "$cache"
+    "$python" -m venv "$env_dir"
+    "$env_dir/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+    touch "$env_dir/.complete"
+else
+    say "torch $TORCH_VERSION environment present in $env_dir"
+fi
+# A symlink keeps the path torch-sys sees stable (changing it forces a 2-minute
+# rebuild of its C++ wrapper).
+if [ "$(readlink .venv 2>/dev/null || true)" != "$env_dir" ]; then
+    if [ -e .venv ] && [ ! -L .venv ]; then
+        say "error: $root/.venv exists and is not a link; move it away and re-run" >&2
+        exit 1
+    fi
+    ln -sfn "$env_dir" .venv
+fi
+torch_dir=".venv/lib/python$pyver/site-packages/torch"
+if [ "$(readlink .libtorch 2>/dev/null || true)" != "$torch_dir" ]; then
+    ln -sfn "$torch_dir" .libtorch
+fi
+installed=$(.venv/bin/python -W ignore -c 'import torch; print(torch.__version__.split("+")[0])')
+if [ "$installed" != "$TORCH_VERSION" ]; then
+    say "error: .venv has torch $installed, simfreeze needs $TORCH_VERSION (tch 0.24)." >&2
+    say "Remove $env_dir and re-run this script." >&2
+    exit 1
+fi
+
+# 3. build ---------------------------------------------------------------------
+if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
+    say "building the release workspace"
+    cargo build --release --workspace --quiet
+fi
+say "ready"
