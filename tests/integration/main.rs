@@ -1,1 +1,6 @@
+//! Workspace-level integration tests, one binary (see tests/src/lib.rs for
+//! the helpers). Each module owns one area.
 
+mod loader;
+mod simulate;
+mod template;

@@ -1,1 +1,101 @@
-//! placeholder
+//! Helpers for the workspace-level integration tests: where the built
+//! binary and plugins are, building the failure fixtures and out-of-tree
+//! plugins, and running the CLI.
+//!
+//! The tests use the artifacts of the same cargo profile they were built
+//! with (`target/release` under `cargo test --release`), so run
+//! `cargo build --workspace` with that profile first; `scripts/test.sh` does.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// `target/<profile>` of the running test binary.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("test binary directory");
+    deps.parent().expect("profile directory").to_owned()
+}
+
+/// The `simfreeze` binary of this profile.
+pub fn simfreeze_bin() -> PathBuf {
+    let bin = profile_dir().join("simfreeze");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build the workspace with the same profile first \
+         (`cargo build --release --workspace`, or scripts/test.sh)",
+        bin.display()
+    );
+    bin
+}
+
+/// A plugin library built by this workspace, e.g. `plugin("template")`.
+pub fn plugin(name: &str) -> PathBuf {
+    let p = profile_dir().join(format!("lib{name}.so"));
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace first",
+        p.display()
+    );
+    p
+}
+
+/// Runs `simfreeze` with `args`, with the plugin search path limited to this
+/// profile's output directory.
+pub fn simfreeze(args: &[&str]) -> Output {
+    Command::new(simfreeze_bin())
+        .args(args)
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run simfreeze")
+}
+
+/// Target directory for crates built outside the workspace (fixtures, the
+/// out-of-tree template), shared so their dependencies compile once.
+pub fn external_target() -> PathBuf {
+    repo_root().join("target").join("external")
+}
+
+/// Builds a crate (or workspace) at `manifest` in release mode into
+/// [`external_target`]; panics with cargo's output on failure.
+pub fn cargo_build(manifest: &Path) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .arg(manifest)
+        .env("CARGO_TARGET_DIR", external_target())
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building {} failed:\n{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The failure fixtures (tests/fixtures), built once per test process.
+pub fn fixture(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| cargo_build(&repo_root().join("tests/fixtures/Cargo.toml")));
+    external_target()
+        .join("release")
+        .join(format!("libfixture_{name}.so"))
+}
+
+/// stdout and stderr of a finished command, as text.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

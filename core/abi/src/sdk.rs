@@ -438,15 +438,59 @@ impl HostServices {
     }
 }
 
-/// Runs `f`, turning a panic into a [`PluginError`].
+thread_local! {
+    /// Depth of `guard` calls on this thread, and where the last panic inside
+    /// one happened.
+    static GUARD: std::cell::RefCell<(u32, Option<String>)> = const { std::cell::RefCell::new((0, None)) };
+}
+
+/// Installs (once per copy of std, i.e. once per plugin library) a panic hook
+/// that, inside [`guard`], records the panic's location for the error message
+/// instead of printing a backtrace; outside it, or with `RUST_BACKTRACE` set,
+/// the previous hook runs as usual.
+fn install_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let guarded = GUARD.with(|g| {
+                let mut g = g.borrow_mut();
+                if g.0 > 0 {
+                    g.1 = info
+                        .location()
+                        .map(|l| format!("{}:{}", l.file(), l.line()));
+                }
+                g.0 > 0
+            });
+            let verbose = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+            if !guarded || verbose {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic into a [`PluginError`] of kind
+/// [`ErrorKind::Panic`] whose message says where it happened.
 pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, PolicyError>) -> RResult<T, PluginError> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    install_hook();
+    GUARD.with(|g| g.borrow_mut().0 += 1);
+    let result = catch_unwind(AssertUnwindSafe(f));
+    let location = GUARD.with(|g| {
+        let mut g = g.borrow_mut();
+        g.0 -= 1;
+        g.1.take()
+    });
+    match result {
         Ok(Ok(v)) => RResult::ROk(v),
         Ok(Err(e)) => RResult::RErr(e.into()),
-        Err(payload) => RResult::RErr(PluginError {
-            kind: ErrorKind::Panic,
-            message: format!("panicked in {what}: {}", panic_message(&payload)).into(),
-        }),
+        Err(payload) => {
+            let at = location.map(|l| format!(" at {l}")).unwrap_or_default();
+            RResult::RErr(PluginError {
+                kind: ErrorKind::Panic,
+                message: format!("panicked in {what}{at}: {}", panic_message(&payload)).into(),
+            })
+        }
     }
 }
 

@@ -383,7 +383,7 @@ fn map_library_error(path: &Path, e: LibraryError) -> LoadError {
         LibraryError::AbiInstability(report) => LoadError::AbiLayout {
             path,
             plugin: HOST_ABI.to_string(),
-            detail: first_line(&report.to_string()),
+            detail: summarize_layout_report(&report.to_string()),
         },
         LibraryError::InvalidCAbi { .. } => LoadError::AbiLayout {
             path,
@@ -403,6 +403,27 @@ fn map_library_error(path: &Path, e: LibraryError) -> LoadError {
             },
         },
     }
+}
+
+/// abi_stable's layout report runs to hundreds of lines; its verdict is the
+/// last `Error:` line, followed by `Expected:` and `Found:` type names.
+fn summarize_layout_report(report: &str) -> String {
+    let lines: Vec<&str> = report.lines().map(str::trim).collect();
+    let Some(at) = lines.iter().rposition(|l| l.starts_with("Error:")) else {
+        return first_line(report);
+    };
+    let after = |label: &str| {
+        lines[at..]
+            .iter()
+            .position(|l| *l == label)
+            .and_then(|i| lines.get(at + i + 1))
+            .map(|s| s.to_string())
+    };
+    let mut out = lines[at].trim_start_matches("Error:").trim().to_string();
+    if let (Some(e), Some(f)) = (after("Expected:"), after("Found:")) {
+        out.push_str(&format!(": expected `{e}`, found `{f}`"));
+    }
+    out
 }
 
 fn first_line(s: &str) -> String {
@@ -720,6 +741,16 @@ mod tests {
         let err = Plugin::load(&p).unwrap_err();
         assert!(matches!(err, LoadError::NotAPlugin { .. }), "{err}");
         assert!(err.to_string().contains("libfake.so"));
+    }
+
+    #[test]
+    fn layout_reports_shrink_to_their_verdict() {
+        let report = "Compared <this>:\n  lots\n\nError:mismatched type\nExpected:\n    PluginModule\nFound:\n    OldModule\n";
+        assert_eq!(
+            summarize_layout_report(report),
+            "mismatched type: expected `PluginModule`, found `OldModule`"
+        );
+        assert_eq!(summarize_layout_report("one\ntwo"), "one");
     }
 
     #[test]

@@ -291,7 +291,7 @@ mod tests {
         // Mean cosine between features and their class mean, early vs late.
         let mut w = SyntheticWorld::new(&cfg());
         let d = w.cfg.dim;
-        let mut cos_at = |w: &mut SyntheticWorld| {
+        let cos_at = |w: &mut SyntheticWorld| {
             w.step(0);
             let mut total = 0.0;
             for b in 0..w.cfg.batch {

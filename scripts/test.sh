@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Sets up the machine (scripts/setup.sh) and runs the whole test suite:
+# formatting, clippy with warnings as errors, and every test of the
+# workspace in release mode (the integration tests drive the release
+# binary and plugins that setup built).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+./scripts/setup.sh
+echo "[test] cargo fmt --check"
+cargo fmt --all -- --check
+echo "[test] cargo clippy"
+cargo clippy --release --workspace --all-targets --quiet -- -D warnings
+echo "[test] cargo test"
+cargo test --release --workspace
+echo "[test] all passed"
