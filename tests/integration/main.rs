@@ -2,5 +2,6 @@
 //! the helpers). Each module owns one area.
 
 mod loader;
+mod run;
 mod simulate;
 mod template;

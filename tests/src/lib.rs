@@ -3,8 +3,8 @@
 //! plugins, and running the CLI.
 //!
 //! The tests use the artifacts of the same cargo profile they were built
-//! with (`target/release` under `cargo test --release`), so run
-//! `cargo build --workspace` with that profile first; `scripts/test.sh` does.
+//! with (`target/release` under `cargo test --release`) and bring them up to
+//! date once per run with a nested `cargo build --workspace`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,8 +25,31 @@ pub fn profile_dir() -> PathBuf {
     deps.parent().expect("profile directory").to_owned()
 }
 
+/// Brings the binary and the workspace's plugins up to date for this
+/// profile, once per test process (`cargo test` builds neither a
+/// dependency's binary nor the cdylibs, so a stale one would be tested).
+fn ensure_built() {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--workspace", "--manifest-path"])
+            .arg(repo_root().join("Cargo.toml"));
+        if profile_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().expect("run cargo");
+        assert!(
+            out.status.success(),
+            "building the workspace failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
+
 /// The `simfreeze` binary of this profile.
 pub fn simfreeze_bin() -> PathBuf {
+    ensure_built();
     let bin = profile_dir().join("simfreeze");
     assert!(
         bin.is_file(),
@@ -39,6 +62,7 @@ pub fn simfreeze_bin() -> PathBuf {
 
 /// A plugin library built by this workspace, e.g. `plugin("template")`.
 pub fn plugin(name: &str) -> PathBuf {
+    ensure_built();
     let p = profile_dir().join(format!("lib{name}.so"));
     assert!(
         p.is_file(),

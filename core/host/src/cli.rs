@@ -4,7 +4,8 @@
 //! Exit codes (also in the README): 0 success; 1 internal or I/O error;
 //! 2 bad command line or configuration; 3 a plugin could not be found,
 //! loaded or constructed; 4 a policy failed while running (error, panic or a
-//! decision that breaks the freezing contract).
+//! decision that breaks the freezing contract); 5 a dataset file is missing
+//! or corrupt.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,9 +13,11 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::config::{PolicySection, RunConfig};
 use crate::driver::DriverError;
 use crate::plugin::{LoadError, Plugin, PolicyCallError, SearchPath};
 use crate::simulate::{simulate, SimConfig};
+use crate::train;
 
 /// Fine-tune Vision Transformers, freezing encoder blocks with plugin policies.
 #[derive(Debug, Parser)]
@@ -36,6 +39,55 @@ enum Command {
     /// Drive a policy with synthetic observations (no training) and print
     /// its freeze timeline.
     Simulate(SimulateArgs),
+    /// Fine-tune a ViT as a RON config says, in a fresh run directory.
+    Run(RunArgs),
+    /// Time training steps per frozen prefix on random inputs.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The RON configuration file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Policy plugin (name or path), replacing the config's; `none` for
+    /// full fine-tuning.
+    #[arg(long)]
+    policy: Option<String>,
+    /// The policy's options as RON, replacing the config's.
+    #[arg(long)]
+    policy_config: Option<String>,
+    /// Override a config value, e.g. `--set train.epochs=3` (value is RON).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// The RON configuration file (its model, device and threads are used).
+    #[arg(long)]
+    config: PathBuf,
+    /// Only this frozen prefix (default: every K from 0 to L).
+    #[arg(long)]
+    frozen: Option<usize>,
+    /// Timed steps per K and round.
+    #[arg(long, default_value_t = 20)]
+    steps: u64,
+    /// Rounds over all K; each K reports its best round.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Untimed warm-up steps per K.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Batch size (default: the config's).
+    #[arg(long)]
+    batch: Option<i64>,
+    /// Override a config value, e.g. `--set train.threads=1`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +153,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if cause.is::<UsageError>() {
             return 2;
         }
+        if cause.is::<crate::data::DataError>() {
+            return 5;
+        }
         if cause.is::<LoadError>() {
             return 3;
         }
@@ -119,7 +174,104 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plugins { json } => plugins(json),
         Command::Simulate(args) => simulate_cmd(args),
+        Command::Run(args) => run_cmd(args),
+        Command::Bench(args) => bench_cmd(args),
     }
+}
+
+fn run_cmd(a: RunArgs) -> Result<()> {
+    let mut cfg = RunConfig::load(&a.config)?;
+    match a.policy.as_deref() {
+        Some("none") => cfg.policy = None,
+        Some(p) => {
+            cfg.policy = Some(PolicySection {
+                plugin: p.to_string(),
+                options: String::new(),
+            })
+        }
+        None => {}
+    }
+    if let Some(opts) = a.policy_config {
+        match cfg.policy.as_mut() {
+            Some(p) => p.options = opts,
+            None => {
+                return Err(UsageError(
+                    "--policy-config given but no policy (add --policy or a policy section)".into(),
+                )
+                .into())
+            }
+        }
+    }
+    let cfg = cfg.with_overrides(&a.sets)?;
+    let summary = train::run(train::Plan::resolve(cfg)?)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let cfg = RunConfig::load(&a.config)?.with_overrides(&a.sets)?;
+    let device = train::parse_device(&cfg.train.device)?;
+    if cfg.train.threads > 0 {
+        tch::set_num_threads(cfg.train.threads);
+    }
+    let classes = match &cfg.data.source {
+        crate::config::DataSource::Synthetic { classes, .. } => *classes,
+        crate::config::DataSource::FashionMnist { .. } => 10,
+    };
+    let model = cfg.model.resolve(classes)?;
+    let depth = model.depth as usize;
+    let frozen: Vec<usize> = match a.frozen {
+        Some(k) if k > depth => {
+            return Err(UsageError(format!(
+                "--frozen {k} is more than the model's {depth} blocks"
+            ))
+            .into())
+        }
+        Some(k) => vec![k],
+        None => (0..=depth).collect(),
+    };
+    let batch = a.batch.unwrap_or(cfg.train.batch);
+    if batch < 1 || a.steps < 1 {
+        return Err(UsageError("--batch and --steps must be at least 1".into()).into());
+    }
+    let results = train::bench(&model, device, batch, &frozen, a.steps, a.warmup, a.rounds);
+    let threads = tch::get_num_threads();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let obj = serde_json::json!({
+            "model": cfg.model.preset,
+            "batch": batch,
+            "threads": threads,
+            "device": format!("{device:?}"),
+            "rounds": a.rounds,
+            "steps": a.steps,
+            "results": results,
+        });
+        writeln!(out, "{obj}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{} (depth {depth}), batch {batch}, {threads} threads, {device:?}, best of {} rounds of {} steps",
+        cfg.model.preset, a.rounds, a.steps
+    )?;
+    writeln!(out, "frozen  img/s    speedup  compute model 3L/(3L-2K)")?;
+    let base = results
+        .iter()
+        .find(|r| r.frozen == 0)
+        .map(|r| r.images_per_sec);
+    for r in &results {
+        let model_speedup = 3.0 * depth as f64 / (3.0 * depth as f64 - 2.0 * r.frozen as f64);
+        let measured = base.map_or(String::from("-"), |b| {
+            format!("{:.2}x", r.images_per_sec / b)
+        });
+        writeln!(
+            out,
+            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:.2}x",
+            r.frozen, r.images_per_sec
+        )?;
+    }
+    Ok(())
 }
 
 fn plugins(json: bool) -> Result<()> {

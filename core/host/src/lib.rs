@@ -7,10 +7,20 @@
 //! - [`controller`]: the freezing contract, checked on every decision;
 //! - [`driver`]: the per-step policy loop shared by trainer and simulator;
 //! - [`simulate`]: synthetic observations for `simfreeze simulate`;
+//! - [`model`]: the ViT (timm names) with frozen-prefix execution;
+//! - [`data`]: Fashion-MNIST, synthetic data, subsets, deterministic order;
+//! - [`optim`]: per-block SGD with our own momentum state, cosine schedule;
+//! - [`config`]: the RON run configuration and `--set` overrides;
+//! - [`train`]: the training loop, run directories, `bench`;
 //! - [`cli`]: the command line (the binary only calls [`cli::main`]).
 
 pub mod cli;
+pub mod config;
 pub mod controller;
+pub mod data;
 pub mod driver;
+pub mod model;
+pub mod optim;
 pub mod plugin;
 pub mod simulate;
+pub mod train;

@@ -1,0 +1,291 @@
+//! Run configuration: the raw RON file (`deny_unknown_fields`, errors with
+//! file:line:column), `--set key=value` overrides, and validation.
+//!
+//! Precedence: defaults < RON file < `--policy`/`--policy-config` <
+//! `--set` overrides.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::UsageError;
+use crate::model::VitConfig;
+use crate::optim::SgdConfig;
+
+/// Which model: a preset with optional field overrides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Preset name (`tiny_fmnist`, `vit_base_patch16_224`, ...).
+    pub preset: String,
+    /// Overrides of the preset's fields.
+    pub image_size: Option<i64>,
+    /// Input channels.
+    pub channels: Option<i64>,
+    /// Patch size.
+    pub patch: Option<i64>,
+    /// Width.
+    pub dim: Option<i64>,
+    /// Blocks.
+    pub depth: Option<i64>,
+    /// Heads.
+    pub heads: Option<i64>,
+    /// MLP ratio.
+    pub mlp_ratio: Option<f64>,
+    /// Classes (default: the dataset's).
+    pub classes: Option<i64>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            preset: "tiny_fmnist".into(),
+            image_size: None,
+            channels: None,
+            patch: None,
+            dim: None,
+            depth: None,
+            heads: None,
+            mlp_ratio: None,
+            classes: None,
+        }
+    }
+}
+
+impl ModelSection {
+    /// The preset with overrides applied; `classes` defaults to `data_classes`.
+    pub fn resolve(&self, data_classes: i64) -> Result<VitConfig, UsageError> {
+        let mut c = VitConfig::preset(&self.preset).ok_or_else(|| {
+            UsageError(format!(
+                "unknown model.preset `{}`; presets: {}",
+                self.preset,
+                VitConfig::preset_names().join(", ")
+            ))
+        })?;
+        c.image_size = self.image_size.unwrap_or(c.image_size);
+        c.channels = self.channels.unwrap_or(c.channels);
+        c.patch = self.patch.unwrap_or(c.patch);
+        c.dim = self.dim.unwrap_or(c.dim);
+        c.depth = self.depth.unwrap_or(c.depth);
+        c.heads = self.heads.unwrap_or(c.heads);
+        c.mlp_ratio = self.mlp_ratio.unwrap_or(c.mlp_ratio);
+        c.classes = self.classes.unwrap_or(data_classes);
+        c.validate().map_err(UsageError)?;
+        Ok(c)
+    }
+}
+
+/// Where the data comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum DataSource {
+    /// Fashion-MNIST IDX files under `root`.
+    FashionMnist {
+        /// Directory of the `*-ubyte.gz` files.
+        root: PathBuf,
+    },
+    /// Deterministic synthetic images (tests, benchmarks).
+    Synthetic {
+        /// Training samples.
+        train: i64,
+        /// Evaluation samples.
+        eval: i64,
+        /// Classes.
+        classes: i64,
+    },
+}
+
+/// The data section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataSection {
+    /// The source.
+    pub source: DataSource,
+    /// Keep only these classes, relabelled 0..k in this order.
+    pub classes: Option<Vec<i64>>,
+    /// Use at most this many training samples.
+    pub train_limit: Option<i64>,
+    /// Use at most this many evaluation samples.
+    pub eval_limit: Option<i64>,
+    /// Normalisation mean.
+    pub mean: f64,
+    /// Normalisation standard deviation.
+    pub std: f64,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            source: DataSource::FashionMnist {
+                root: "/usr/share/datasets/fashion-mnist".into(),
+            },
+            classes: None,
+            train_limit: None,
+            eval_limit: None,
+            mean: 0.2860,
+            std: 0.3530,
+        }
+    }
+}
+
+/// The training section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSection {
+    /// Epochs.
+    pub epochs: u64,
+    /// Batch size (the paper: 16).
+    pub batch: i64,
+    /// Optimizer.
+    pub sgd: SgdConfig,
+    /// Seed of initialisation and data order.
+    pub seed: u64,
+    /// `auto`, `cpu` or `cuda:N`.
+    pub device: String,
+    /// CPU threads (0: libtorch's default).
+    pub threads: i32,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            epochs: 1,
+            batch: 16,
+            sgd: SgdConfig::default(),
+            seed: 0,
+            device: "auto".into(),
+            threads: 0,
+        }
+    }
+}
+
+/// The policy section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// Name or path of the plugin.
+    pub plugin: String,
+    /// RON options.
+    #[serde(default)]
+    pub options: String,
+}
+
+/// A whole run configuration, as in the RON file.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run name (the run directory is `<output>/<name>-<n>`).
+    pub name: String,
+    /// Directory that holds run directories.
+    pub output: PathBuf,
+    /// Model.
+    pub model: ModelSection,
+    /// Data.
+    pub data: DataSection,
+    /// Training.
+    pub train: TrainSection,
+    /// Freezing policy; none means full fine-tuning.
+    pub policy: Option<PolicySection>,
+}
+
+impl RunConfig {
+    /// Reads and parses `path`; errors give file:line:column.
+    pub fn load(path: &Path) -> Result<RunConfig, UsageError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| UsageError(format!("cannot read config {}: {e}", path.display())))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses RON text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<RunConfig, UsageError> {
+        // `implicit_some`: optional fields take plain values (`depth: 4`,
+        // `policy: (plugin: "atsf")`); `Some(..)` is accepted too.
+        let ron = ron::Options::default()
+            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let mut c: RunConfig = ron.from_str(text).map_err(|e| {
+            UsageError(format!(
+                "{origin}:{}:{}: {}",
+                e.position.line, e.position.col, e.code
+            ))
+        })?;
+        if c.name.is_empty() {
+            c.name = "run".into();
+        }
+        if c.output.as_os_str().is_empty() {
+            c.output = "runs".into();
+        }
+        Ok(c)
+    }
+
+    /// Applies `key=value` overrides (`train.epochs=3`,
+    /// `train.sgd.lr=0.01`, `data.train_limit=500`); values are RON.
+    pub fn with_overrides(self, sets: &[String]) -> Result<RunConfig, UsageError> {
+        if sets.is_empty() {
+            return Ok(self);
+        }
+        // JSON values keep enum variants and options apart, which RON's
+        // dynamic `Value` cannot; the tree is only an intermediate.
+        let mut tree = serde_json::to_value(&self).map_err(|e| UsageError(e.to_string()))?;
+        for set in sets {
+            let (key, raw) = set
+                .split_once('=')
+                .ok_or_else(|| UsageError(format!("--set {set}: expected key=value")))?;
+            let new: ron::Value = ron::from_str(raw)
+                .map_err(|e| UsageError(format!("--set {set}: value is not RON: {}", e.code)))?;
+            let slot = key
+                .split('.')
+                .try_fold(&mut tree, |cur, part| cur.get_mut(part))
+                .ok_or_else(|| UsageError(format!("--set {set}: unknown key `{key}`")))?;
+            *slot = serde_json::to_value(new).map_err(|e| UsageError(e.to_string()))?;
+        }
+        serde_json::from_value(tree).map_err(|e| UsageError(format!("--set: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_ron_points_at_line_and_column() {
+        let e =
+            RunConfig::parse("(\n  name: \"x\",\n  train: (epochs: ),\n)", "c.ron").unwrap_err();
+        assert!(e.0.starts_with("c.ron:3:"), "{}", e.0);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_the_valid_ones() {
+        let e = RunConfig::parse("(trian: ())", "c.ron").unwrap_err();
+        assert!(e.0.contains("trian") && e.0.contains("train"), "{}", e.0);
+    }
+
+    #[test]
+    fn wrong_type_is_refused() {
+        let e = RunConfig::parse("(train: (epochs: \"two\"))", "c.ron").unwrap_err();
+        assert!(e.0.contains("c.ron:1:"), "{}", e.0);
+    }
+
+    #[test]
+    fn overrides_apply_and_check() {
+        let c = RunConfig::parse("(train: (epochs: 2))", "c").unwrap();
+        let c = c
+            .with_overrides(&["train.epochs=5".into(), "train.sgd.lr=0.1".into()])
+            .unwrap();
+        assert_eq!(c.train.epochs, 5);
+        assert_eq!(c.train.sgd.lr, 0.1);
+        let e = c
+            .clone()
+            .with_overrides(&["train.epoks=1".into()])
+            .unwrap_err();
+        assert!(e.0.contains("unknown key"), "{}", e.0);
+    }
+
+    #[test]
+    fn defaults_are_the_paper_recipe() {
+        let c = RunConfig::parse("()", "c").unwrap();
+        assert_eq!(c.train.batch, 16);
+        assert_eq!(c.train.sgd.lr, 0.003);
+        assert_eq!(c.train.sgd.momentum, 0.9);
+        assert_eq!(c.model.resolve(10).unwrap(), VitConfig::tiny_fmnist());
+    }
+}

@@ -1,0 +1,148 @@
+//! `simfreeze run` end to end on a tiny synthetic task: the run directory's
+//! files, the policy loop, and the errors for bad configurations.
+
+use std::fs;
+use std::path::Path;
+
+use simfreeze_tests::{simfreeze, text};
+
+/// A tiny model on synthetic 8x8 images; trains in about a second.
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"(
+    name: "t",
+    output: {out:?},
+    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
+    data: (source: Synthetic(train: 64, eval: 32, classes: 4)),
+    train: (epochs: 2, batch: 8, sgd: (lr: 0.05), threads: 1, device: "cpu"),
+    {extra}
+)"#,
+        out = dir.join("runs").to_str().unwrap()
+    );
+    let path = dir.join("c.ron");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn run_writes_a_complete_run_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        d.path(),
+        r#"policy: (plugin: "template", options: "(every: 5)"),"#,
+    );
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let run = d.path().join("runs/t-001");
+    assert_eq!(summary["run_dir"], run.to_str().unwrap());
+    for f in [
+        "config.ron",
+        "policy.json",
+        "metrics.csv",
+        "events.jsonl",
+        "summary.json",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // 2 epochs x 64/8 steps; template freezes one block every 5 steps.
+    assert_eq!(summary["steps"], 16);
+    assert_eq!(summary["freeze_step"], serde_json::json!([5, 10, 15]));
+    assert!(summary["compute_speedup"].as_f64().unwrap() > 1.0);
+    let policy: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(run.join("policy.json")).unwrap()).unwrap();
+    assert_eq!(policy["name"], "template");
+    assert_eq!(policy["sha256"].as_str().unwrap().len(), 64);
+    let metrics = fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let lines: Vec<_> = metrics.lines().collect();
+    assert_eq!(lines.len(), 3, "{metrics}");
+    assert!(lines[0].starts_with("epoch,train_loss,eval_loss,eval_top1,lr,frozen_blocks"));
+    assert!(lines[2].split(',').nth(5) == Some("3"), "{metrics}");
+    let events = fs::read_to_string(run.join("events.jsonl")).unwrap();
+    let freezes: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["event"] == "freeze")
+        .collect();
+    assert_eq!(freezes.len(), 3);
+    assert_eq!(freezes[0]["step"], 4);
+
+    // A second run never overwrites the first.
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap(), "--policy", "none"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(d.path().join("runs/t-002/summary.json").is_file());
+    let s: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    assert_eq!(s["compute_speedup"], 1.0);
+}
+
+#[test]
+fn set_overrides_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "");
+    let out = simfreeze(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.epochs=1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let s: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    assert_eq!(s["steps"], 8);
+}
+
+#[test]
+fn malformed_config_is_exit_2_with_position() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bad.ron");
+    fs::write(&p, "(\n  train: (epochs: 2,,),\n)").unwrap();
+    let out = simfreeze(&["run", "--config", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out).1;
+    assert!(err.contains("bad.ron:2:"), "{err}");
+}
+
+#[test]
+fn missing_dataset_is_exit_5_naming_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.ron");
+    fs::write(
+        &p,
+        format!(
+            "(data: (source: FashionMnist(root: {:?})))",
+            d.path().join("nowhere")
+        ),
+    )
+    .unwrap();
+    let out = simfreeze(&["run", "--config", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(text(&out).1.contains("train-images-idx3-ubyte.gz"));
+}
+
+#[test]
+fn bench_reports_every_frozen_prefix() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "");
+    let out = simfreeze(&[
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    let ks: Vec<_> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["frozen"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ks, [0, 1, 2, 3]);
+    assert_eq!(v["batch"], 8);
+    assert!(v["results"][0]["images_per_sec"].as_f64().unwrap() > 0.0);
+}
