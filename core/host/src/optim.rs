@@ -3,8 +3,9 @@
 //!
 //! The momentum buffers are our own tensors (tch cannot save its optimizer
 //! state; checkpoints need them). Invariant: a group that is frozen for a
-//! step is not touched at all: no update, no weight decay, no momentum
-//! update, so frozen parameters stay bit-identical.
+//! step is not touched at all: no gradient is computed for it, and it gets
+//! no update, no weight decay and no momentum update, so frozen parameters
+//! stay bit-identical.
 
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
@@ -88,23 +89,32 @@ impl Sgd {
         &self.cfg
     }
 
-    /// One update at learning rate `lr`. `frozen` blocks `[0, frozen)` are
-    /// skipped entirely; `factors[i]` scales block `i`'s learning rate.
-    pub fn step(&mut self, lr: f64, frozen: usize, factors: &[f32]) {
+    /// Gradients of `loss` for the parameters of the trainable blocks
+    /// (`[frozen, L)`) and the head, computed with `run_backward`: nothing
+    /// accumulates in `.grad`, so there is nothing to zero, and frozen
+    /// parameters are not even asked for a gradient.
+    pub fn backward(&self, loss: &Tensor, frozen: usize) -> Grads {
+        let index: Vec<usize> = (0..self.params.len())
+            .filter(|&i| !matches!(self.params[i].group, Group::Block(b) if b < frozen))
+            .collect();
+        let inputs: Vec<&Tensor> = index.iter().map(|&i| &self.params[i].value).collect();
+        let grads = Tensor::run_backward(&[loss], &inputs, false, false);
+        Grads { index, grads }
+    }
+
+    /// One update at learning rate `lr` of the parameters in `grads`;
+    /// `factors[i]` scales block `i`'s learning rate (empty: all 1).
+    pub fn step(&mut self, grads: &Grads, lr: f64, factors: &[f32]) {
         let cfg = &self.cfg;
         tch::no_grad(|| {
-            for p in &mut self.params {
+            for (&i, grad) in grads.index.iter().zip(&grads.grads) {
+                let p = &mut self.params[i];
                 let factor = match p.group {
-                    Group::Block(i) if i < frozen => continue,
-                    Group::Block(i) => f64::from(factors.get(i).copied().unwrap_or(1.0)),
+                    Group::Block(b) => f64::from(factors.get(b).copied().unwrap_or(1.0)),
                     Group::Head => 1.0,
                 };
-                let grad = p.value.grad();
-                if !grad.defined() {
-                    continue;
-                }
                 let mut d = if cfg.weight_decay != 0.0 {
-                    &grad + &p.value * cfg.weight_decay
+                    grad + &p.value * cfg.weight_decay
                 } else {
                     grad.shallow_clone()
                 };
@@ -128,26 +138,15 @@ impl Sgd {
         });
     }
 
-    /// Clears every gradient (frozen parameters have none to clear).
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.value.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
-    }
-
-    /// L2 norm of the current gradient of each block `0..layers` (0 for a
-    /// block without gradient); one host sync for all blocks.
-    pub fn grad_norms(&self, layers: usize) -> Vec<f32> {
+    /// L2 norm of the gradient of each block `0..layers` (0 for a block
+    /// without gradient); one host sync for all blocks.
+    pub fn grad_norms(&self, grads: &Grads, layers: usize) -> Vec<f32> {
         let mut sq: Vec<Option<Tensor>> = (0..layers).map(|_| None).collect();
-        for p in &self.params {
-            if let Group::Block(i) = p.group {
-                let g = p.value.grad();
-                if i < layers && g.defined() {
+        for (&i, g) in grads.index.iter().zip(&grads.grads) {
+            if let Group::Block(b) = self.params[i].group {
+                if b < layers {
                     let s = g.square().sum(tch::Kind::Float);
-                    sq[i] = Some(match sq[i].take() {
+                    sq[b] = Some(match sq[b].take() {
                         None => s,
                         Some(acc) => acc + s,
                     });
@@ -159,9 +158,14 @@ impl Sgd {
             .into_iter()
             .map(|s| s.map_or_else(|| zero.shallow_clone(), |t| t.to_device(tch::Device::Cpu)))
             .collect();
-        let v: Vec<f32> = Vec::try_from(Tensor::stack(&all, 0).sqrt()).unwrap_or_default();
-        v
+        Vec::try_from(Tensor::stack(&all, 0).sqrt()).unwrap_or_default()
     }
+}
+
+/// Gradients of one step, for the parameters that were trainable.
+pub struct Grads {
+    index: Vec<usize>,
+    grads: Vec<Tensor>,
 }
 
 #[cfg(test)]
@@ -201,9 +205,8 @@ mod tests {
             },
         );
         for _ in 0..2 {
-            opt.zero_grad();
-            (&w * 3.0).sum(tch::Kind::Float).backward();
-            opt.step(0.1, 0, &[]);
+            let grads = opt.backward(&(&w * 3.0).sum(tch::Kind::Float), 0);
+            opt.step(&grads, 0.1, &[]);
         }
         // p1 = 1 - 0.1*3 = 0.7; buf2 = 0.9*3 + 3 = 5.7; p2 = 0.7 - 0.57 = 0.13
         assert_relative_eq!(w.double_value(&[0]), 0.13, epsilon = 1e-6);

@@ -125,14 +125,13 @@ pub fn train_step(
 ) -> StepOut {
     let out = model.forward_frozen(x, plan.frozen);
     let loss = out.logits.cross_entropy_for_logits(y);
-    opt.zero_grad();
-    loss.backward();
+    let grads = opt.backward(&loss, plan.frozen);
     let grad_norms = if plan.grad_norms {
-        opt.grad_norms(model.depth())
+        opt.grad_norms(&grads, model.depth())
     } else {
         Vec::new()
     };
-    opt.step(plan.lr, plan.frozen, plan.lr_factors);
+    opt.step(&grads, plan.lr, plan.lr_factors);
     StepOut {
         loss,
         cls: out.cls,
