@@ -1,6 +1,8 @@
 //! Workspace-level integration tests, one binary (see tests/src/lib.rs for
 //! the helpers). Each module owns one area.
 
+mod conformance;
+mod formulas;
 mod loader;
 mod run;
 mod simulate;

@@ -131,6 +131,12 @@ impl PolicyDriver {
         self.controller.state()
     }
 
+    /// Restores the freeze state (resume; the policy's own state is restored
+    /// through [`PolicyHandle::load_state`]).
+    pub fn restore_state(&mut self, state: FreezeState) {
+        self.controller.restore(state);
+    }
+
     /// The timeline so far.
     pub fn timeline(&self) -> &Timeline {
         &self.timeline

@@ -9,8 +9,9 @@
 //! settling first. Each block `i` carries a residual `r_i` that decays with
 //! time constant `tau * (1 + i / L)` while the block trains and stays put
 //! while it is frozen (probed or committed). A sample of class `c` has
-//! features `mu_c + sigma * e` with `e ~ N(0, I / D)` and
-//! `sigma = sigma_min + sum_i r_i`; gradient norms are proportional to the
+//! features `mu_c + sigma * s * e` with `e ~ N(0, I / D)`,
+//! `sigma = sigma_min + sum_i r_i` and a per-sample difficulty
+//! `s ~ LogNormal(0, 0.5)`; gradient norms are proportional to the
 //! residuals (0 for frozen blocks); the loss falls with `sigma`.
 //! Everything is a deterministic function of the seed.
 
@@ -145,8 +146,10 @@ impl SyntheticWorld {
             row.iter_mut().for_each(|v| *v /= norm);
         }
         let l = cfg.layers as usize;
-        // Blocks settle within about a quarter to a half of the run.
-        let tau = (cfg.steps as f64 / 8.0).max(1.0);
+        // Block i's residual has time constant tau * (1 + i / L): block 0
+        // settles (5 tau) by about a third of the run, the last block by
+        // about two thirds, as a fine-tune that converges before its end.
+        let tau = (cfg.steps as f64 / 16.0).max(1.0);
         let decay = (0..l)
             .map(|i| (-1.0 / (tau * (1.0 + i as f64 / l as f64))).exp())
             .collect();
@@ -182,10 +185,13 @@ impl SyntheticWorld {
             }
         }
         let sigma = self.sigma();
-        let scale = sigma / (d as f64).sqrt();
         for b in 0..self.cfg.batch {
             let c = self.rng.below(self.cfg.classes);
             self.labels[b] = c as i64;
+            // Samples differ in difficulty (log-normal noise scale), which
+            // gives similarity estimates the batch-to-batch scatter of real
+            // training.
+            let scale = sigma * (0.5 * self.rng.normal()).exp() / (d as f64).sqrt();
             for j in 0..d {
                 let noise = scale * self.rng.normal();
                 self.features[b * d + j] = self.means[c * d + j] + noise as f32;

@@ -1,0 +1,4 @@
+//! Plugin: FreezeOut SLF (scaled learning rates, linear schedule).
+//! The logic lives in `strategies/freezeout`; this crate only exports it.
+
+simfreeze_abi::export_policy!(simfreeze_freezeout::Slf);

@@ -1,0 +1,185 @@
+//! AutoFreeze (Liu, Agarwal, Venkataraman, 2021), the extra adaptive
+//! baseline: every `interval` steps (default T/10), per active block, `G` =
+//! the gradient norm accumulated over the interval and
+//! `r = |G_prev - G_cur| / G_prev`; freeze up to (not including) the first
+//! active block whose `r` is at least the median of `r` over the active
+//! blocks.
+//!
+//! The paper accumulates the L1 norm of the gradients themselves; the host
+//! hands policies per-block L2 norms per step, so `G` here is the sum of
+//! those over the interval (same ranking signal, no tensor crosses the
+//! plugin boundary). Options: `interval` (steps, default T/10),
+//! `max_frozen` (default L - 1).
+
+use serde::{Deserialize, Serialize};
+use simfreeze_abi::sdk::{
+    Decision, HostServices, Info, OptionDoc, Policy, PolicyError, PolicyPlugin, Step,
+};
+use simfreeze_abi::Needs;
+
+/// AutoFreeze's options.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Steps per evaluation interval (default: total steps / 10).
+    pub interval: Option<u64>,
+    /// Largest frontier (default L - 1).
+    pub max_frozen: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct State {
+    acc: Vec<f64>,
+    prev: Option<Vec<f64>>,
+    done: u64,
+}
+
+/// The AutoFreeze policy.
+pub struct AutoFreeze {
+    o: Options,
+    s: State,
+}
+
+/// The frontier AutoFreeze picks from two interval totals, given the current
+/// frontier (exposed for tests).
+pub fn pick(prev: &[f64], cur: &[f64], frontier: usize) -> usize {
+    let active: Vec<(usize, f64)> = (frontier..cur.len())
+        .filter(|&i| prev[i] > 0.0 && prev[i].is_finite() && cur[i].is_finite())
+        .map(|i| (i, (prev[i] - cur[i]).abs() / prev[i]))
+        .collect();
+    if active.is_empty() {
+        return frontier;
+    }
+    let mut rs: Vec<f64> = active.iter().map(|a| a.1).collect();
+    rs.sort_by(f64::total_cmp);
+    let median = if rs.len() % 2 == 1 {
+        rs[rs.len() / 2]
+    } else {
+        0.5 * (rs[rs.len() / 2 - 1] + rs[rs.len() / 2])
+    };
+    active
+        .iter()
+        .find(|a| a.1 >= median)
+        .map_or(frontier, |a| a.0)
+}
+
+impl Policy for AutoFreeze {
+    fn needs(&self) -> Needs {
+        Needs::GRAD_NORMS
+    }
+
+    fn decide(&mut self, step: &Step<'_>) -> Result<Decision, PolicyError> {
+        let l = step.layers;
+        let limit = self.o.max_frozen.unwrap_or(l.saturating_sub(1)).min(l);
+        let interval = self.o.interval.unwrap_or(step.total_steps / 10).max(1);
+        if self.s.acc.len() != l {
+            self.s.acc = vec![0.0; l];
+        }
+        for (acc, g) in self.s.acc.iter_mut().zip(step.grad_norms) {
+            if g.is_finite() {
+                *acc += f64::from(*g);
+            }
+        }
+        self.s.done += 1;
+        let mut frontier = step.frontier;
+        if self.s.done >= interval {
+            let cur = std::mem::replace(&mut self.s.acc, vec![0.0; l]);
+            if let Some(prev) = self.s.prev.as_ref().filter(|p| p.len() == l) {
+                frontier = pick(prev, &cur, frontier).clamp(frontier, limit.max(frontier));
+            }
+            self.s.prev = Some(cur);
+            self.s.done = 0;
+        }
+        Ok(Decision::frontier(frontier))
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, PolicyError> {
+        simfreeze_options::save(&self.s)
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Result<(), PolicyError> {
+        self.s = simfreeze_options::load(state)?;
+        Ok(())
+    }
+}
+
+impl PolicyPlugin for AutoFreeze {
+    fn info() -> Info {
+        Info {
+            name: "autofreeze",
+            version: env!("CARGO_PKG_VERSION"),
+            description: "AutoFreeze (Liu et al. 2021): freezes the blocks before the first one \
+                          whose gradient norm still changes by at least the median rate.",
+            options: &[
+                OptionDoc {
+                    name: "interval",
+                    default: "None",
+                    doc: "steps per evaluation (None: T/10)",
+                },
+                OptionDoc {
+                    name: "max_frozen",
+                    default: "None",
+                    doc: "largest frontier (None: L - 1)",
+                },
+            ],
+        }
+    }
+
+    fn new(options: &str, _host: &HostServices) -> Result<Self, PolicyError> {
+        let o: Options = simfreeze_options::parse(options)?;
+        if o.interval == Some(0) {
+            return Err(PolicyError::options("interval must be at least 1"));
+        }
+        Ok(AutoFreeze {
+            o,
+            s: State::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freezes_before_the_first_block_still_changing() {
+        // r = [0.01, 0.02, 0.5, 0.6]: median 0.26, first >= median is block 2.
+        let prev = [100.0, 100.0, 100.0, 100.0];
+        let cur = [99.0, 98.0, 50.0, 40.0];
+        assert_eq!(pick(&prev, &cur, 0), 2);
+        // Never behind the current frontier.
+        assert_eq!(pick(&prev, &cur, 3), 3);
+        // No information: stay.
+        assert_eq!(pick(&[0.0; 4], &cur, 1), 1);
+    }
+
+    #[test]
+    fn acts_once_per_interval() {
+        let mut p = AutoFreeze::new("(interval: 2)", &HostServices::none()).unwrap();
+        let norms = [[1.0f32, 1.0, 1.0, 1.0], [1.0, 1.0, 0.5, 0.2]];
+        let mut frontier = 0;
+        let mut seen = Vec::new();
+        for i in 0..6u64 {
+            let g = if i < 2 { &norms[0] } else { &norms[1] };
+            let s = Step {
+                step: i,
+                epoch: 0,
+                steps_per_epoch: 10,
+                total_steps: 100,
+                layers: 4,
+                frontier,
+                probe: None,
+                loss: 1.0,
+                batch: 1,
+                features: None,
+                labels: &[],
+                num_classes: 0,
+                grad_norms: g,
+                extra: &[],
+            };
+            frontier = p.decide(&s).unwrap().frontier;
+            seen.push(frontier);
+        }
+        assert_eq!(seen, [0, 0, 0, 2, 2, 2]);
+    }
+}
