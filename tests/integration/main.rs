@@ -4,6 +4,7 @@
 mod conformance;
 mod formulas;
 mod loader;
+mod reliability;
 mod run;
 mod simulate;
 mod template;

@@ -5,7 +5,8 @@
 //! 2 bad command line or configuration; 3 a plugin could not be found,
 //! loaded or constructed; 4 a policy failed while running (error, panic or a
 //! decision that breaks the freezing contract); 5 a dataset file is missing
-//! or corrupt.
+//! or corrupt; 6 the training loss became NaN or infinite; 130 the run was
+//! interrupted (signal or `--stop-after`) and can be resumed.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -48,8 +49,16 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// The RON configuration file.
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the run in this directory from its checkpoint (with the
+    /// configuration it was started with).
+    #[arg(long, conflicts_with_all = ["config", "policy", "policy_config", "sets"])]
+    resume: Option<PathBuf>,
+    /// Stop after this many steps in total, checkpointed and resumable
+    /// (time-boxed jobs).
+    #[arg(long, value_name = "STEPS")]
+    stop_after: Option<u64>,
     /// Policy plugin (name or path), replacing the config's; `none` for
     /// full fine-tuning.
     #[arg(long)]
@@ -150,6 +159,14 @@ pub fn main() -> i32 {
 /// The documented exit code for an error.
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
+        if let Some(stopped) = cause.downcast_ref::<train::RunStopped>() {
+            if stopped.status == train::Status::Interrupted {
+                return 130;
+            }
+        }
+        if cause.is::<train::Diverged>() {
+            return 6;
+        }
         if cause.is::<UsageError>() {
             return 2;
         }
@@ -179,8 +196,30 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Installs SIGINT/SIGTERM handling: the first signal asks the run to
+/// finish its step, checkpoint and stop; a second one exits at once.
+fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
 fn run_cmd(a: RunArgs) -> Result<()> {
-    let mut cfg = RunConfig::load(&a.config)?;
+    let control = train::RunControl {
+        stop_after: a.stop_after,
+        interrupt: Some(interrupt_flag()?),
+    };
+    if let Some(dir) = &a.resume {
+        let summary = train::resume(dir, &control)?;
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let config = a.config.expect("clap requires --config without --resume");
+    let mut cfg = RunConfig::load(&config)?;
     match a.policy.as_deref() {
         Some("none") => cfg.policy = None,
         Some(p) => {
@@ -203,7 +242,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
     }
     let cfg = cfg.with_overrides(&a.sets)?;
-    let summary = train::run(train::Plan::resolve(cfg)?)?;
+    let summary = train::run(train::Plan::resolve(cfg)?, &control)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

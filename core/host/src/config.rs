@@ -144,6 +144,9 @@ pub struct TrainSection {
     pub device: String,
     /// CPU threads (0: libtorch's default).
     pub threads: i32,
+    /// Checkpoint every this many steps (0: only at epoch ends, which
+    /// always checkpoint).
+    pub checkpoint_every: u64,
 }
 
 impl Default for TrainSection {
@@ -155,6 +158,7 @@ impl Default for TrainSection {
             seed: 0,
             device: "auto".into(),
             threads: 0,
+            checkpoint_every: 500,
         }
     }
 }

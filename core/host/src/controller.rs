@@ -14,7 +14,7 @@ use std::ops::Range;
 use simfreeze_abi::ffi::Decision;
 
 /// The freeze state during a step.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FreezeState {
     /// Number of encoder blocks L.
     pub layers: u32,

@@ -45,7 +45,7 @@ pub struct StepInput<'a> {
 }
 
 /// The freeze timeline of a run.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Timeline {
     /// Number of blocks.
     pub layers: u32,
@@ -135,6 +135,16 @@ impl PolicyDriver {
     /// through [`PolicyHandle::load_state`]).
     pub fn restore_state(&mut self, state: FreezeState) {
         self.controller.restore(state);
+    }
+
+    /// Restores the timeline (resume).
+    pub fn restore_timeline(&mut self, timeline: Timeline) {
+        self.timeline = timeline;
+    }
+
+    /// The policy, mutably (to restore its state).
+    pub fn policy_mut(&mut self) -> Option<&mut PolicyHandle> {
+        self.policy.as_mut()
     }
 
     /// The timeline so far.

@@ -89,6 +89,42 @@ impl Sgd {
         &self.cfg
     }
 
+    /// The momentum buffers that exist, by parameter name (checkpoints).
+    pub fn momentum_state(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter_map(|p| {
+                p.momentum
+                    .as_ref()
+                    .map(|m| (p.name.clone(), m.shallow_clone()))
+            })
+            .collect()
+    }
+
+    /// Restores momentum buffers saved by [`Self::momentum_state`];
+    /// parameters not named keep none.
+    pub fn load_momentum(&mut self, state: Vec<(String, Tensor)>) -> Result<(), String> {
+        let mut by_name: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
+        for p in &mut self.params {
+            p.momentum = match by_name.remove(&p.name) {
+                Some(m) if m.size() == p.value.size() => Some(m.to_device(p.value.device())),
+                Some(m) => {
+                    return Err(format!(
+                        "momentum of {} has shape {:?}, the parameter {:?}",
+                        p.name,
+                        m.size(),
+                        p.value.size()
+                    ))
+                }
+                None => None,
+            };
+        }
+        match by_name.keys().next() {
+            Some(extra) => Err(format!("momentum for unknown parameter {extra}")),
+            None => Ok(()),
+        }
+    }
+
     /// Gradients of `loss` for the parameters of the trainable blocks
     /// (`[frozen, L)`) and the head, computed with `run_backward`: nothing
     /// accumulates in `.grad`, so there is nothing to zero, and frozen

@@ -1,0 +1,180 @@
+//! Checkpoints: everything needed to continue a run exactly where it was.
+//!
+//! A checkpoint is two files in the run directory: `checkpoint-<step>.safetensors`
+//! (model weights under their timm names, momentum buffers under
+//! `momentum/<name>`) and `checkpoint.json` (step, epoch accumulators, freeze
+//! state, timeline, the policy's state, and how long `metrics.csv` and
+//! `events.jsonl` were). Each is written to a temporary file and renamed;
+//! the rename of `checkpoint.json` is the commit point, so a crash leaves
+//! the previous checkpoint intact. The data order is a pure function of
+//! (seed, epoch) and the model has no dropout, so no RNG state is needed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Tensor};
+
+use crate::controller::FreezeState;
+use crate::driver::Timeline;
+use crate::optim::Sgd;
+
+/// The JSON half of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Format version of this file.
+    pub format: u32,
+    /// Steps completed.
+    pub step: u64,
+    /// Sum of batch losses in the current (partial) epoch.
+    pub epoch_loss_sum: f64,
+    /// Training seconds spent in the current (partial) epoch.
+    pub epoch_seconds: f64,
+    /// Training seconds of completed epochs.
+    pub train_seconds: f64,
+    /// Best top-1 so far.
+    pub best_top1: Option<f64>,
+    /// Top-1 of the last completed epoch.
+    pub last_top1: Option<f64>,
+    /// Freeze state for the next step.
+    pub freeze: FreezeState,
+    /// Freeze timeline so far.
+    pub timeline: Timeline,
+    /// The policy's saved state, hex-encoded.
+    pub policy_state: String,
+    /// File name of the tensor half.
+    pub weights: String,
+    /// Bytes of `metrics.csv` at this point.
+    pub metrics_len: u64,
+    /// Bytes of `events.jsonl` at this point.
+    pub events_len: u64,
+}
+
+const FORMAT: u32 = 1;
+const META: &str = "checkpoint.json";
+
+fn write_atomic(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    write(&tmp)?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// Hex encoding of policy state bytes.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Inverse of [`to_hex`].
+pub fn from_hex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        bail!("odd-length hex string");
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("bad hex digit"))
+        .collect()
+}
+
+/// Writes a checkpoint into `dir` and removes the tensors of older ones.
+pub fn save(dir: &Path, mut meta: CheckpointMeta, vs: &VarStore, opt: &Sgd) -> Result<()> {
+    meta.format = FORMAT;
+    meta.weights = format!("checkpoint-{:08}.safetensors", meta.step);
+    let weights = dir.join(&meta.weights);
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.extend(
+        opt.momentum_state()
+            .into_iter()
+            .map(|(n, t)| (format!("momentum/{n}"), t)),
+    );
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    write_atomic(&weights, |tmp| {
+        Tensor::write_safetensors(&tensors, tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })?;
+    write_atomic(&dir.join(META), |tmp| {
+        fs::write(tmp, serde_json::to_string_pretty(&meta)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))
+    })?;
+    for entry in fs::read_dir(dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("checkpoint-") && name.ends_with(".safetensors") && name != meta.weights
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint of a run directory, if it has one.
+pub fn load_meta(dir: &Path) -> Result<Option<CheckpointMeta>> {
+    let path = dir.join(META);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))?;
+    if meta.format != FORMAT {
+        bail!(
+            "{} has format {}, this simfreeze reads {FORMAT}",
+            path.display(),
+            meta.format
+        );
+    }
+    Ok(Some(meta))
+}
+
+/// Loads the tensor half into the model and the optimizer.
+pub fn restore_tensors(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    vs: &VarStore,
+    opt: &mut Sgd,
+) -> Result<()> {
+    let path: PathBuf = dir.join(&meta.weights);
+    let loaded = Tensor::read_safetensors(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut vars = vs.variables();
+    let mut momentum = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for (name, t) in loaded {
+            if let Some(m) = name.strip_prefix("momentum/") {
+                momentum.push((m.to_string(), t));
+            } else if let Some(mut v) = vars.remove(&name) {
+                if v.size() != t.size() {
+                    bail!(
+                        "{}: {name} has shape {:?}, the model {:?}",
+                        path.display(),
+                        t.size(),
+                        v.size()
+                    );
+                }
+                v.copy_(&t);
+            } else {
+                bail!("{}: unknown tensor {name}", path.display());
+            }
+        }
+        Ok(())
+    })?;
+    if let Some(missing) = vars.keys().next() {
+        bail!("{}: no tensor for {missing}", path.display());
+    }
+    opt.load_momentum(momentum)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let b = vec![0u8, 1, 127, 200, 255];
+        assert_eq!(from_hex(&to_hex(&b)).unwrap(), b);
+        assert!(from_hex("abc").is_err());
+        assert!(from_hex("zz").is_err());
+    }
+}

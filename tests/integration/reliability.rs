@@ -1,0 +1,277 @@
+//! Checkpoint and resume, interruption, fault containment and bad input:
+//! a run survives its user's and its plugins' mistakes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use simfreeze_tests::{fixture, simfreeze, simfreeze_bin, text};
+
+/// A tiny synthetic run: 2 epochs of 8 steps.
+fn config(dir: &Path, extra_train: &str, policy: &str) -> PathBuf {
+    let cfg = format!(
+        r#"(
+    name: "r",
+    output: {out:?},
+    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
+    data: (source: Synthetic(train: 64, eval: 32, classes: 4)),
+    train: (epochs: 2, batch: 8, sgd: (lr: 0.05, weight_decay: 0.01), threads: 1, device: "cpu"{extra_train}),
+    {policy}
+)"#,
+        out = dir.join("runs").to_str().unwrap()
+    );
+    let path = dir.join("c.ron");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// metrics.csv without the wall-clock column.
+fn metrics_without_time(run: &Path) -> Vec<String> {
+    fs::read_to_string(run.join("metrics.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| l.rsplit_once(',').unwrap().0.to_string())
+        .collect()
+}
+
+const ATSF: &str =
+    r#"policy: (plugin: "atsf", options: "(record_steps: 2, compare_steps: 2, max_frozen: 3)"),"#;
+
+#[test]
+fn resumed_run_ends_with_exactly_the_metrics_of_an_uninterrupted_one() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), ", checkpoint_every: 3", ATSF);
+    let cfg = cfg.to_str().unwrap();
+
+    let full = simfreeze(&["run", "--config", cfg]);
+    assert!(full.status.success(), "{}", text(&full).1);
+    let a = d.path().join("runs/r-001");
+
+    // Stop mid-epoch (step 5 of 16), then resume to the end.
+    let stopped = simfreeze(&["run", "--config", cfg, "--stop-after", "5"]);
+    assert_eq!(stopped.status.code(), Some(130), "{}", text(&stopped).1);
+    let b = d.path().join("runs/r-002");
+    assert!(text(&stopped)
+        .1
+        .contains(&format!("simfreeze run --resume {}", b.display())));
+    assert_eq!(json(&b.join("summary.json"))["status"], "interrupted");
+    assert_eq!(json(&b.join("checkpoint.json"))["step"], 5);
+
+    let resumed = simfreeze(&["run", "--resume", b.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed).1);
+
+    assert_eq!(metrics_without_time(&a), metrics_without_time(&b));
+    let (sa, sb) = (json(&a.join("summary.json")), json(&b.join("summary.json")));
+    for key in [
+        "status",
+        "final_top1",
+        "best_top1",
+        "steps",
+        "compute_cost",
+        "freeze_step",
+        "probe_steps",
+    ] {
+        assert_eq!(sa[key], sb[key], "{key}");
+    }
+    assert_eq!(
+        fs::read_to_string(a.join("events.jsonl")).unwrap(),
+        fs::read_to_string(b.join("events.jsonl")).unwrap()
+    );
+    // Only the latest checkpoint's tensors are kept.
+    let tensors: Vec<_> = fs::read_dir(&b)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".safetensors")
+        })
+        .collect();
+    assert_eq!(tensors.len(), 1);
+}
+
+#[test]
+fn sigint_finishes_the_step_checkpoints_and_says_how_to_resume() {
+    let d = tempfile::tempdir().unwrap();
+    // Long enough to still be running when the signal comes.
+    let cfg = config(d.path(), "", "");
+    let child = Command::new(simfreeze_bin())
+        .args([
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            "train.epochs=2000",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = d.path().join("runs/r-001");
+    let start = Instant::now();
+    while !run.join("events.jsonl").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "run never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("resume with: simfreeze run --resume"),
+        "{stderr}"
+    );
+    let ck = json(&run.join("checkpoint.json"));
+    assert!(ck["step"].as_u64().unwrap() > 0);
+    assert_eq!(json(&run.join("summary.json"))["status"], "interrupted");
+}
+
+#[test]
+fn policy_panic_stops_cleanly_keeping_the_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = fixture("misbehaving");
+    let policy = format!(
+        r#"policy: (plugin: {:?}, options: "(mode: panic_decide, at: 11)"),"#,
+        lib.to_str().unwrap()
+    );
+    let cfg = config(d.path(), ", checkpoint_every: 4", &policy);
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("panicked at step 11"), "{err}");
+    assert!(err.contains("resume with"), "{err}");
+    let run = d.path().join("runs/r-001");
+    let summary = json(&run.join("summary.json"));
+    assert_eq!(summary["status"], "failed");
+    assert!(summary["reason"]
+        .as_str()
+        .unwrap()
+        .contains("deliberate panic"));
+    // The epoch-end checkpoint at step 8 survives the fault.
+    assert_eq!(json(&run.join("checkpoint.json"))["step"], 8);
+}
+
+#[test]
+fn contract_violation_stops_the_run_with_exit_4() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = fixture("misbehaving");
+    let policy = format!(
+        r#"policy: (plugin: {:?}, options: "(mode: unfreeze, at: 3)"),"#,
+        lib.to_str().unwrap()
+    );
+    let cfg = config(d.path(), "", &policy);
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(4));
+    let summary = json(&d.path().join("runs/r-001/summary.json"));
+    assert!(summary["reason"]
+        .as_str()
+        .unwrap()
+        .contains("freezing contract"));
+}
+
+#[test]
+fn diverging_loss_is_reported_at_its_step() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "", "");
+    let out = simfreeze(&[
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "train.sgd.lr=1e30",
+    ]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(6), "{err}");
+    assert!(
+        err.contains("training loss is") && err.contains("at step"),
+        "{err}"
+    );
+    assert_eq!(
+        json(&d.path().join("runs/r-001/summary.json"))["status"],
+        "failed"
+    );
+}
+
+#[test]
+fn unwritable_output_directory_is_a_clear_error() {
+    let d = tempfile::tempdir().unwrap();
+    let blocker = d.path().join("runs");
+    fs::write(&blocker, "a file where the output directory should be").unwrap();
+    let cfg = config(d.path(), "", "");
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("cannot create the output directory") && err.contains("runs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn resume_without_checkpoint_or_directory_is_a_usage_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = simfreeze(&["run", "--resume", d.path().join("nope").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
+    assert!(text(&out).1.contains("config.ron"));
+}
+
+#[test]
+fn corrupt_dataset_file_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("fmnist");
+    fs::create_dir_all(&root).unwrap();
+    for f in [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ] {
+        fs::write(root.join(f), b"not gzip").unwrap();
+    }
+    let cfg = d.path().join("c.ron");
+    fs::write(
+        &cfg,
+        format!(
+            "(data: (source: FashionMnist(root: {:?})))",
+            root.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("train-images-idx3-ubyte.gz") && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_and_unknown_key_are_exit_2() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("c.ron");
+    fs::write(&p, "(train: (epochs: \"two\"))").unwrap();
+    let out = simfreeze(&["run", "--config", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("c.ron:1:"), "{}", text(&out).1);
+    fs::write(&p, "(trian: ())").unwrap();
+    let out = simfreeze(&["run", "--config", p.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("trian"));
+}
