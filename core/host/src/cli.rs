@@ -160,9 +160,7 @@ pub fn main() -> i32 {
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     for cause in e.chain() {
         if let Some(stopped) = cause.downcast_ref::<train::RunStopped>() {
-            if stopped.status == train::Status::Interrupted {
-                return 130;
-            }
+            return stopped.exit_code;
         }
         if cause.is::<train::Diverged>() {
             return 6;

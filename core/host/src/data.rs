@@ -17,12 +17,12 @@ use crate::simulate::Rng;
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file does not exist or cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, not repeated as an error source).
+        cause: std::io::Error,
     },
     /// The file's contents are not what its format promises.
     #[error("{path} is corrupt: {reason}")]
@@ -167,9 +167,9 @@ pub fn fashion_mnist(root: &Path, train: bool, mean: f64, std: f64) -> Result<Da
 
 /// Reads a gzip-compressed IDX file of unsigned bytes with `ndim` dimensions.
 pub fn read_idx(path: &Path, ndim: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+    let file = std::fs::File::open(path).map_err(|cause| DataError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     let mut bytes = Vec::new();
     flate2::read::GzDecoder::new(file)

@@ -420,9 +420,9 @@ pub struct RunStopped {
     pub dir: PathBuf,
     /// How to resume, when a checkpoint exists.
     pub resume: String,
-    /// The underlying fault, if any (drives the exit code).
-    #[source]
-    pub source: Option<anyhow::Error>,
+    /// The documented exit code of the underlying fault (130 when
+    /// interrupted); the fault's text is already in `reason`.
+    pub exit_code: i32,
 }
 
 /// Starts the plan in a fresh run directory.
@@ -708,7 +708,10 @@ fn train_in(
                     "\n(no checkpoint was written yet; start again)".into()
                 },
                 dir: dir.path.clone(),
-                source,
+                exit_code: match &source {
+                    None => 130,
+                    Some(e) => crate::cli::exit_code(e),
+                },
             }
             .into());
         }
