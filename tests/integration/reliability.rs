@@ -232,7 +232,7 @@ fn resume_without_checkpoint_or_directory_is_a_usage_error() {
 }
 
 #[test]
-fn corrupt_dataset_file_is_named() {
+fn corrupt_and_truncated_dataset_files_are_named() {
     let d = tempfile::tempdir().unwrap();
     let root = d.path().join("fmnist");
     fs::create_dir_all(&root).unwrap();
