@@ -69,6 +69,14 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
     exit 1
 fi
 
+# timm is the reference implementation for parity tests and benchmarks.
+# torchvision is pinned to the release built for torch 2.11.0: an unpinned
+# install silently upgrades torch and breaks the tch build.
+if ! .venv/bin/python -W ignore -c 'import timm, torchvision' >/dev/null 2>&1; then
+    say "installing timm and torchvision==0.26.0 into the environment"
+    .venv/bin/pip install -q --disable-pip-version-check timm "torchvision==0.26.0"
+fi
+
 # 3. build ---------------------------------------------------------------------
 if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
     say "building the release workspace"

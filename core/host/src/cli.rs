@@ -76,9 +76,17 @@ struct BenchArgs {
     /// The RON configuration file (its model, device and threads are used).
     #[arg(long)]
     config: PathBuf,
-    /// Only this frozen prefix (default: every K from 0 to L).
+    /// Only these frozen prefixes, e.g. `--frozen 0,6` (default: every K
+    /// from 0 to L).
+    #[arg(long, value_delimiter = ',')]
+    frozen: Vec<usize>,
+    /// Also run this policy's loop every step and report its share of the
+    /// step time.
     #[arg(long)]
-    frozen: Option<usize>,
+    policy: Option<String>,
+    /// The policy's options as RON.
+    #[arg(long, default_value = "")]
+    policy_config: String,
     /// Timed steps per K and round.
     #[arg(long, default_value_t = 20)]
     steps: u64,
@@ -257,26 +265,47 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     };
     let model = cfg.model.resolve(classes)?;
     let depth = model.depth as usize;
-    let frozen: Vec<usize> = match a.frozen {
-        Some(k) if k > depth => {
-            return Err(UsageError(format!(
-                "--frozen {k} is more than the model's {depth} blocks"
-            ))
-            .into())
-        }
-        Some(k) => vec![k],
-        None => (0..=depth).collect(),
+    if let Some(k) = a.frozen.iter().find(|k| **k > depth) {
+        return Err(UsageError(format!(
+            "--frozen {k} is more than the model's {depth} blocks"
+        ))
+        .into());
+    }
+    let frozen: Vec<usize> = if a.frozen.is_empty() {
+        (0..=depth).collect()
+    } else {
+        a.frozen.clone()
     };
     let batch = a.batch.unwrap_or(cfg.train.batch);
     if batch < 1 || a.steps < 1 {
         return Err(UsageError("--batch and --steps must be at least 1".into()).into());
     }
-    let results = train::bench(&model, device, batch, &frozen, a.steps, a.warmup, a.rounds);
+    let policy = match &a.policy {
+        Some(p) => Some(
+            SearchPath::from_env()
+                .load(p)?
+                .new_policy(&a.policy_config)?,
+        ),
+        None => None,
+    };
+    let spec = train::BenchSpec {
+        model: &model,
+        device,
+        batch,
+        frozen: &frozen,
+        steps: a.steps,
+        warmup: a.warmup,
+        rounds: a.rounds,
+    };
+    let results = train::bench(&spec, policy)?;
     let threads = tch::get_num_threads();
     let mut out = std::io::stdout().lock();
     if a.json {
         let obj = serde_json::json!({
             "model": cfg.model.preset,
+            "depth": depth,
+            "shape": model,
+            "policy": a.policy,
             "batch": batch,
             "threads": threads,
             "device": format!("{device:?}"),
@@ -292,7 +321,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         "{} (depth {depth}), batch {batch}, {threads} threads, {device:?}, best of {} rounds of {} steps",
         cfg.model.preset, a.rounds, a.steps
     )?;
-    writeln!(out, "frozen  img/s    speedup  compute model 3L/(3L-2K)")?;
+    writeln!(
+        out,
+        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share"
+    )?;
     let base = results
         .iter()
         .find(|r| r.frozen == 0)
@@ -302,9 +334,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         let measured = base.map_or(String::from("-"), |b| {
             format!("{:.2}x", r.images_per_sec / b)
         });
+        let rss = r
+            .peak_rss_mib
+            .map_or(String::from("-"), |m| format!("{m:.0} MiB"));
+        let share = r
+            .policy_overhead
+            .map_or(String::from("-"), |f| format!("{:.2} %", 100.0 * f));
         writeln!(
             out,
-            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:.2}x",
+            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}",
             r.frozen, r.images_per_sec
         )?;
     }

@@ -113,6 +113,18 @@ pub struct DataSection {
     pub std: f64,
 }
 
+impl DataSection {
+    /// Whether the training transform draws random numbers. Fashion-MNIST
+    /// and the synthetic set are used as they are (normalisation only);
+    /// a source with random augmentation must answer true here, which
+    /// makes the activation cache refuse to start.
+    pub fn random_transform(&self) -> bool {
+        match self.source {
+            DataSource::FashionMnist { .. } | DataSource::Synthetic { .. } => false,
+        }
+    }
+}
+
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
@@ -147,6 +159,11 @@ pub struct TrainSection {
     /// Checkpoint every this many steps (0: only at epoch ends, which
     /// always checkpoint).
     pub checkpoint_every: u64,
+    /// Cache the committed frozen prefix's output per sample and reuse it
+    /// in later epochs (needs a deterministic training transform).
+    pub cache_frozen: bool,
+    /// Largest activation cache allowed, in MiB.
+    pub cache_max_mib: u64,
 }
 
 impl Default for TrainSection {
@@ -159,6 +176,8 @@ impl Default for TrainSection {
             device: "auto".into(),
             threads: 0,
             checkpoint_every: 500,
+            cache_frozen: false,
+            cache_max_mib: 4096,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! - [`train`]: the training loop, run directories, `bench`;
 //! - [`cli`]: the command line (the binary only calls [`cli::main`]).
 
+pub mod cache;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

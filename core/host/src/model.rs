@@ -313,17 +313,41 @@ impl Vit {
     /// autograd (`frozen` may be 0..=L).
     pub fn forward_frozen(&self, x: &Tensor, frozen: usize) -> Forward {
         let frozen = frozen.min(self.blocks.len());
-        let mut h = if frozen > 0 {
+        if frozen == 0 {
+            return self.forward_from(self.embed(x), 0, 0);
+        }
+        self.forward_from(self.frozen_prefix(x, frozen), frozen, frozen)
+    }
+
+    /// The output of the embedding and blocks `[0, k)`, computed without
+    /// autograd and detached: `[B, C, H, W] -> [B, N+1, D]`.
+    pub fn frozen_prefix(&self, x: &Tensor, k: usize) -> Tensor {
+        tch::no_grad(|| {
+            let mut h = self.embed(x);
+            for b in &self.blocks[..k.min(self.blocks.len())] {
+                h = b.forward(&h);
+            }
+            h
+        })
+        .detach()
+    }
+
+    /// Continues from `h`, the output of blocks `[0, start)`: blocks
+    /// `[start, frozen)` without autograd (e.g. a probed block), the rest
+    /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.
+    pub fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
+        let frozen = frozen.clamp(start, self.blocks.len());
+        let mut h = if frozen > start {
             tch::no_grad(|| {
-                let mut h = self.embed(x);
-                for b in &self.blocks[..frozen] {
+                let mut h = h;
+                for b in &self.blocks[start..frozen] {
                     h = b.forward(&h);
                 }
                 h
             })
             .detach()
         } else {
-            self.embed(x)
+            h
         };
         for b in &self.blocks[frozen..] {
             h = b.forward(&h);
@@ -418,6 +442,16 @@ mod tests {
         assert!(!vars["cls_token"].grad().defined());
         assert!(!vars["blocks.1.mlp.fc1.weight"].grad().defined());
         assert!(vars["blocks.2.mlp.fc1.weight"].grad().defined());
+    }
+
+    #[test]
+    fn resuming_from_a_cached_boundary_gives_the_same_output() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = Vit::new(&vs.root(), &tiny());
+        let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let direct = m.forward_frozen(&x, 2).logits;
+        let cached = m.forward_from(m.frozen_prefix(&x, 1), 1, 2).logits;
+        assert!(direct.allclose(&cached, 1e-6, 1e-6, false));
     }
 
     #[test]

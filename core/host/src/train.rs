@@ -18,6 +18,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::cache::PrefixCache;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::cli::UsageError;
 use crate::config::{DataSource, RunConfig};
@@ -116,17 +117,33 @@ pub struct StepOut {
     pub grad_norms: Vec<f32>,
 }
 
+/// What a step starts from.
+pub enum Batch<'a> {
+    /// Input images `[B, C, H, W]`.
+    Images(&'a Tensor),
+    /// The output of blocks `[0, after)` (from the activation cache).
+    Boundary {
+        /// `[B, N+1, D]`.
+        h: Tensor,
+        /// Blocks already applied.
+        after: usize,
+    },
+}
+
 /// One optimizer step. Shared by `run` and `bench`. A NaN or infinite loss
 /// is returned as `Err(loss)` before anything is updated, so a diverged
 /// step never reaches the weights.
 pub fn train_step(
     model: &Vit,
     opt: &mut Sgd,
-    x: &Tensor,
+    batch: Batch<'_>,
     y: &Tensor,
     plan: &StepPlan<'_>,
 ) -> Result<StepOut, f64> {
-    let out = model.forward_frozen(x, plan.frozen);
+    let out = match batch {
+        Batch::Images(x) => model.forward_frozen(x, plan.frozen),
+        Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
+    };
     let loss_t = out.logits.cross_entropy_for_logits(y);
     let loss = loss_t.double_value(&[]);
     if !loss.is_finite() {
@@ -556,6 +573,18 @@ fn train_in(
         );
     }
     let every = config.train.checkpoint_every;
+    let mut cache = if config.train.cache_frozen {
+        Some(PrefixCache::new(
+            train.len(),
+            mcfg.tokens(),
+            mcfg.dim,
+            config.train.cache_max_mib,
+            config.data.random_transform(),
+            device,
+        )?)
+    } else {
+        None
+    };
     let mut progress = Progress::new(total, step);
 
     while step < total {
@@ -567,9 +596,20 @@ fn train_in(
         while step < total && step / steps_per_epoch == epoch {
             let b = (step % steps_per_epoch) as i64;
             let idx = order.narrow(0, b * batch, batch);
-            let x = train.images.index_select(0, &idx).to_device(device);
             let y = train.labels.index_select(0, &idx).to_device(device);
             let state = driver.state();
+            let committed = state.frontier as usize;
+            let x;
+            let input = match cache.as_mut() {
+                Some(c) if committed > 0 => Batch::Boundary {
+                    h: c.boundary(&model, &train.images, &idx, committed),
+                    after: committed,
+                },
+                _ => {
+                    x = train.images.index_select(0, &idx).to_device(device);
+                    Batch::Images(&x)
+                }
+            };
             let frozen = state.frozen_prefix() as usize;
             let factors = state.lr_factors.clone();
             lr = opt.config().lr_at(step, total);
@@ -583,7 +623,7 @@ fn train_in(
                 loss,
                 cls,
                 grad_norms,
-            } = match train_step(&model, &mut opt, &x, &y, &plan) {
+            } = match train_step(&model, &mut opt, input, &y, &plan) {
                 Ok(out) => out,
                 Err(loss) => {
                     stop = Some((
@@ -729,8 +769,11 @@ fn train_in(
             "{epoch},{train_loss:.6},{eval_loss:.6},{top1:.4},{lr:.6e},{},{epoch_seconds:.3}",
             driver.state().frontier
         )?;
+        let cached = cache.as_ref().map_or(String::new(), |c| {
+            format!(", cache hits {:.0}%", 100.0 * c.hit_rate())
+        });
         eprintln!(
-            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {}/{layers}, {epoch_seconds:.1}s",
+            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {}/{layers}, {epoch_seconds:.1}s{cached}",
             driver.state().frontier
         );
         let acc = Accum {
@@ -893,24 +936,56 @@ impl Progress {
 pub struct BenchResult {
     /// Frozen blocks.
     pub frozen: usize,
-    /// Training throughput.
+    /// Training throughput (policy loop included when a policy is given).
     pub images_per_sec: f64,
+    /// Peak resident memory while this prefix ran (MiB; Linux only).
+    pub peak_rss_mib: Option<f64>,
+    /// Share of step time spent in the policy loop (feature and label copy,
+    /// policy call, decision check), when a policy is given.
+    pub policy_overhead: Option<f64>,
+}
+
+/// Resets the kernel's peak-RSS mark of this process (Linux).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak RSS since the last reset, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// What `bench` measures.
+pub struct BenchSpec<'a> {
+    /// Model shape.
+    pub model: &'a VitConfig,
+    /// Device.
+    pub device: Device,
+    /// Batch size.
+    pub batch: i64,
+    /// Frozen prefixes to time.
+    pub frozen: &'a [usize],
+    /// Timed steps per prefix and round.
+    pub steps: u64,
+    /// Untimed steps per prefix first.
+    pub warmup: u64,
+    /// Rounds; each prefix reports its best.
+    pub rounds: u32,
 }
 
 /// Times training steps per frozen prefix on random inputs of the model's
 /// shape: `warmup` untimed steps, then `rounds` rounds of `steps` timed
 /// steps, the prefixes interleaved within each round so that a burst of load
 /// on a shared machine hits all of them alike; reports each prefix's best
-/// round (the least disturbed).
-pub fn bench(
-    mcfg: &VitConfig,
-    device: Device,
-    batch: i64,
-    frozen: &[usize],
-    steps: u64,
-    warmup: u64,
-    rounds: u32,
-) -> Vec<BenchResult> {
+/// round (the least disturbed). With a policy, every step also runs the
+/// policy loop exactly as `run` does (its decisions are checked but the
+/// prefix stays fixed), and its share of the step time is reported.
+pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<BenchResult>> {
+    let mcfg = spec.model;
+    let (device, batch) = (spec.device, spec.batch);
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let model = Vit::new(&vs.root(), mcfg);
@@ -920,34 +995,96 @@ pub fn bench(
         (Kind::Float, device),
     );
     let y = Tensor::randint(mcfg.classes, [batch], (Kind::Int64, device));
-    let mut run = |k: usize, n: u64| {
+    let has_policy = policy.is_some();
+    let mut driver = PolicyDriver::new(policy, model.depth() as u32);
+    let needs = driver.needs();
+    let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
+        + spec.warmup * spec.frozen.len() as u64;
+    let mut step = 0u64;
+    // Returns seconds spent in the policy loop.
+    let mut run = |k: usize, n: u64| -> Result<f64> {
+        let mut in_policy = 0.0;
         for _ in 0..n {
             // Random data at a tiny lr cannot diverge; an Err would only
             // mean that step updated nothing. The step reads the loss, so
             // it synchronises like a real one.
-            let _ = train_step(&model, &mut opt, &x, &y, &StepPlan::simple(1e-4, k));
+            let Ok(out) = train_step(
+                &model,
+                &mut opt,
+                Batch::Images(&x),
+                &y,
+                &StepPlan::simple(1e-4, k),
+            ) else {
+                continue;
+            };
+            if has_policy {
+                let t = Instant::now();
+                let features: Vec<f32> = if needs.contains(Needs::CLS_FEATURES) {
+                    Vec::try_from(
+                        out.cls
+                            .detach()
+                            .to_kind(Kind::Float)
+                            .to_device(Device::Cpu)
+                            .flatten(0, -1),
+                    )?
+                } else {
+                    Vec::new()
+                };
+                let labels: Vec<i64> = if needs.contains(Needs::LABELS) {
+                    Vec::try_from(&y.to_device(Device::Cpu))?
+                } else {
+                    Vec::new()
+                };
+                driver.after_step(&StepInput {
+                    step,
+                    epoch: 0,
+                    steps_per_epoch: total.max(1),
+                    total_steps: total.max(1),
+                    loss: out.loss as f32,
+                    batch: batch as usize,
+                    features: &features,
+                    feature_dim: mcfg.dim as usize,
+                    labels: &labels,
+                    num_classes: mcfg.classes as usize,
+                    grad_norms: &out.grad_norms,
+                })?;
+                in_policy += t.elapsed().as_secs_f64();
+            }
+            step += 1;
         }
+        Ok(in_policy)
     };
-    let mut best = vec![0.0f64; frozen.len()];
-    for &k in frozen {
-        run(k, warmup);
+    let n = spec.frozen.len();
+    let (mut best, mut overhead, mut peak) = (
+        vec![0.0f64; n],
+        vec![f64::INFINITY; n],
+        vec![None::<f64>; n],
+    );
+    for &k in spec.frozen {
+        run(k, spec.warmup)?;
     }
-    for _ in 0..rounds.max(1) {
-        for (i, &k) in frozen.iter().enumerate() {
+    for _ in 0..spec.rounds.max(1) {
+        for (i, &k) in spec.frozen.iter().enumerate() {
+            reset_peak_rss();
             let t = Instant::now();
-            run(k, steps);
-            let ips = (steps as f64 * batch as f64) / t.elapsed().as_secs_f64();
-            best[i] = best[i].max(ips);
+            let in_policy = run(k, spec.steps)?;
+            let secs = t.elapsed().as_secs_f64();
+            best[i] = best[i].max(spec.steps as f64 * batch as f64 / secs);
+            overhead[i] = overhead[i].min(in_policy / secs);
+            peak[i] = match (peak[i], peak_rss_mib()) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
         }
     }
-    frozen
-        .iter()
-        .zip(best)
-        .map(|(&frozen, images_per_sec)| BenchResult {
-            frozen,
-            images_per_sec,
+    Ok((0..n)
+        .map(|i| BenchResult {
+            frozen: spec.frozen[i],
+            images_per_sec: best[i],
+            peak_rss_mib: peak[i],
+            policy_overhead: has_policy.then_some(overhead[i]),
         })
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]
@@ -1000,7 +1137,7 @@ mod tests {
             train_step(
                 &model,
                 &mut opt,
-                &data.images,
+                Batch::Images(&data.images),
                 &data.labels,
                 &StepPlan::simple(0.1, 0),
             )
@@ -1011,7 +1148,7 @@ mod tests {
             train_step(
                 &model,
                 &mut opt,
-                &data.images,
+                Batch::Images(&data.images),
                 &data.labels,
                 &StepPlan::simple(0.1, 2),
             )
@@ -1031,7 +1168,7 @@ mod tests {
         train_step(
             &model,
             &mut opt,
-            &data.images,
+            Batch::Images(&data.images),
             &data.labels,
             &StepPlan::simple(0.1, 1),
         )
@@ -1056,7 +1193,14 @@ mod tests {
             lr_factors: &[1.0, 0.0, 1.0],
             ..StepPlan::simple(0.1, 0)
         };
-        train_step(&model, &mut opt, &data.images, &data.labels, &plan).unwrap();
+        train_step(
+            &model,
+            &mut opt,
+            Batch::Images(&data.images),
+            &data.labels,
+            &plan,
+        )
+        .unwrap();
         let after = snapshot(&vs);
         for ((n, a), (_, b)) in before.iter().zip(&after) {
             if n.starts_with("blocks.1.") {
@@ -1079,9 +1223,15 @@ mod tests {
             grad_norms: true,
             ..StepPlan::simple(0.01, 1)
         };
-        let norms = train_step(&model, &mut opt, &data.images, &data.labels, &plan)
-            .unwrap()
-            .grad_norms;
+        let norms = train_step(
+            &model,
+            &mut opt,
+            Batch::Images(&data.images),
+            &data.labels,
+            &plan,
+        )
+        .unwrap()
+        .grad_norms;
         assert_eq!(norms.len(), 3);
         assert_eq!(norms[0], 0.0);
         assert!(norms[1] > 0.0 && norms[2] > 0.0, "{norms:?}");

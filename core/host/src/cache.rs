@@ -1,0 +1,158 @@
+//! The frozen-prefix activation cache (opt-in, `train.cache_frozen`).
+//!
+//! Once blocks `[0, k)` are committed frozen, their output for a given
+//! training sample never changes again (the weights are bit-identical and
+//! the sample's transform is deterministic), so it is computed once per
+//! sample and reused in later epochs: the frozen prefix then costs nothing,
+//! and the compute model's ceiling becomes `L / (L - k)` per step.
+//!
+//! Invariants: an entry is used only at the level (`k`) it was computed
+//! for; when the frontier moves, stale entries are recomputed on first use.
+//! The cache refuses to exist when the training transform is random (the
+//! cached activation would freeze one random draw), and when it would not
+//! fit under `train.cache_max_mib`.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::UsageError;
+use crate::model::Vit;
+
+/// Cached boundary activations, one slot per training sample.
+pub struct PrefixCache {
+    levels: Vec<u32>,
+    store: Tensor,
+    device: Device,
+    /// Batch rows served from the cache.
+    pub hits: u64,
+    /// Batch rows computed (and stored).
+    pub misses: u64,
+}
+
+const EMPTY: u32 = u32::MAX;
+
+impl PrefixCache {
+    /// A cache for `samples` samples of `tokens × dim` activations, refused
+    /// when the transform is random or the size exceeds `cap_mib`.
+    pub fn new(
+        samples: i64,
+        tokens: i64,
+        dim: i64,
+        cap_mib: u64,
+        random_transform: bool,
+        device: Device,
+    ) -> Result<Self, UsageError> {
+        if random_transform {
+            return Err(UsageError(
+                "train.cache_frozen needs a deterministic training transform: with random \
+                 augmentation a cached activation would replay one random draw forever; turn \
+                 augmentation or the cache off"
+                    .into(),
+            ));
+        }
+        let bytes = samples as u128 * tokens as u128 * dim as u128 * 4;
+        let mib = bytes.div_ceil(1 << 20);
+        if mib > u128::from(cap_mib) {
+            return Err(UsageError(format!(
+                "the activation cache needs {mib} MiB ({samples} samples x {tokens} tokens x {dim} \
+                 floats), over train.cache_max_mib = {cap_mib}; raise the cap, use fewer samples, \
+                 or set train.cache_frozen = false"
+            )));
+        }
+        Ok(PrefixCache {
+            levels: vec![EMPTY; samples as usize],
+            store: Tensor::zeros([samples, tokens, dim], (Kind::Float, device)),
+            device,
+            hits: 0,
+            misses: 0,
+        })
+    }
+
+    /// The output of blocks `[0, level)` for the samples `idx` (CPU i64)
+    /// of `images` (all training images), `[B, N+1, D]` on the device.
+    pub fn boundary(&mut self, model: &Vit, images: &Tensor, idx: &Tensor, level: usize) -> Tensor {
+        let rows: Vec<i64> = Vec::try_from(idx).unwrap_or_default();
+        let missing: Vec<i64> = rows
+            .iter()
+            .copied()
+            .filter(|&i| self.levels[i as usize] != level as u32)
+            .collect();
+        self.misses += missing.len() as u64;
+        self.hits += (rows.len() - missing.len()) as u64;
+        if !missing.is_empty() {
+            let miss = Tensor::from_slice(&missing);
+            let x = images.index_select(0, &miss).to_device(self.device);
+            let h = model.frozen_prefix(&x, level);
+            let _ = self.store.index_copy_(0, &miss.to_device(self.device), &h);
+            for i in missing {
+                self.levels[i as usize] = level as u32;
+            }
+        }
+        self.store.index_select(0, &idx.to_device(self.device))
+    }
+
+    /// Share of rows served from the cache so far.
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.hits + self.misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.hits as f64 / n as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::VitConfig;
+    use tch::nn;
+
+    fn tiny() -> VitConfig {
+        VitConfig {
+            image_size: 8,
+            channels: 1,
+            patch: 4,
+            dim: 12,
+            depth: 3,
+            heads: 3,
+            mlp_ratio: 2.0,
+            classes: 4,
+        }
+    }
+
+    #[test]
+    fn serves_what_the_prefix_computes_and_recomputes_when_the_level_moves() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = Vit::new(&vs.root(), &tiny());
+        let images = Tensor::randn([6, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let mut c = PrefixCache::new(6, 5, 12, 10, false, Device::Cpu).unwrap();
+        let idx = Tensor::from_slice(&[4i64, 1]);
+        let first = c.boundary(&m, &images, &idx, 1);
+        assert_eq!((c.hits, c.misses), (0, 2));
+        let again = c.boundary(&m, &images, &idx, 1);
+        assert_eq!((c.hits, c.misses), (2, 2));
+        assert!(first.equal(&again));
+        let direct = m.frozen_prefix(&images.index_select(0, &idx), 1);
+        assert!(first.allclose(&direct, 1e-6, 1e-6, false));
+        let deeper = c.boundary(&m, &images, &idx, 2);
+        assert_eq!(c.misses, 4);
+        let direct = m.frozen_prefix(&images.index_select(0, &idx), 2);
+        assert!(deeper.allclose(&direct, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn refuses_random_transforms_and_oversized_caches() {
+        let e = PrefixCache::new(10, 5, 12, 10, true, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(e.0.contains("deterministic"), "{}", e.0);
+        let e = PrefixCache::new(1_000_000, 197, 768, 1024, false, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(
+            e.0.contains("MiB") && e.0.contains("cache_max_mib"),
+            "{}",
+            e.0
+        );
+    }
+}

@@ -1,0 +1,95 @@
+"""PyTorch eager reference for `simfreeze bench`: timm's VisionTransformer of
+the same shape, trained with SGD (momentum 0.9, foreach) on random inputs,
+the frozen prefix run under no_grad and detached, like simfreeze does.
+
+Prints one JSON object: {"batch", "threads", "results": [{"frozen", "images_per_sec"}]}.
+Timing: `warmup` untimed steps per K, then `rounds` rounds of `steps` steps,
+the Ks interleaved, best round per K (the same protocol as simfreeze bench).
+"""
+import argparse
+import json
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--patch", type=int, default=7)
+    ap.add_argument("--dim", type=int, default=96)
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--frozen", type=int, nargs="+", default=[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    m = VisionTransformer(
+        img_size=a.image_size, patch_size=a.patch, in_chans=a.channels,
+        num_classes=a.classes, embed_dim=a.dim, depth=a.depth, num_heads=a.heads,
+        mlp_ratio=4.0, global_pool="token",
+    )
+    x = torch.randn(a.batch, a.channels, a.image_size, a.image_size)
+    y = torch.randint(0, a.classes, (a.batch,))
+
+    def forward(k):
+        if k > 0:
+            with torch.no_grad():
+                h = m._pos_embed(m.patch_embed(x))
+                for b in m.blocks[:k]:
+                    h = b(h)
+            h = h.detach()
+        else:
+            h = m._pos_embed(m.patch_embed(x))
+        for b in m.blocks[k:]:
+            h = b(h)
+        return m.forward_head(m.norm(h))
+
+    def trainable(k):
+        # Like simfreeze: the embedding goes with block 0; norm and head train.
+        frozen = set()
+        if k > 0:
+            frozen |= {id(p) for p in m.patch_embed.parameters()}
+            frozen |= {id(m.cls_token), id(m.pos_embed)}
+            for b in m.blocks[:k]:
+                frozen |= {id(p) for p in b.parameters()}
+        return [p for p in m.parameters() if id(p) not in frozen]
+
+    opts = {k: torch.optim.SGD(trainable(k), lr=1e-4, momentum=0.9) for k in a.frozen}
+
+    def run(k, n):
+        opt = opts[k]
+        for _ in range(n):
+            loss = F.cross_entropy(forward(k), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss.item()
+
+    for k in a.frozen:
+        run(k, a.warmup)
+    best = {k: 0.0 for k in a.frozen}
+    for _ in range(a.rounds):
+        for k in a.frozen:
+            t = time.perf_counter()
+            run(k, a.steps)
+            best[k] = max(best[k], a.steps * a.batch / (time.perf_counter() - t))
+    print(json.dumps({
+        "batch": a.batch, "threads": torch.get_num_threads(),
+        "results": [{"frozen": k, "images_per_sec": best[k]} for k in a.frozen],
+    }))
+
+
+if __name__ == "__main__":
+    main()
