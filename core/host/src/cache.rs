@@ -7,7 +7,8 @@
 //! and the compute model's ceiling becomes `L / (L - k)` per step.
 //!
 //! Invariants: an entry is used only at the level (`k`) it was computed
-//! for; when the frontier moves, stale entries are recomputed on first use.
+//! for; when the frontier moves, a stale entry is advanced through the
+//! newly frozen blocks on first use (never recomputed from the image).
 //! The cache refuses to exist when the training transform is random (the
 //! cached activation would freeze one random draw), and when it would not
 //! fit under `train.cache_max_mib`.
@@ -26,6 +27,8 @@ pub struct PrefixCache {
     pub hits: u64,
     /// Batch rows computed (and stored).
     pub misses: u64,
+    /// Of the misses, rows advanced from a lower cached level.
+    pub advanced: u64,
 }
 
 const EMPTY: u32 = u32::MAX;
@@ -64,27 +67,42 @@ impl PrefixCache {
             device,
             hits: 0,
             misses: 0,
+            advanced: 0,
         })
     }
 
     /// The output of blocks `[0, level)` for the samples `idx` (CPU i64)
     /// of `images` (all training images), `[B, N+1, D]` on the device.
+    /// Entries cached at a lower level are advanced through the blocks in
+    /// between (cheaper than recomputing from the image); missing ones are
+    /// computed from the image.
     pub fn boundary(&mut self, model: &Vit, images: &Tensor, idx: &Tensor, level: usize) -> Tensor {
         let rows: Vec<i64> = Vec::try_from(idx).unwrap_or_default();
-        let missing: Vec<i64> = rows
-            .iter()
-            .copied()
-            .filter(|&i| self.levels[i as usize] != level as u32)
-            .collect();
-        self.misses += missing.len() as u64;
-        self.hits += (rows.len() - missing.len()) as u64;
-        if !missing.is_empty() {
-            let miss = Tensor::from_slice(&missing);
-            let x = images.index_select(0, &miss).to_device(self.device);
-            let h = model.frozen_prefix(&x, level);
-            let _ = self.store.index_copy_(0, &miss.to_device(self.device), &h);
-            for i in missing {
-                self.levels[i as usize] = level as u32;
+        let level32 = level as u32;
+        let mut stale: std::collections::BTreeMap<u32, Vec<i64>> = Default::default();
+        for &i in &rows {
+            let l = self.levels[i as usize];
+            if l != level32 {
+                stale.entry(l).or_default().push(i);
+            }
+        }
+        let missing: usize = stale.values().map(Vec::len).sum();
+        self.misses += missing as u64;
+        self.hits += (rows.len() - missing) as u64;
+        for (from, ids) in stale {
+            let at = Tensor::from_slice(&ids).to_device(self.device);
+            let h = if from == EMPTY || from > level32 {
+                let x = images
+                    .index_select(0, &at.to_device(images.device()))
+                    .to_device(self.device);
+                model.frozen_prefix(&x, level)
+            } else {
+                self.advanced += ids.len() as u64;
+                model.advance(&self.store.index_select(0, &at), from as usize, level)
+            };
+            let _ = self.store.index_copy_(0, &at, &h);
+            for i in ids {
+                self.levels[i as usize] = level32;
             }
         }
         self.store.index_select(0, &idx.to_device(self.device))
@@ -136,6 +154,7 @@ mod tests {
         assert!(first.allclose(&direct, 1e-6, 1e-6, false));
         let deeper = c.boundary(&m, &images, &idx, 2);
         assert_eq!(c.misses, 4);
+        assert_eq!(c.advanced, 2, "level-1 entries advance through block 1");
         let direct = m.frozen_prefix(&images.index_select(0, &idx), 2);
         assert!(deeper.allclose(&direct, 1e-6, 1e-6, false));
     }

@@ -332,6 +332,19 @@ impl Vit {
         .detach()
     }
 
+    /// Runs blocks `[from, to)` on `h` without autograd (advancing a cached
+    /// boundary): `[B, N+1, D] -> [B, N+1, D]`.
+    pub fn advance(&self, h: &Tensor, from: usize, to: usize) -> Tensor {
+        tch::no_grad(|| {
+            let mut h = h.shallow_clone();
+            for b in &self.blocks[from.min(to)..to.min(self.blocks.len())] {
+                h = b.forward(&h);
+            }
+            h
+        })
+        .detach()
+    }
+
     /// Continues from `h`, the output of blocks `[0, start)`: blocks
     /// `[start, frozen)` without autograd (e.g. a probed block), the rest
     /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.

@@ -770,7 +770,11 @@ fn train_in(
             driver.state().frontier
         )?;
         let cached = cache.as_ref().map_or(String::new(), |c| {
-            format!(", cache hits {:.0}%", 100.0 * c.hit_rate())
+            format!(
+                ", cache hits {:.0}% ({} stale rows advanced)",
+                100.0 * c.hit_rate(),
+                c.advanced
+            )
         });
         eprintln!(
             "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {}/{layers}, {epoch_seconds:.1}s{cached}",
