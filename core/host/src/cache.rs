@@ -126,16 +126,7 @@ mod tests {
     use tch::nn;
 
     fn tiny() -> VitConfig {
-        VitConfig {
-            image_size: 8,
-            channels: 1,
-            patch: 4,
-            dim: 12,
-            depth: 3,
-            heads: 3,
-            mlp_ratio: 2.0,
-            classes: 4,
-        }
+        crate::model::test_config(4)
     }
 
     #[test]

@@ -399,22 +399,28 @@ pub fn group_of(name: &str) -> Group {
     Group::Head
 }
 
+/// A 3-block ViT on 8x8 single-channel images for unit tests.
+#[cfg(test)]
+pub(crate) fn test_config(classes: i64) -> VitConfig {
+    VitConfig {
+        image_size: 8,
+        channels: 1,
+        patch: 4,
+        dim: 12,
+        depth: 3,
+        heads: 3,
+        mlp_ratio: 2.0,
+        classes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{Device, Kind};
 
     fn tiny() -> VitConfig {
-        VitConfig {
-            image_size: 8,
-            channels: 1,
-            patch: 4,
-            dim: 12,
-            depth: 3,
-            heads: 3,
-            mlp_ratio: 2.0,
-            classes: 5,
-        }
+        test_config(5)
     }
 
     #[test]

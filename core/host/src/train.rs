@@ -677,7 +677,8 @@ fn train_in(
             step += 1;
             progress.tick(step, loss, batch, driver.state().frontier);
             let at_epoch_end = step % steps_per_epoch == 0;
-            if control.should_stop(step) && step < total {
+            let stopping = control.should_stop(step) && step < total;
+            if stopping || (every > 0 && step % every == 0 && !at_epoch_end) {
                 let acc = Accum {
                     loss_sum,
                     epoch_seconds: carried_seconds + started.elapsed().as_secs_f64(),
@@ -685,39 +686,13 @@ fn train_in(
                     best,
                     last,
                 };
-                write_checkpoint(
-                    &dir.path,
-                    &vs,
-                    &opt,
-                    &driver,
-                    (&mut metrics, &mut events),
-                    step,
-                    &acc,
-                )?;
-                stop = Some((
-                    Status::Interrupted,
-                    format!("stopped after step {step} of {total}"),
-                    None,
-                ));
-                break;
+                let files = (&mut metrics, &mut events);
+                write_checkpoint(&dir.path, &vs, &opt, &driver, files, step, &acc)?;
             }
-            if every > 0 && step % every == 0 && !at_epoch_end {
-                let acc = Accum {
-                    loss_sum,
-                    epoch_seconds: carried_seconds + started.elapsed().as_secs_f64(),
-                    train_seconds,
-                    best,
-                    last,
-                };
-                write_checkpoint(
-                    &dir.path,
-                    &vs,
-                    &opt,
-                    &driver,
-                    (&mut metrics, &mut events),
-                    step,
-                    &acc,
-                )?;
+            if stopping {
+                let reason = format!("stopped after step {step} of {total}");
+                stop = Some((Status::Interrupted, reason, None));
+                break;
             }
         }
         if let Some((status, reason, source)) = stop {
@@ -1096,16 +1071,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> VitConfig {
-        VitConfig {
-            image_size: 8,
-            channels: 1,
-            patch: 4,
-            dim: 12,
-            depth: 3,
-            heads: 3,
-            mlp_ratio: 2.0,
-            classes: 4,
-        }
+        crate::model::test_config(4)
     }
 
     fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
