@@ -9,21 +9,11 @@ use std::time::{Duration, Instant};
 use simfreeze_tests::{fixture, simfreeze, simfreeze_bin, text};
 
 /// A tiny synthetic run: 2 epochs of 8 steps.
+/// The shared tiny run with weight decay; `extra_train` adds train fields
+/// (`", checkpoint_every: 3"`).
 fn config(dir: &Path, extra_train: &str, policy: &str) -> PathBuf {
-    let cfg = format!(
-        r#"(
-    name: "r",
-    output: {out:?},
-    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
-    data: (source: Synthetic(train: 64, eval: 32, classes: 4)),
-    train: (epochs: 2, batch: 8, sgd: (lr: 0.05, weight_decay: 0.01), threads: 1, device: "cpu"{extra_train}),
-    {policy}
-)"#,
-        out = dir.join("runs").to_str().unwrap()
-    );
-    let path = dir.join("c.ron");
-    fs::write(&path, cfg).unwrap();
-    path
+    let train = format!("sgd: (lr: 0.05, weight_decay: 0.01){extra_train}");
+    simfreeze_tests::tiny_run_config(dir, "r", &train, policy)
 }
 
 fn json(path: &Path) -> serde_json::Value {

@@ -8,20 +8,7 @@ use simfreeze_tests::{simfreeze, text};
 
 /// A tiny model on synthetic 8x8 images; trains in about a second.
 fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
-    let cfg = format!(
-        r#"(
-    name: "t",
-    output: {out:?},
-    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
-    data: (source: Synthetic(train: 64, eval: 32, classes: 4)),
-    train: (epochs: 2, batch: 8, sgd: (lr: 0.05), threads: 1, device: "cpu"),
-    {extra}
-)"#,
-        out = dir.join("runs").to_str().unwrap()
-    );
-    let path = dir.join("c.ron");
-    fs::write(&path, cfg).unwrap();
-    path
+    simfreeze_tests::tiny_run_config(dir, "t", "sgd: (lr: 0.05)", extra)
 }
 
 #[test]

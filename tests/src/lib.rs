@@ -123,3 +123,24 @@ pub fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Writes `c.ron` in `dir`: a tiny ViT (8x8 inputs, 3 blocks) on synthetic
+/// data, 2 epochs of 8 steps, runs under `dir/runs/<name>-NNN`. `train` adds
+/// fields to the train section (e.g. `sgd: (lr: 0.05)`), `extra` top-level
+/// fields (e.g. a policy).
+pub fn tiny_run_config(dir: &Path, name: &str, train: &str, extra: &str) -> PathBuf {
+    let cfg = format!(
+        r#"(
+    name: {name:?},
+    output: {out:?},
+    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
+    data: (source: Synthetic(train: 64, eval: 32, classes: 4)),
+    train: (epochs: 2, batch: 8, threads: 1, device: "cpu", {train}),
+    {extra}
+)"#,
+        out = dir.join("runs").to_str().unwrap()
+    );
+    let path = dir.join("c.ron");
+    std::fs::write(&path, cfg).expect("write config");
+    path
+}

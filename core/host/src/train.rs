@@ -638,21 +638,7 @@ fn train_in(
                 }
             };
             loss_sum += loss;
-            let features: Vec<f32> = if needs.contains(Needs::CLS_FEATURES) {
-                Vec::try_from(
-                    cls.detach()
-                        .to_kind(Kind::Float)
-                        .to_device(Device::Cpu)
-                        .flatten(0, -1),
-                )?
-            } else {
-                Vec::new()
-            };
-            let labels: Vec<i64> = if needs.contains(Needs::LABELS) {
-                Vec::try_from(&y.to_device(Device::Cpu))?
-            } else {
-                Vec::new()
-            };
+            let (features, labels) = host_copies(needs, &cls, &y)?;
             let outcome = driver.after_step(&StepInput {
                 step,
                 epoch,
@@ -784,6 +770,27 @@ fn train_in(
     );
     dir.write("summary.json", &serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// Copies to host memory what the policy asked for (and nothing else):
+/// the class-token features `[B, D]` flattened, and the labels.
+fn host_copies(needs: Needs, cls: &Tensor, y: &Tensor) -> Result<(Vec<f32>, Vec<i64>)> {
+    let features = if needs.contains(Needs::CLS_FEATURES) {
+        let flat = cls
+            .detach()
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .flatten(0, -1);
+        Vec::try_from(flat)?
+    } else {
+        Vec::new()
+    };
+    let labels = if needs.contains(Needs::LABELS) {
+        Vec::try_from(&y.to_device(Device::Cpu))?
+    } else {
+        Vec::new()
+    };
+    Ok((features, labels))
 }
 
 /// Per-run accumulators a checkpoint carries.
@@ -998,22 +1005,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
             };
             if has_policy {
                 let t = Instant::now();
-                let features: Vec<f32> = if needs.contains(Needs::CLS_FEATURES) {
-                    Vec::try_from(
-                        out.cls
-                            .detach()
-                            .to_kind(Kind::Float)
-                            .to_device(Device::Cpu)
-                            .flatten(0, -1),
-                    )?
-                } else {
-                    Vec::new()
-                };
-                let labels: Vec<i64> = if needs.contains(Needs::LABELS) {
-                    Vec::try_from(&y.to_device(Device::Cpu))?
-                } else {
-                    Vec::new()
-                };
+                let (features, labels) = host_copies(needs, &out.cls, &y)?;
                 driver.after_step(&StepInput {
                     step,
                     epoch: 0,
