@@ -44,6 +44,20 @@ enum Command {
     Run(RunArgs),
     /// Time training steps per frozen prefix on random inputs.
     Bench(BenchArgs),
+    /// Pretrain on a source task (cached), fine-tune on the target with
+    /// the baseline and each policy, print the table, write plots.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CompareArgs {
+    /// The RON experiment file (e.g. configs/quickstart.ron).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config value, e.g. `--set finetune.train.epochs=1`
+    /// or `--set seeds=[0,1]` (value is RON).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,7 +190,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if cause.is::<UsageError>() {
             return 2;
         }
-        if cause.is::<crate::data::DataError>() {
+        if cause.is::<crate::data::DataError>() || cause.is::<crate::weights::WeightsError>() {
             return 5;
         }
         if cause.is::<LoadError>() {
@@ -198,6 +212,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Plugins { json } => plugins(json),
         Command::Simulate(args) => simulate_cmd(args),
         Command::Run(args) => run_cmd(args),
+        Command::Compare(args) => compare_cmd(args),
         Command::Bench(args) => bench_cmd(args),
     }
 }
@@ -250,6 +265,17 @@ fn run_cmd(a: RunArgs) -> Result<()> {
     let cfg = cfg.with_overrides(&a.sets)?;
     let summary = train::run(train::Plan::resolve(cfg)?, &control)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn compare_cmd(a: CompareArgs) -> Result<()> {
+    let cfg = crate::compare::CompareConfig::load(&a.config)?;
+    let cfg = crate::config::apply_overrides(cfg, &a.sets)?;
+    let control = train::RunControl {
+        stop_after: None,
+        interrupt: Some(interrupt_flag()?),
+    };
+    crate::compare::compare(&cfg, &control)?;
     Ok(())
 }
 

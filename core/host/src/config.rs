@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::UsageError;
 use crate::model::VitConfig;
 use crate::optim::SgdConfig;
+use crate::weights::HeadInit;
 
 /// Which model: a preset with optional field overrides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +35,15 @@ pub struct ModelSection {
     pub mlp_ratio: Option<f64>,
     /// Classes (default: the dataset's).
     pub classes: Option<i64>,
+    /// LayerNorm epsilon (default 1e-6, or what a Hugging Face checkpoint's
+    /// `config.json` says).
+    pub norm_eps: Option<f64>,
+    /// Initial weights: timm or Hugging Face safetensors, Google `.npz`,
+    /// or the `model.safetensors` of an earlier run.
+    pub weights: Option<PathBuf>,
+    /// The checkpoint's classifier head: `Auto` (loaded when its class
+    /// count matches), `New` or `Load`.
+    pub head: HeadInit,
 }
 
 impl Default for ModelSection {
@@ -48,6 +58,9 @@ impl Default for ModelSection {
             heads: None,
             mlp_ratio: None,
             classes: None,
+            norm_eps: None,
+            weights: None,
+            head: HeadInit::Auto,
         }
     }
 }
@@ -70,6 +83,13 @@ impl ModelSection {
         c.heads = self.heads.unwrap_or(c.heads);
         c.mlp_ratio = self.mlp_ratio.unwrap_or(c.mlp_ratio);
         c.classes = self.classes.unwrap_or(data_classes);
+        c.norm_eps = match (self.norm_eps, &self.weights) {
+            (Some(e), _) => e,
+            (None, Some(w)) => crate::weights::hf_norm_eps(w)
+                .map_err(|e| UsageError(e.to_string()))?
+                .unwrap_or(c.norm_eps),
+            (None, None) => c.norm_eps,
+        };
         c.validate().map_err(UsageError)?;
         Ok(c)
     }
@@ -221,16 +241,7 @@ impl RunConfig {
 
     /// Parses RON text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<RunConfig, UsageError> {
-        // `implicit_some`: optional fields take plain values (`depth: 4`,
-        // `policy: (plugin: "atsf")`); `Some(..)` is accepted too.
-        let ron = ron::Options::default()
-            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-        let mut c: RunConfig = ron.from_str(text).map_err(|e| {
-            UsageError(format!(
-                "{origin}:{}:{}: {}",
-                e.position.line, e.position.col, e.code
-            ))
-        })?;
+        let mut c: RunConfig = parse_ron(text, origin)?;
         if c.name.is_empty() {
             c.name = "run".into();
         }
@@ -243,26 +254,50 @@ impl RunConfig {
     /// Applies `key=value` overrides (`train.epochs=3`,
     /// `train.sgd.lr=0.01`, `data.train_limit=500`); values are RON.
     pub fn with_overrides(self, sets: &[String]) -> Result<RunConfig, UsageError> {
-        if sets.is_empty() {
-            return Ok(self);
-        }
-        // JSON values keep enum variants and options apart, which RON's
-        // dynamic `Value` cannot; the tree is only an intermediate.
-        let mut tree = serde_json::to_value(&self).map_err(|e| UsageError(e.to_string()))?;
-        for set in sets {
-            let (key, raw) = set
-                .split_once('=')
-                .ok_or_else(|| UsageError(format!("--set {set}: expected key=value")))?;
-            let new: ron::Value = ron::from_str(raw)
-                .map_err(|e| UsageError(format!("--set {set}: value is not RON: {}", e.code)))?;
-            let slot = key
-                .split('.')
-                .try_fold(&mut tree, |cur, part| cur.get_mut(part))
-                .ok_or_else(|| UsageError(format!("--set {set}: unknown key `{key}`")))?;
-            *slot = serde_json::to_value(new).map_err(|e| UsageError(e.to_string()))?;
-        }
-        serde_json::from_value(tree).map_err(|e| UsageError(format!("--set: {e}")))
+        apply_overrides(self, sets)
     }
+}
+
+/// Applies `key=value` overrides (dotted keys, RON values) to any
+/// configuration; an unknown key or a value of the wrong type is an error.
+pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    value: T,
+    sets: &[String],
+) -> Result<T, UsageError> {
+    if sets.is_empty() {
+        return Ok(value);
+    }
+    // JSON values keep enum variants and options apart, which RON's
+    // dynamic `Value` cannot; the tree is only an intermediate.
+    let mut tree = serde_json::to_value(&value).map_err(|e| UsageError(e.to_string()))?;
+    for set in sets {
+        let (key, raw) = set
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--set {set}: expected key=value")))?;
+        let new: ron::Value = ron::from_str(raw)
+            .map_err(|e| UsageError(format!("--set {set}: value is not RON: {}", e.code)))?;
+        let slot = key
+            .split('.')
+            .try_fold(&mut tree, |cur, part| cur.get_mut(part))
+            .ok_or_else(|| UsageError(format!("--set {set}: unknown key `{key}`")))?;
+        *slot = serde_json::to_value(new).map_err(|e| UsageError(e.to_string()))?;
+    }
+    serde_json::from_value(tree).map_err(|e| UsageError(format!("--set: {e}")))
+}
+
+/// Parses RON text with optional fields taking plain values; errors give
+/// `origin:line:column`.
+pub fn parse_ron<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, UsageError> {
+    // `implicit_some`: optional fields take plain values (`depth: 4`,
+    // `policy: (plugin: "atsf")`); `Some(..)` is accepted too.
+    let ron = ron::Options::default()
+        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+    ron.from_str(text).map_err(|e| {
+        UsageError(format!(
+            "{origin}:{}:{}: {}",
+            e.position.line, e.position.col, e.code
+        ))
+    })
 }
 
 #[cfg(test)]

@@ -8,21 +8,27 @@
 //! - [`driver`]: the per-step policy loop shared by trainer and simulator;
 //! - [`simulate`]: synthetic observations for `simfreeze simulate`;
 //! - [`model`]: the ViT (timm names) with frozen-prefix execution;
+//! - [`weights`]: timm / Hugging Face / Google `.npz` checkpoints;
 //! - [`data`]: Fashion-MNIST, synthetic data, subsets, deterministic order;
 //! - [`optim`]: per-block SGD with our own momentum state, cosine schedule;
 //! - [`config`]: the RON run configuration and `--set` overrides;
 //! - [`train`]: the training loop, run directories, `bench`;
+//! - [`compare`]: `simfreeze compare`, baseline against policies, with
+//!   [`plot`] for its charts;
 //! - [`cli`]: the command line (the binary only calls [`cli::main`]).
 
 pub mod cache;
 pub mod checkpoint;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod controller;
 pub mod data;
 pub mod driver;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod plugin;
 pub mod simulate;
 pub mod train;
+pub mod weights;

@@ -32,6 +32,14 @@ pub struct VitConfig {
     pub mlp_ratio: f64,
     /// Output classes.
     pub classes: i64,
+    /// LayerNorm epsilon (timm: 1e-6; Hugging Face checkpoints say theirs
+    /// in `config.json`, usually 1e-12).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+}
+
+fn default_norm_eps() -> f64 {
+    1e-6
 }
 
 impl VitConfig {
@@ -47,6 +55,7 @@ impl VitConfig {
             heads: 3,
             mlp_ratio: 4.0,
             classes: 10,
+            norm_eps: 1e-6,
         }
     }
     fn imagenet(dim: i64, depth: i64, heads: i64) -> Self {
@@ -59,6 +68,7 @@ impl VitConfig {
             heads,
             mlp_ratio: 4.0,
             classes: 1000,
+            norm_eps: 1e-6,
         }
     }
     /// timm `vit_tiny_patch16_224`.
@@ -122,6 +132,9 @@ impl VitConfig {
                 self.dim, self.heads
             ));
         }
+        if !(self.norm_eps > 0.0 && self.norm_eps.is_finite()) {
+            return Err(format!("model.norm_eps must be > 0, got {}", self.norm_eps));
+        }
         if !(self.mlp_ratio > 0.0 && self.mlp_ratio.is_finite()) {
             return Err(format!(
                 "model.mlp_ratio must be > 0, got {}",
@@ -153,10 +166,10 @@ inventory::submit! { Preset { name: "vit_small_patch16_224", build: VitConfig::v
 inventory::submit! { Preset { name: "vit_base_patch16_224", build: VitConfig::vit_base_patch16_224 } }
 inventory::submit! { Preset { name: "vit_large_patch16_224", build: VitConfig::vit_large_patch16_224 } }
 
-fn layer_norm(p: nn::Path, dim: i64) -> nn::LayerNorm {
+fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     // tch defaults to 1e-5; timm's ViT uses 1e-6.
     let cfg = nn::LayerNormConfig {
-        eps: 1e-6,
+        eps,
         ..Default::default()
     };
     nn::layer_norm(p, vec![dim], cfg)
@@ -226,9 +239,9 @@ impl Block {
     fn new(p: nn::Path, cfg: &VitConfig) -> Self {
         let hidden = (cfg.dim as f64 * cfg.mlp_ratio) as i64;
         Block {
-            norm1: layer_norm(&p / "norm1", cfg.dim),
+            norm1: layer_norm(&p / "norm1", cfg.dim, cfg.norm_eps),
             attn: Attention::new(&p / "attn", cfg),
-            norm2: layer_norm(&p / "norm2", cfg.dim),
+            norm2: layer_norm(&p / "norm2", cfg.dim, cfg.norm_eps),
             mlp: Mlp {
                 fc1: nn::linear(&p / "mlp" / "fc1", cfg.dim, hidden, Default::default()),
                 fc2: nn::linear(&p / "mlp" / "fc2", hidden, cfg.dim, Default::default()),
@@ -291,7 +304,7 @@ impl Vit {
             blocks: (0..cfg.depth)
                 .map(|i| Block::new(p / "blocks" / i, cfg))
                 .collect(),
-            norm: layer_norm(p / "norm", cfg.dim),
+            norm: layer_norm(p / "norm", cfg.dim, cfg.norm_eps),
             head: nn::linear(p / "head", cfg.dim, cfg.classes, Default::default()),
         }
     }
@@ -411,6 +424,7 @@ pub(crate) fn test_config(classes: i64) -> VitConfig {
         heads: 3,
         mlp_ratio: 2.0,
         classes,
+        norm_eps: 1e-6,
     }
 }
 

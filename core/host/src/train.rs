@@ -27,6 +27,7 @@ use crate::driver::{PolicyDriver, StepInput, Timeline};
 use crate::model::{Vit, VitConfig};
 use crate::optim::Sgd;
 use crate::plugin::{PolicyHandle, SearchPath};
+use crate::weights::{self, Checkpoint};
 use simfreeze_abi::Needs;
 
 /// Parses `auto`, `cpu` or `cuda:N`.
@@ -339,6 +340,8 @@ pub struct Plan {
     pub eval: Dataset,
     /// The policy, if any.
     pub policy: Option<PolicyHandle>,
+    /// Initial weights (`model.weights`), read and checked against the model.
+    pub weights: Option<Checkpoint>,
 }
 
 impl Plan {
@@ -374,6 +377,14 @@ impl Plan {
             ))
             .into());
         }
+        let weights = match &config.model.weights {
+            Some(path) => {
+                let ck = Checkpoint::read(path)?;
+                ck.check(&model)?;
+                Some(ck)
+            }
+            None => None,
+        };
         let policy = match &config.policy {
             None => None,
             Some(p) => Some(
@@ -389,6 +400,7 @@ impl Plan {
             train,
             eval,
             policy,
+            weights,
         })
     }
 }
@@ -520,11 +532,17 @@ fn train_in(
         train,
         eval,
         policy,
+        weights,
     } = plan;
     let identity = PolicyIdentity::of(policy.as_ref())?;
     tch::manual_seed(config.train.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = Vit::new(&vs.root(), &mcfg);
+    if let (Some(ck), None) = (weights, &start) {
+        let from = ck.path.display().to_string();
+        let report = weights::load_into(&vs, &mcfg, ck, config.model.head)?;
+        eprintln!("weights: {from}: {report}");
+    }
     let mut opt = Sgd::new(&vs, config.train.sgd.clone());
     let layers = model.depth() as u32;
     let mut driver = PolicyDriver::new(policy, layers);
@@ -758,6 +776,7 @@ fn train_in(
             &acc,
         )?;
     }
+    save_model(&dir.path.join(MODEL_FILE), &vs)?;
     let summary = Summary::new(
         Status::Completed,
         None,
@@ -770,6 +789,19 @@ fn train_in(
     );
     dir.write("summary.json", &serde_json::to_string_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// The final weights of a completed run, in its run directory (timm
+/// names; `model.weights` and `simfreeze eval --weights` read it).
+pub const MODEL_FILE: &str = "model.safetensors";
+
+fn save_model(path: &Path, vs: &nn::VarStore) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let tmp = path.with_extension("tmp");
+    Tensor::write_safetensors(&tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Copies to host memory what the policy asked for (and nothing else):

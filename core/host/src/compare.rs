@@ -1,0 +1,672 @@
+//! `simfreeze compare`: the paper's comparison as one command.
+//!
+//! An experiment pretrains a model on a source task (cached under
+//! `<output>/pretrain-<hash>` by a hash of everything that shapes it, so a
+//! re-run skips it), then fine-tunes that same checkpoint on a disjoint
+//! target task once without a policy (the baseline) and once per listed
+//! policy, for every seed: the same weights, seed and data order, only the
+//! policy differs. The experiment directory `<output>/<name>-NNN` gets
+//! `compare.ron` (the resolved configuration), `runs/` (one ordinary run
+//! directory per fine-tune), `results.csv`, `table.md` and the plots
+//! (`eta-<policy>`, `timeline`, `accuracy-speedup`, each `.svg` and `.png`).
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::cli::UsageError;
+use crate::config::{parse_ron, DataSection, ModelSection, PolicySection, RunConfig, TrainSection};
+use crate::plot::{self, Chart, Series, Style};
+use crate::train::{self, Plan, RunControl, RunDir, RunStopped, Status, Summary, MODEL_FILE};
+use crate::weights::HeadInit;
+
+/// One training stage: which classes, how much data, how to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Stage {
+    /// The task's classes, relabelled 0..k in this order.
+    pub classes: Option<Vec<i64>>,
+    /// At most this many training samples.
+    pub train_limit: Option<i64>,
+    /// At most this many evaluation samples.
+    pub eval_limit: Option<i64>,
+    /// Training (its `seed` is replaced by each of `seeds` when fine-tuning).
+    pub train: TrainSection,
+}
+
+impl Default for Stage {
+    fn default() -> Self {
+        Stage {
+            classes: None,
+            train_limit: None,
+            eval_limit: None,
+            train: TrainSection::default(),
+        }
+    }
+}
+
+/// A policy of the comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Plugin name or path.
+    pub plugin: String,
+    /// Its RON options.
+    #[serde(default)]
+    pub options: String,
+    /// Name in tables and plots (default: the plugin's name); needed when
+    /// one plugin appears twice with different options.
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+impl Entry {
+    fn label(&self) -> String {
+        self.label.clone().unwrap_or_else(|| {
+            let stem = Path::new(&self.plugin)
+                .file_stem()
+                .map_or(self.plugin.clone(), |s| s.to_string_lossy().into_owned());
+            stem.strip_prefix("lib").unwrap_or(&stem).to_string()
+        })
+    }
+}
+
+/// A `simfreeze compare` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompareConfig {
+    /// Experiment name (`<output>/<name>-NNN`).
+    pub name: String,
+    /// Directory for experiments and the pretraining cache.
+    pub output: PathBuf,
+    /// The model (its `weights`, if any, initialise the pretraining stage,
+    /// or the fine-tuning when there is no pretraining stage).
+    pub model: ModelSection,
+    /// Data source and normalisation shared by both stages.
+    pub data: DataSection,
+    /// The source task; none fine-tunes `model.weights` (or a fresh model)
+    /// directly.
+    pub pretrain: Option<Stage>,
+    /// The target task.
+    pub finetune: Stage,
+    /// Fine-tuning seeds (head initialisation and data order).
+    pub seeds: Vec<u64>,
+    /// The policies compared against the baseline (no policy).
+    pub policies: Vec<Entry>,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            name: "compare".into(),
+            output: "experiments".into(),
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            pretrain: None,
+            finetune: Stage::default(),
+            seeds: vec![0],
+            policies: Vec::new(),
+        }
+    }
+}
+
+impl CompareConfig {
+    /// Reads, parses and checks `path`.
+    pub fn load(path: &Path) -> Result<CompareConfig, UsageError> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| UsageError(format!("cannot read config {}: {e}", path.display())))?;
+        parse_ron(&text, &path.display().to_string())
+    }
+
+    /// Checks what the stages cannot check alone.
+    pub fn validate(&self) -> Result<(), UsageError> {
+        if self.seeds.is_empty() {
+            return Err(UsageError("seeds is empty: give at least one".into()));
+        }
+        let mut labels: Vec<String> = self.policies.iter().map(Entry::label).collect();
+        labels.push("baseline".into());
+        labels.sort();
+        if let Some(w) = labels.windows(2).find(|w| w[0] == w[1]) {
+            return Err(UsageError(format!(
+                "two policies are labelled `{}` (`baseline` is the run without a policy); \
+                 give them distinct `label`s",
+                w[0]
+            )));
+        }
+        if let (Some(p), Some(t)) = (
+            self.pretrain.as_ref().and_then(|p| p.classes.as_ref()),
+            &self.finetune.classes,
+        ) {
+            if let Some(c) = p.iter().find(|c| t.contains(c)) {
+                return Err(UsageError(format!(
+                    "class {c} is in both pretrain.classes and finetune.classes; \
+                     the source task must be disjoint from the target"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn stage_config(&self, stage: &Stage, name: String, output: PathBuf) -> RunConfig {
+        let mut data = self.data.clone();
+        data.classes = stage.classes.clone();
+        data.train_limit = stage.train_limit;
+        data.eval_limit = stage.eval_limit;
+        RunConfig {
+            name,
+            output,
+            model: self.model.clone(),
+            data,
+            train: stage.train.clone(),
+            policy: None,
+        }
+    }
+
+    /// The pretraining run's configuration (name and output are set when
+    /// it runs; they do not enter the cache key).
+    pub fn pretrain_config(&self) -> Option<RunConfig> {
+        let stage = self.pretrain.as_ref()?;
+        Some(self.stage_config(stage, String::new(), PathBuf::new()))
+    }
+}
+
+/// The cache key of a pretraining configuration: the first 16 hex digits
+/// of the SHA-256 of its JSON form.
+pub fn cache_key(c: &RunConfig) -> String {
+    let json = serde_json::to_string(c).expect("configs serialise");
+    let d = Sha256::digest(json.as_bytes());
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// One fine-tuning run's result (a row of `results.csv`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Policy label (`baseline` for none).
+    pub policy: String,
+    /// Fine-tuning seed.
+    pub seed: u64,
+    /// `completed` or `failed`.
+    pub status: String,
+    /// Final top-1 (%).
+    pub top1: Option<f64>,
+    /// Top-1 minus the same seed's baseline, percentage points.
+    pub d_acc: Option<f64>,
+    /// Baseline training seconds over this run's (evaluation excluded).
+    pub wall_speedup: Option<f64>,
+    /// Compute-model speedup.
+    pub compute_speedup: f64,
+    /// Blocks frozen at the end.
+    pub frontier: usize,
+    /// Training seconds.
+    pub train_seconds: f64,
+    /// The run directory.
+    pub run_dir: PathBuf,
+    /// Per block: first frozen step.
+    #[serde(skip)]
+    pub freeze_step: Vec<Option<u64>>,
+    /// Steps run.
+    #[serde(skip)]
+    pub steps: u64,
+}
+
+/// Runs (or reuses) the pretraining stage; returns the weights file.
+fn pretrain(cfg: &CompareConfig, control: &RunControl) -> Result<Option<PathBuf>> {
+    let Some(mut run_cfg) = cfg.pretrain_config() else {
+        return Ok(cfg.model.weights.clone());
+    };
+    let key = cache_key(&run_cfg);
+    let cache = cfg.output.join(format!("pretrain-{key}"));
+    let weights = cache.join(MODEL_FILE);
+    if weights.is_file() {
+        eprintln!("pretraining: cached, {}", weights.display());
+        return Ok(Some(weights));
+    }
+    eprintln!("pretraining (cached afterwards as {})", cache.display());
+    run_cfg.name = "pretrain".into();
+    run_cfg.output = cache.clone();
+    let summary = train::run(Plan::resolve(run_cfg.clone())?, control)?;
+    let from = summary.run_dir.join(MODEL_FILE);
+    let tmp = cache.join("model.tmp");
+    fs::copy(&from, &tmp).with_context(|| format!("cannot copy {}", from.display()))?;
+    fs::write(
+        cache.join("pretrain.ron"),
+        ron::ser::to_string_pretty(&run_cfg, Default::default())?,
+    )?;
+    fs::rename(&tmp, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+    eprintln!(
+        "pretraining done: top-1 {:.2}% on the source task, {:.0}s",
+        summary.final_top1.unwrap_or(f64::NAN),
+        summary.train_seconds
+    );
+    Ok(Some(weights))
+}
+
+/// Runs the whole experiment; returns the experiment directory and rows.
+pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Vec<Row>)> {
+    cfg.validate()?;
+    let weights = pretrain(cfg, control)?;
+    let exp = RunDir::create(&cfg.output, &cfg.name)?;
+    fs::write(
+        exp.path.join("compare.ron"),
+        ron::ser::to_string_pretty(cfg, Default::default())?,
+    )?;
+    let runs_dir = exp.path.join("runs");
+    let entries: Vec<Option<&Entry>> = std::iter::once(None)
+        .chain(cfg.policies.iter().map(Some))
+        .collect();
+    let total = entries.len() * cfg.seeds.len();
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for &seed in &cfg.seeds {
+        let mut baseline: Option<(f64, f64)> = None;
+        for entry in &entries {
+            let label = entry.map_or("baseline".to_string(), Entry::label);
+            eprintln!(
+                "[{}/{total}] fine-tuning: {label}, seed {seed}",
+                rows.len() + 1
+            );
+            let mut run_cfg = cfg.stage_config(&cfg.finetune, format!("{label}-s{seed}"), runs_dir.clone());
+            run_cfg.train.seed = seed;
+            if cfg.pretrain.is_some() || weights.is_some() {
+                run_cfg.model.weights = weights.clone();
+                if cfg.pretrain.is_some() {
+                    run_cfg.model.head = HeadInit::New;
+                }
+            }
+            run_cfg.policy = entry.map(|e| PolicySection {
+                plugin: e.plugin.clone(),
+                options: e.options.clone(),
+            });
+            let summary = match train::run(Plan::resolve(run_cfg)?, control) {
+                Ok(s) => s,
+                Err(e) => match e.downcast_ref::<RunStopped>() {
+                    Some(s) if s.status == Status::Failed => {
+                        eprintln!("  {label} seed {seed} failed: {}", s.reason);
+                        failures.push(format!("{label} seed {seed}: {}", s.reason));
+                        rows.push(failed_row(&label, seed, s.dir.clone()));
+                        continue;
+                    }
+                    _ => return Err(e),
+                },
+            };
+            let row = row_of(&label, seed, &summary, baseline);
+            if entry.is_none() {
+                baseline = Some((row.top1.unwrap_or(f64::NAN), row.train_seconds));
+            }
+            eprintln!(
+                "  top-1 {:.2}%, compute speedup {:.2}x, {:.0}s",
+                row.top1.unwrap_or(f64::NAN),
+                row.compute_speedup,
+                row.train_seconds
+            );
+            rows.push(row);
+        }
+    }
+    write_results(&exp.path, &rows)?;
+    let table = table(cfg, &rows);
+    fs::write(exp.path.join("table.md"), &table)?;
+    plots(cfg, &exp.path, &rows)?;
+    println!("{table}");
+    eprintln!("experiment directory: {}", exp.path.display());
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} of {total} fine-tuning runs failed (kept in the table as failed):\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok((exp.path, rows))
+}
+
+fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
+    Row {
+        policy: label.into(),
+        seed,
+        status: "failed".into(),
+        top1: None,
+        d_acc: None,
+        wall_speedup: None,
+        compute_speedup: f64::NAN,
+        frontier: 0,
+        train_seconds: f64::NAN,
+        run_dir: dir,
+        freeze_step: Vec::new(),
+        steps: 0,
+    }
+}
+
+fn row_of(label: &str, seed: u64, s: &Summary, baseline: Option<(f64, f64)>) -> Row {
+    let top1 = s.final_top1;
+    Row {
+        policy: label.into(),
+        seed,
+        status: "completed".into(),
+        top1,
+        d_acc: match (top1, baseline) {
+            (Some(t), Some((b, _))) => Some(t - b),
+            (Some(_), None) => Some(0.0),
+            _ => None,
+        },
+        wall_speedup: Some(match baseline {
+            Some((_, bs)) => bs / s.train_seconds,
+            None => 1.0,
+        }),
+        compute_speedup: s.compute_speedup,
+        frontier: s.freeze_step.iter().filter(|f| f.is_some()).count(),
+        train_seconds: s.train_seconds,
+        run_dir: s.run_dir.clone(),
+        freeze_step: s.freeze_step.clone(),
+        steps: s.steps,
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or(String::new(), |v| format!("{v:.digits$}"))
+}
+
+fn write_results(dir: &Path, rows: &[Row]) -> Result<()> {
+    let mut s = String::from(
+        "policy,seed,status,top1,d_acc_pp,wall_speedup,compute_speedup,final_frontier,train_seconds,run_dir\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{},{},{},{},{},{:.4},{},{:.2},{}\n",
+            r.policy,
+            r.seed,
+            r.status,
+            opt(r.top1, 2),
+            opt(r.d_acc, 2),
+            opt(r.wall_speedup, 3),
+            r.compute_speedup,
+            r.frontier,
+            r.train_seconds,
+            r.run_dir.display()
+        ));
+    }
+    fs::write(dir.join("results.csv"), s).context("cannot write results.csv")
+}
+
+/// Mean and sample standard deviation.
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, var.sqrt())
+}
+
+fn cell(v: &[f64], digits: usize, suffix: &str) -> String {
+    if v.is_empty() {
+        return "failed".into();
+    }
+    let (m, s) = mean_std(v);
+    if v.len() > 1 {
+        format!("{m:.digits$}{suffix} ± {s:.digits$}")
+    } else {
+        format!("{m:.digits$}{suffix}")
+    }
+}
+
+/// Policy labels in configuration order, baseline first.
+fn labels(cfg: &CompareConfig) -> Vec<String> {
+    std::iter::once("baseline".to_string())
+        .chain(cfg.policies.iter().map(Entry::label))
+        .collect()
+}
+
+/// The Markdown table: one row per policy, mean ± standard deviation
+/// over seeds.
+pub fn table(cfg: &CompareConfig, rows: &[Row]) -> String {
+    let depth = rows.iter().map(|r| r.freeze_step.len()).max().unwrap_or(0);
+    let seeds: Vec<String> = cfg.seeds.iter().map(|s| s.to_string()).collect();
+    let mut t = format!(
+        "Fine-tuning on {} from {}; seeds {} (mean ± sample std). \
+         Wall speedup: baseline training seconds over the policy's, same seed, evaluation excluded.\n\n",
+        cfg.finetune
+            .classes
+            .as_ref()
+            .map_or("all classes".to_string(), |c| format!("classes {c:?}")),
+        match (&cfg.pretrain, &cfg.model.weights) {
+            (Some(p), _) => format!(
+                "a model pretrained on {}",
+                p.classes
+                    .as_ref()
+                    .map_or("all classes".to_string(), |c| format!("classes {c:?}"))
+            ),
+            (None, Some(w)) => w.display().to_string(),
+            (None, None) => "scratch".into(),
+        },
+        seeds.join(", ")
+    );
+    t.push_str("| policy | top-1 (%) | Δ acc (pp) | compute speedup | wall speedup | frozen blocks |\n");
+    t.push_str("|---|---:|---:|---:|---:|---:|\n");
+    for label in labels(cfg) {
+        let ok: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.policy == label && r.status == "completed")
+            .collect();
+        let col = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<f64> { ok.iter().filter_map(|r| f(r)).collect() };
+        let frontier = col(&|r| Some(r.frontier as f64));
+        t.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {} / {depth} |\n",
+            cell(&col(&|r| r.top1), 2, ""),
+            if label == "baseline" {
+                "—".into()
+            } else {
+                cell(&col(&|r| r.d_acc), 2, "")
+            },
+            cell(&col(&|r| Some(r.compute_speedup)), 2, "x"),
+            cell(&col(&|r| r.wall_speedup), 2, "x"),
+            if frontier.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.1}", mean_std(&frontier).0)
+            },
+        ));
+    }
+    t
+}
+
+/// `eta.N` scalars of a run: block -> (step, value).
+fn eta_curves(run_dir: &Path) -> Result<BTreeMap<usize, Vec<(f64, f64)>>> {
+    let path = run_dir.join("events.jsonl");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut curves: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(block) = v["name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("eta."))
+            .and_then(|b| b.parse().ok())
+        else {
+            continue;
+        };
+        if let (Some(step), Some(value)) = (v["step"].as_f64(), v["value"].as_f64()) {
+            curves.entry(block).or_default().push((step, value));
+        }
+    }
+    Ok(curves)
+}
+
+/// The frontier over steps: a staircase from (0, 0) to the last step.
+fn frontier_steps(freeze_step: &[Option<u64>], steps: u64) -> Vec<(f64, f64)> {
+    let mut at: Vec<u64> = freeze_step.iter().flatten().copied().collect();
+    at.sort_unstable();
+    let mut pts = vec![(0.0, 0.0)];
+    for (i, s) in at.iter().enumerate() {
+        pts.push((*s as f64, (i + 1) as f64));
+    }
+    pts.push((steps as f64, at.len() as f64));
+    pts
+}
+
+fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()> {
+    let first_seed = cfg.seeds[0];
+    let labels = labels(cfg);
+    let color = |label: &str| labels.iter().position(|l| l == label).unwrap_or(0);
+    let done = |r: &&Row| r.status == "completed";
+    // eta_k per block for every policy that logs it (ATSF and its variants).
+    for r in rows.iter().filter(done).filter(|r| r.seed == first_seed) {
+        let curves = eta_curves(&r.run_dir)?;
+        if curves.is_empty() {
+            continue;
+        }
+        let chart = Chart {
+            title: format!("{}: eta per block (seed {first_seed})", r.policy),
+            x_label: "step".into(),
+            y_label: "eta (mean similarity to the class memory)".into(),
+            series: curves
+                .into_iter()
+                .map(|(b, points)| Series {
+                    name: format!("block {b}"),
+                    points,
+                    style: Style::LineMarkers,
+                    color: b,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        plot::write(&chart, dir, &format!("eta-{}", r.policy))?;
+    }
+    let timeline = Chart {
+        title: format!("Freeze timeline (seed {first_seed})"),
+        x_label: "step".into(),
+        y_label: "frozen blocks".into(),
+        series: rows
+            .iter()
+            .filter(done)
+            .filter(|r| r.seed == first_seed)
+            .map(|r| Series {
+                name: r.policy.clone(),
+                points: frontier_steps(&r.freeze_step, r.steps),
+                style: Style::Steps,
+                color: color(&r.policy),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    plot::write(&timeline, dir, "timeline")?;
+    let mut series = Vec::new();
+    for label in &labels {
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(done)
+            .filter(|r| &r.policy == label)
+            .filter_map(|r| Some((r.compute_speedup, r.d_acc?)))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
+        let ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+        if pts.len() > 1 {
+            series.push(Series {
+                name: label.clone(),
+                points: pts,
+                style: Style::Faint,
+                color: color(label),
+            });
+        }
+        series.push(Series {
+            name: label.clone(),
+            points: vec![(mean_std(&xs).0, mean_std(&ys).0)],
+            style: Style::Labelled,
+            color: color(label),
+        });
+    }
+    let scatter = Chart {
+        title: "Accuracy against speedup".into(),
+        x_label: "compute speedup over full fine-tuning (x)".into(),
+        y_label: "Δ top-1 vs baseline (pp)".into(),
+        series,
+        h_lines: vec![(0.0, "baseline".into())],
+        ..Default::default()
+    };
+    plot::write(&scatter, dir, "accuracy-speedup")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(text: &str) -> CompareConfig {
+        parse_ron(text, "c").unwrap()
+    }
+
+    #[test]
+    fn overlapping_classes_and_duplicate_labels_are_refused() {
+        let c = cfg("(pretrain: (classes: [0, 1]), finetune: (classes: [1, 2]))");
+        assert!(c.validate().unwrap_err().0.contains("class 1"));
+        let c = cfg(r#"(policies: [(plugin: "atsf"), (plugin: "./libatsf.so")])"#);
+        assert!(c.validate().unwrap_err().0.contains("`atsf`"));
+        let c = cfg(r#"(policies: [(plugin: "atsf"), (plugin: "atsf", label: "atsf-50")])"#);
+        c.validate().unwrap();
+        let c = cfg("(seeds: [])");
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn cache_key_follows_what_shapes_the_pretraining_only() {
+        let a = cfg("(pretrain: (classes: [0, 1], train: (epochs: 2)), finetune: (classes: [2]))");
+        let mut b = a.clone();
+        b.finetune.train.epochs = 7;
+        b.policies.push(Entry {
+            plugin: "atsf".into(),
+            options: String::new(),
+            label: None,
+        });
+        b.name = "other".into();
+        assert_eq!(
+            cache_key(&a.pretrain_config().unwrap()),
+            cache_key(&b.pretrain_config().unwrap())
+        );
+        b.pretrain.as_mut().unwrap().train.epochs = 3;
+        assert_ne!(
+            cache_key(&a.pretrain_config().unwrap()),
+            cache_key(&b.pretrain_config().unwrap())
+        );
+    }
+
+    #[test]
+    fn table_aggregates_over_seeds() {
+        let c = cfg(r#"(seeds: [0, 1], policies: [(plugin: "ucf")])"#);
+        let row = |p: &str, seed, top1, d, cs| Row {
+            policy: String::from(p),
+            seed,
+            status: "completed".into(),
+            top1: Some(top1),
+            d_acc: Some(d),
+            wall_speedup: Some(cs),
+            compute_speedup: cs,
+            frontier: 2,
+            train_seconds: 1.0,
+            run_dir: PathBuf::new(),
+            freeze_step: vec![Some(1), Some(2), None],
+            steps: 10,
+        };
+        let rows = vec![
+            row("baseline", 0, 90.0, 0.0, 1.0),
+            row("ucf", 0, 89.0, -1.0, 1.5),
+            row("baseline", 1, 92.0, 0.0, 1.0),
+            row("ucf", 1, 90.0, -2.0, 1.7),
+        ];
+        let t = table(&c, &rows);
+        assert!(t.contains("| baseline | 91.00 ± 1.41 | — | 1.00x ± 0.00"), "{t}");
+        assert!(t.contains("| ucf | 89.50 ± 0.71 | -1.50 ± 0.71 | 1.60x ± 0.14"), "{t}");
+        assert!(t.contains("2.0 / 3"), "{t}");
+    }
+
+    #[test]
+    fn frontier_is_a_staircase_to_the_last_step() {
+        let pts = frontier_steps(&[Some(5), None, Some(3)], 10);
+        assert_eq!(pts, vec![(0.0, 0.0), (3.0, 1.0), (5.0, 2.0), (10.0, 2.0)]);
+    }
+}

@@ -1,0 +1,597 @@
+//! Pretrained weights: timm safetensors (also what `simfreeze run` writes
+//! as `model.safetensors`), Hugging Face `ViTModel` /
+//! `ViTForImageClassification` safetensors, and Google's `.npz` ViT
+//! checkpoints, mapped onto our timm-named [`Vit`](crate::model::Vit).
+//!
+//! The format is recognised from the file: `.npz` is Google's layout;
+//! safetensors with `embeddings.patch_embeddings` keys is Hugging Face's
+//! (separate q/k/v, concatenated here; its `config.json` beside the file
+//! gives the LayerNorm epsilon), any other safetensors is timm's. The
+//! classifier head is loaded or replaced as [`HeadInit`] says; a position
+//! embedding for another grid is resampled bicubically with antialiasing,
+//! as timm does when it loads a checkpoint at another resolution.
+//! Every other mismatch (width, depth, patch size, an unknown tensor) is an
+//! error that names the file and what differs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Kind, Tensor};
+
+use crate::model::VitConfig;
+
+/// A weights file that cannot be read or does not fit the model (exit
+/// code 5, like a corrupt dataset file).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct WeightsError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(path: &Path, message: impl Into<String>) -> WeightsError {
+    WeightsError {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The classifier head of a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HeadInit {
+    /// Load it when its class count matches the model's, else start a new one.
+    #[default]
+    Auto,
+    /// Always start a new head (fine-tuning on another task with the same
+    /// number of classes).
+    New,
+    /// Load it; a class-count mismatch is an error.
+    Load,
+}
+
+/// The layouts we read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// timm names (`blocks.N.attn.qkv.weight`, ...).
+    Timm,
+    /// Hugging Face `transformers` ViT names.
+    HuggingFace,
+    /// Google's JAX/Flax `.npz`.
+    Npz,
+}
+
+/// A checkpoint mapped to timm names, not yet checked against a model.
+pub struct Checkpoint {
+    /// The file.
+    pub path: PathBuf,
+    /// Its layout.
+    pub format: Format,
+    /// Tensors under timm names.
+    pub tensors: BTreeMap<String, Tensor>,
+    /// Tensors the file has that a classifier ViT does not use (HF pooler,
+    /// npz pre-logits).
+    pub ignored: Vec<String>,
+    /// LayerNorm epsilon the checkpoint was trained with, when it says.
+    pub norm_eps: Option<f64>,
+}
+
+impl Checkpoint {
+    /// Reads `path` and maps its tensors to timm names.
+    pub fn read(path: &Path) -> Result<Checkpoint, WeightsError> {
+        if !path.is_file() {
+            return Err(err(path, "weights file not found"));
+        }
+        let is_npz = path.extension().is_some_and(|e| e == "npz");
+        let raw = if is_npz {
+            Tensor::read_npz(path)
+        } else {
+            Tensor::read_safetensors(path)
+        }
+        .map_err(|e| {
+            err(
+                path,
+                format!(
+                    "cannot read as {}: {e}",
+                    if is_npz { "npz" } else { "safetensors" }
+                ),
+            )
+        })?;
+        let raw: BTreeMap<String, Tensor> = raw.into_iter().collect();
+        if is_npz {
+            return from_npz(path, raw);
+        }
+        if raw.keys().any(|k| k.contains("embeddings.patch_embeddings")) {
+            let norm_eps = hf_norm_eps(path)?;
+            let (tensors, ignored) = from_hf(path, raw)?;
+            return Ok(Checkpoint {
+                path: path.to_owned(),
+                format: Format::HuggingFace,
+                tensors,
+                ignored,
+                norm_eps,
+            });
+        }
+        Ok(Checkpoint {
+            path: path.to_owned(),
+            format: Format::Timm,
+            tensors: raw,
+            ignored: Vec::new(),
+            norm_eps: None,
+        })
+    }
+
+    /// Depth and width the checkpoint's tensors imply, for messages and for
+    /// checking a model configuration before building it.
+    pub fn shape(&self) -> (i64, i64) {
+        let depth = self
+            .tensors
+            .keys()
+            .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<i64>().ok())
+            .max()
+            .map_or(0, |d| d + 1);
+        let dim = self
+            .tensors
+            .get("cls_token")
+            .map_or(0, |t| *t.size().last().unwrap_or(&0));
+        (depth, dim)
+    }
+
+    /// Checks the model configuration against the checkpoint: the same
+    /// depth, width, channels and patch size.
+    pub fn check(&self, cfg: &VitConfig) -> Result<(), WeightsError> {
+        let (depth, dim) = self.shape();
+        if (depth, dim) != (cfg.depth, cfg.dim) {
+            return Err(err(
+                &self.path,
+                format!(
+                    "the weights have {depth} blocks of width {dim}, the model {} of width {}; \
+                     pick the matching model.preset (e.g. vit_base_patch16_224 for ViT-B/16)",
+                    cfg.depth, cfg.dim
+                ),
+            ));
+        }
+        if let Some(p) = self.tensors.get("patch_embed.proj.weight") {
+            let want = [cfg.dim, cfg.channels, cfg.patch, cfg.patch];
+            if p.size() != want {
+                return Err(err(
+                    &self.path,
+                    format!(
+                        "patch_embed.proj.weight is {:?}, the model needs {want:?} \
+                         (channels {}, patch {})",
+                        p.size(),
+                        cfg.channels,
+                        cfg.patch
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`load_into`] did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoadReport {
+    /// The layout read.
+    pub format: Format,
+    /// Whether the checkpoint's head was loaded (else a new one is used).
+    pub head_loaded: bool,
+    /// Position-embedding grid resampled from, when it was.
+    pub pos_embed_resized_from: Option<i64>,
+    /// Tensors of the file not used.
+    pub ignored: Vec<String>,
+}
+
+impl std::fmt::Display for LoadReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?} weights, head {}",
+            self.format,
+            if self.head_loaded { "loaded" } else { "new" }
+        )?;
+        if let Some(g) = self.pos_embed_resized_from {
+            write!(f, ", position embedding resampled from a {g}x{g} grid")?;
+        }
+        if !self.ignored.is_empty() {
+            write!(f, ", ignored {}", self.ignored.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies the checkpoint into the model's variables.
+pub fn load_into(
+    vs: &VarStore,
+    cfg: &VitConfig,
+    mut ck: Checkpoint,
+    head: HeadInit,
+) -> Result<LoadReport, WeightsError> {
+    ck.check(cfg)?;
+    let path = ck.path.clone();
+    let mut vars = vs.variables();
+    let ck_classes = ck.tensors.get("head.bias").map(|t| t.size()[0]);
+    let head_loaded = match (head, ck_classes) {
+        (HeadInit::New, _) => false,
+        (HeadInit::Auto, Some(c)) => c == cfg.classes,
+        (HeadInit::Auto, None) => false,
+        (HeadInit::Load, Some(c)) if c == cfg.classes => true,
+        (HeadInit::Load, found) => {
+            return Err(err(
+                &path,
+                format!(
+                    "model.head is Load but the checkpoint's head has {} classes, the model {}",
+                    found.map_or("no".to_string(), |c| c.to_string()),
+                    cfg.classes
+                ),
+            ))
+        }
+    };
+    if !head_loaded {
+        ck.tensors.remove("head.weight");
+        ck.tensors.remove("head.bias");
+        vars.remove("head.weight");
+        vars.remove("head.bias");
+    }
+    let mut resized = None;
+    if let Some(pe) = ck.tensors.get("pos_embed") {
+        let want = cfg.tokens();
+        let have = pe.size()[1];
+        if have != want {
+            let grid = ((have - 1) as f64).sqrt().round() as i64;
+            if grid * grid + 1 != have {
+                return Err(err(
+                    &path,
+                    format!("pos_embed has {have} tokens, not a square grid plus a class token"),
+                ));
+            }
+            let new = resample_pos_embed(pe, cfg.image_size / cfg.patch);
+            ck.tensors.insert("pos_embed".into(), new);
+            resized = Some(grid);
+        }
+    }
+    tch::no_grad(|| -> Result<(), WeightsError> {
+        for (name, t) in &ck.tensors {
+            let Some(v) = vars.get_mut(name) else {
+                return Err(err(
+                    &path,
+                    format!("tensor `{name}` has no place in a timm ViT (another architecture?)"),
+                ));
+            };
+            if v.size() != t.size() {
+                return Err(err(
+                    &path,
+                    format!("{name} is {:?}, the model's {:?}", t.size(), v.size()),
+                ));
+            }
+            v.copy_(t);
+        }
+        Ok(())
+    })?;
+    let missing: Vec<&String> = vars.keys().filter(|k| !ck.tensors.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
+        return Err(err(
+            &path,
+            format!(
+                "no tensor for {} of the model's parameters: {}{}",
+                missing.len(),
+                shown.join(", "),
+                if missing.len() > 5 { ", ..." } else { "" }
+            ),
+        ));
+    }
+    Ok(LoadReport {
+        format: ck.format,
+        head_loaded,
+        pos_embed_resized_from: resized,
+        ignored: ck.ignored,
+    })
+}
+
+/// timm's `resample_abs_pos_embed`: class token kept, the grid resampled
+/// bicubically with antialiasing, `[1, 1+g*g, D] -> [1, 1+n*n, D]`.
+pub fn resample_pos_embed(pe: &Tensor, new_grid: i64) -> Tensor {
+    let (_, tokens, d) = pe.size3().expect("[1, N, D]");
+    let old = ((tokens - 1) as f64).sqrt().round() as i64;
+    let kind = pe.kind();
+    let cls = pe.narrow(1, 0, 1);
+    let grid = pe
+        .narrow(1, 1, tokens - 1)
+        .to_kind(Kind::Float)
+        .reshape([1, old, old, d])
+        .permute([0, 3, 1, 2]);
+    let grid = grid
+        .internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None)
+        .permute([0, 2, 3, 1])
+        .reshape([1, new_grid * new_grid, d])
+        .to_kind(kind);
+    Tensor::cat(&[cls, grid], 1)
+}
+
+fn take(
+    path: &Path,
+    raw: &mut BTreeMap<String, Tensor>,
+    key: &str,
+) -> Result<Tensor, WeightsError> {
+    raw.remove(key)
+        .ok_or_else(|| err(path, format!("no tensor `{key}`")))
+}
+
+/// The LayerNorm epsilon in the Hugging Face `config.json` beside a
+/// weights file, if there is one and it says.
+pub fn hf_norm_eps(path: &Path) -> Result<Option<f64>, WeightsError> {
+    let cfg = path.with_file_name("config.json");
+    let Ok(text) = std::fs::read_to_string(&cfg) else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| err(&cfg, format!("not valid JSON: {e}")))?;
+    Ok(v.get("layer_norm_eps").and_then(|e| e.as_f64()))
+}
+
+fn from_hf(
+    path: &Path,
+    mut raw: BTreeMap<String, Tensor>,
+) -> Result<(BTreeMap<String, Tensor>, Vec<String>), WeightsError> {
+    // `ViTForImageClassification` prefixes the encoder with `vit.`;
+    // `ViTModel` does not.
+    let pre = if raw.contains_key("vit.embeddings.cls_token") {
+        "vit."
+    } else {
+        ""
+    };
+    let mut out = BTreeMap::new();
+    let mut put = |ours: &str, t: Tensor| {
+        out.insert(ours.to_string(), t);
+    };
+    let e = format!("{pre}embeddings.");
+    put("cls_token", take(path, &mut raw, &format!("{e}cls_token"))?);
+    put(
+        "pos_embed",
+        take(path, &mut raw, &format!("{e}position_embeddings"))?,
+    );
+    for wb in ["weight", "bias"] {
+        put(
+            &format!("patch_embed.proj.{wb}"),
+            take(path, &mut raw, &format!("{e}patch_embeddings.projection.{wb}"))?,
+        );
+        put(
+            &format!("norm.{wb}"),
+            take(path, &mut raw, &format!("{pre}layernorm.{wb}"))?,
+        );
+        if let Some(t) = raw.remove(&format!("classifier.{wb}")) {
+            put(&format!("head.{wb}"), t);
+        }
+    }
+    for i in 0.. {
+        let l = format!("{pre}encoder.layer.{i}.");
+        if !raw.contains_key(&format!("{l}layernorm_before.weight")) {
+            break;
+        }
+        let b = format!("blocks.{i}.");
+        for wb in ["weight", "bias"] {
+            let qkv: Vec<Tensor> = ["query", "key", "value"]
+                .iter()
+                .map(|n| take(path, &mut raw, &format!("{l}attention.attention.{n}.{wb}")))
+                .collect::<Result<_, _>>()?;
+            put(&format!("{b}attn.qkv.{wb}"), Tensor::cat(&qkv, 0));
+            for (theirs, ours) in [
+                ("layernorm_before", "norm1"),
+                ("attention.output.dense", "attn.proj"),
+                ("layernorm_after", "norm2"),
+                ("intermediate.dense", "mlp.fc1"),
+                ("output.dense", "mlp.fc2"),
+            ] {
+                put(
+                    &format!("{b}{ours}.{wb}"),
+                    take(path, &mut raw, &format!("{l}{theirs}.{wb}"))?,
+                );
+            }
+        }
+    }
+    let (ignored, unknown): (Vec<String>, Vec<String>) = raw
+        .into_keys()
+        .partition(|k| k.starts_with(&format!("{pre}pooler.")));
+    if let Some(k) = unknown.first() {
+        return Err(err(
+            path,
+            format!("tensor `{k}` is not part of a Hugging Face ViT classifier"),
+        ));
+    }
+    Ok((out, ignored))
+}
+
+/// Google's `_n2p` with transposition: kernels are stored input-major.
+fn n2p(t: Tensor) -> Tensor {
+    let s = t.size();
+    let t = if s.len() == 4 && s[0] == 1 && s[1] == 1 && s[2] == 1 {
+        t.flatten(0, -1)
+    } else {
+        t
+    };
+    match t.dim() {
+        4 => t.permute([3, 2, 0, 1]),
+        3 => t.permute([2, 0, 1]),
+        2 => t.tr(),
+        _ => t,
+    }
+    .contiguous()
+}
+
+fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint, WeightsError> {
+    let prefix = ["", "opt/target/", "params/", "params/img/"]
+        .into_iter()
+        .find(|p| raw.contains_key(&format!("{p}embedding/kernel")))
+        .ok_or_else(|| err(path, "no `embedding/kernel`: not a ViT .npz checkpoint"))?;
+    let big_vision = prefix.starts_with("params/")
+        || raw.contains_key(&format!("{prefix}pos_embedding"))
+        || raw.contains_key(&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale"));
+    let mut out = BTreeMap::new();
+    let k = |raw: &mut BTreeMap<String, Tensor>, key: &str| take(path, raw, &format!("{prefix}{key}"));
+    out.insert("patch_embed.proj.weight".to_string(), n2p(k(&mut raw, "embedding/kernel")?));
+    out.insert("patch_embed.proj.bias".to_string(), k(&mut raw, "embedding/bias")?);
+    out.insert("cls_token".to_string(), k(&mut raw, "cls")?);
+    let pos = if big_vision {
+        k(&mut raw, "pos_embedding")?
+    } else {
+        k(&mut raw, "Transformer/posembed_input/pos_embedding")?
+    };
+    out.insert("pos_embed".to_string(), pos);
+    out.insert("norm.weight".to_string(), k(&mut raw, "Transformer/encoder_norm/scale")?);
+    out.insert("norm.bias".to_string(), k(&mut raw, "Transformer/encoder_norm/bias")?);
+    if raw.contains_key(&format!("{prefix}head/kernel")) {
+        out.insert("head.weight".to_string(), n2p(k(&mut raw, "head/kernel")?));
+        out.insert("head.bias".to_string(), k(&mut raw, "head/bias")?);
+    }
+    let (mha, mlp, ln2) = if big_vision { (0, 0, 1) } else { (1, 3, 2) };
+    let stacked = raw.contains_key(&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale"));
+    let depth = if stacked {
+        raw[&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale")].size()[0]
+    } else {
+        (0..)
+            .take_while(|i| {
+                raw.contains_key(&format!("{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale"))
+            })
+            .count() as i64
+    };
+    // The stacked (scanned) layout keeps every block's tensor in one array.
+    let mut stacked_cache: BTreeMap<String, Tensor> = BTreeMap::new();
+    for i in 0..depth {
+        let mut get = |raw: &mut BTreeMap<String, Tensor>, key: &str| -> Result<Tensor, WeightsError> {
+            if stacked {
+                let full = format!("{prefix}Transformer/encoderblock/{key}");
+                if !stacked_cache.contains_key(&full) {
+                    let t = take(path, raw, &full)?;
+                    stacked_cache.insert(full.clone(), t);
+                }
+                Ok(stacked_cache[&full].get(i))
+            } else {
+                take(path, raw, &format!("{prefix}Transformer/encoderblock_{i}/{key}"))
+            }
+        };
+        let b = format!("blocks.{i}.");
+        let a = format!("MultiHeadDotProductAttention_{mha}/");
+        out.insert(format!("{b}norm1.weight"), get(&mut raw, "LayerNorm_0/scale")?);
+        out.insert(format!("{b}norm1.bias"), get(&mut raw, "LayerNorm_0/bias")?);
+        let mut w = Vec::new();
+        let mut bias = Vec::new();
+        for n in ["query", "key", "value"] {
+            w.push(get(&mut raw, &format!("{a}{n}/kernel"))?.flatten(1, -1).tr());
+            bias.push(get(&mut raw, &format!("{a}{n}/bias"))?.reshape([-1]));
+        }
+        out.insert(format!("{b}attn.qkv.weight"), Tensor::cat(&w, 0));
+        out.insert(format!("{b}attn.qkv.bias"), Tensor::cat(&bias, 0));
+        out.insert(
+            format!("{b}attn.proj.weight"),
+            n2p(get(&mut raw, &format!("{a}out/kernel"))?).flatten(1, -1),
+        );
+        out.insert(format!("{b}attn.proj.bias"), get(&mut raw, &format!("{a}out/bias"))?);
+        out.insert(format!("{b}norm2.weight"), get(&mut raw, &format!("LayerNorm_{ln2}/scale"))?);
+        out.insert(format!("{b}norm2.bias"), get(&mut raw, &format!("LayerNorm_{ln2}/bias"))?);
+        for r in 0..2 {
+            let d = format!("MlpBlock_{mlp}/Dense_{r}/");
+            out.insert(
+                format!("{b}mlp.fc{}.weight", r + 1),
+                n2p(get(&mut raw, &format!("{d}kernel"))?),
+            );
+            out.insert(format!("{b}mlp.fc{}.bias", r + 1), get(&mut raw, &format!("{d}bias"))?);
+        }
+    }
+    // Optimizer state and the old representation layer are not weights of
+    // a classifier ViT.
+    let ignored: Vec<String> = raw.into_keys().collect();
+    Ok(Checkpoint {
+        path: path.to_owned(),
+        format: Format::Npz,
+        tensors: out
+            .into_iter()
+            .map(|(n, t)| (n, t.contiguous()))
+            .collect(),
+        ignored,
+        norm_eps: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{test_config, Vit};
+    use tch::Device;
+
+    fn model(classes: i64, seed: i64) -> (VarStore, Vit) {
+        tch::manual_seed(seed);
+        let vs = VarStore::new(Device::Cpu);
+        let m = Vit::new(&vs.root(), &test_config(classes));
+        (vs, m)
+    }
+
+    fn logits(m: &Vit, x: &Tensor) -> Tensor {
+        tch::no_grad(|| m.forward_frozen(x, 0).logits)
+    }
+
+    #[test]
+    fn timm_round_trip_and_head_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.safetensors");
+        let (vs, m) = model(5, 1);
+        vs.save(&file).unwrap();
+        let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+
+        let (vs2, m2) = model(5, 2);
+        let r = load_into(&vs2, &m2.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        assert!(r.head_loaded);
+        assert_eq!(logits(&m, &x), logits(&m2, &x));
+
+        // Another class count: the head stays as initialised, the rest loads.
+        let (vs3, m3) = model(3, 3);
+        let head_before = vs3.variables()["head.weight"].copy();
+        let r = load_into(&vs3, &m3.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        assert!(!r.head_loaded);
+        assert_eq!(vs3.variables()["head.weight"], head_before);
+        assert_eq!(vs3.variables()["blocks.1.mlp.fc1.weight"], vs.variables()["blocks.1.mlp.fc1.weight"]);
+        let e = load_into(&vs3, &m3.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Load).unwrap_err();
+        assert!(e.to_string().contains("5 classes"), "{e}");
+
+        // New: same class count, head not loaded.
+        let (vs4, m4) = model(5, 4);
+        let r = load_into(&vs4, &m4.cfg, Checkpoint::read(&file).unwrap(), HeadInit::New).unwrap();
+        assert!(!r.head_loaded);
+        assert_ne!(vs4.variables()["head.weight"], vs.variables()["head.weight"]);
+    }
+
+    #[test]
+    fn mismatches_name_the_file_and_the_difference() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("m.safetensors");
+        let (vs, _) = model(5, 1);
+        vs.save(&file).unwrap();
+        let mut cfg = test_config(5);
+        cfg.depth = 4;
+        let vs2 = VarStore::new(Device::Cpu);
+        let _ = Vit::new(&vs2.root(), &cfg);
+        let e = load_into(&vs2, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("m.safetensors") && msg.contains("3 blocks"), "{msg}");
+
+        let e = Checkpoint::read(&dir.path().join("absent.safetensors")).err().unwrap();
+        assert!(e.to_string().contains("absent.safetensors"));
+        std::fs::write(dir.path().join("junk.safetensors"), b"not safetensors").unwrap();
+        let e = Checkpoint::read(&dir.path().join("junk.safetensors")).err().unwrap();
+        assert!(e.to_string().contains("junk.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn position_embedding_resamples_to_another_grid() {
+        let pe = Tensor::randn([1, 1 + 4 * 4, 6], (Kind::Float, Device::Cpu));
+        let up = resample_pos_embed(&pe, 8);
+        assert_eq!(up.size(), [1, 65, 6]);
+        assert_eq!(up.narrow(1, 0, 1), pe.narrow(1, 0, 1));
+        let same = resample_pos_embed(&pe, 4);
+        assert!(same.allclose(&pe, 1e-5, 1e-5, false));
+    }
+}
