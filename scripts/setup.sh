@@ -3,7 +3,8 @@
 # the release workspace (host and every plugin). Idempotent: a re-run checks
 # each step and skips what is already in place.
 #
-#   1. Fashion-MNIST from Debian's `dataset-fashion-mnist` (when apt exists);
+#   1. Fashion-MNIST from Debian's `dataset-fashion-mnist` and the DejaVu fonts
+#      for the PNG plots (when apt exists);
 #   2. a Python environment with torch==2.11.0 from PyPI, kept once per machine
 #      in $SIMFREEZE_CACHE (default ~/.cache/simfreeze) and linked as `.venv`;
 #   3. `.libtorch`, a stable link to that torch, which `.cargo/config.toml`
@@ -19,21 +20,25 @@ cache=${SIMFREEZE_CACHE:-$HOME/.cache/simfreeze}
 python=${PYTHON:-python3}
 say() { printf '[setup] %s\n' "$*"; }
 
-# 1. Fashion-MNIST ------------------------------------------------------------
+# 1. Fashion-MNIST and a font for the PNG plots (Debian packages) -----------
 fmnist=/usr/share/datasets/fashion-mnist
-if [ -f "$fmnist/train-images-idx3-ubyte.gz" ]; then
-    say "Fashion-MNIST present in $fmnist"
+packages=()
+[ -f "$fmnist/train-images-idx3-ubyte.gz" ] || packages+=(dataset-fashion-mnist)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || packages+=(fonts-dejavu-core)
+if [ ${#packages[@]} -eq 0 ]; then
+    say "Fashion-MNIST present in $fmnist; DejaVu fonts present"
 elif command -v apt-get >/dev/null 2>&1; then
-    say "installing Debian package dataset-fashion-mnist"
+    say "installing Debian packages: ${packages[*]}"
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-    if ! $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; then
+    if ! $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null 2>&1; then
         $sudo_cmd apt-get update -q >/dev/null
-        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null
+        $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null
     fi
 else
     say "no apt: put the Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)"
-    say "into $fmnist, or set the dataset root in your config"
+    say "into $fmnist, or set the dataset root in your config; PNG plots need a"
+    say "system font (DejaVu Sans) for their text"
 fi
 
 # 2. torch in a per-machine cache, linked as .venv -----------------------------
@@ -69,12 +74,13 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
     exit 1
 fi
 
-# timm is the reference implementation for parity tests and benchmarks.
-# torchvision is pinned to the release built for torch 2.11.0: an unpinned
-# install silently upgrades torch and breaks the tch build.
-if ! .venv/bin/python -W ignore -c 'import timm, torchvision' >/dev/null 2>&1; then
-    say "installing timm and torchvision==0.26.0 into the environment"
-    .venv/bin/pip install -q --disable-pip-version-check timm "torchvision==0.26.0"
+# timm and transformers are the reference implementations for the weight
+# parity tests and the benchmarks. torchvision is pinned to the release built
+# for torch 2.11.0: an unpinned install silently upgrades torch and breaks the
+# tch build.
+if ! .venv/bin/python -W ignore -c 'import timm, torchvision, transformers, scipy' >/dev/null 2>&1; then
+    say "installing timm, transformers, scipy and torchvision==0.26.0 into the environment"
+    .venv/bin/pip install -q --disable-pip-version-check timm transformers scipy "torchvision==0.26.0"
 fi
 
 # 3. build ---------------------------------------------------------------------

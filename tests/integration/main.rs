@@ -4,6 +4,7 @@
 mod conformance;
 mod formulas;
 mod loader;
+mod parity;
 mod reliability;
 mod run;
 mod simulate;

@@ -144,3 +144,15 @@ pub fn tiny_run_config(dir: &Path, name: &str, train: &str, extra: &str) -> Path
     std::fs::write(&path, cfg).expect("write config");
     path
 }
+
+/// The Python of the repository's environment (`.venv`, made by
+/// scripts/setup.sh), which has torch 2.11.0, timm and transformers.
+pub fn venv_python() -> PathBuf {
+    let py = repo_root().join(".venv/bin/python");
+    assert!(
+        py.is_file(),
+        "{} is missing: run scripts/setup.sh (it creates the environment with timm)",
+        py.display()
+    );
+    py
+}

@@ -104,6 +104,32 @@ pub enum DataSource {
         /// Directory of the `*-ubyte.gz` files.
         root: PathBuf,
     },
+    /// `root/<train>/<class>/*.jpg|png` and `root/<eval>/<class>/...`.
+    ImageFolder {
+        /// The directory holding the split directories.
+        root: PathBuf,
+        /// Training split directory.
+        #[serde(default = "default_train_dir")]
+        train: String,
+        /// Evaluation split directory.
+        #[serde(default = "default_eval_dir")]
+        eval: String,
+    },
+    /// CUB-200-2011 (`CUB_200_2011/` with `images.txt`, ...).
+    Cub {
+        /// The `CUB_200_2011` directory.
+        root: PathBuf,
+    },
+    /// NABirds (`images.txt`, `image_class_labels.txt`, ...).
+    Nabirds {
+        /// The NABirds directory.
+        root: PathBuf,
+    },
+    /// Stanford Dogs (`train_list.mat`, `test_list.mat`, `Images/`).
+    StanfordDogs {
+        /// The directory holding the lists and `Images/`.
+        root: PathBuf,
+    },
     /// Deterministic synthetic images (tests, benchmarks).
     Synthetic {
         /// Training samples.
@@ -127,10 +153,48 @@ pub struct DataSection {
     pub train_limit: Option<i64>,
     /// Use at most this many evaluation samples.
     pub eval_limit: Option<i64>,
-    /// Normalisation mean.
-    pub mean: f64,
-    /// Normalisation standard deviation.
-    pub std: f64,
+    /// Normalisation mean: one value, or one per channel (ImageNet:
+    /// `[0.485, 0.456, 0.406]`; augreg ImageNet-21k weights: `0.5`).
+    pub mean: Stat,
+    /// Normalisation standard deviation (ImageNet: `[0.229, 0.224, 0.225]`;
+    /// augreg: `0.5`).
+    pub std: Stat,
+    /// Image files: the shorter side is resized to this before the centre
+    /// crop to `model.image_size` (default: image_size / 0.875, timm's
+    /// evaluation crop).
+    pub resize: Option<i64>,
+}
+
+fn default_train_dir() -> String {
+    "train".into()
+}
+
+fn default_eval_dir() -> String {
+    "val".into()
+}
+
+/// A normalisation statistic: one value for every channel, or one each.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Stat {
+    /// The same for every channel.
+    One(f64),
+    /// One per channel.
+    PerChannel(Vec<f64>),
+}
+
+impl Stat {
+    /// The values for `channels` channels.
+    pub fn per_channel(&self, channels: i64, what: &str) -> Result<Vec<f64>, UsageError> {
+        match self {
+            Stat::One(v) => Ok(vec![*v; channels as usize]),
+            Stat::PerChannel(v) if v.len() == channels as usize => Ok(v.clone()),
+            Stat::PerChannel(v) => Err(UsageError(format!(
+                "data.{what} has {} values, the model has {channels} channels",
+                v.len()
+            ))),
+        }
+    }
 }
 
 impl DataSection {
@@ -140,7 +204,9 @@ impl DataSection {
     /// makes the activation cache refuse to start.
     pub fn random_transform(&self) -> bool {
         match self.source {
-            DataSource::FashionMnist { .. } | DataSource::Synthetic { .. } => false,
+            // Image files use the deterministic evaluation transform for
+            // training too (random crops and flips are not implemented yet).
+            _ => false,
         }
     }
 }
@@ -154,8 +220,9 @@ impl Default for DataSection {
             classes: None,
             train_limit: None,
             eval_limit: None,
-            mean: 0.2860,
-            std: 0.3530,
+            mean: Stat::One(0.2860),
+            std: Stat::One(0.3530),
+            resize: None,
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`model`]: the ViT (timm names) with frozen-prefix execution;
 //! - [`weights`]: timm / Hugging Face / Google `.npz` checkpoints;
 //! - [`data`]: Fashion-MNIST, synthetic data, subsets, deterministic order;
+//! - [`images`]: ImageFolder, CUB-200-2011, NABirds, Stanford Dogs
+//!   ([`matfile`] reads its MATLAB lists), JPEG/PNG decoding;
 //! - [`optim`]: per-block SGD with our own momentum state, cosine schedule;
 //! - [`config`]: the RON run configuration and `--set` overrides;
 //! - [`train`]: the training loop, run directories, `bench`;
@@ -25,6 +27,8 @@ pub mod config;
 pub mod controller;
 pub mod data;
 pub mod driver;
+pub mod images;
+pub mod matfile;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -23,6 +23,7 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::cli::UsageError;
 use crate::config::{DataSource, RunConfig};
 use crate::data::{fashion_mnist, Dataset};
+use crate::images;
 use crate::driver::{PolicyDriver, StepInput, Timeline};
 use crate::model::{Vit, VitConfig};
 use crate::optim::Sgd;
@@ -46,36 +47,72 @@ pub fn parse_device(s: &str) -> Result<Device, UsageError> {
 
 /// Loads the train and evaluation sets of `cfg`.
 pub fn load_data(cfg: &RunConfig) -> Result<(Dataset, Dataset)> {
+    let (train, eval) = load_splits(cfg, true)?;
+    Ok((train.expect("asked for"), eval))
+}
+
+/// Loads the evaluation set of `cfg`, and the training set when
+/// `with_train` (class subset and limits applied to both).
+pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>, Dataset)> {
     let d = &cfg.data;
+    // The input shape comes from the model (class count does not matter).
+    let shape = cfg.model.resolve(1)?;
+    let (c, size) = (shape.channels, shape.image_size);
+    let mean = d.mean.per_channel(c, "mean")?;
+    let std = d.std.per_channel(c, "std")?;
+    let files = |(train, eval): (images::Split, images::Split)| -> Result<(Option<Dataset>, Dataset)> {
+        let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
+        if resize < size {
+            return Err(UsageError(format!(
+                "data.resize {resize} is smaller than model.image_size {size}"
+            ))
+            .into());
+        }
+        let n_train = if with_train { train.items.len() } else { 0 };
+        eprintln!(
+            "decoding {n_train} training and {} evaluation images to {size}x{size}",
+            eval.items.len()
+        );
+        let train = match with_train {
+            true => Some(images::load(&train, c, size, resize, &mean, &std)?),
+            false => None,
+        };
+        Ok((train, images::load(&eval, c, size, resize, &mean, &std)?))
+    };
     let (train, eval) = match &d.source {
-        DataSource::FashionMnist { root } => (
-            fashion_mnist(root, true, d.mean, d.std)?,
-            fashion_mnist(root, false, d.mean, d.std)?,
-        ),
+        DataSource::FashionMnist { root } => {
+            if c != 1 {
+                return Err(UsageError(format!(
+                    "Fashion-MNIST has 1 channel, the model {c}"
+                ))
+                .into());
+            }
+            let train = match with_train {
+                true => Some(fashion_mnist(root, true, mean[0], std[0])?),
+                false => None,
+            };
+            (train, fashion_mnist(root, false, mean[0], std[0])?)
+        }
+        DataSource::ImageFolder { root, train, eval } => {
+            files(images::image_folder(root, train, eval)?)?
+        }
+        DataSource::Cub { root } | DataSource::Nabirds { root } => files(images::cub_like(root)?)?,
+        DataSource::StanfordDogs { root } => files(images::stanford_dogs(root)?)?,
         DataSource::Synthetic {
             train,
             eval,
             classes,
-        } => {
-            let m = cfg.model.resolve(*classes)?;
-            (
-                Dataset::synthetic(*train, *classes, m.channels, m.image_size, cfg.train.seed),
-                Dataset::synthetic(
-                    *eval,
-                    *classes,
-                    m.channels,
-                    m.image_size,
-                    cfg.train.seed + 1,
-                ),
-            )
-        }
+        } => (
+            Some(Dataset::synthetic(*train, *classes, c, size, cfg.train.seed)),
+            Dataset::synthetic(*eval, *classes, c, size, cfg.train.seed + 1),
+        ),
     };
     let (mut train, mut eval) = match &d.classes {
-        Some(c) => (train.subset(c)?, eval.subset(c)?),
+        Some(c) => (train.map(|t| t.subset(c)).transpose()?, eval.subset(c)?),
         None => (train, eval),
     };
     if let Some(n) = d.train_limit {
-        train = train.take(n);
+        train = train.map(|t| t.take(n));
     }
     if let Some(n) = d.eval_limit {
         eval = eval.take(n);

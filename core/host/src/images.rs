@@ -1,0 +1,338 @@
+//! Image datasets on disk: ImageFolder, CUB-200-2011, NABirds and Stanford
+//! Dogs, decoded (JPEG, PNG) on all cores into the in-memory [`Dataset`]
+//! the trainer uses, with the evaluation transform (resize the shorter side,
+//! centre crop) and per-channel normalisation.
+//!
+//! Layouts (`root` is what the archive unpacks to):
+//! - ImageFolder: `root/<train>/<class>/*.{jpg,jpeg,png}` and
+//!   `root/<eval>/<class>/...`; classes are the sorted directory names of the
+//!   training split.
+//! - CUB-200-2011: `images.txt` (`id path`), `image_class_labels.txt`
+//!   (`id class`), `train_test_split.txt` (`id is_train`), `images/<path>`.
+//! - NABirds: the same three files and `images/` (class ids are sparse; they
+//!   are numbered 0..k in increasing order).
+//! - Stanford Dogs: `train_list.mat` / `test_list.mat` (MATLAB v5:
+//!   `file_list` cell array, `labels` 1-based), `Images/<path>`.
+//!
+//! Invariant: a missing, unreadable or corrupt file is a [`DataError`]
+//! that names the file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+use tch::Tensor;
+
+use crate::data::{DataError, Dataset};
+
+/// One split: image files with their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    /// `(path, label)` in listing order.
+    pub items: Vec<(PathBuf, i64)>,
+    /// Number of classes of the dataset.
+    pub classes: i64,
+}
+
+fn io_err(path: &Path, cause: std::io::Error) -> DataError {
+    DataError::Io {
+        path: path.to_owned(),
+        cause,
+    }
+}
+
+fn corrupt(path: &Path, reason: impl Into<String>) -> DataError {
+    DataError::Corrupt {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png"))
+}
+
+fn sorted_dir(path: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| io_err(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// ImageFolder: `(train, eval)` splits under `root/train_dir` and
+/// `root/eval_dir`.
+pub fn image_folder(root: &Path, train_dir: &str, eval_dir: &str) -> Result<(Split, Split), DataError> {
+    let train_root = root.join(train_dir);
+    let names: Vec<String> = sorted_dir(&train_root)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    if names.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{} has no class directories (ImageFolder expects {}/<class>/*.jpg)",
+            train_root.display(),
+            train_root.display()
+        )));
+    }
+    let index: BTreeMap<&str, i64> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i64)).collect();
+    let list = |split_root: &Path| -> Result<Split, DataError> {
+        let mut items = Vec::new();
+        for class_dir in sorted_dir(split_root)?.into_iter().filter(|p| p.is_dir()) {
+            let name = class_dir.file_name().unwrap().to_string_lossy().into_owned();
+            let label = *index.get(name.as_str()).ok_or_else(|| {
+                DataError::Invalid(format!(
+                    "{}: class `{name}` is not among the training classes",
+                    class_dir.display()
+                ))
+            })?;
+            for f in sorted_dir(&class_dir)?.into_iter().filter(|p| is_image(p)) {
+                items.push((f, label));
+            }
+        }
+        if items.is_empty() {
+            return Err(DataError::Invalid(format!("{} holds no .jpg/.jpeg/.png images", split_root.display())));
+        }
+        Ok(Split {
+            items,
+            classes: names.len() as i64,
+        })
+    };
+    Ok((list(&train_root)?, list(&root.join(eval_dir))?))
+}
+
+fn read_pairs(path: &Path) -> Result<Vec<(String, String)>, DataError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let mut it = l.split_whitespace();
+            match (it.next(), it.next()) {
+                (Some(a), Some(b)) => Ok((a.to_string(), b.to_string())),
+                _ => Err(corrupt(path, format!("line {} is not `id value`", i + 1))),
+            }
+        })
+        .collect()
+}
+
+/// CUB-200-2011 and NABirds: `images.txt`, `image_class_labels.txt`,
+/// `train_test_split.txt` under `root`, images under `root/images`.
+pub fn cub_like(root: &Path) -> Result<(Split, Split), DataError> {
+    let images_txt = root.join("images.txt");
+    let labels_txt = root.join("image_class_labels.txt");
+    let split_txt = root.join("train_test_split.txt");
+    let images = read_pairs(&images_txt)?;
+    let labels: BTreeMap<String, String> = read_pairs(&labels_txt)?.into_iter().collect();
+    let is_train: BTreeMap<String, String> = read_pairs(&split_txt)?.into_iter().collect();
+    let mut class_ids = BTreeSet::new();
+    for v in labels.values() {
+        let id: i64 = v
+            .parse()
+            .map_err(|_| corrupt(&labels_txt, format!("class id `{v}` is not an integer")))?;
+        class_ids.insert(id);
+    }
+    let index: BTreeMap<i64, i64> = class_ids.iter().enumerate().map(|(i, c)| (*c, i as i64)).collect();
+    let classes = index.len() as i64;
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (id, rel) in images {
+        let class: i64 = labels
+            .get(&id)
+            .ok_or_else(|| corrupt(&labels_txt, format!("no class for image {id}")))?
+            .parse()
+            .expect("checked above");
+        let flag = is_train
+            .get(&id)
+            .ok_or_else(|| corrupt(&split_txt, format!("no split for image {id}")))?;
+        let item = (root.join("images").join(rel), index[&class]);
+        match flag.as_str() {
+            "1" => train.push(item),
+            "0" => eval.push(item),
+            other => return Err(corrupt(&split_txt, format!("split flag `{other}` for image {id}"))),
+        }
+    }
+    Ok((Split { items: train, classes }, Split { items: eval, classes }))
+}
+
+/// Stanford Dogs: `train_list.mat` and `test_list.mat`, images under
+/// `root/Images`.
+pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
+    let read = |name: &str| -> Result<Vec<(PathBuf, i64)>, DataError> {
+        let path = root.join(name);
+        let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
+        let vars = crate::matfile::parse(&bytes).map_err(|r| corrupt(&path, r))?;
+        let files = vars
+            .get("file_list")
+            .and_then(|v| v.strings())
+            .ok_or_else(|| corrupt(&path, "no `file_list` cell array of file names"))?;
+        let labels = match vars.get("labels") {
+            Some(crate::matfile::MatValue::Num(v)) => v.clone(),
+            _ => return Err(corrupt(&path, "no numeric `labels`")),
+        };
+        if labels.len() != files.len() {
+            return Err(corrupt(&path, format!("{} labels for {} files", labels.len(), files.len())));
+        }
+        files
+            .into_iter()
+            .zip(labels)
+            .map(|(f, l)| {
+                if l < 1.0 || l.fract() != 0.0 {
+                    return Err(corrupt(&path, format!("label {l} is not a 1-based class")));
+                }
+                Ok((root.join("Images").join(f), l as i64 - 1))
+            })
+            .collect()
+    };
+    let train = read("train_list.mat")?;
+    let eval = read("test_list.mat")?;
+    let classes = train.iter().chain(&eval).map(|(_, l)| l + 1).max().unwrap_or(0);
+    Ok((
+        Split { items: train, classes },
+        Split { items: eval, classes },
+    ))
+}
+
+/// The evaluation transform: resize so the shorter side is `resize`
+/// (bicubic), centre crop `size`x`size`. Returns CHW bytes.
+pub fn decode_and_transform(path: &Path, channels: i64, size: u32, resize: u32) -> Result<Vec<u8>, DataError> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| io_err(path, e))?
+        .with_guessed_format()
+        .map_err(|e| io_err(path, e))?
+        .decode()
+        .map_err(|e| corrupt(path, format!("cannot decode the image: {e}")))?;
+    let (w, h) = (img.width(), img.height());
+    if w == 0 || h == 0 {
+        return Err(corrupt(path, "image has no pixels"));
+    }
+    let scale = resize as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
+    let img = img.resize_exact(nw, nh, FilterType::CatmullRom);
+    let img = img.crop_imm((nw - size) / 2, (nh - size) / 2, size, size);
+    let (c, hw) = (channels as usize, (size * size) as usize);
+    let mut out = vec![0u8; c * hw];
+    match channels {
+        1 => out.copy_from_slice(img.to_luma8().as_raw()),
+        3 => {
+            for (i, px) in img.to_rgb8().pixels().enumerate() {
+                for ch in 0..3 {
+                    out[ch * hw + i] = px.0[ch];
+                }
+            }
+        }
+        _ => return Err(DataError::Invalid(format!("images need 1 or 3 channels, the model has {channels}"))),
+    }
+    Ok(out)
+}
+
+/// Decodes a split on all cores into a normalised `[N, C, size, size]`
+/// dataset.
+pub fn load(split: &Split, channels: i64, size: i64, resize: i64, mean: &[f64], std: &[f64]) -> Result<Dataset, DataError> {
+    let n = split.items.len();
+    let per = (channels * size * size) as usize;
+    let mut bytes = vec![0u8; n * per];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let chunk = n.div_ceil(threads).max(1);
+    std::thread::scope(|s| -> Result<(), DataError> {
+        let handles: Vec<_> = bytes
+            .chunks_mut(chunk * per)
+            .zip(split.items.chunks(chunk))
+            .map(|(out, items)| {
+                s.spawn(move || -> Result<(), DataError> {
+                    for (o, (path, _)) in out.chunks_mut(per).zip(items) {
+                        o.copy_from_slice(&decode_and_transform(path, channels, size as u32, resize as u32)?);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("decoder thread panicked")?;
+        }
+        Ok(())
+    })?;
+    let labels: Vec<i64> = split.items.iter().map(|(_, l)| *l).collect();
+    let images = Tensor::from_slice(&bytes)
+        .reshape([n as i64, channels, size, size])
+        .to_kind(tch::Kind::Float)
+        / 255.0;
+    let m = Tensor::from_slice(mean).to_kind(tch::Kind::Float).reshape([1, channels, 1, 1]);
+    let sd = Tensor::from_slice(std).to_kind(tch::Kind::Float).reshape([1, channels, 1, 1]);
+    Ok(Dataset {
+        images: (images - m) / sd,
+        labels: Tensor::from_slice(&labels),
+        classes: split.classes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_image(path: &Path, w: u32, h: u32, shade: u8) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([shade, (x * 7) as u8, (y * 5) as u8]));
+        img.save(path).unwrap();
+    }
+
+    #[test]
+    fn image_folder_lists_classes_and_decodes_jpeg_and_png() {
+        let d = tempfile::tempdir().unwrap();
+        for (split, n) in [("train", 3), ("val", 2)] {
+            for (c, shade) in [("cat", 10u8), ("dog", 200)] {
+                for i in 0..n {
+                    let ext = if i % 2 == 0 { "png" } else { "jpg" };
+                    write_image(&d.path().join(format!("{split}/{c}/{i}.{ext}")), 20 + i, 16, shade);
+                }
+            }
+        }
+        let (train, eval) = image_folder(d.path(), "train", "val").unwrap();
+        assert_eq!((train.items.len(), eval.items.len(), train.classes), (6, 4, 2));
+        assert_eq!(train.items[3].1, 1);
+        let ds = load(&train, 3, 8, 10, &[0.0; 3], &[1.0; 3]).unwrap();
+        assert_eq!(ds.images.size(), [6, 3, 8, 8]);
+        // Red channel carries the class shade.
+        let red0 = ds.images.get(0).get(0).mean(tch::Kind::Float).double_value(&[]);
+        let red5 = ds.images.get(5).get(0).mean(tch::Kind::Float).double_value(&[]);
+        assert!((red0 - 10.0 / 255.0).abs() < 0.02 && (red5 - 200.0 / 255.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn corrupt_image_names_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        write_image(&d.path().join("train/a/0.png"), 8, 8, 1);
+        std::fs::write(d.path().join("train/a/1.jpg"), b"not a jpeg").unwrap();
+        let (train, _) = image_folder(d.path(), "train", "train").unwrap();
+        let e = load(&train, 3, 8, 8, &[0.0; 3], &[1.0; 3]).unwrap_err();
+        assert!(matches!(e, DataError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("1.jpg"), "{e}");
+    }
+
+    #[test]
+    fn cub_and_nabirds_layouts_split_and_renumber_classes() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        // NABirds-like sparse class ids 817 and 295.
+        std::fs::write(r.join("images.txt"), "a1 0817/a1.jpg\nb2 0295/b2.jpg\nc3 0817/c3.jpg\n").unwrap();
+        std::fs::write(r.join("image_class_labels.txt"), "a1 817\nb2 295\nc3 817\n").unwrap();
+        std::fs::write(r.join("train_test_split.txt"), "a1 1\nb2 1\nc3 0\n").unwrap();
+        for f in ["0817/a1.jpg", "0295/b2.jpg", "0817/c3.jpg"] {
+            write_image(&r.join("images").join(f), 12, 12, 50);
+        }
+        let (train, eval) = cub_like(r).unwrap();
+        assert_eq!(train.classes, 2);
+        assert_eq!(train.items.iter().map(|i| i.1).collect::<Vec<_>>(), [1, 0]);
+        assert_eq!(eval.items, vec![(r.join("images/0817/c3.jpg"), 1)]);
+        load(&train, 3, 8, 8, &[0.5; 3], &[0.5; 3]).unwrap();
+        std::fs::write(r.join("train_test_split.txt"), "a1 1\nb2 x\n").unwrap();
+        let e = cub_like(r).unwrap_err();
+        assert!(e.to_string().contains("train_test_split.txt"), "{e}");
+    }
+}
