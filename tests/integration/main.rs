@@ -1,6 +1,7 @@
 //! Workspace-level integration tests, one binary (see tests/src/lib.rs for
 //! the helpers). Each module owns one area.
 
+mod compare;
 mod conformance;
 mod formulas;
 mod loader;

@@ -24,7 +24,10 @@ fn imported_weights_reproduce_timm_and_hugging_face_logits() {
         .output()
         .expect("run python");
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "reference.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "reference.py failed:\n{stdout}\n{stderr}"
+    );
 
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
@@ -79,7 +82,10 @@ fn eval_reports_timms_top1_on_image_folder_and_stanford_dogs() {
         .output()
         .expect("run python");
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "imagefolder.py failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "imagefolder.py failed:\n{stdout}\n{stderr}"
+    );
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
             .unwrap();
@@ -110,7 +116,10 @@ fn eval_reports_timms_top1_on_image_folder_and_stanford_dogs() {
         assert!(out.status.success(), "{source}: {stderr}");
         let got: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         assert_eq!(got["n"], expected["n"], "{source}");
-        let (g, e) = (got["top1"].as_f64().unwrap(), expected["top1"].as_f64().unwrap());
+        let (g, e) = (
+            got["top1"].as_f64().unwrap(),
+            expected["top1"].as_f64().unwrap(),
+        );
         assert!((g - e).abs() < 1e-9, "{source}: top-1 {g} vs timm {e}");
     }
 

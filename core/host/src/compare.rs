@@ -25,7 +25,7 @@ use crate::train::{self, Plan, RunControl, RunDir, RunStopped, Status, Summary, 
 use crate::weights::HeadInit;
 
 /// One training stage: which classes, how much data, how to train.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Stage {
     /// The task's classes, relabelled 0..k in this order.
@@ -36,17 +36,6 @@ pub struct Stage {
     pub eval_limit: Option<i64>,
     /// Training (its `seed` is replaced by each of `seeds` when fine-tuning).
     pub train: TrainSection,
-}
-
-impl Default for Stage {
-    fn default() -> Self {
-        Stage {
-            classes: None,
-            train_limit: None,
-            eval_limit: None,
-            train: TrainSection::default(),
-        }
-    }
 }
 
 /// A policy of the comparison.
@@ -269,7 +258,8 @@ pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Ve
                 "[{}/{total}] fine-tuning: {label}, seed {seed}",
                 rows.len() + 1
             );
-            let mut run_cfg = cfg.stage_config(&cfg.finetune, format!("{label}-s{seed}"), runs_dir.clone());
+            let mut run_cfg =
+                cfg.stage_config(&cfg.finetune, format!("{label}-s{seed}"), runs_dir.clone());
             run_cfg.train.seed = seed;
             if cfg.pretrain.is_some() || weights.is_some() {
                 run_cfg.model.weights = weights.clone();
@@ -444,14 +434,18 @@ pub fn table(cfg: &CompareConfig, rows: &[Row]) -> String {
         },
         seeds.join(", ")
     );
-    t.push_str("| policy | top-1 (%) | Δ acc (pp) | compute speedup | wall speedup | frozen blocks |\n");
+    t.push_str(
+        "| policy | top-1 (%) | Δ acc (pp) | compute speedup | wall speedup | frozen blocks |\n",
+    );
     t.push_str("|---|---:|---:|---:|---:|---:|\n");
     for label in labels(cfg) {
         let ok: Vec<&Row> = rows
             .iter()
             .filter(|r| r.policy == label && r.status == "completed")
             .collect();
-        let col = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<f64> { ok.iter().filter_map(|r| f(r)).collect() };
+        let col = |f: &dyn Fn(&Row) -> Option<f64>| -> Vec<f64> {
+            ok.iter().filter_map(|r| f(r)).collect()
+        };
         let frontier = col(&|r| Some(r.frontier as f64));
         t.push_str(&format!(
             "| {label} | {} | {} | {} | {} | {} / {depth} |\n",
@@ -659,8 +653,14 @@ mod tests {
             row("ucf", 1, 90.0, -2.0, 1.7),
         ];
         let t = table(&c, &rows);
-        assert!(t.contains("| baseline | 91.00 ± 1.41 | — | 1.00x ± 0.00"), "{t}");
-        assert!(t.contains("| ucf | 89.50 ± 0.71 | -1.50 ± 0.71 | 1.60x ± 0.14"), "{t}");
+        assert!(
+            t.contains("| baseline | 91.00 ± 1.41 | — | 1.00x ± 0.00"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| ucf | 89.50 ± 0.71 | -1.50 ± 0.71 | 1.60x ± 0.14"),
+            "{t}"
+        );
         assert!(t.contains("2.0 / 3"), "{t}");
     }
 

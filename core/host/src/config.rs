@@ -203,11 +203,9 @@ impl DataSection {
     /// a source with random augmentation must answer true here, which
     /// makes the activation cache refuse to start.
     pub fn random_transform(&self) -> bool {
-        match self.source {
-            // Image files use the deterministic evaluation transform for
-            // training too (random crops and flips are not implemented yet).
-            _ => false,
-        }
+        // Image files use the deterministic evaluation transform for
+        // training too (random crops and flips are not implemented yet).
+        false
     }
 }
 
@@ -354,11 +352,14 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
 
 /// Parses RON text with optional fields taking plain values; errors give
 /// `origin:line:column`.
-pub fn parse_ron<T: serde::de::DeserializeOwned>(text: &str, origin: &str) -> Result<T, UsageError> {
+pub fn parse_ron<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, UsageError> {
     // `implicit_some`: optional fields take plain values (`depth: 4`,
     // `policy: (plugin: "atsf")`); `Some(..)` is accepted too.
-    let ron = ron::Options::default()
-        .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+    let ron =
+        ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
     ron.from_str(text).map_err(|e| {
         UsageError(format!(
             "{origin}:{}:{}: {}",

@@ -65,7 +65,11 @@ fn sorted_dir(path: &Path) -> Result<Vec<PathBuf>, DataError> {
 
 /// ImageFolder: `(train, eval)` splits under `root/train_dir` and
 /// `root/eval_dir`.
-pub fn image_folder(root: &Path, train_dir: &str, eval_dir: &str) -> Result<(Split, Split), DataError> {
+pub fn image_folder(
+    root: &Path,
+    train_dir: &str,
+    eval_dir: &str,
+) -> Result<(Split, Split), DataError> {
     let train_root = root.join(train_dir);
     let names: Vec<String> = sorted_dir(&train_root)?
         .into_iter()
@@ -79,11 +83,19 @@ pub fn image_folder(root: &Path, train_dir: &str, eval_dir: &str) -> Result<(Spl
             train_root.display()
         )));
     }
-    let index: BTreeMap<&str, i64> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i64)).collect();
+    let index: BTreeMap<&str, i64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i as i64))
+        .collect();
     let list = |split_root: &Path| -> Result<Split, DataError> {
         let mut items = Vec::new();
         for class_dir in sorted_dir(split_root)?.into_iter().filter(|p| p.is_dir()) {
-            let name = class_dir.file_name().unwrap().to_string_lossy().into_owned();
+            let name = class_dir
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let label = *index.get(name.as_str()).ok_or_else(|| {
                 DataError::Invalid(format!(
                     "{}: class `{name}` is not among the training classes",
@@ -95,7 +107,10 @@ pub fn image_folder(root: &Path, train_dir: &str, eval_dir: &str) -> Result<(Spl
             }
         }
         if items.is_empty() {
-            return Err(DataError::Invalid(format!("{} holds no .jpg/.jpeg/.png images", split_root.display())));
+            return Err(DataError::Invalid(format!(
+                "{} holds no .jpg/.jpeg/.png images",
+                split_root.display()
+            )));
         }
         Ok(Split {
             items,
@@ -136,7 +151,11 @@ pub fn cub_like(root: &Path) -> Result<(Split, Split), DataError> {
             .map_err(|_| corrupt(&labels_txt, format!("class id `{v}` is not an integer")))?;
         class_ids.insert(id);
     }
-    let index: BTreeMap<i64, i64> = class_ids.iter().enumerate().map(|(i, c)| (*c, i as i64)).collect();
+    let index: BTreeMap<i64, i64> = class_ids
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (*c, i as i64))
+        .collect();
     let classes = index.len() as i64;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (id, rel) in images {
@@ -152,10 +171,24 @@ pub fn cub_like(root: &Path) -> Result<(Split, Split), DataError> {
         match flag.as_str() {
             "1" => train.push(item),
             "0" => eval.push(item),
-            other => return Err(corrupt(&split_txt, format!("split flag `{other}` for image {id}"))),
+            other => {
+                return Err(corrupt(
+                    &split_txt,
+                    format!("split flag `{other}` for image {id}"),
+                ))
+            }
         }
     }
-    Ok((Split { items: train, classes }, Split { items: eval, classes }))
+    Ok((
+        Split {
+            items: train,
+            classes,
+        },
+        Split {
+            items: eval,
+            classes,
+        },
+    ))
 }
 
 /// Stanford Dogs: `train_list.mat` and `test_list.mat`, images under
@@ -174,7 +207,10 @@ pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
             _ => return Err(corrupt(&path, "no numeric `labels`")),
         };
         if labels.len() != files.len() {
-            return Err(corrupt(&path, format!("{} labels for {} files", labels.len(), files.len())));
+            return Err(corrupt(
+                &path,
+                format!("{} labels for {} files", labels.len(), files.len()),
+            ));
         }
         files
             .into_iter()
@@ -189,16 +225,32 @@ pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
     };
     let train = read("train_list.mat")?;
     let eval = read("test_list.mat")?;
-    let classes = train.iter().chain(&eval).map(|(_, l)| l + 1).max().unwrap_or(0);
+    let classes = train
+        .iter()
+        .chain(&eval)
+        .map(|(_, l)| l + 1)
+        .max()
+        .unwrap_or(0);
     Ok((
-        Split { items: train, classes },
-        Split { items: eval, classes },
+        Split {
+            items: train,
+            classes,
+        },
+        Split {
+            items: eval,
+            classes,
+        },
     ))
 }
 
 /// The evaluation transform: resize so the shorter side is `resize`
 /// (bicubic), centre crop `size`x`size`. Returns CHW bytes.
-pub fn decode_and_transform(path: &Path, channels: i64, size: u32, resize: u32) -> Result<Vec<u8>, DataError> {
+pub fn decode_and_transform(
+    path: &Path,
+    channels: i64,
+    size: u32,
+    resize: u32,
+) -> Result<Vec<u8>, DataError> {
     let img = image::ImageReader::open(path)
         .map_err(|e| io_err(path, e))?
         .with_guessed_format()
@@ -227,18 +279,31 @@ pub fn decode_and_transform(path: &Path, channels: i64, size: u32, resize: u32) 
                 }
             }
         }
-        _ => return Err(DataError::Invalid(format!("images need 1 or 3 channels, the model has {channels}"))),
+        _ => {
+            return Err(DataError::Invalid(format!(
+                "images need 1 or 3 channels, the model has {channels}"
+            )))
+        }
     }
     Ok(out)
 }
 
 /// Decodes a split on all cores into a normalised `[N, C, size, size]`
 /// dataset.
-pub fn load(split: &Split, channels: i64, size: i64, resize: i64, mean: &[f64], std: &[f64]) -> Result<Dataset, DataError> {
+pub fn load(
+    split: &Split,
+    channels: i64,
+    size: i64,
+    resize: i64,
+    mean: &[f64],
+    std: &[f64],
+) -> Result<Dataset, DataError> {
     let n = split.items.len();
     let per = (channels * size * size) as usize;
     let mut bytes = vec![0u8; n * per];
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.max(1));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(n.max(1));
     let chunk = n.div_ceil(threads).max(1);
     std::thread::scope(|s| -> Result<(), DataError> {
         let handles: Vec<_> = bytes
@@ -247,7 +312,12 @@ pub fn load(split: &Split, channels: i64, size: i64, resize: i64, mean: &[f64], 
             .map(|(out, items)| {
                 s.spawn(move || -> Result<(), DataError> {
                     for (o, (path, _)) in out.chunks_mut(per).zip(items) {
-                        o.copy_from_slice(&decode_and_transform(path, channels, size as u32, resize as u32)?);
+                        o.copy_from_slice(&decode_and_transform(
+                            path,
+                            channels,
+                            size as u32,
+                            resize as u32,
+                        )?);
                     }
                     Ok(())
                 })
@@ -263,8 +333,12 @@ pub fn load(split: &Split, channels: i64, size: i64, resize: i64, mean: &[f64], 
         .reshape([n as i64, channels, size, size])
         .to_kind(tch::Kind::Float)
         / 255.0;
-    let m = Tensor::from_slice(mean).to_kind(tch::Kind::Float).reshape([1, channels, 1, 1]);
-    let sd = Tensor::from_slice(std).to_kind(tch::Kind::Float).reshape([1, channels, 1, 1]);
+    let m = Tensor::from_slice(mean)
+        .to_kind(tch::Kind::Float)
+        .reshape([1, channels, 1, 1]);
+    let sd = Tensor::from_slice(std)
+        .to_kind(tch::Kind::Float)
+        .reshape([1, channels, 1, 1]);
     Ok(Dataset {
         images: (images - m) / sd,
         labels: Tensor::from_slice(&labels),
@@ -278,7 +352,9 @@ mod tests {
 
     fn write_image(path: &Path, w: u32, h: u32, shade: u8) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([shade, (x * 7) as u8, (y * 5) as u8]));
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([shade, (x * 7) as u8, (y * 5) as u8])
+        });
         img.save(path).unwrap();
     }
 
@@ -289,18 +365,36 @@ mod tests {
             for (c, shade) in [("cat", 10u8), ("dog", 200)] {
                 for i in 0..n {
                     let ext = if i % 2 == 0 { "png" } else { "jpg" };
-                    write_image(&d.path().join(format!("{split}/{c}/{i}.{ext}")), 20 + i, 16, shade);
+                    write_image(
+                        &d.path().join(format!("{split}/{c}/{i}.{ext}")),
+                        20 + i,
+                        16,
+                        shade,
+                    );
                 }
             }
         }
         let (train, eval) = image_folder(d.path(), "train", "val").unwrap();
-        assert_eq!((train.items.len(), eval.items.len(), train.classes), (6, 4, 2));
+        assert_eq!(
+            (train.items.len(), eval.items.len(), train.classes),
+            (6, 4, 2)
+        );
         assert_eq!(train.items[3].1, 1);
         let ds = load(&train, 3, 8, 10, &[0.0; 3], &[1.0; 3]).unwrap();
         assert_eq!(ds.images.size(), [6, 3, 8, 8]);
         // Red channel carries the class shade.
-        let red0 = ds.images.get(0).get(0).mean(tch::Kind::Float).double_value(&[]);
-        let red5 = ds.images.get(5).get(0).mean(tch::Kind::Float).double_value(&[]);
+        let red0 = ds
+            .images
+            .get(0)
+            .get(0)
+            .mean(tch::Kind::Float)
+            .double_value(&[]);
+        let red5 = ds
+            .images
+            .get(5)
+            .get(0)
+            .mean(tch::Kind::Float)
+            .double_value(&[]);
         assert!((red0 - 10.0 / 255.0).abs() < 0.02 && (red5 - 200.0 / 255.0).abs() < 0.02);
     }
 
@@ -320,7 +414,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = d.path();
         // NABirds-like sparse class ids 817 and 295.
-        std::fs::write(r.join("images.txt"), "a1 0817/a1.jpg\nb2 0295/b2.jpg\nc3 0817/c3.jpg\n").unwrap();
+        std::fs::write(
+            r.join("images.txt"),
+            "a1 0817/a1.jpg\nb2 0295/b2.jpg\nc3 0817/c3.jpg\n",
+        )
+        .unwrap();
         std::fs::write(r.join("image_class_labels.txt"), "a1 817\nb2 295\nc3 817\n").unwrap();
         std::fs::write(r.join("train_test_split.txt"), "a1 1\nb2 1\nc3 0\n").unwrap();
         for f in ["0817/a1.jpg", "0295/b2.jpg", "0817/c3.jpg"] {

@@ -307,8 +307,10 @@ impl Chart {
 /// Rasterises an SVG document to a PNG at twice its size.
 pub fn svg_to_png(svg: &str, png: &Path) -> Result<()> {
     use resvg::{tiny_skia, usvg};
-    let mut opt = usvg::Options::default();
-    opt.font_family = "DejaVu Sans".into();
+    let mut opt = usvg::Options {
+        font_family: "DejaVu Sans".into(),
+        ..Default::default()
+    };
     opt.fontdb_mut().load_system_fonts();
     if opt.fontdb.is_empty() {
         eprintln!(
@@ -317,7 +319,11 @@ pub fn svg_to_png(svg: &str, png: &Path) -> Result<()> {
         );
     }
     let tree = usvg::Tree::from_str(svg, &opt).context("rendering the chart")?;
-    let size = tree.size().to_int_size().scale_by(2.0).context("chart size")?;
+    let size = tree
+        .size()
+        .to_int_size()
+        .scale_by(2.0)
+        .context("chart size")?;
     let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).context("chart size")?;
     pixmap.fill(tiny_skia::Color::WHITE);
     resvg::render(
@@ -383,11 +389,7 @@ mod tests {
         assert_eq!(&png[1..4], b"PNG");
         let img = resvg::tiny_skia::Pixmap::load_png(dir.path().join("c.png")).unwrap();
         assert_eq!((img.width(), img.height()), (2 * W as u32, 2 * H as u32));
-        let coloured = img
-            .pixels()
-            .iter()
-            .filter(|p| p.red() != p.blue())
-            .count();
+        let coloured = img.pixels().iter().filter(|p| p.red() != p.blue()).count();
         assert!(coloured > 100, "the series should be drawn in colour");
     }
 }

@@ -23,8 +23,8 @@ use crate::checkpoint::{self, CheckpointMeta};
 use crate::cli::UsageError;
 use crate::config::{DataSource, RunConfig};
 use crate::data::{fashion_mnist, Dataset};
-use crate::images;
 use crate::driver::{PolicyDriver, StepInput, Timeline};
+use crate::images;
 use crate::model::{Vit, VitConfig};
 use crate::optim::Sgd;
 use crate::plugin::{PolicyHandle, SearchPath};
@@ -60,32 +60,32 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>
     let (c, size) = (shape.channels, shape.image_size);
     let mean = d.mean.per_channel(c, "mean")?;
     let std = d.std.per_channel(c, "std")?;
-    let files = |(train, eval): (images::Split, images::Split)| -> Result<(Option<Dataset>, Dataset)> {
-        let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
-        if resize < size {
-            return Err(UsageError(format!(
-                "data.resize {resize} is smaller than model.image_size {size}"
-            ))
-            .into());
-        }
-        let n_train = if with_train { train.items.len() } else { 0 };
-        eprintln!(
-            "decoding {n_train} training and {} evaluation images to {size}x{size}",
-            eval.items.len()
-        );
-        let train = match with_train {
-            true => Some(images::load(&train, c, size, resize, &mean, &std)?),
-            false => None,
+    let files =
+        |(train, eval): (images::Split, images::Split)| -> Result<(Option<Dataset>, Dataset)> {
+            let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
+            if resize < size {
+                return Err(UsageError(format!(
+                    "data.resize {resize} is smaller than model.image_size {size}"
+                ))
+                .into());
+            }
+            let n_train = if with_train { train.items.len() } else { 0 };
+            eprintln!(
+                "decoding {n_train} training and {} evaluation images to {size}x{size}",
+                eval.items.len()
+            );
+            let train = match with_train {
+                true => Some(images::load(&train, c, size, resize, &mean, &std)?),
+                false => None,
+            };
+            Ok((train, images::load(&eval, c, size, resize, &mean, &std)?))
         };
-        Ok((train, images::load(&eval, c, size, resize, &mean, &std)?))
-    };
     let (train, eval) = match &d.source {
         DataSource::FashionMnist { root } => {
             if c != 1 {
-                return Err(UsageError(format!(
-                    "Fashion-MNIST has 1 channel, the model {c}"
-                ))
-                .into());
+                return Err(
+                    UsageError(format!("Fashion-MNIST has 1 channel, the model {c}")).into(),
+                );
             }
             let train = match with_train {
                 true => Some(fashion_mnist(root, true, mean[0], std[0])?),
@@ -103,7 +103,13 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>
             eval,
             classes,
         } => (
-            Some(Dataset::synthetic(*train, *classes, c, size, cfg.train.seed)),
+            Some(Dataset::synthetic(
+                *train,
+                *classes,
+                c,
+                size,
+                cfg.train.seed,
+            )),
             Dataset::synthetic(*eval, *classes, c, size, cfg.train.seed + 1),
         ),
     };

@@ -104,7 +104,10 @@ impl Checkpoint {
         if is_npz {
             return from_npz(path, raw);
         }
-        if raw.keys().any(|k| k.contains("embeddings.patch_embeddings")) {
+        if raw
+            .keys()
+            .any(|k| k.contains("embeddings.patch_embeddings"))
+        {
             let norm_eps = hf_norm_eps(path)?;
             let (tensors, ignored) = from_hf(path, raw)?;
             return Ok(Checkpoint {
@@ -130,7 +133,13 @@ impl Checkpoint {
         let depth = self
             .tensors
             .keys()
-            .filter_map(|k| k.strip_prefix("blocks.")?.split('.').next()?.parse::<i64>().ok())
+            .filter_map(|k| {
+                k.strip_prefix("blocks.")?
+                    .split('.')
+                    .next()?
+                    .parse::<i64>()
+                    .ok()
+            })
             .max()
             .map_or(0, |d| d + 1);
         let dim = self
@@ -272,7 +281,10 @@ pub fn load_into(
         }
         Ok(())
     })?;
-    let missing: Vec<&String> = vars.keys().filter(|k| !ck.tensors.contains_key(*k)).collect();
+    let missing: Vec<&String> = vars
+        .keys()
+        .filter(|k| !ck.tensors.contains_key(*k))
+        .collect();
     if !missing.is_empty() {
         let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
         return Err(err(
@@ -329,8 +341,8 @@ pub fn hf_norm_eps(path: &Path) -> Result<Option<f64>, WeightsError> {
     let Ok(text) = std::fs::read_to_string(&cfg) else {
         return Ok(None);
     };
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| err(&cfg, format!("not valid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(&cfg, format!("not valid JSON: {e}")))?;
     Ok(v.get("layer_norm_eps").and_then(|e| e.as_f64()))
 }
 
@@ -358,7 +370,11 @@ fn from_hf(
     for wb in ["weight", "bias"] {
         put(
             &format!("patch_embed.proj.{wb}"),
-            take(path, &mut raw, &format!("{e}patch_embeddings.projection.{wb}"))?,
+            take(
+                path,
+                &mut raw,
+                &format!("{e}patch_embeddings.projection.{wb}"),
+            )?,
         );
         put(
             &format!("norm.{wb}"),
@@ -430,11 +446,20 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
         .ok_or_else(|| err(path, "no `embedding/kernel`: not a ViT .npz checkpoint"))?;
     let big_vision = prefix.starts_with("params/")
         || raw.contains_key(&format!("{prefix}pos_embedding"))
-        || raw.contains_key(&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale"));
+        || raw.contains_key(&format!(
+            "{prefix}Transformer/encoderblock/LayerNorm_0/scale"
+        ));
     let mut out = BTreeMap::new();
-    let k = |raw: &mut BTreeMap<String, Tensor>, key: &str| take(path, raw, &format!("{prefix}{key}"));
-    out.insert("patch_embed.proj.weight".to_string(), n2p(k(&mut raw, "embedding/kernel")?));
-    out.insert("patch_embed.proj.bias".to_string(), k(&mut raw, "embedding/bias")?);
+    let k =
+        |raw: &mut BTreeMap<String, Tensor>, key: &str| take(path, raw, &format!("{prefix}{key}"));
+    out.insert(
+        "patch_embed.proj.weight".to_string(),
+        n2p(k(&mut raw, "embedding/kernel")?),
+    );
+    out.insert(
+        "patch_embed.proj.bias".to_string(),
+        k(&mut raw, "embedding/bias")?,
+    );
     out.insert("cls_token".to_string(), k(&mut raw, "cls")?);
     let pos = if big_vision {
         k(&mut raw, "pos_embedding")?
@@ -442,46 +467,68 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
         k(&mut raw, "Transformer/posembed_input/pos_embedding")?
     };
     out.insert("pos_embed".to_string(), pos);
-    out.insert("norm.weight".to_string(), k(&mut raw, "Transformer/encoder_norm/scale")?);
-    out.insert("norm.bias".to_string(), k(&mut raw, "Transformer/encoder_norm/bias")?);
+    out.insert(
+        "norm.weight".to_string(),
+        k(&mut raw, "Transformer/encoder_norm/scale")?,
+    );
+    out.insert(
+        "norm.bias".to_string(),
+        k(&mut raw, "Transformer/encoder_norm/bias")?,
+    );
     if raw.contains_key(&format!("{prefix}head/kernel")) {
         out.insert("head.weight".to_string(), n2p(k(&mut raw, "head/kernel")?));
         out.insert("head.bias".to_string(), k(&mut raw, "head/bias")?);
     }
     let (mha, mlp, ln2) = if big_vision { (0, 0, 1) } else { (1, 3, 2) };
-    let stacked = raw.contains_key(&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale"));
+    let stacked = raw.contains_key(&format!(
+        "{prefix}Transformer/encoderblock/LayerNorm_0/scale"
+    ));
     let depth = if stacked {
         raw[&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale")].size()[0]
     } else {
         (0..)
             .take_while(|i| {
-                raw.contains_key(&format!("{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale"))
+                raw.contains_key(&format!(
+                    "{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale"
+                ))
             })
             .count() as i64
     };
     // The stacked (scanned) layout keeps every block's tensor in one array.
     let mut stacked_cache: BTreeMap<String, Tensor> = BTreeMap::new();
     for i in 0..depth {
-        let mut get = |raw: &mut BTreeMap<String, Tensor>, key: &str| -> Result<Tensor, WeightsError> {
-            if stacked {
-                let full = format!("{prefix}Transformer/encoderblock/{key}");
-                if !stacked_cache.contains_key(&full) {
-                    let t = take(path, raw, &full)?;
-                    stacked_cache.insert(full.clone(), t);
+        let mut get =
+            |raw: &mut BTreeMap<String, Tensor>, key: &str| -> Result<Tensor, WeightsError> {
+                if stacked {
+                    let full = format!("{prefix}Transformer/encoderblock/{key}");
+                    if !stacked_cache.contains_key(&full) {
+                        let t = take(path, raw, &full)?;
+                        stacked_cache.insert(full.clone(), t);
+                    }
+                    Ok(stacked_cache[&full].get(i))
+                } else {
+                    take(
+                        path,
+                        raw,
+                        &format!("{prefix}Transformer/encoderblock_{i}/{key}"),
+                    )
                 }
-                Ok(stacked_cache[&full].get(i))
-            } else {
-                take(path, raw, &format!("{prefix}Transformer/encoderblock_{i}/{key}"))
-            }
-        };
+            };
         let b = format!("blocks.{i}.");
         let a = format!("MultiHeadDotProductAttention_{mha}/");
-        out.insert(format!("{b}norm1.weight"), get(&mut raw, "LayerNorm_0/scale")?);
+        out.insert(
+            format!("{b}norm1.weight"),
+            get(&mut raw, "LayerNorm_0/scale")?,
+        );
         out.insert(format!("{b}norm1.bias"), get(&mut raw, "LayerNorm_0/bias")?);
         let mut w = Vec::new();
         let mut bias = Vec::new();
         for n in ["query", "key", "value"] {
-            w.push(get(&mut raw, &format!("{a}{n}/kernel"))?.flatten(1, -1).tr());
+            w.push(
+                get(&mut raw, &format!("{a}{n}/kernel"))?
+                    .flatten(1, -1)
+                    .tr(),
+            );
             bias.push(get(&mut raw, &format!("{a}{n}/bias"))?.reshape([-1]));
         }
         out.insert(format!("{b}attn.qkv.weight"), Tensor::cat(&w, 0));
@@ -490,16 +537,28 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
             format!("{b}attn.proj.weight"),
             n2p(get(&mut raw, &format!("{a}out/kernel"))?).flatten(1, -1),
         );
-        out.insert(format!("{b}attn.proj.bias"), get(&mut raw, &format!("{a}out/bias"))?);
-        out.insert(format!("{b}norm2.weight"), get(&mut raw, &format!("LayerNorm_{ln2}/scale"))?);
-        out.insert(format!("{b}norm2.bias"), get(&mut raw, &format!("LayerNorm_{ln2}/bias"))?);
+        out.insert(
+            format!("{b}attn.proj.bias"),
+            get(&mut raw, &format!("{a}out/bias"))?,
+        );
+        out.insert(
+            format!("{b}norm2.weight"),
+            get(&mut raw, &format!("LayerNorm_{ln2}/scale"))?,
+        );
+        out.insert(
+            format!("{b}norm2.bias"),
+            get(&mut raw, &format!("LayerNorm_{ln2}/bias"))?,
+        );
         for r in 0..2 {
             let d = format!("MlpBlock_{mlp}/Dense_{r}/");
             out.insert(
                 format!("{b}mlp.fc{}.weight", r + 1),
                 n2p(get(&mut raw, &format!("{d}kernel"))?),
             );
-            out.insert(format!("{b}mlp.fc{}.bias", r + 1), get(&mut raw, &format!("{d}bias"))?);
+            out.insert(
+                format!("{b}mlp.fc{}.bias", r + 1),
+                get(&mut raw, &format!("{d}bias"))?,
+            );
         }
     }
     // Optimizer state and the old representation layer are not weights of
@@ -508,10 +567,7 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
     Ok(Checkpoint {
         path: path.to_owned(),
         format: Format::Npz,
-        tensors: out
-            .into_iter()
-            .map(|(n, t)| (n, t.contiguous()))
-            .collect(),
+        tensors: out.into_iter().map(|(n, t)| (n, t.contiguous())).collect(),
         ignored,
         norm_eps: None,
     })
@@ -543,25 +599,55 @@ mod tests {
         let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
 
         let (vs2, m2) = model(5, 2);
-        let r = load_into(&vs2, &m2.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        let r = load_into(
+            &vs2,
+            &m2.cfg,
+            Checkpoint::read(&file).unwrap(),
+            HeadInit::Auto,
+        )
+        .unwrap();
         assert!(r.head_loaded);
         assert_eq!(logits(&m, &x), logits(&m2, &x));
 
         // Another class count: the head stays as initialised, the rest loads.
         let (vs3, m3) = model(3, 3);
         let head_before = vs3.variables()["head.weight"].copy();
-        let r = load_into(&vs3, &m3.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        let r = load_into(
+            &vs3,
+            &m3.cfg,
+            Checkpoint::read(&file).unwrap(),
+            HeadInit::Auto,
+        )
+        .unwrap();
         assert!(!r.head_loaded);
         assert_eq!(vs3.variables()["head.weight"], head_before);
-        assert_eq!(vs3.variables()["blocks.1.mlp.fc1.weight"], vs.variables()["blocks.1.mlp.fc1.weight"]);
-        let e = load_into(&vs3, &m3.cfg, Checkpoint::read(&file).unwrap(), HeadInit::Load).unwrap_err();
+        assert_eq!(
+            vs3.variables()["blocks.1.mlp.fc1.weight"],
+            vs.variables()["blocks.1.mlp.fc1.weight"]
+        );
+        let e = load_into(
+            &vs3,
+            &m3.cfg,
+            Checkpoint::read(&file).unwrap(),
+            HeadInit::Load,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("5 classes"), "{e}");
 
         // New: same class count, head not loaded.
         let (vs4, m4) = model(5, 4);
-        let r = load_into(&vs4, &m4.cfg, Checkpoint::read(&file).unwrap(), HeadInit::New).unwrap();
+        let r = load_into(
+            &vs4,
+            &m4.cfg,
+            Checkpoint::read(&file).unwrap(),
+            HeadInit::New,
+        )
+        .unwrap();
         assert!(!r.head_loaded);
-        assert_ne!(vs4.variables()["head.weight"], vs.variables()["head.weight"]);
+        assert_ne!(
+            vs4.variables()["head.weight"],
+            vs.variables()["head.weight"]
+        );
     }
 
     #[test]
@@ -574,14 +660,22 @@ mod tests {
         cfg.depth = 4;
         let vs2 = VarStore::new(Device::Cpu);
         let _ = Vit::new(&vs2.root(), &cfg);
-        let e = load_into(&vs2, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap_err();
+        let e =
+            load_into(&vs2, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("m.safetensors") && msg.contains("3 blocks"), "{msg}");
+        assert!(
+            msg.contains("m.safetensors") && msg.contains("3 blocks"),
+            "{msg}"
+        );
 
-        let e = Checkpoint::read(&dir.path().join("absent.safetensors")).err().unwrap();
+        let e = Checkpoint::read(&dir.path().join("absent.safetensors"))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("absent.safetensors"));
         std::fs::write(dir.path().join("junk.safetensors"), b"not safetensors").unwrap();
-        let e = Checkpoint::read(&dir.path().join("junk.safetensors")).err().unwrap();
+        let e = Checkpoint::read(&dir.path().join("junk.safetensors"))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("junk.safetensors"), "{e}");
     }
 

@@ -1,0 +1,102 @@
+//! `simfreeze compare` end to end on a tiny synthetic task: pretraining is
+//! cached and reused, every (policy, seed) gets a row, the outputs exist.
+
+use simfreeze_tests::{simfreeze, text};
+
+fn config(dir: &std::path::Path) -> std::path::PathBuf {
+    let cfg = format!(
+        r#"(
+    name: "tiny",
+    output: {out:?},
+    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 3, heads: 3, mlp_ratio: 2.0),
+    data: (source: Synthetic(train: 96, eval: 48, classes: 4)),
+    pretrain: (classes: [0, 1], train: (epochs: 1, batch: 8, threads: 1, device: "cpu", sgd: (lr: 0.05))),
+    finetune: (classes: [2, 3], train: (epochs: 2, batch: 8, threads: 1, device: "cpu", sgd: (lr: 0.02))),
+    seeds: [0, 1],
+    policies: [
+        (plugin: "atsf", options: "(record_steps: 2, compare_steps: 2)"),
+        (plugin: "ucf"),
+    ],
+)"#,
+        out = dir.join("exp").to_str().unwrap()
+    );
+    let path = dir.join("compare.ron");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pretraining (cached afterwards"),
+        "{stderr}"
+    );
+    for label in ["| baseline |", "| atsf |", "| ucf |"] {
+        assert!(stdout.contains(label), "{label} missing from\n{stdout}");
+    }
+    let exp = dir.path().join("exp/tiny-001");
+    let csv = std::fs::read_to_string(exp.join("results.csv")).unwrap();
+    let rows: Vec<&str> = csv.lines().skip(1).collect();
+    assert_eq!(rows.len(), 6, "{csv}");
+    // The baseline's d-acc is 0 and its speedups 1 by definition.
+    let baseline: Vec<&str> = rows[0].split(',').collect();
+    assert_eq!(&baseline[..3], ["baseline", "0", "completed"]);
+    assert_eq!(baseline[4], "0.00");
+    assert_eq!(
+        std::fs::read_to_string(exp.join("table.md"))
+            .unwrap()
+            .trim(),
+        stdout.trim()
+    );
+    for stem in ["timeline", "accuracy-speedup", "eta-atsf"] {
+        for ext in ["svg", "png"] {
+            let f = exp.join(format!("{stem}.{ext}"));
+            assert!(
+                f.metadata().map(|m| m.len() > 500).unwrap_or(false),
+                "{}",
+                f.display()
+            );
+        }
+    }
+    // Every fine-tune started from the same pretrained weights.
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("exp"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("pretrain-"))
+        .collect();
+    assert_eq!(cached.len(), 1);
+
+    // Second run: pretraining comes from the cache, a new experiment dir.
+    let out = simfreeze(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "seeds=[3]",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("pretraining: cached"), "{stderr}");
+    assert!(dir.path().join("exp/tiny-002/table.md").is_file());
+}
+
+#[test]
+fn overlapping_source_and_target_classes_are_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = simfreeze(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "finetune.classes=[1, 2]",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("class 1"), "{stderr}");
+}
