@@ -296,7 +296,7 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads);
     }
-    let (_, eval) = train::load_splits(&cfg, false)?;
+    let eval = train::load_splits(&cfg, false)?.eval;
     let model_cfg = cfg.model.resolve(eval.classes)?;
     let ck = crate::weights::Checkpoint::read(&a.weights)?;
     let vs = tch::nn::VarStore::new(device);

@@ -163,6 +163,10 @@ pub struct DataSection {
     /// crop to `model.image_size` (default: image_size / 0.875, timm's
     /// evaluation crop).
     pub resize: Option<i64>,
+    /// Random resized crop and horizontal flip on the training split of an
+    /// image-file source, drawn anew every epoch (evaluation keeps the
+    /// centre crop).
+    pub augment: bool,
 }
 
 fn default_train_dir() -> String {
@@ -198,14 +202,10 @@ impl Stat {
 }
 
 impl DataSection {
-    /// Whether the training transform draws random numbers. Fashion-MNIST
-    /// and the synthetic set are used as they are (normalisation only);
-    /// a source with random augmentation must answer true here, which
-    /// makes the activation cache refuse to start.
+    /// Whether the training transform draws random numbers (`augment`),
+    /// which makes the activation cache refuse to start.
     pub fn random_transform(&self) -> bool {
-        // Image files use the deterministic evaluation transform for
-        // training too (random crops and flips are not implemented yet).
-        false
+        self.augment
     }
 }
 
@@ -221,6 +221,7 @@ impl Default for DataSection {
             mean: Stat::One(0.2860),
             std: Stat::One(0.3530),
             resize: None,
+            augment: false,
         }
     }
 }

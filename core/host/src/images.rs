@@ -63,6 +63,41 @@ fn sorted_dir(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(v)
 }
 
+impl Split {
+    /// Keeps only `classes` (relabelled `0..k` in that order), then at
+    /// most `limit` items; done before decoding so nothing unused is read.
+    pub fn select(self, classes: Option<&[i64]>, limit: Option<i64>) -> Result<Split, DataError> {
+        let mut split = match classes {
+            None => self,
+            Some(keep) => {
+                if keep.is_empty() {
+                    return Err(DataError::Invalid("class subset is empty".into()));
+                }
+                if let Some(c) = keep.iter().find(|c| **c < 0 || **c >= self.classes) {
+                    return Err(DataError::Invalid(format!(
+                        "class {c} is outside 0..{}",
+                        self.classes
+                    )));
+                }
+                Split {
+                    items: self
+                        .items
+                        .into_iter()
+                        .filter_map(|(p, l)| {
+                            keep.iter().position(|c| *c == l).map(|n| (p, n as i64))
+                        })
+                        .collect(),
+                    classes: keep.len() as i64,
+                }
+            }
+        };
+        if let Some(n) = limit {
+            split.items.truncate(n.max(0) as usize);
+        }
+        Ok(split)
+    }
+}
+
 /// ImageFolder: `(train, eval)` splits under `root/train_dir` and
 /// `root/eval_dir`.
 pub fn image_folder(
@@ -243,33 +278,21 @@ pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
     ))
 }
 
-/// The evaluation transform: resize so the shorter side is `resize`
-/// (bicubic), centre crop `size`x`size`. Returns CHW bytes.
-pub fn decode_and_transform(
-    path: &Path,
-    channels: i64,
-    size: u32,
-    resize: u32,
-) -> Result<Vec<u8>, DataError> {
+fn decode(path: &Path) -> Result<image::DynamicImage, DataError> {
     let img = image::ImageReader::open(path)
         .map_err(|e| io_err(path, e))?
         .with_guessed_format()
         .map_err(|e| io_err(path, e))?
         .decode()
         .map_err(|e| corrupt(path, format!("cannot decode the image: {e}")))?;
-    let (w, h) = (img.width(), img.height());
-    if w == 0 || h == 0 {
+    if img.width() == 0 || img.height() == 0 {
         return Err(corrupt(path, "image has no pixels"));
     }
-    let scale = resize as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(size),
-        ((h as f64 * scale).round() as u32).max(size),
-    );
-    let img = img.resize_exact(nw, nh, FilterType::CatmullRom);
-    let img = img.crop_imm((nw - size) / 2, (nh - size) / 2, size, size);
-    let (c, hw) = (channels as usize, (size * size) as usize);
-    let mut out = vec![0u8; c * hw];
+    Ok(img)
+}
+
+fn to_chw(img: &image::DynamicImage, channels: i64, out: &mut [u8]) -> Result<(), DataError> {
+    let hw = (img.width() * img.height()) as usize;
     match channels {
         1 => out.copy_from_slice(img.to_luma8().as_raw()),
         3 => {
@@ -285,6 +308,229 @@ pub fn decode_and_transform(
             )))
         }
     }
+    Ok(())
+}
+
+/// Resizes so the shorter side is `short` (bicubic), keeping the aspect.
+fn resize_shorter(img: &image::DynamicImage, short: u32) -> image::DynamicImage {
+    let (w, h) = (img.width(), img.height());
+    let scale = short as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(short),
+        ((h as f64 * scale).round() as u32).max(short),
+    );
+    img.resize_exact(nw, nh, FilterType::CatmullRom)
+}
+
+/// The training split kept as images (shorter side `resize`), for random
+/// augmentation each epoch: random resized crop (scale 0.08-1, aspect
+/// 3/4-4/3, bilinear, as torchvision's `RandomResizedCrop`) and a
+/// horizontal flip with probability 1/2. The draws depend only on (seed,
+/// epoch, sample), so a resumed run sees the same crops.
+pub struct Augmenter {
+    images: Vec<image::DynamicImage>,
+    channels: i64,
+    size: u32,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+impl Augmenter {
+    /// Decodes `split` on all cores, shorter side resized to `resize`.
+    pub fn new(
+        split: &Split,
+        channels: i64,
+        size: i64,
+        resize: i64,
+        mean: &[f64],
+        std: &[f64],
+    ) -> Result<Augmenter, DataError> {
+        let n = split.items.len();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(n.max(1));
+        let chunk = n.div_ceil(threads).max(1);
+        let images = std::thread::scope(|s| -> Result<Vec<image::DynamicImage>, DataError> {
+            let handles: Vec<_> = split
+                .items
+                .chunks(chunk)
+                .map(|items| {
+                    s.spawn(move || -> Result<Vec<image::DynamicImage>, DataError> {
+                        items
+                            .iter()
+                            .map(|(p, _)| Ok(resize_shorter(&decode(p)?, resize as u32)))
+                            .collect()
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(n);
+            for h in handles {
+                all.extend(h.join().expect("decoder thread panicked")?);
+            }
+            Ok(all)
+        })?;
+        Ok(Augmenter {
+            images,
+            channels,
+            size: size as u32,
+            mean: mean.iter().map(|v| *v as f32).collect(),
+            std: std.iter().map(|v| *v as f32).collect(),
+        })
+    }
+
+    /// One augmented sample as CHW bytes.
+    fn sample(&self, i: usize, seed: u64, epoch: u64, out: &mut [u8]) -> Result<(), DataError> {
+        let img = &self.images[i];
+        let mut rng = crate::simulate::Rng::new(
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ epoch.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+                ^ (i as u64).wrapping_mul(0x1656_67B1_9E37_79F9),
+        );
+        let (w, h) = (img.width() as f64, img.height() as f64);
+        let area = w * h;
+        let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
+        let mut crop = None;
+        for _ in 0..10 {
+            let target = area * (0.08 + 0.92 * rng.uniform());
+            let ratio = (lo + (hi - lo) * rng.uniform()).exp();
+            let cw = (target * ratio).sqrt().round();
+            let ch = (target / ratio).sqrt().round();
+            if cw >= 1.0 && ch >= 1.0 && cw <= w && ch <= h {
+                let x = (rng.uniform() * (w - cw + 1.0)).floor().min(w - cw);
+                let y = (rng.uniform() * (h - ch + 1.0)).floor().min(h - ch);
+                crop = Some((x as u32, y as u32, cw as u32, ch as u32));
+                break;
+            }
+        }
+        // Fallback, as torchvision: the whole image's centre, aspect clamped.
+        let (x, y, cw, ch) = crop.unwrap_or_else(|| {
+            let (cw, ch) = if w / h < 0.75 {
+                (w, (w / 0.75).round())
+            } else if w / h > 4.0 / 3.0 {
+                ((h * 4.0 / 3.0).round(), h)
+            } else {
+                (w, h)
+            };
+            (
+                ((w - cw) / 2.0) as u32,
+                ((h - ch) / 2.0) as u32,
+                cw as u32,
+                ch as u32,
+            )
+        });
+        let mut patch =
+            img.crop_imm(x, y, cw, ch)
+                .resize_exact(self.size, self.size, FilterType::Triangle);
+        if rng.uniform() < 0.5 {
+            patch = patch.fliph();
+        }
+        to_chw(&patch, self.channels, out)
+    }
+
+    /// The augmented, normalised batch `[B, C, size, size]` of samples
+    /// `idx`, built on all cores.
+    pub fn batch(&self, idx: &[i64], seed: u64, epoch: u64) -> Result<Tensor, DataError> {
+        let per = (self.channels * (self.size * self.size) as i64) as usize;
+        let mut bytes = vec![0u8; idx.len() * per];
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |t| t.get())
+            .min(idx.len().max(1));
+        let chunk = idx.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| -> Result<(), DataError> {
+            let handles: Vec<_> = bytes
+                .chunks_mut(chunk * per)
+                .zip(idx.chunks(chunk))
+                .map(|(out, ids)| {
+                    s.spawn(move || -> Result<(), DataError> {
+                        for (o, i) in out.chunks_mut(per).zip(ids) {
+                            self.sample(*i as usize, seed, epoch, o)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("augmentation thread panicked")?;
+            }
+            Ok(())
+        })?;
+        let c = self.channels;
+        let s = self.size as i64;
+        let x = Tensor::from_slice(&bytes)
+            .reshape([idx.len() as i64, c, s, s])
+            .to_kind(tch::Kind::Float)
+            / 255.0;
+        let m = Tensor::from_slice(&self.mean).reshape([1, c, 1, 1]);
+        let sd = Tensor::from_slice(&self.std).reshape([1, c, 1, 1]);
+        Ok((x - m) / sd)
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+/// Batches of one epoch built ahead of the trainer on a background thread
+/// (at most `depth` waiting), so decoding and augmentation overlap the
+/// training step.
+pub struct Prefetch {
+    rx: std::sync::mpsc::Receiver<Result<Tensor, DataError>>,
+    _worker: std::thread::JoinHandle<()>,
+}
+
+impl Prefetch {
+    /// Starts producing the batches of `order` from batch `first` on.
+    pub fn start(
+        aug: std::sync::Arc<Augmenter>,
+        order: Vec<i64>,
+        batch: usize,
+        first: usize,
+        (seed, epoch): (u64, u64),
+        depth: usize,
+    ) -> Prefetch {
+        let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
+        let worker = std::thread::spawn(move || {
+            for b in first..order.len() / batch {
+                let out = aug.batch(&order[b * batch..(b + 1) * batch], seed, epoch);
+                let failed = out.is_err();
+                if tx.send(out).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Prefetch {
+            rx,
+            _worker: worker,
+        }
+    }
+
+    /// The next batch.
+    pub fn next(&self) -> Result<Tensor, DataError> {
+        self.rx
+            .recv()
+            .map_err(|_| DataError::Invalid("the augmentation thread stopped early".into()))?
+    }
+}
+
+/// The evaluation transform: resize so the shorter side is `resize`
+/// (bicubic), centre crop `size`x`size`. Returns CHW bytes.
+pub fn decode_and_transform(
+    path: &Path,
+    channels: i64,
+    size: u32,
+    resize: u32,
+) -> Result<Vec<u8>, DataError> {
+    let img = resize_shorter(&decode(path)?, resize);
+    let (nw, nh) = (img.width(), img.height());
+    let img = img.crop_imm((nw - size) / 2, (nh - size) / 2, size, size);
+    let mut out = vec![0u8; (channels * (size * size) as i64) as usize];
+    to_chw(&img, channels, &mut out)?;
     Ok(out)
 }
 
@@ -396,6 +642,48 @@ mod tests {
             .mean(tch::Kind::Float)
             .double_value(&[]);
         assert!((red0 - 10.0 / 255.0).abs() < 0.02 && (red5 - 200.0 / 255.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn augmentation_is_random_per_epoch_and_repeatable() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..4 {
+            write_image(
+                &d.path().join(format!("train/a/{i}.png")),
+                40 + 3 * i,
+                30,
+                100,
+            );
+        }
+        let (train, _) = image_folder(d.path(), "train", "train").unwrap();
+        let aug = Augmenter::new(&train, 3, 16, 18, &[0.5; 3], &[0.5; 3]).unwrap();
+        assert_eq!(aug.len(), 4);
+        let a = aug.batch(&[0, 1, 2, 3], 7, 0).unwrap();
+        assert_eq!(a.size(), [4, 3, 16, 16]);
+        assert_eq!(a, aug.batch(&[0, 1, 2, 3], 7, 0).unwrap());
+        assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
+        // The prefetcher yields the same batches in order.
+        let order = vec![3i64, 1, 0, 2];
+        let p = Prefetch::start(std::sync::Arc::new(aug), order, 2, 1, (7, 0), 2);
+        let second = p.next().unwrap();
+        assert_eq!(second.size(), [2, 3, 16, 16]);
+        assert!(p.next().is_err(), "only one batch after the first");
+    }
+
+    #[test]
+    fn select_relabels_and_limits_before_decoding() {
+        let items = (0..6)
+            .map(|i| (PathBuf::from(format!("{i}.png")), i % 3))
+            .collect();
+        let s = Split { items, classes: 3 }
+            .select(Some(&[2, 0]), Some(3))
+            .unwrap();
+        assert_eq!(s.classes, 2);
+        assert_eq!(s.items.iter().map(|i| i.1).collect::<Vec<_>>(), [1, 0, 1]);
+        let items = vec![(PathBuf::from("x"), 0)];
+        assert!(Split { items, classes: 1 }
+            .select(Some(&[4]), None)
+            .is_err());
     }
 
     #[test]

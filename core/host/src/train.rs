@@ -45,41 +45,79 @@ pub fn parse_device(s: &str) -> Result<Device, UsageError> {
     }
 }
 
+/// Loaded data: evaluation set, training set if asked for, and the
+/// augmenting loader when `data.augment` is on (the training set's
+/// `images` is then empty: batches come from the loader).
+pub struct Loaded {
+    /// Training set (labels always; images unless augmented).
+    pub train: Option<Dataset>,
+    /// Evaluation set.
+    pub eval: Dataset,
+    /// Random augmentation of the training split.
+    pub augment: Option<images::Augmenter>,
+}
+
 /// Loads the train and evaluation sets of `cfg`.
 pub fn load_data(cfg: &RunConfig) -> Result<(Dataset, Dataset)> {
-    let (train, eval) = load_splits(cfg, true)?;
-    Ok((train.expect("asked for"), eval))
+    let l = load_splits(cfg, true)?;
+    Ok((l.train.expect("asked for"), l.eval))
 }
 
 /// Loads the evaluation set of `cfg`, and the training set when
 /// `with_train` (class subset and limits applied to both).
-pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>, Dataset)> {
+pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<Loaded> {
     let d = &cfg.data;
     // The input shape comes from the model (class count does not matter).
     let shape = cfg.model.resolve(1)?;
     let (c, size) = (shape.channels, shape.image_size);
     let mean = d.mean.per_channel(c, "mean")?;
     let std = d.std.per_channel(c, "std")?;
-    let files =
-        |(train, eval): (images::Split, images::Split)| -> Result<(Option<Dataset>, Dataset)> {
-            let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
-            if resize < size {
-                return Err(UsageError(format!(
-                    "data.resize {resize} is smaller than model.image_size {size}"
-                ))
-                .into());
+    let files = |(train, eval): (images::Split, images::Split)| -> Result<Loaded> {
+        let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
+        if resize < size {
+            return Err(UsageError(format!(
+                "data.resize {resize} is smaller than model.image_size {size}"
+            ))
+            .into());
+        }
+        // Subsets and limits before decoding: nothing unused is read.
+        let classes = d.classes.as_deref();
+        let train = train.select(classes, d.train_limit)?;
+        let eval = eval.select(classes, d.eval_limit)?;
+        let n_train = if with_train { train.items.len() } else { 0 };
+        eprintln!(
+            "decoding {n_train} training and {} evaluation images to {size}x{size}{}",
+            eval.items.len(),
+            if d.augment && with_train {
+                " (training split augmented)"
+            } else {
+                ""
             }
-            let n_train = if with_train { train.items.len() } else { 0 };
-            eprintln!(
-                "decoding {n_train} training and {} evaluation images to {size}x{size}",
-                eval.items.len()
-            );
-            let train = match with_train {
-                true => Some(images::load(&train, c, size, resize, &mean, &std)?),
-                false => None,
-            };
-            Ok((train, images::load(&eval, c, size, resize, &mean, &std)?))
+        );
+        let (train, augment) = match (with_train, d.augment) {
+            (false, _) => (None, None),
+            (true, false) => (
+                Some(images::load(&train, c, size, resize, &mean, &std)?),
+                None,
+            ),
+            (true, true) => {
+                let aug = images::Augmenter::new(&train, c, size, resize, &mean, &std)?;
+                let labels: Vec<i64> = train.items.iter().map(|i| i.1).collect();
+                let ds = Dataset {
+                    images: Tensor::zeros([0, c, size, size], (Kind::Float, Device::Cpu)),
+                    labels: Tensor::from_slice(&labels),
+                    classes: train.classes,
+                };
+                (Some(ds), Some(aug))
+            }
         };
+        let eval = images::load(&eval, c, size, resize, &mean, &std)?;
+        Ok(Loaded {
+            train,
+            eval,
+            augment,
+        })
+    };
     let (train, eval) = match &d.source {
         DataSource::FashionMnist { root } => {
             if c != 1 {
@@ -94,10 +132,12 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>
             (train, fashion_mnist(root, false, mean[0], std[0])?)
         }
         DataSource::ImageFolder { root, train, eval } => {
-            files(images::image_folder(root, train, eval)?)?
+            return files(images::image_folder(root, train, eval)?)
         }
-        DataSource::Cub { root } | DataSource::Nabirds { root } => files(images::cub_like(root)?)?,
-        DataSource::StanfordDogs { root } => files(images::stanford_dogs(root)?)?,
+        DataSource::Cub { root } | DataSource::Nabirds { root } => {
+            return files(images::cub_like(root)?)
+        }
+        DataSource::StanfordDogs { root } => return files(images::stanford_dogs(root)?),
         DataSource::Synthetic {
             train,
             eval,
@@ -113,6 +153,13 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>
             Dataset::synthetic(*eval, *classes, c, size, cfg.train.seed + 1),
         ),
     };
+    if d.augment {
+        return Err(UsageError(
+            "data.augment needs an image-file source (ImageFolder, Cub, Nabirds, StanfordDogs)"
+                .into(),
+        )
+        .into());
+    }
     let (mut train, mut eval) = match &d.classes {
         Some(c) => (train.map(|t| t.subset(c)).transpose()?, eval.subset(c)?),
         None => (train, eval),
@@ -123,7 +170,11 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<(Option<Dataset>
     if let Some(n) = d.eval_limit {
         eval = eval.take(n);
     }
-    Ok((train, eval))
+    Ok(Loaded {
+        train,
+        eval,
+        augment: None,
+    })
 }
 
 /// How to take one step.
@@ -385,6 +436,8 @@ pub struct Plan {
     pub policy: Option<PolicyHandle>,
     /// Initial weights (`model.weights`), read and checked against the model.
     pub weights: Option<Checkpoint>,
+    /// Random augmentation of the training split (`data.augment`).
+    pub augment: Option<images::Augmenter>,
 }
 
 impl Plan {
@@ -399,7 +452,12 @@ impl Plan {
                 UsageError("train.batch and train.epochs must be at least 1".into()).into(),
             );
         }
-        let (train, eval) = load_data(&config)?;
+        let Loaded {
+            train,
+            eval,
+            augment,
+        } = load_splits(&config, true)?;
+        let train = train.expect("asked for");
         let model = config.model.resolve(train.classes)?;
         let shape = train.images.size();
         if shape[1..] != [model.channels, model.image_size, model.image_size] {
@@ -444,6 +502,7 @@ impl Plan {
             eval,
             policy,
             weights,
+            augment,
         })
     }
 }
@@ -576,7 +635,9 @@ fn train_in(
         eval,
         policy,
         weights,
+        augment,
     } = plan;
+    let augment = augment.map(std::sync::Arc::new);
     let identity = PolicyIdentity::of(policy.as_ref())?;
     tch::manual_seed(config.train.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -651,7 +712,19 @@ fn train_in(
     while step < total {
         let epoch = step / steps_per_epoch;
         let started = Instant::now();
-        let order = Tensor::from_slice(&train.order(config.train.seed, epoch));
+        let order_vec = train.order(config.train.seed, epoch);
+        // Augmented batches are built ahead on a background thread.
+        let prefetch = augment.as_ref().map(|a| {
+            images::Prefetch::start(
+                a.clone(),
+                order_vec.clone(),
+                batch as usize,
+                (step % steps_per_epoch) as usize,
+                (config.train.seed, epoch),
+                3,
+            )
+        });
+        let order = Tensor::from_slice(&order_vec);
         let mut lr = 0.0;
         let mut stop: Option<(Status, String, Option<anyhow::Error>)> = None;
         while step < total && step / steps_per_epoch == epoch {
@@ -667,7 +740,10 @@ fn train_in(
                     after: committed,
                 },
                 _ => {
-                    x = train.images.index_select(0, &idx).to_device(device);
+                    x = match &prefetch {
+                        Some(p) => p.next()?.to_device(device),
+                        None => train.images.index_select(0, &idx).to_device(device),
+                    };
                     Batch::Images(&x)
                 }
             };
@@ -1288,5 +1364,59 @@ mod tests {
         assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
         assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
         assert!(parse_device("gpu").is_err());
+    }
+}
+
+#[cfg(test)]
+mod augment_tests {
+    use super::*;
+
+    fn folder(dir: &Path) {
+        for split in ["train", "val"] {
+            for (c, shade) in [("a", 30u8), ("b", 220)] {
+                for i in 0..8u32 {
+                    let p = dir.join(format!("{split}/{c}/{i}.png"));
+                    fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    image::RgbImage::from_fn(12 + i, 10, |x, _| {
+                        image::Rgb([shade, (x * 9) as u8, 0])
+                    })
+                    .save(&p)
+                    .unwrap();
+                }
+            }
+        }
+    }
+
+    fn config(dir: &Path, extra: &str) -> RunConfig {
+        RunConfig::parse(
+            &format!(
+                r#"(output: {:?},
+                model: (preset: "tiny_fmnist", image_size: 8, channels: 3, patch: 4, dim: 12, depth: 2, heads: 3),
+                data: (source: ImageFolder(root: {:?}), mean: 0.5, std: 0.5, augment: true),
+                train: (epochs: 2, batch: 4, device: "cpu", threads: 1, sgd: (lr: 0.05){extra}))"#,
+                dir.join("runs"),
+                dir
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn augmented_image_folder_trains_and_refuses_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        folder(d.path());
+        let plan = Plan::resolve(config(d.path(), "")).unwrap();
+        assert!(plan.augment.is_some());
+        assert_eq!(plan.train.len(), 16);
+        let s = run(plan, &RunControl::default()).unwrap();
+        assert_eq!(s.status, Status::Completed);
+        assert_eq!(s.steps, 8);
+        assert!(s.final_top1.is_some());
+        let e = match Plan::resolve(config(d.path(), ", cache_frozen: true")) {
+            Ok(plan) => run(plan, &RunControl::default()).unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(format!("{e:#}").contains("random"), "{e:#}");
     }
 }
