@@ -4,7 +4,27 @@
 //! binary would not find libtorch at run time without `LD_LIBRARY_PATH`; and
 //! with `--as-needed` the linker drops `libtorch_cuda.so` (nothing references
 //! it directly), which leaves CUDA silently unavailable on GPU machines.
+//!
+//! For the `simfreeze` crate itself it also compiles `csrc/autocast.cpp`, a
+//! three-function shim for bf16 autocast (tch's C API only offers float16).
 fn main() {
+    if let (Ok(lib), Ok("simfreeze")) = (
+        std::env::var("DEP_TCH_LIBTORCH_LIB"),
+        std::env::var("CARGO_PKG_NAME").as_deref(),
+    ) {
+        let torch = std::path::Path::new(&lib)
+            .parent()
+            .expect("libtorch lib has a parent")
+            .to_owned();
+        cc::Build::new()
+            .cpp(true)
+            .file("csrc/autocast.cpp")
+            .include(torch.join("include"))
+            .flag("-std=c++17")
+            .warnings(false)
+            .compile("simfreeze_autocast");
+        println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+    }
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
         if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {

@@ -72,18 +72,22 @@ fn resumed_run_ends_with_exactly_the_metrics_of_an_uninterrupted_one() {
         fs::read_to_string(a.join("events.jsonl")).unwrap(),
         fs::read_to_string(b.join("events.jsonl")).unwrap()
     );
-    // Only the latest checkpoint's tensors are kept.
+    // Only the latest checkpoint's tensors are kept, next to the final
+    // model.
     let tensors: Vec<_> = fs::read_dir(&b)
         .unwrap()
         .filter(|e| {
-            e.as_ref()
+            let name = e
+                .as_ref()
                 .unwrap()
                 .file_name()
                 .to_string_lossy()
-                .ends_with(".safetensors")
+                .into_owned();
+            name.starts_with("checkpoint-") && name.ends_with(".safetensors")
         })
         .collect();
     assert_eq!(tensors.len(), 1);
+    assert!(b.join("model.safetensors").is_file());
 }
 
 #[test]

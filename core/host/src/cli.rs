@@ -300,7 +300,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let model_cfg = cfg.model.resolve(eval.classes)?;
     let ck = crate::weights::Checkpoint::read(&a.weights)?;
     let vs = tch::nn::VarStore::new(device);
-    let model = crate::model::Vit::new(&vs.root(), &model_cfg);
+    let mut model = crate::model::Vit::new(&vs.root(), &model_cfg);
+    model.precision = cfg.train.precision;
     let report = crate::weights::load_into(&vs, &model_cfg, ck, cfg.model.head)?;
     eprintln!("weights: {}: {report}", a.weights.display());
     let (top1, loss) = train::evaluate(&model, &eval, device);
@@ -367,6 +368,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         rounds: a.rounds,
+        precision: cfg.train.precision,
     };
     let results = train::bench(&spec, policy)?;
     let threads = tch::get_num_threads();

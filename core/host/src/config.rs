@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::UsageError;
 use crate::model::VitConfig;
 use crate::optim::SgdConfig;
+use crate::precision::Precision;
 use crate::weights::HeadInit;
 
 /// Which model: a preset with optional field overrides.
@@ -250,6 +251,9 @@ pub struct TrainSection {
     pub cache_frozen: bool,
     /// Largest activation cache allowed, in MiB.
     pub cache_max_mib: u64,
+    /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
+    /// (GPUs with bf16; parameters and optimizer stay float32).
+    pub precision: Precision,
 }
 
 impl Default for TrainSection {
@@ -264,6 +268,7 @@ impl Default for TrainSection {
             checkpoint_every: 500,
             cache_frozen: false,
             cache_max_mib: 4096,
+            precision: Precision::F32,
         }
     }
 }

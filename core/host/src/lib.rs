@@ -12,6 +12,7 @@
 //! - [`data`]: Fashion-MNIST, synthetic data, subsets, deterministic order;
 //! - [`images`]: ImageFolder, CUB-200-2011, NABirds, Stanford Dogs
 //!   ([`matfile`] reads its MATLAB lists), JPEG/PNG decoding;
+//! - [`precision`]: bf16 autocast (a small C++ shim);
 //! - [`optim`]: per-block SGD with our own momentum state, cosine schedule;
 //! - [`config`]: the RON run configuration and `--set` overrides;
 //! - [`train`]: the training loop, run directories, `bench`;
@@ -33,6 +34,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod plugin;
+pub mod precision;
 pub mod simulate;
 pub mod train;
 pub mod weights;

@@ -12,6 +12,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
+use crate::precision::{autocast, Precision};
+
 /// Shape of a ViT. Every field can be set from RON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -276,6 +278,8 @@ pub struct Vit {
     blocks: Vec<Block>,
     norm: nn::LayerNorm,
     head: nn::Linear,
+    /// Precision of every forward pass (float32 unless set).
+    pub precision: Precision,
 }
 
 impl Vit {
@@ -306,6 +310,7 @@ impl Vit {
                 .collect(),
             norm: layer_norm(p / "norm", cfg.dim, cfg.norm_eps),
             head: nn::linear(p / "head", cfg.dim, cfg.classes, Default::default()),
+            precision: Precision::F32,
         }
     }
 
@@ -335,12 +340,14 @@ impl Vit {
     /// The output of the embedding and blocks `[0, k)`, computed without
     /// autograd and detached: `[B, C, H, W] -> [B, N+1, D]`.
     pub fn frozen_prefix(&self, x: &Tensor, k: usize) -> Tensor {
-        tch::no_grad(|| {
-            let mut h = self.embed(x);
-            for b in &self.blocks[..k.min(self.blocks.len())] {
-                h = b.forward(&h);
-            }
-            h
+        autocast(self.precision, x.device(), || {
+            tch::no_grad(|| {
+                let mut h = self.embed(x);
+                for b in &self.blocks[..k.min(self.blocks.len())] {
+                    h = b.forward(&h);
+                }
+                h
+            })
         })
         .detach()
     }
@@ -348,12 +355,14 @@ impl Vit {
     /// Runs blocks `[from, to)` on `h` without autograd (advancing a cached
     /// boundary): `[B, N+1, D] -> [B, N+1, D]`.
     pub fn advance(&self, h: &Tensor, from: usize, to: usize) -> Tensor {
-        tch::no_grad(|| {
-            let mut h = h.shallow_clone();
-            for b in &self.blocks[from.min(to)..to.min(self.blocks.len())] {
-                h = b.forward(&h);
-            }
-            h
+        autocast(self.precision, h.device(), || {
+            tch::no_grad(|| {
+                let mut h = h.shallow_clone();
+                for b in &self.blocks[from.min(to)..to.min(self.blocks.len())] {
+                    h = b.forward(&h);
+                }
+                h
+            })
         })
         .detach()
     }
@@ -362,6 +371,20 @@ impl Vit {
     /// `[start, frozen)` without autograd (e.g. a probed block), the rest
     /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.
     pub fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
+        let out = autocast(self.precision, h.device(), || {
+            self.blocks_and_head(h, start, frozen)
+        });
+        if self.precision == Precision::F32 {
+            return out;
+        }
+        // The loss and the policy's features are computed in float32.
+        Forward {
+            logits: out.logits.to_kind(tch::Kind::Float),
+            cls: out.cls.to_kind(tch::Kind::Float),
+        }
+    }
+
+    fn blocks_and_head(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
         let frozen = frozen.clamp(start, self.blocks.len());
         let mut h = if frozen > start {
             tch::no_grad(|| {
