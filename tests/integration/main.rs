@@ -2,6 +2,7 @@
 //! the helpers). Each module owns one area.
 
 mod compare;
+mod configs;
 mod conformance;
 mod formulas;
 mod loader;

@@ -10,7 +10,7 @@
 use std::process::Command;
 
 use simfreeze::model::{Vit, VitConfig};
-use simfreeze::weights::{hf_norm_eps, load_into, Checkpoint, Format, HeadInit};
+use simfreeze::weights::{load_into, norm_eps_beside, Checkpoint, Format, HeadInit};
 use simfreeze_tests::{text, venv_python};
 use tch::{nn::VarStore, Device, Tensor};
 
@@ -45,7 +45,7 @@ fn imported_weights_reproduce_timm_and_hugging_face_logits() {
         let mut cfg: VitConfig = serde_json::from_value(case["shape"].clone()).unwrap();
         if name == "hf" {
             // What `model.weights` does: the epsilon comes from config.json.
-            cfg.norm_eps = hf_norm_eps(&file).unwrap().expect("config.json has it");
+            cfg.norm_eps = norm_eps_beside(&file).unwrap().expect("config.json has it");
             assert_eq!(cfg.norm_eps, 1e-12);
         }
         let vs = VarStore::new(Device::Cpu);

@@ -126,10 +126,14 @@ impl CompareConfig {
                 w[0]
             )));
         }
-        if let (Some(p), Some(t)) = (
-            self.pretrain.as_ref().and_then(|p| p.classes.as_ref()),
-            &self.finetune.classes,
-        ) {
+        if let Some(pre) = &self.pretrain {
+            let (Some(p), Some(t)) = (&pre.classes, &self.finetune.classes) else {
+                return Err(UsageError(
+                    "with a pretrain stage, give both pretrain.classes and finetune.classes: \
+                     the source task must be disjoint from the target"
+                        .into(),
+                ));
+            };
             if let Some(c) = p.iter().find(|c| t.contains(c)) {
                 return Err(UsageError(format!(
                     "class {c} is in both pretrain.classes and finetune.classes; \
@@ -164,11 +168,30 @@ impl CompareConfig {
 }
 
 /// The cache key of a pretraining configuration: the first 16 hex digits
-/// of the SHA-256 of its JSON form.
+/// of the SHA-256 of what it sets differently from the defaults (so a new
+/// configuration field with a default does not invalidate caches).
 pub fn cache_key(c: &RunConfig) -> String {
-    let json = serde_json::to_string(c).expect("configs serialise");
+    let value = serde_json::to_value(c).expect("configs serialise");
+    let defaults = serde_json::to_value(RunConfig::default()).expect("configs serialise");
+    let json = serde_json::to_string(&non_default(&value, &defaults)).expect("serialise");
     let d = Sha256::digest(json.as_bytes());
     d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The parts of `v` that differ from `default` (objects compared key by key).
+fn non_default(v: &serde_json::Value, default: &serde_json::Value) -> serde_json::Value {
+    match (v, default) {
+        (serde_json::Value::Object(m), serde_json::Value::Object(d)) => serde_json::Value::Object(
+            m.iter()
+                .filter(|(k, x)| d.get(*k) != Some(*x))
+                .map(|(k, x)| {
+                    let sub = d.get(k).map_or(x.clone(), |dx| non_default(x, dx));
+                    (k.clone(), sub)
+                })
+                .collect(),
+        ),
+        _ => v.clone(),
+    }
 }
 
 /// One fine-tuning run's result (a row of `results.csv`).
@@ -214,24 +237,61 @@ fn pretrain(cfg: &CompareConfig, control: &RunControl) -> Result<Option<PathBuf>
         eprintln!("pretraining: cached, {}", weights.display());
         return Ok(Some(weights));
     }
-    eprintln!("pretraining (cached afterwards as {})", cache.display());
     run_cfg.name = "pretrain".into();
     run_cfg.output = cache.clone();
-    let summary = train::run(Plan::resolve(run_cfg.clone())?, control)?;
-    let from = summary.run_dir.join(MODEL_FILE);
-    let tmp = cache.join("model.tmp");
-    fs::copy(&from, &tmp).with_context(|| format!("cannot copy {}", from.display()))?;
+    // A pretraining run left in the cache (interrupted, or resumed by hand
+    // with `simfreeze run --resume`) is continued or adopted, not redone.
+    let last = last_run_dir(&cache, "pretrain-");
+    let run_dir = match last {
+        Some(dir) if dir.join(MODEL_FILE).is_file() => {
+            eprintln!("pretraining: adopting the finished run {}", dir.display());
+            dir
+        }
+        Some(dir) if crate::checkpoint::load_meta(&dir)?.is_some() => {
+            eprintln!("pretraining: resuming {}", dir.display());
+            done(train::resume(&dir, control)?)
+        }
+        _ => {
+            eprintln!("pretraining (cached afterwards as {})", cache.display());
+            done(train::run(Plan::resolve(run_cfg.clone())?, control)?)
+        }
+    };
     fs::write(
         cache.join("pretrain.ron"),
         ron::ser::to_string_pretty(&run_cfg, Default::default())?,
     )?;
+    // The model's shape (LayerNorm epsilon included) travels beside it.
+    let sidecar = run_dir.join(train::MODEL_INFO_FILE);
+    if sidecar.is_file() {
+        fs::copy(&sidecar, cache.join(train::MODEL_INFO_FILE))
+            .with_context(|| format!("cannot copy {}", sidecar.display()))?;
+    }
+    let from = run_dir.join(MODEL_FILE);
+    let tmp = cache.join("model.tmp");
+    fs::copy(&from, &tmp).with_context(|| format!("cannot copy {}", from.display()))?;
     fs::rename(&tmp, &weights).with_context(|| format!("cannot write {}", weights.display()))?;
+    Ok(Some(weights))
+}
+
+fn done(summary: Summary) -> PathBuf {
     eprintln!(
         "pretraining done: top-1 {:.2}% on the source task, {:.0}s",
         summary.final_top1.unwrap_or(f64::NAN),
         summary.train_seconds
     );
-    Ok(Some(weights))
+    summary.run_dir
+}
+
+/// The last `<prefix>NNN` directory in `dir`, if any.
+fn last_run_dir(dir: &Path, prefix: &str) -> Option<PathBuf> {
+    let mut runs: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix) && e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    runs.sort();
+    runs.pop()
 }
 
 /// Runs the whole experiment; returns the experiment directory and rows.
@@ -283,7 +343,7 @@ pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Ve
                     _ => return Err(e),
                 },
             };
-            let row = row_of(&label, seed, &summary, baseline);
+            let row = row_of(&label, seed, &summary, entry.is_none(), baseline);
             if entry.is_none() {
                 baseline = Some((row.top1.unwrap_or(f64::NAN), row.train_seconds));
             }
@@ -329,22 +389,29 @@ fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
     }
 }
 
-fn row_of(label: &str, seed: u64, s: &Summary, baseline: Option<(f64, f64)>) -> Row {
+/// A row; `baseline` is the same seed's baseline (top-1, seconds), none
+/// when this row is the baseline or the baseline failed (then the
+/// relative columns stay empty).
+fn row_of(
+    label: &str,
+    seed: u64,
+    s: &Summary,
+    is_baseline: bool,
+    baseline: Option<(f64, f64)>,
+) -> Row {
     let top1 = s.final_top1;
+    let (d_acc, wall_speedup) = match (is_baseline, top1, baseline) {
+        (true, Some(_), _) => (Some(0.0), Some(1.0)),
+        (false, Some(t), Some((b, bs))) => (Some(t - b), Some(bs / s.train_seconds)),
+        _ => (None, None),
+    };
     Row {
         policy: label.into(),
         seed,
         status: "completed".into(),
         top1,
-        d_acc: match (top1, baseline) {
-            (Some(t), Some((b, _))) => Some(t - b),
-            (Some(_), None) => Some(0.0),
-            _ => None,
-        },
-        wall_speedup: Some(match baseline {
-            Some((_, bs)) => bs / s.train_seconds,
-            None => 1.0,
-        }),
+        d_acc,
+        wall_speedup,
         compute_speedup: s.compute_speedup,
         frontier: s.freeze_step.iter().filter(|f| f.is_some()).count(),
         train_seconds: s.train_seconds,
@@ -599,6 +666,8 @@ mod tests {
     fn overlapping_classes_and_duplicate_labels_are_refused() {
         let c = cfg("(pretrain: (classes: [0, 1]), finetune: (classes: [1, 2]))");
         assert!(c.validate().unwrap_err().0.contains("class 1"));
+        let c = cfg("(pretrain: (), finetune: (classes: [1, 2]))");
+        assert!(c.validate().unwrap_err().0.contains("both"));
         let c = cfg(r#"(policies: [(plugin: "atsf"), (plugin: "./libatsf.so")])"#);
         assert!(c.validate().unwrap_err().0.contains("`atsf`"));
         let c = cfg(r#"(policies: [(plugin: "atsf"), (plugin: "atsf", label: "atsf-50")])"#);
@@ -610,6 +679,7 @@ mod tests {
     #[test]
     fn cache_key_follows_what_shapes_the_pretraining_only() {
         let a = cfg("(pretrain: (classes: [0, 1], train: (epochs: 2)), finetune: (classes: [2]))");
+        a.validate().unwrap();
         let mut b = a.clone();
         b.finetune.train.epochs = 7;
         b.policies.push(Entry {
@@ -618,6 +688,12 @@ mod tests {
             label: None,
         });
         b.name = "other".into();
+        assert_eq!(
+            cache_key(&a.pretrain_config().unwrap()),
+            cache_key(&b.pretrain_config().unwrap())
+        );
+        // Writing a default out explicitly changes nothing.
+        b.pretrain.as_mut().unwrap().train.cache_frozen = false;
         assert_eq!(
             cache_key(&a.pretrain_config().unwrap()),
             cache_key(&b.pretrain_config().unwrap())

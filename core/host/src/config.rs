@@ -86,7 +86,7 @@ impl ModelSection {
         c.classes = self.classes.unwrap_or(data_classes);
         c.norm_eps = match (self.norm_eps, &self.weights) {
             (Some(e), _) => e,
-            (None, Some(w)) => crate::weights::hf_norm_eps(w)
+            (None, Some(w)) => crate::weights::norm_eps_beside(w)
                 .map_err(|e| UsageError(e.to_string()))?
                 .unwrap_or(c.norm_eps),
             (None, None) => c.norm_eps,

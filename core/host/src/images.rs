@@ -92,6 +92,13 @@ impl Split {
             }
         };
         if let Some(n) = limit {
+            // The listings are grouped by class: take the first n of a
+            // fixed shuffle, so a limit keeps every class represented.
+            let mut rng = crate::simulate::Rng::new(0x11_A1E5);
+            for i in (1..split.items.len()).rev() {
+                let j = rng.below(i + 1);
+                split.items.swap(i, j);
+            }
             split.items.truncate(n.max(0) as usize);
         }
         Ok(split)
@@ -325,7 +332,9 @@ fn resize_shorter(img: &image::DynamicImage, short: u32) -> image::DynamicImage 
 /// The training split kept as images (shorter side `resize`), for random
 /// augmentation each epoch: random resized crop (scale 0.08-1, aspect
 /// 3/4-4/3, bilinear, as torchvision's `RandomResizedCrop`) and a
-/// horizontal flip with probability 1/2. The draws depend only on (seed,
+/// horizontal flip with probability 1/2. Unlike torchvision, the crop is
+/// taken from the image already resized to `resize` (memory: the originals
+/// are not kept), so small crops are upsampled from fewer pixels. The draws depend only on (seed,
 /// epoch, sample), so a resumed run sees the same crops.
 pub struct Augmenter {
     images: Vec<image::DynamicImage>,

@@ -117,15 +117,18 @@ fn matrix(d: &[u8]) -> Result<(String, MatValue), String> {
     let (_, flags, at) = element(d, 0)?;
     let class = *flags.first().ok_or("empty array flags")?;
     let (_, dims, at) = element(d, at)?;
-    let n: usize = dims
+    let n = dims
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()).max(0) as usize)
-        .product();
+        .try_fold(1usize, |a, b| a.checked_mul(b))
+        .ok_or("array dimensions overflow")?;
     let (_, name, mut at) = element(d, at)?;
     let name = String::from_utf8_lossy(name).into_owned();
     let value = match class {
         MX_CELL => {
-            let mut items = Vec::with_capacity(n);
+            // Every cell takes at least 8 bytes: a corrupt count cannot
+            // make us reserve more than the data holds.
+            let mut items = Vec::with_capacity(n.min(d.len() / 8));
             for _ in 0..n {
                 let (ty, sub, next) = element(d, at)?;
                 if ty != MI_MATRIX {
@@ -184,6 +187,9 @@ fn variables(b: &[u8], mut at: usize, out: &mut BTreeMap<String, MatValue>) -> R
 pub fn parse(bytes: &[u8]) -> Result<BTreeMap<String, MatValue>, String> {
     if bytes.len() < 128 {
         return Err("shorter than the 128-byte MAT header".into());
+    }
+    if bytes[124..126] == [0x00, 0x02] || bytes[124..126] == [0x02, 0x00] {
+        return Err("MATLAB v7.3 (HDF5) files are not supported; save with -v7 or -v6".into());
     }
     if &bytes[126..128] != b"IM" {
         return Err(if &bytes[126..128] == b"MI" {

@@ -332,7 +332,8 @@ impl Vit {
     pub fn forward_frozen(&self, x: &Tensor, frozen: usize) -> Forward {
         let frozen = frozen.min(self.blocks.len());
         if frozen == 0 {
-            return self.forward_from(self.embed(x), 0, 0);
+            let h = autocast(self.precision, x.device(), || self.embed(x));
+            return self.forward_from(h, 0, 0);
         }
         self.forward_from(self.frozen_prefix(x, frozen), frozen, frozen)
     }

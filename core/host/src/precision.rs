@@ -21,24 +21,22 @@ pub enum Precision {
 }
 
 extern "C" {
-    fn simfreeze_autocast_bf16(cuda: c_int, enabled: c_int) -> c_int;
-    fn simfreeze_autocast_enter();
-    fn simfreeze_autocast_exit();
+    fn simfreeze_autocast_bf16_enter(cuda: c_int, enabled: *mut c_int, dtype: *mut c_int);
+    fn simfreeze_autocast_exit(cuda: c_int, enabled: c_int, dtype: c_int);
 }
 
-/// Restores the previous autocast state when dropped (also on panic).
+/// Restores the previous autocast state (on/off and dtype) when dropped,
+/// also on panic.
 struct Guard {
     cuda: c_int,
-    was: c_int,
+    enabled: c_int,
+    dtype: c_int,
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        // SAFETY: plain calls into libtorch's autocast state, no pointers.
-        unsafe {
-            simfreeze_autocast_exit();
-            simfreeze_autocast_bf16(self.cuda, self.was);
-        }
+        // SAFETY: plain calls into libtorch's autocast state.
+        unsafe { simfreeze_autocast_exit(self.cuda, self.enabled, self.dtype) }
     }
 }
 
@@ -47,14 +45,13 @@ pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) 
     if precision == Precision::F32 {
         return f();
     }
-    let cuda = c_int::from(device.is_cuda());
-    // SAFETY: as above.
-    let was = unsafe {
-        let was = simfreeze_autocast_bf16(cuda, 1);
-        simfreeze_autocast_enter();
-        was
+    let mut guard = Guard {
+        cuda: c_int::from(device.is_cuda()),
+        enabled: 0,
+        dtype: 0,
     };
-    let _guard = Guard { cuda, was };
+    // SAFETY: the pointers are to live fields of `guard`.
+    unsafe { simfreeze_autocast_bf16_enter(guard.cuda, &mut guard.enabled, &mut guard.dtype) };
     f()
 }
 

@@ -188,6 +188,8 @@ pub struct StepPlan<'a> {
     pub lr_factors: &'a [f32],
     /// Compute per-block gradient norms (one extra host sync).
     pub grad_norms: bool,
+    /// Copy the class-token features to host memory for the policy.
+    pub features: bool,
 }
 
 impl StepPlan<'_> {
@@ -198,6 +200,7 @@ impl StepPlan<'_> {
             frozen,
             lr_factors: &[],
             grad_norms: false,
+            features: false,
         }
     }
 }
@@ -208,6 +211,8 @@ pub struct StepOut {
     pub loss: f64,
     /// Final class-token features `[B, D]`.
     pub cls: Tensor,
+    /// The same in host memory, float32, if the plan asked for them.
+    pub cls_host: Option<Tensor>,
     /// Per-block gradient norms, if asked for.
     pub grad_norms: Vec<f32>,
 }
@@ -240,6 +245,17 @@ pub fn train_step(
         Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
     };
     let loss_t = out.logits.cross_entropy_for_logits(y);
+    // The feature copy is queued right behind the forward, before the loss
+    // is read: reading the loss (needed anyway, to refuse a NaN step before
+    // any update) waits for it too, and the backward is not held up by a
+    // second synchronisation after it. Non-blocking device-to-host copies
+    // land in pinned memory; on the CPU this is the tensor itself.
+    let cls_host = plan.features.then(|| {
+        out.cls
+            .detach()
+            .to_kind(Kind::Float)
+            .to_device_(Device::Cpu, Kind::Float, true, false)
+    });
     let loss = loss_t.double_value(&[]);
     if !loss.is_finite() {
         return Err(loss);
@@ -254,6 +270,7 @@ pub fn train_step(
     Ok(StepOut {
         loss,
         cls: out.cls,
+        cls_host,
         grad_norms,
     })
 }
@@ -731,7 +748,8 @@ fn train_in(
         while step < total && step / steps_per_epoch == epoch {
             let b = (step % steps_per_epoch) as i64;
             let idx = order.narrow(0, b * batch, batch);
-            let y = train.labels.index_select(0, &idx).to_device(device);
+            let y_host = train.labels.index_select(0, &idx);
+            let y = upload(&y_host, device);
             let state = driver.state();
             let committed = state.frontier as usize;
             let x;
@@ -742,8 +760,8 @@ fn train_in(
                 },
                 _ => {
                     x = match &prefetch {
-                        Some(p) => p.next()?.to_device(device),
-                        None => train.images.index_select(0, &idx).to_device(device),
+                        Some(p) => upload(&p.next()?, device),
+                        None => upload(&train.images.index_select(0, &idx), device),
                     };
                     Batch::Images(&x)
                 }
@@ -756,11 +774,13 @@ fn train_in(
                 frozen,
                 lr_factors: &factors,
                 grad_norms: needs.contains(Needs::GRAD_NORMS),
+                features: needs.contains(Needs::CLS_FEATURES),
             };
             let StepOut {
                 loss,
-                cls,
+                cls_host,
                 grad_norms,
+                ..
             } = match train_step(&model, &mut opt, input, &y, &plan) {
                 Ok(out) => out,
                 Err(loss) => {
@@ -776,7 +796,7 @@ fn train_in(
                 }
             };
             loss_sum += loss;
-            let (features, labels) = host_copies(needs, &cls, &y)?;
+            let (features, labels) = host_copies(needs, cls_host.as_ref(), &y_host)?;
             let outcome = driver.after_step(&StepInput {
                 step,
                 epoch,
@@ -896,7 +916,7 @@ fn train_in(
             &acc,
         )?;
     }
-    save_model(&dir.path.join(MODEL_FILE), &vs)?;
+    save_model(&dir.path.join(MODEL_FILE), &vs, &mcfg)?;
     let summary = Summary::new(
         Status::Completed,
         None,
@@ -915,7 +935,14 @@ fn train_in(
 /// names; `model.weights` and `simfreeze eval --weights` read it).
 pub const MODEL_FILE: &str = "model.safetensors";
 
-fn save_model(path: &Path, vs: &nn::VarStore) -> Result<()> {
+/// The model's shape as JSON beside [`MODEL_FILE`] (its LayerNorm epsilon
+/// is read back when the weights are loaded).
+pub const MODEL_INFO_FILE: &str = "model.json";
+
+fn save_model(path: &Path, vs: &nn::VarStore, cfg: &VitConfig) -> Result<()> {
+    let info = path.with_file_name(MODEL_INFO_FILE);
+    fs::write(&info, serde_json::to_string_pretty(cfg)?)
+        .with_context(|| format!("cannot write {}", info.display()))?;
     let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let tmp = path.with_extension("tmp");
@@ -926,23 +953,32 @@ fn save_model(path: &Path, vs: &nn::VarStore) -> Result<()> {
 
 /// Copies to host memory what the policy asked for (and nothing else):
 /// the class-token features `[B, D]` flattened, and the labels.
-fn host_copies(needs: Needs, cls: &Tensor, y: &Tensor) -> Result<(Vec<f32>, Vec<i64>)> {
-    let features = if needs.contains(Needs::CLS_FEATURES) {
-        let flat = cls
-            .detach()
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-            .flatten(0, -1);
-        Vec::try_from(flat)?
-    } else {
-        Vec::new()
+fn host_copies(
+    needs: Needs,
+    cls_host: Option<&Tensor>,
+    y_host: &Tensor,
+) -> Result<(Vec<f32>, Vec<i64>)> {
+    let features = match cls_host {
+        Some(c) if needs.contains(Needs::CLS_FEATURES) => Vec::try_from(c.flatten(0, -1))?,
+        _ => Vec::new(),
     };
     let labels = if needs.contains(Needs::LABELS) {
-        Vec::try_from(&y.to_device(Device::Cpu))?
+        Vec::try_from(y_host)?
     } else {
         Vec::new()
     };
     Ok((features, labels))
+}
+
+/// Moves a host batch to `device`: on a GPU through pinned memory with a
+/// non-blocking copy, so the upload overlaps work already queued.
+fn upload(t: &Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
 }
 
 /// Per-run accumulators a checkpoint carries.
@@ -1136,6 +1172,8 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
         (Kind::Float, device),
     );
     let y = Tensor::randint(mcfg.classes, [batch], (Kind::Int64, device));
+    // Labels come from host memory in a real run too.
+    let y_host = y.to_device(Device::Cpu);
     let has_policy = policy.is_some();
     let mut driver = PolicyDriver::new(policy, model.depth() as u32);
     let needs = driver.needs();
@@ -1154,13 +1192,16 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
                 &mut opt,
                 Batch::Images(&x),
                 &y,
-                &StepPlan::simple(1e-4, k),
+                &StepPlan {
+                    features: has_policy && needs.contains(Needs::CLS_FEATURES),
+                    ..StepPlan::simple(1e-4, k)
+                },
             ) else {
                 continue;
             };
             if has_policy {
                 let t = Instant::now();
-                let (features, labels) = host_copies(needs, &out.cls, &y)?;
+                let (features, labels) = host_copies(needs, out.cls_host.as_ref(), &y_host)?;
                 driver.after_step(&StepInput {
                     step,
                     epoch: 0,

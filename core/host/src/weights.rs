@@ -108,7 +108,7 @@ impl Checkpoint {
             .keys()
             .any(|k| k.contains("embeddings.patch_embeddings"))
         {
-            let norm_eps = hf_norm_eps(path)?;
+            let norm_eps = norm_eps_beside(path)?;
             let (tensors, ignored) = from_hf(path, raw)?;
             return Ok(Checkpoint {
                 path: path.to_owned(),
@@ -248,6 +248,12 @@ pub fn load_into(
     }
     let mut resized = None;
     if let Some(pe) = ck.tensors.get("pos_embed") {
+        if pe.dim() != 3 || pe.size()[0] != 1 {
+            return Err(err(
+                &path,
+                format!("pos_embed is {:?}, expected [1, tokens, width]", pe.size()),
+            ));
+        }
         let want = cfg.tokens();
         let have = pe.size()[1];
         if have != want {
@@ -258,7 +264,9 @@ pub fn load_into(
                     format!("pos_embed has {have} tokens, not a square grid plus a class token"),
                 ));
             }
-            let new = resample_pos_embed(pe, cfg.image_size / cfg.patch);
+            // As timm: bicubic with antialiasing for its own checkpoints,
+            // bilinear without for Google's .npz (`_load_weights`).
+            let new = resample_pos_embed(pe, cfg.image_size / cfg.patch, ck.format != Format::Npz);
             ck.tensors.insert("pos_embed".into(), new);
             resized = Some(grid);
         }
@@ -306,8 +314,9 @@ pub fn load_into(
 }
 
 /// timm's `resample_abs_pos_embed`: class token kept, the grid resampled
-/// bicubically with antialiasing, `[1, 1+g*g, D] -> [1, 1+n*n, D]`.
-pub fn resample_pos_embed(pe: &Tensor, new_grid: i64) -> Tensor {
+/// (`bicubic`: bicubic with antialiasing, else bilinear without),
+/// `[1, 1+g*g, D] -> [1, 1+n*n, D]`.
+pub fn resample_pos_embed(pe: &Tensor, new_grid: i64, bicubic: bool) -> Tensor {
     let (_, tokens, d) = pe.size3().expect("[1, N, D]");
     let old = ((tokens - 1) as f64).sqrt().round() as i64;
     let kind = pe.kind();
@@ -317,8 +326,12 @@ pub fn resample_pos_embed(pe: &Tensor, new_grid: i64) -> Tensor {
         .to_kind(Kind::Float)
         .reshape([1, old, old, d])
         .permute([0, 3, 1, 2]);
+    let grid = if bicubic {
+        grid.internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None)
+    } else {
+        grid.upsample_bilinear2d([new_grid, new_grid], false, None, None)
+    };
     let grid = grid
-        .internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None)
         .permute([0, 2, 3, 1])
         .reshape([1, new_grid * new_grid, d])
         .to_kind(kind);
@@ -334,16 +347,25 @@ fn take(
         .ok_or_else(|| err(path, format!("no tensor `{key}`")))
 }
 
-/// The LayerNorm epsilon in the Hugging Face `config.json` beside a
-/// weights file, if there is one and it says.
-pub fn hf_norm_eps(path: &Path) -> Result<Option<f64>, WeightsError> {
-    let cfg = path.with_file_name("config.json");
-    let Ok(text) = std::fs::read_to_string(&cfg) else {
-        return Ok(None);
-    };
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| err(&cfg, format!("not valid JSON: {e}")))?;
-    Ok(v.get("layer_norm_eps").and_then(|e| e.as_f64()))
+/// The LayerNorm epsilon recorded beside a weights file: `model.json`
+/// (written by simfreeze next to every `model.safetensors`) or a Hugging
+/// Face `config.json` (`layer_norm_eps`), if there is one and it says.
+pub fn norm_eps_beside(path: &Path) -> Result<Option<f64>, WeightsError> {
+    for (file, key) in [
+        ("model.json", "norm_eps"),
+        ("config.json", "layer_norm_eps"),
+    ] {
+        let side = path.with_file_name(file);
+        let Ok(text) = std::fs::read_to_string(&side) else {
+            continue;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| err(&side, format!("not valid JSON: {e}")))?;
+        if let Some(eps) = v.get(key).and_then(|e| e.as_f64()) {
+            return Ok(Some(eps));
+        }
+    }
+    Ok(None)
 }
 
 fn from_hf(
@@ -561,9 +583,32 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
             );
         }
     }
-    // Optimizer state and the old representation layer are not weights of
-    // a classifier ViT.
-    let ignored: Vec<String> = raw.into_keys().collect();
+    // The old representation layer sits between the encoder and the head:
+    // without it the head would compute something else, so it is dropped
+    // (a new head is trained). Optimizer state outside the prefix is not a
+    // weight. Anything else under the prefix is a layout we do not know.
+    if raw.contains_key(&format!("{prefix}pre_logits/kernel")) {
+        out.remove("head.weight");
+        out.remove("head.bias");
+    }
+    let mut ignored = BTreeMap::<String, usize>::new();
+    for k in raw.into_keys() {
+        let group = match k.strip_prefix(prefix) {
+            Some(rest) if rest.starts_with("pre_logits/") => "pre_logits/*".to_string(),
+            Some(_) => {
+                return Err(err(
+                    path,
+                    format!("tensor `{k}` is not part of a ViT checkpoint we know"),
+                ))
+            }
+            None => format!("{}/*", k.split('/').take(2).collect::<Vec<_>>().join("/")),
+        };
+        *ignored.entry(group).or_default() += 1;
+    }
+    let ignored: Vec<String> = ignored
+        .into_iter()
+        .map(|(g, n)| format!("{g} ({n} tensors)"))
+        .collect();
     Ok(Checkpoint {
         path: path.to_owned(),
         format: Format::Npz,
@@ -682,10 +727,11 @@ mod tests {
     #[test]
     fn position_embedding_resamples_to_another_grid() {
         let pe = Tensor::randn([1, 1 + 4 * 4, 6], (Kind::Float, Device::Cpu));
-        let up = resample_pos_embed(&pe, 8);
+        let up = resample_pos_embed(&pe, 8, true);
         assert_eq!(up.size(), [1, 65, 6]);
         assert_eq!(up.narrow(1, 0, 1), pe.narrow(1, 0, 1));
-        let same = resample_pos_embed(&pe, 4);
+        let same = resample_pos_embed(&pe, 4, true);
         assert!(same.allclose(&pe, 1e-5, 1e-5, false));
+        assert_eq!(resample_pos_embed(&pe, 6, false).size(), [1, 37, 6]);
     }
 }

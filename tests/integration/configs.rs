@@ -1,0 +1,30 @@
+//! Every configuration shipped in configs/ parses and resolves its model:
+//! a typo in a shipped file fails here, not on a user's machine.
+
+use simfreeze::compare::CompareConfig;
+use simfreeze::config::RunConfig;
+
+#[test]
+fn every_shipped_config_parses() {
+    let root = simfreeze_tests::repo_root().join("configs");
+    let mut files = Vec::new();
+    for dir in [root.clone(), root.join("paper")] {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "ron") {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() >= 10, "{files:?}");
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        if text.contains("finetune:") {
+            let c = CompareConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            c.validate().unwrap();
+            c.model.resolve(10).unwrap();
+        } else {
+            let c = RunConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            c.model.resolve(10).unwrap();
+        }
+    }
+}
