@@ -198,9 +198,9 @@ impl Chart {
             let py = sy(*y);
             let _ = writeln!(
                 s,
-                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#555" stroke-dasharray="5 4"/><text x="{:.1}" y="{:.1}" fill="#555" font-size="11">{}</text>"##,
+                r##"<line x1="{LEFT}" y1="{py:.1}" x2="{:.1}" y2="{py:.1}" stroke="#555" stroke-dasharray="5 4"/><text x="{:.1}" y="{:.1}" fill="#555" font-size="11" text-anchor="end">{}</text>"##,
                 LEFT + pw,
-                LEFT + 4.0,
+                LEFT + pw - 4.0,
                 py - 4.0,
                 esc(label)
             );
