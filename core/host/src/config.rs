@@ -345,15 +345,50 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
         let (key, raw) = set
             .split_once('=')
             .ok_or_else(|| UsageError(format!("--set {set}: expected key=value")))?;
-        let new: ron::Value = ron::from_str(raw)
-            .map_err(|e| UsageError(format!("--set {set}: value is not RON: {}", e.code)))?;
+        let new = ron_value_to_json(raw)
+            .map_err(|e| UsageError(format!("--set {set}: value is not RON: {e}")))?;
         let slot = key
             .split('.')
             .try_fold(&mut tree, |cur, part| cur.get_mut(part))
             .ok_or_else(|| UsageError(format!("--set {set}: unknown key `{key}`")))?;
-        *slot = serde_json::to_value(new).map_err(|e| UsageError(e.to_string()))?;
+        *slot = new;
     }
     serde_json::from_value(tree).map_err(|e| UsageError(format!("--set: {e}")))
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+}
+
+/// A RON value as serde_json's tree: RON's dynamic `Value` drops enum
+/// variant names, so `Bf16` (a unit variant) and `Cub(root: "...")` (a
+/// struct variant) are recognised here and written the way serde_json
+/// represents variants; `Some(x)` is `x` and `None` is null.
+fn ron_value_to_json(raw: &str) -> Result<serde_json::Value, String> {
+    let t = raw.trim();
+    match t {
+        "None" => return Ok(serde_json::Value::Null),
+        "true" | "false" => {}
+        _ if is_ident(t) => return Ok(serde_json::Value::String(t.into())),
+        _ => {}
+    }
+    if let Some(open) = t.find('(') {
+        let name = &t[..open];
+        if is_ident(name) && t.ends_with(')') {
+            let inner = &t[open..];
+            if name == "Some" {
+                return ron_value_to_json(&inner[1..inner.len() - 1]);
+            }
+            let v: ron::Value = ron::from_str(inner).map_err(|e| e.code.to_string())?;
+            let v = serde_json::to_value(v).map_err(|e| e.to_string())?;
+            return Ok(serde_json::json!({ name: v }));
+        }
+    }
+    let v: ron::Value = ron::from_str(t).map_err(|e| e.code.to_string())?;
+    serde_json::to_value(v).map_err(|e| e.to_string())
 }
 
 /// Parses RON text with optional fields taking plain values; errors give
@@ -410,6 +445,37 @@ mod tests {
             .with_overrides(&["train.epoks=1".into()])
             .unwrap_err();
         assert!(e.0.contains("unknown key"), "{}", e.0);
+    }
+
+    #[test]
+    fn overrides_take_enum_variants() {
+        let c = RunConfig::parse("()", "c").unwrap();
+        let c = c
+            .with_overrides(&[
+                "train.precision=Bf16".into(),
+                r#"data.source=Cub(root: "/data/CUB_200_2011")"#.into(),
+                r#"model.weights="w.safetensors""#.into(),
+                "data.mean=[0.5, 0.4, 0.3]".into(),
+                "model.head=New".into(),
+                "data.train_limit=Some(7)".into(),
+            ])
+            .unwrap();
+        assert_eq!(c.train.precision, Precision::Bf16);
+        assert_eq!(
+            c.data.source,
+            DataSource::Cub {
+                root: "/data/CUB_200_2011".into()
+            }
+        );
+        assert_eq!(c.model.weights, Some(PathBuf::from("w.safetensors")));
+        assert_eq!(c.data.mean, Stat::PerChannel(vec![0.5, 0.4, 0.3]));
+        assert_eq!(c.model.head, HeadInit::New);
+        assert_eq!(c.data.train_limit, Some(7));
+        let c = c.with_overrides(&["data.train_limit=None".into()]).unwrap();
+        assert_eq!(c.data.train_limit, None);
+        assert!(RunConfig::default()
+            .with_overrides(&["train.precision=Half".into()])
+            .is_err());
     }
 
     #[test]
