@@ -24,7 +24,7 @@ half=$((depth / 2))
 pyargs=$(python3 -c '
 import json, sys
 s = json.loads(sys.argv[1])["shape"]
-print(" ".join("--%s %s" % (k.replace("_", "-"), v) for k, v in s.items() if k != "mlp_ratio"))
+print(" ".join("--%s %s" % (k.replace("_", "-"), v) for k, v in s.items() if k not in ("mlp_ratio", "norm_eps")))
 ' "$shape")
 
 printf '%-6s %-4s %14s %14s %8s\n' batch K simfreeze pytorch ratio

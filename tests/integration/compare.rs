@@ -83,6 +83,22 @@ fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("pretraining: cached"), "{stderr}");
     assert!(dir.path().join("exp/tiny-002/table.md").is_file());
+
+    // A pretraining run that finished but never reached the cache (the
+    // process died in between, or it was resumed by hand) is adopted.
+    let cache = cached[0].path();
+    std::fs::remove_file(cache.join("model.safetensors")).unwrap();
+    let out = simfreeze(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "seeds=[4]",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("adopting the finished run"), "{stderr}");
+    assert!(cache.join("model.safetensors").is_file() && cache.join("model.json").is_file());
 }
 
 #[test]
