@@ -178,7 +178,10 @@ fn default_eval_dir() -> String {
     "val".into()
 }
 
-/// A normalisation statistic: one value for every channel, or one each.
+/// A normalisation statistic: one value for every channel, one each, or
+/// a named preset: `"imagenet"` (mean `[0.485, 0.456, 0.406]`, std
+/// `[0.229, 0.224, 0.225]`) or `"inception"` (0.5 and 0.5, what the augreg
+/// ImageNet-21k ViT weights expect).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Stat {
@@ -186,12 +189,27 @@ pub enum Stat {
     One(f64),
     /// One per channel.
     PerChannel(Vec<f64>),
+    /// A preset by name.
+    Named(String),
 }
 
 impl Stat {
-    /// The values for `channels` channels.
+    /// The values for `channels` channels (`what`: `mean` or `std`).
     pub fn per_channel(&self, channels: i64, what: &str) -> Result<Vec<f64>, UsageError> {
         match self {
+            Stat::Named(name) => {
+                let v = match (name.as_str(), what) {
+                    ("imagenet", "mean") => vec![0.485, 0.456, 0.406],
+                    ("imagenet", _) => vec![0.229, 0.224, 0.225],
+                    ("inception", _) => vec![0.5; 3],
+                    _ => {
+                        return Err(UsageError(format!(
+                            "data.{what} `{name}`: presets are \"imagenet\" and \"inception\""
+                        )))
+                    }
+                };
+                Stat::PerChannel(v).per_channel(channels, what)
+            }
             Stat::One(v) => Ok(vec![*v; channels as usize]),
             Stat::PerChannel(v) if v.len() == channels as usize => Ok(v.clone()),
             Stat::PerChannel(v) => Err(UsageError(format!(
@@ -476,6 +494,33 @@ mod tests {
         assert!(RunConfig::default()
             .with_overrides(&["train.precision=Half".into()])
             .is_err());
+    }
+
+    #[test]
+    fn normalisation_presets() {
+        let c = RunConfig::parse(r#"(data: (mean: "imagenet", std: "imagenet"))"#, "c").unwrap();
+        assert_eq!(
+            c.data.mean.per_channel(3, "mean").unwrap(),
+            [0.485, 0.456, 0.406]
+        );
+        assert_eq!(
+            c.data.std.per_channel(3, "std").unwrap(),
+            [0.229, 0.224, 0.225]
+        );
+        assert!(
+            c.data.mean.per_channel(1, "mean").is_err(),
+            "3 values, 1 channel"
+        );
+        let c = RunConfig::parse(r#"(data: (mean: "inception"))"#, "c").unwrap();
+        assert_eq!(c.data.mean.per_channel(3, "mean").unwrap(), [0.5; 3]);
+        let c = RunConfig::parse(r#"(data: (mean: "imagenet21k"))"#, "c").unwrap();
+        assert!(c
+            .data
+            .mean
+            .per_channel(3, "mean")
+            .unwrap_err()
+            .0
+            .contains("presets"));
     }
 
     #[test]
