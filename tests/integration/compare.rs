@@ -116,3 +116,23 @@ fn overlapping_source_and_target_classes_are_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("class 1"), "{stderr}");
 }
+
+#[test]
+fn a_bad_policy_option_fails_before_anything_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let out = simfreeze(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        r#"policies=[(plugin: "ucf", options: "(t0: 7.0)")]"#,
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(!stderr.contains("pretraining"), "{stderr}");
+    assert!(
+        !dir.path().join("exp").exists(),
+        "nothing should be written"
+    );
+}

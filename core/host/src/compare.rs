@@ -297,6 +297,12 @@ fn last_run_dir(dir: &Path, prefix: &str) -> Option<PathBuf> {
 /// Runs the whole experiment; returns the experiment directory and rows.
 pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Vec<Row>)> {
     cfg.validate()?;
+    // Every plugin is found and constructed once before anything trains, so
+    // a typo in a policy or its options fails now, not after the baseline.
+    let search = crate::plugin::SearchPath::from_env();
+    for e in &cfg.policies {
+        search.load(&e.plugin)?.new_policy(&e.options)?;
+    }
     let weights = pretrain(cfg, control)?;
     let exp = RunDir::create(&cfg.output, &cfg.name)?;
     fs::write(
