@@ -14,20 +14,28 @@ use simfreeze::weights::{load_into, norm_eps_beside, Checkpoint, Format, HeadIni
 use simfreeze_tests::{text, venv_python};
 use tch::{nn::VarStore, Device, Tensor};
 
-#[test]
-fn imported_weights_reproduce_timm_and_hugging_face_logits() {
+/// Runs `tests/parity/<script> DIR` with the environment's Python and
+/// returns DIR.
+fn reference(script: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(venv_python())
         .args(["-W", "ignore"])
-        .arg(simfreeze_tests::repo_root().join("tests/parity/reference.py"))
+        .arg(
+            simfreeze_tests::repo_root()
+                .join("tests/parity")
+                .join(script),
+        )
         .arg(dir.path())
         .output()
         .expect("run python");
     let (stdout, stderr) = text(&out);
-    assert!(
-        out.status.success(),
-        "reference.py failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "{script} failed:\n{stdout}\n{stderr}");
+    dir
+}
+
+#[test]
+fn imported_weights_reproduce_timm_and_hugging_face_logits() {
+    let dir = reference("reference.py");
 
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
@@ -74,18 +82,7 @@ fn imported_weights_reproduce_timm_and_hugging_face_logits() {
 /// Dogs layout (MATLAB lists written by scipy) reports timm's own top-1.
 #[test]
 fn eval_reports_timms_top1_on_image_folder_and_stanford_dogs() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(venv_python())
-        .args(["-W", "ignore"])
-        .arg(simfreeze_tests::repo_root().join("tests/parity/imagefolder.py"))
-        .arg(dir.path())
-        .output()
-        .expect("run python");
-    let (stdout, stderr) = text(&out);
-    assert!(
-        out.status.success(),
-        "imagefolder.py failed:\n{stdout}\n{stderr}"
-    );
+    let dir = reference("imagefolder.py");
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap())
             .unwrap();

@@ -340,8 +340,8 @@ pub struct Augmenter {
     images: Vec<image::DynamicImage>,
     channels: i64,
     size: u32,
-    mean: Vec<f32>,
-    std: Vec<f32>,
+    mean: Vec<f64>,
+    std: Vec<f64>,
 }
 
 impl Augmenter {
@@ -382,8 +382,8 @@ impl Augmenter {
             images,
             channels,
             size: size as u32,
-            mean: mean.iter().map(|v| *v as f32).collect(),
-            std: std.iter().map(|v| *v as f32).collect(),
+            mean: mean.to_vec(),
+            std: std.to_vec(),
         })
     }
 
@@ -439,39 +439,16 @@ impl Augmenter {
     /// The augmented, normalised batch `[B, C, size, size]` of samples
     /// `idx`, built on all cores.
     pub fn batch(&self, idx: &[i64], seed: u64, epoch: u64) -> Result<Tensor, DataError> {
-        let per = (self.channels * (self.size * self.size) as i64) as usize;
-        let mut bytes = vec![0u8; idx.len() * per];
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .min(idx.len().max(1));
-        let chunk = idx.len().div_ceil(threads).max(1);
-        std::thread::scope(|s| -> Result<(), DataError> {
-            let handles: Vec<_> = bytes
-                .chunks_mut(chunk * per)
-                .zip(idx.chunks(chunk))
-                .map(|(out, ids)| {
-                    s.spawn(move || -> Result<(), DataError> {
-                        for (o, i) in out.chunks_mut(per).zip(ids) {
-                            self.sample(*i as usize, seed, epoch, o)?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join().expect("augmentation thread panicked")?;
-            }
-            Ok(())
+        let (c, size) = (self.channels, self.size as i64);
+        let bytes = fill_parallel(idx, (c * size * size) as usize, |i, out| {
+            self.sample(*i as usize, seed, epoch, out)
         })?;
-        let c = self.channels;
-        let s = self.size as i64;
-        let x = Tensor::from_slice(&bytes)
-            .reshape([idx.len() as i64, c, s, s])
-            .to_kind(tch::Kind::Float)
-            / 255.0;
-        let m = Tensor::from_slice(&self.mean).reshape([1, c, 1, 1]);
-        let sd = Tensor::from_slice(&self.std).reshape([1, c, 1, 1]);
-        Ok((x - m) / sd)
+        Ok(normalise(
+            bytes,
+            [idx.len() as i64, c, size, size],
+            &self.mean,
+            &self.std,
+        ))
     }
 
     /// Number of images.
@@ -528,19 +505,18 @@ impl Prefetch {
 }
 
 /// The evaluation transform: resize so the shorter side is `resize`
-/// (bicubic), centre crop `size`x`size`. Returns CHW bytes.
-pub fn decode_and_transform(
+/// (bicubic), centre crop `size`x`size`, written as CHW bytes into `out`.
+pub fn decode_into(
     path: &Path,
     channels: i64,
     size: u32,
     resize: u32,
-) -> Result<Vec<u8>, DataError> {
+    out: &mut [u8],
+) -> Result<(), DataError> {
     let img = resize_shorter(&decode(path)?, resize);
     let (nw, nh) = (img.width(), img.height());
     let img = img.crop_imm((nw - size) / 2, (nh - size) / 2, size, size);
-    let mut out = vec![0u8; (channels * (size * size) as i64) as usize];
-    to_chw(&img, channels, &mut out)?;
-    Ok(out)
+    to_chw(&img, channels, out)
 }
 
 /// Decodes a split on all cores into a normalised `[N, C, size, size]`
@@ -553,52 +529,71 @@ pub fn load(
     mean: &[f64],
     std: &[f64],
 ) -> Result<Dataset, DataError> {
-    let n = split.items.len();
-    let per = (channels * size * size) as usize;
-    let mut bytes = vec![0u8; n * per];
+    let n = split.items.len() as i64;
+    let bytes = fill_parallel(
+        &split.items,
+        (channels * size * size) as usize,
+        |(path, _), out| decode_into(path, channels, size as u32, resize as u32, out),
+    )?;
+    let labels: Vec<i64> = split.items.iter().map(|(_, l)| *l).collect();
+    Ok(Dataset {
+        images: normalise(bytes, [n, channels, size, size], mean, std),
+        labels: Tensor::from_slice(&labels),
+        classes: split.classes,
+    })
+}
+
+/// Fills one `per`-byte slot for each item on all cores.
+fn fill_parallel<T: Sync>(
+    items: &[T],
+    per: usize,
+    f: impl Fn(&T, &mut [u8]) -> Result<(), DataError> + Sync,
+) -> Result<Vec<u8>, DataError> {
+    let mut bytes = vec![0u8; items.len() * per];
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
-        .min(n.max(1));
-    let chunk = n.div_ceil(threads).max(1);
+        .min(items.len().max(1));
+    let chunk = items.len().div_ceil(threads).max(1);
+    let f = &f;
     std::thread::scope(|s| -> Result<(), DataError> {
         let handles: Vec<_> = bytes
             .chunks_mut(chunk * per)
-            .zip(split.items.chunks(chunk))
+            .zip(items.chunks(chunk))
             .map(|(out, items)| {
                 s.spawn(move || -> Result<(), DataError> {
-                    for (o, (path, _)) in out.chunks_mut(per).zip(items) {
-                        o.copy_from_slice(&decode_and_transform(
-                            path,
-                            channels,
-                            size as u32,
-                            resize as u32,
-                        )?);
+                    for (o, item) in out.chunks_mut(per).zip(items) {
+                        f(item, o)?;
                     }
                     Ok(())
                 })
             })
             .collect();
         for h in handles {
-            h.join().expect("decoder thread panicked")?;
+            h.join().expect("image worker thread panicked")?;
         }
         Ok(())
     })?;
-    let labels: Vec<i64> = split.items.iter().map(|(_, l)| *l).collect();
-    let images = Tensor::from_slice(&bytes)
-        .reshape([n as i64, channels, size, size])
-        .to_kind(tch::Kind::Float)
-        / 255.0;
-    let m = Tensor::from_slice(mean)
-        .to_kind(tch::Kind::Float)
-        .reshape([1, channels, 1, 1]);
-    let sd = Tensor::from_slice(std)
-        .to_kind(tch::Kind::Float)
-        .reshape([1, channels, 1, 1]);
-    Ok(Dataset {
-        images: (images - m) / sd,
-        labels: Tensor::from_slice(&labels),
-        classes: split.classes,
-    })
+    Ok(bytes)
+}
+
+/// `[N, C, H, W]` bytes to `(x / 255 - mean) / std` in float32, in place:
+/// the float tensor is the only full-size copy left alive.
+fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tensor {
+    let c = shape[1];
+    let mut x = Tensor::from_slice(&bytes)
+        .reshape(shape)
+        .to_kind(tch::Kind::Float);
+    drop(bytes);
+    let stat = |v: &[f64]| {
+        Tensor::from_slice(v)
+            .to_kind(tch::Kind::Float)
+            .reshape([1, c, 1, 1])
+    };
+    let _ = x
+        .g_div_scalar_(255.0)
+        .g_sub_(&stat(mean))
+        .g_div_(&stat(std));
+    x
 }
 
 #[cfg(test)]
