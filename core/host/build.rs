@@ -5,8 +5,9 @@
 //! with `--as-needed` the linker drops `libtorch_cuda.so` (nothing references
 //! it directly), which leaves CUDA silently unavailable on GPU machines.
 //!
-//! For the `simfreeze` crate itself it also compiles `csrc/autocast.cpp`, a
-//! three-function shim for bf16 autocast (tch's C API only offers float16).
+//! For the `simfreeze` crate itself it also compiles two small C++ shims
+//! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
+//! offers float16) and `csrc/sgd.cpp` (libtorch's fused SGD step).
 fn main() {
     if let (Ok(lib), Ok("simfreeze")) = (
         std::env::var("DEP_TCH_LIBTORCH_LIB"),
@@ -19,11 +20,13 @@ fn main() {
         cc::Build::new()
             .cpp(true)
             .file("csrc/autocast.cpp")
+            .file("csrc/sgd.cpp")
             .include(torch.join("include"))
             .flag("-std=c++17")
             .warnings(false)
-            .compile("simfreeze_autocast");
+            .compile("simfreeze_shim");
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
+        println!("cargo:rerun-if-changed=csrc/sgd.cpp");
     }
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -7,8 +7,11 @@
 //! no update, no weight decay and no momentum update, so frozen parameters
 //! stay bit-identical.
 
+use std::os::raw::{c_char, c_int};
+
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
+use torch_sys::C_tensor;
 
 use crate::model::{group_of, Group};
 
@@ -51,6 +54,23 @@ impl SgdConfig {
         let t = (step - self.warmup_steps) as f64 / span;
         0.5 * self.lr * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
     }
+}
+
+extern "C" {
+    // csrc/sgd.cpp
+    fn simfreeze_fused_sgd(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        bufs: *const *const C_tensor,
+        n: usize,
+        weight_decay: f64,
+        momentum: f64,
+        lr: f64,
+        nesterov: c_int,
+        first_step: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 struct Param {
@@ -140,38 +160,67 @@ impl Sgd {
 
     /// One update at learning rate `lr` of the parameters in `grads`;
     /// `factors[i]` scales block `i`'s learning rate (empty: all 1).
+    ///
+    /// PyTorch's rule, run by libtorch's fused SGD kernel: one call per
+    /// distinct learning rate (and per first step of a momentum buffer)
+    /// instead of five to eight tensor operations per parameter.
     pub fn step(&mut self, grads: &Grads, lr: f64, factors: &[f32]) {
         let cfg = &self.cfg;
-        tch::no_grad(|| {
-            for (&i, grad) in grads.index.iter().zip(&grads.grads) {
-                let p = &mut self.params[i];
-                let factor = match p.group {
-                    Group::Block(b) => f64::from(factors.get(b).copied().unwrap_or(1.0)),
-                    Group::Head => 1.0,
-                };
-                let mut d = if cfg.weight_decay != 0.0 {
-                    grad + &p.value * cfg.weight_decay
-                } else {
-                    grad.shallow_clone()
-                };
-                if cfg.momentum != 0.0 {
-                    let buf = match p.momentum.take() {
-                        None => d.detach().copy(),
-                        Some(mut b) => {
-                            let _ = b.g_mul_scalar_(cfg.momentum).g_add_(&d);
-                            b
-                        }
-                    };
-                    d = if cfg.nesterov {
-                        &d + &buf * cfg.momentum
-                    } else {
-                        buf.shallow_clone()
-                    };
-                    p.momentum = Some(buf);
-                }
-                let _ = p.value.g_sub_(&(d * (lr * factor)));
+        // (learning rate, first step of its momentum buffer) -> parameters.
+        let mut groups: Vec<((f64, bool), Vec<usize>)> = Vec::new();
+        for (k, &i) in grads.index.iter().enumerate() {
+            let p = &mut self.params[i];
+            let factor = match p.group {
+                Group::Block(b) => f64::from(factors.get(b).copied().unwrap_or(1.0)),
+                Group::Head => 1.0,
+            };
+            let first = cfg.momentum != 0.0 && p.momentum.is_none();
+            if first {
+                p.momentum = Some(p.value.zeros_like());
             }
-        });
+            let key = (lr * factor, first);
+            match groups.iter_mut().find(|(g, _)| *g == key) {
+                Some((_, members)) => members.push(k),
+                None => groups.push((key, vec![k])),
+            }
+        }
+        for ((lr, first), members) in groups {
+            let mut params = Vec::with_capacity(members.len());
+            let mut bufs = Vec::with_capacity(members.len());
+            let mut grad_ptrs = Vec::with_capacity(members.len());
+            for &k in &members {
+                let p = &self.params[grads.index[k]];
+                params.push(p.value.as_ptr());
+                bufs.push(p.momentum.as_ref().map_or(p.value.as_ptr(), Tensor::as_ptr));
+                grad_ptrs.push(grads.grads[k].as_ptr());
+            }
+            let mut err = [0 as c_char; 512];
+            // SAFETY: every pointer is a live tensor handle owned by `self`
+            // or `grads` for the duration of the call; the shim catches C++
+            // exceptions and writes a NUL-terminated message into `err`.
+            let rc = unsafe {
+                simfreeze_fused_sgd(
+                    params.as_ptr(),
+                    grad_ptrs.as_ptr(),
+                    bufs.as_ptr(),
+                    params.len(),
+                    cfg.weight_decay,
+                    cfg.momentum,
+                    lr,
+                    c_int::from(cfg.nesterov),
+                    c_int::from(first),
+                    err.as_mut_ptr(),
+                    err.len(),
+                )
+            };
+            if rc != 0 {
+                // SAFETY: the shim NUL-terminated `err`.
+                let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+                // Parameters, gradients and buffers share dtype and device
+                // by construction; a failure here is a bug, not bad input.
+                panic!("fused SGD step failed: {}", msg.to_string_lossy());
+            }
+        }
     }
 
     /// L2 norm of the gradient of each block `0..layers` (0 for a block
@@ -221,6 +270,100 @@ mod tests {
         assert_relative_eq!(c.lr_at(10, 110), 1.0);
         assert_relative_eq!(c.lr_at(60, 110), 0.5, epsilon = 1e-12);
         assert!(c.lr_at(109, 110) < 0.001);
+    }
+
+    /// PyTorch's SGD rule in plain tensor operations, for one parameter.
+    fn reference_update(
+        p: &Tensor,
+        buf: &mut Option<Tensor>,
+        g: &Tensor,
+        cfg: &SgdConfig,
+        lr: f64,
+    ) -> Tensor {
+        let mut d = g + p * cfg.weight_decay;
+        if cfg.momentum != 0.0 {
+            let b = match buf.take() {
+                None => d.copy(),
+                Some(b) => b * cfg.momentum + &d,
+            };
+            d = if cfg.nesterov {
+                &d + &b * cfg.momentum
+            } else {
+                b.copy()
+            };
+            *buf = Some(b);
+        }
+        p - d * lr
+    }
+
+    #[test]
+    fn fused_step_follows_pytorch_rule_with_nesterov_decay_factors_and_late_unfreezing() {
+        for (momentum, nesterov) in [(0.9, true), (0.9, false), (0.0, false)] {
+            let cfg = SgdConfig {
+                momentum,
+                nesterov,
+                weight_decay: 0.01,
+                ..Default::default()
+            };
+            let vs = VarStore::new(tch::Device::Cpu);
+            let root = vs.root();
+            let names = [
+                "blocks.0.mlp.fc1.weight",
+                "blocks.1.attn.qkv.weight",
+                "head.weight",
+            ];
+            let vars: Vec<Tensor> = names
+                .iter()
+                .map(|n| {
+                    let mut path = root.clone();
+                    let parts: Vec<&str> = n.split('.').collect();
+                    for part in &parts[..parts.len() - 1] {
+                        path = path.sub(*part);
+                    }
+                    path.var(
+                        parts[parts.len() - 1],
+                        &[3, 4],
+                        tch::nn::Init::Randn {
+                            mean: 0.0,
+                            stdev: 1.0,
+                        },
+                    )
+                })
+                .collect();
+            let mut shadow: Vec<Tensor> = vars.iter().map(|v| v.detach().copy()).collect();
+            let mut bufs: Vec<Option<Tensor>> = vec![None, None, None];
+            let mut opt = Sgd::new(&vs, cfg.clone());
+            let factors = [0.5f32, 2.0];
+            for step in 0..4 {
+                // Block 0 is frozen for the first two steps, then trains.
+                let frozen = if step < 2 { 1 } else { 0 };
+                let loss = vars
+                    .iter()
+                    .map(|v| (v * v).sum(tch::Kind::Float) + v.sin().sum(tch::Kind::Float))
+                    .fold(
+                        Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu)),
+                        |a, b| a + b,
+                    );
+                let grads = opt.backward(&loss, frozen);
+                let lr = 0.1 / (step + 1) as f64;
+                for (i, s) in shadow.iter_mut().enumerate() {
+                    if i < frozen {
+                        continue;
+                    }
+                    let g = s.shallow_clone() * 2.0 + s.cos();
+                    let factor = if i < 2 { f64::from(factors[i]) } else { 1.0 };
+                    *s = reference_update(s, &mut bufs[i], &g, &cfg, lr * factor);
+                }
+                opt.step(&grads, lr, &factors);
+                for (v, s) in vars.iter().zip(&shadow) {
+                    let diff = (v.detach() - s).abs().max().double_value(&[]);
+                    assert!(
+                        diff < 1e-5,
+                        "momentum {momentum} nesterov {nesterov} step {step}: {diff}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
