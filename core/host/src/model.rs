@@ -201,18 +201,14 @@ impl Module for Attention {
             .qkv
             .forward(x)
             .reshape([b, n, 3, self.heads, d / self.heads])
-            .permute([2, 0, 3, 1, 4]); // [3, B, H, N, D/H]
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let o = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            None,
-            false,
-        ); // [B, H, N, D/H]
+            .permute([2, 0, 3, 1, 4]) // [3, B, H, N, D/H]
+            .unbind(0);
+        // `unbind`, not three `select`s: its backward is one stack, where
+        // each select's backward would fill a zero tensor of the full
+        // [3, B, H, N, D/H] shape and the three would then be summed.
+        let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
+        let o =
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, None, false); // [B, H, N, D/H]
         self.proj.forward(&o.transpose(1, 2).reshape([b, n, d]))
     }
 }
@@ -320,10 +316,33 @@ impl Vit {
     }
 
     fn embed(&self, x: &Tensor) -> Tensor {
+        let x = self.patchify(x);
         let b = x.size()[0];
-        let x = self.proj.forward(x).flatten(2, -1).transpose(1, 2); // [B, N, D]
         let cls = self.cls_token.expand([b, -1, -1], false);
         Tensor::cat(&[cls, x], 1) + &self.pos_embed // [B, N+1, D]
+    }
+
+    /// The patch embedding, `[B, C, H, W] -> [B, N, D]`: the same
+    /// arithmetic as timm's stride-`patch` convolution (its weight
+    /// `[D, C, p, p]` is the variable), written as patch extraction and one
+    /// matrix product, whose backward on the CPU costs a third of the
+    /// convolution's at the tiny preset (like the convolution, rows and
+    /// columns beyond a multiple of the patch are ignored).
+    fn patchify(&self, x: &Tensor) -> Tensor {
+        let (b, c, h, w) = x.size4().expect("[B, C, H, W]");
+        let p = self.cfg.patch;
+        let (gh, gw) = (h / p, w / p);
+        let x = if h % p != 0 || w % p != 0 {
+            x.narrow(2, 0, gh * p).narrow(3, 0, gw * p)
+        } else {
+            x.shallow_clone()
+        };
+        let patches = x
+            .reshape([b, c, gh, p, gw, p])
+            .permute([0, 2, 4, 1, 3, 5])
+            .reshape([b, gh * gw, c * p * p]);
+        let weight = self.proj.ws.reshape([self.cfg.dim, c * p * p]);
+        patches.linear(&weight, self.proj.bs.as_ref())
     }
 
     /// `[B, C, H, W] -> logits [B, classes]` and class-token features
@@ -483,6 +502,36 @@ mod tests {
             assert!(vars.contains_key(n), "{n} missing: {:?}", vars.keys());
         }
         assert_eq!(vars["pos_embed"].size(), [1, 5, 12]);
+    }
+
+    #[test]
+    fn patch_embedding_equals_timms_strided_convolution() {
+        let cfg = VitConfig {
+            channels: 3,
+            ..tiny()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = Vit::new(&vs.root(), &cfg);
+        // 9x10 is not a multiple of the patch (4): the convolution ignores
+        // the last row and columns, and so must we.
+        for (h, w) in [(8, 8), (9, 10)] {
+            let x = Tensor::randn([2, 3, h, w], (Kind::Float, Device::Cpu));
+            let conv = x
+                .conv2d(
+                    &m.proj.ws,
+                    m.proj.bs.as_ref(),
+                    [cfg.patch, cfg.patch],
+                    [0, 0],
+                    [1, 1],
+                    1,
+                )
+                .flatten(2, -1)
+                .transpose(1, 2);
+            let ours = m.patchify(&x);
+            assert_eq!(ours.size(), conv.size());
+            let diff = (ours - conv).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{h}x{w}: {diff}");
+        }
     }
 
     #[test]
