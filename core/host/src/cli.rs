@@ -181,6 +181,7 @@ pub struct UsageError(pub String);
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
+    crate::memory::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

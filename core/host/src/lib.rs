@@ -13,7 +13,9 @@
 //! - [`images`]: ImageFolder, CUB-200-2011, NABirds, Stanford Dogs
 //!   ([`matfile`] reads its MATLAB lists), JPEG/PNG decoding;
 //! - [`precision`]: bf16 autocast (a small C++ shim);
-//! - [`optim`]: per-block SGD with our own momentum state, cosine schedule;
+//! - [`optim`]: per-block SGD with our own momentum state, cosine schedule
+//!   (libtorch's fused SGD kernel, through a small C++ shim);
+//! - [`memory`]: the allocator setting every command runs with, peak RSS;
 //! - [`config`]: the RON run configuration and `--set` overrides;
 //! - [`train`]: the training loop, run directories, `bench`;
 //! - [`compare`]: `simfreeze compare`, baseline against policies, with
@@ -30,6 +32,7 @@ pub mod data;
 pub mod driver;
 pub mod images;
 pub mod matfile;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod plot;

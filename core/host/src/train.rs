@@ -1119,19 +1119,6 @@ pub struct BenchResult {
     pub policy_overhead: Option<f64>,
 }
 
-/// Resets the kernel's peak-RSS mark of this process (Linux).
-fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-/// Peak RSS since the last reset, in MiB (Linux).
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// What `bench` measures.
 pub struct BenchSpec<'a> {
     /// Model shape.
@@ -1232,13 +1219,13 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     }
     for _ in 0..spec.rounds.max(1) {
         for (i, &k) in spec.frozen.iter().enumerate() {
-            reset_peak_rss();
+            crate::memory::reset_peak_rss();
             let t = Instant::now();
             let in_policy = run(k, spec.steps)?;
             let secs = t.elapsed().as_secs_f64();
             best[i] = best[i].max(spec.steps as f64 * batch as f64 / secs);
             overhead[i] = overhead[i].min(in_policy / secs);
-            peak[i] = match (peak[i], peak_rss_mib()) {
+            peak[i] = match (peak[i], crate::memory::peak_rss_mib()) {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             };
