@@ -135,6 +135,47 @@ fn bench_reports_every_frozen_prefix() {
 }
 
 #[test]
+fn bench_reports_each_frozen_prefixs_own_peak_memory() {
+    // Wide enough that the activations autograd keeps for a trainable
+    // block are tens of MiB at batch 256; a frozen prefix keeps none.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(d.path(), "");
+    let out = simfreeze(&[
+        "bench",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "model.image_size=32",
+        "--set",
+        "model.dim=96",
+        "--set",
+        "model.depth=4",
+        "--batch",
+        "256",
+        "--frozen",
+        "0,4",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    let peak = |i: usize| v["results"][i]["peak_rss_mib"].as_f64().unwrap();
+    let (trainable, frozen) = (peak(0), peak(1));
+    assert!(frozen > 50.0, "libtorch alone is more than {frozen} MiB?");
+    // K = 0 ran first and its freed memory stays in the process; unless
+    // bench hands it back before measuring K = 4, both read the same peak.
+    assert!(
+        trainable - frozen > 20.0,
+        "K=0 peak {trainable} MiB, K=4 peak {frozen} MiB"
+    );
+}
+
+#[test]
 fn activation_cache_trains_like_recomputing_the_prefix() {
     let d = tempfile::tempdir().unwrap();
     let cfg = write_config(

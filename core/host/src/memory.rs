@@ -34,6 +34,16 @@ pub fn keep_freed_memory() -> bool {
     }
 }
 
+/// Hands the heap's free memory back to the kernel now (glibc's
+/// `malloc_trim`), e.g. before measuring what one piece of work needs.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resets the kernel's peak-RSS mark of this process (Linux).
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
