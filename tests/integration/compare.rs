@@ -25,6 +25,15 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
+/// `simfreeze compare --config cfg --set set`; asserts success and returns
+/// its standard error.
+fn compare_ok(cfg: &std::path::Path, set: &str) -> String {
+    let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
 #[test]
 fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,15 +81,7 @@ fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
     assert_eq!(cached.len(), 1);
 
     // Second run: pretraining comes from the cache, a new experiment dir.
-    let out = simfreeze(&[
-        "compare",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        "seeds=[3]",
-    ]);
-    let (_, stderr) = text(&out);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = compare_ok(&cfg, "seeds=[3]");
     assert!(stderr.contains("pretraining: cached"), "{stderr}");
     assert!(dir.path().join("exp/tiny-002/table.md").is_file());
 
@@ -88,15 +89,7 @@ fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
     // process died in between, or it was resumed by hand) is adopted.
     let cache = cached[0].path();
     std::fs::remove_file(cache.join("model.safetensors")).unwrap();
-    let out = simfreeze(&[
-        "compare",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--set",
-        "seeds=[4]",
-    ]);
-    let (_, stderr) = text(&out);
-    assert!(out.status.success(), "{stderr}");
+    let stderr = compare_ok(&cfg, "seeds=[4]");
     assert!(stderr.contains("adopting the finished run"), "{stderr}");
     assert!(cache.join("model.safetensors").is_file() && cache.join("model.json").is_file());
 }

@@ -107,22 +107,21 @@ fn missing_dataset_is_exit_5_naming_the_file() {
     assert!(text(&out).1.contains("train-images-idx3-ubyte.gz"));
 }
 
-#[test]
-fn bench_reports_every_frozen_prefix() {
+/// `simfreeze bench --json` on the tiny test config with `args` added;
+/// asserts success and returns the parsed report.
+fn bench_json(args: &[&str]) -> serde_json::Value {
     let d = tempfile::tempdir().unwrap();
     let cfg = write_config(d.path(), "");
-    let out = simfreeze(&[
-        "bench",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--json",
-    ]);
+    let mut all = vec!["bench", "--config", cfg.to_str().unwrap(), "--json"];
+    all.extend_from_slice(args);
+    let out = simfreeze(&all);
     assert!(out.status.success(), "{}", text(&out).1);
-    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    serde_json::from_str(&text(&out).0).unwrap()
+}
+
+#[test]
+fn bench_reports_every_frozen_prefix() {
+    let v = bench_json(&["--steps", "2", "--warmup", "1"]);
     let ks: Vec<_> = v["results"]
         .as_array()
         .unwrap()
@@ -138,12 +137,7 @@ fn bench_reports_every_frozen_prefix() {
 fn bench_reports_each_frozen_prefixs_own_peak_memory() {
     // Wide enough that the activations autograd keeps for a trainable
     // block are tens of MiB at batch 256; a frozen prefix keeps none.
-    let d = tempfile::tempdir().unwrap();
-    let cfg = write_config(d.path(), "");
-    let out = simfreeze(&[
-        "bench",
-        "--config",
-        cfg.to_str().unwrap(),
+    let v = bench_json(&[
         "--set",
         "model.image_size=32",
         "--set",
@@ -160,10 +154,7 @@ fn bench_reports_each_frozen_prefixs_own_peak_memory() {
         "1",
         "--rounds",
         "1",
-        "--json",
     ]);
-    assert!(out.status.success(), "{}", text(&out).1);
-    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
     let peak = |i: usize| v["results"][i]["peak_rss_mib"].as_f64().unwrap();
     let (trainable, frozen) = (peak(0), peak(1));
     assert!(frozen > 50.0, "libtorch alone is more than {frozen} MiB?");

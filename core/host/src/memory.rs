@@ -10,16 +10,15 @@
 //! state allocates without faults; resident memory then stays at its high
 //! mark, which a training run reaches in its first step anyway.
 
-/// Blocks up to this size come from the heap, not from `mmap` (glibc's
-/// ceiling for the setting on 64-bit systems).
-const MMAP_THRESHOLD: i32 = 32 << 20;
-
 /// Tells glibc's malloc to serve blocks up to 32 MiB from the heap and
 /// never to trim the heap. Returns false where that is not possible (not
 /// glibc); nothing else changes then.
 pub fn keep_freed_memory() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        // Blocks up to this size come from the heap, not from `mmap`
+        // (glibc's ceiling for the setting on 64-bit systems).
+        const MMAP_THRESHOLD: i32 = 32 << 20;
         // SAFETY: mallopt only changes malloc's tunables; it is safe to call
         // at any time.
         unsafe {
@@ -29,7 +28,6 @@ pub fn keep_freed_memory() -> bool {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        let _ = MMAP_THRESHOLD;
         false
     }
 }
