@@ -5,7 +5,7 @@
 //! (hundreds of KiB to tens of MiB) every step. With glibc's defaults the
 //! freed memory at the top of the heap is returned to the kernel once it
 //! exceeds the trim threshold, and the next step takes it back one page
-//! fault at a time: about 570 faults per step on the tiny preset at batch
+//! fault at a time: 280-570 faults per step on the tiny preset at batch
 //! 16. [`keep_freed_memory`] keeps it in the process instead, so the steady
 //! state allocates without faults; resident memory then stays at its high
 //! mark, which a training run reaches in its first step anyway.
