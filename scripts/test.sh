@@ -8,6 +8,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/setup.sh
 echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
+echo "[test] module layering (scripts/check-layers.py)"
+python3 scripts/check-layers.py core/host/src core/runtime/src
 echo "[test] cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 echo "[test] cargo test"

@@ -1,8 +1,8 @@
 //! Every configuration shipped in configs/ parses and resolves its model:
 //! a typo in a shipped file fails here, not on a user's machine.
 
-use simfreeze::compare::CompareConfig;
 use simfreeze::config::RunConfig;
+use simfreeze::experiment::compare::CompareConfig;
 
 #[test]
 fn every_shipped_config_parses() {

@@ -6,10 +6,10 @@
 //! batches of one, a single block.
 
 use proptest::prelude::*;
-use simfreeze::driver::{PolicyDriver, StepInput};
-use simfreeze::plugin::{Plugin, PolicyHandle};
-use simfreeze::simulate::Rng;
 use simfreeze_abi::sdk::policy_module;
+use simfreeze_runtime::driver::{PolicyDriver, StepInput};
+use simfreeze_runtime::loader::{Plugin, PolicyHandle};
+use simfreeze_runtime::simulate::Rng;
 use simfreeze_tests::plugin;
 
 /// Every shipped policy plugin, by name.
@@ -170,7 +170,7 @@ fn state_round_trip(name: &str, dynamic: bool, r: &Run, k: u64) -> Result<(), Te
             .map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(a.state(), b.state(), "{} diverged at step {}", name, step);
         // NaN scalars compare unequal; compare their bit patterns.
-        let bits = |o: &simfreeze::driver::StepOutcome| {
+        let bits = |o: &simfreeze_runtime::driver::StepOutcome| {
             o.scalars
                 .iter()
                 .map(|(n, v)| (n.clone(), v.to_bits()))

@@ -2,7 +2,7 @@
 //! plugin's path, the documented exit code, and never a panic across the FFI
 //! boundary.
 
-use simfreeze::plugin::{LoadError, Plugin, SearchPath};
+use simfreeze_runtime::loader::{LoadError, Plugin, SearchPath};
 use simfreeze_tests::{fixture, plugin, simfreeze, text};
 
 const FFI_ABORT: &str = "panic across the ffi boundary";

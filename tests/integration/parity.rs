@@ -9,8 +9,8 @@
 
 use std::process::Command;
 
-use simfreeze::model::{Vit, VitConfig};
-use simfreeze::weights::{load_into, norm_eps_beside, Checkpoint, Format, HeadInit};
+use simfreeze::model::weights::{load_into, norm_eps_beside, Checkpoint, Format, HeadInit};
+use simfreeze::model::{PrefixModel, Vit, VitConfig};
 use simfreeze_tests::{text, venv_python};
 use tch::{nn::VarStore, Device, Tensor};
 

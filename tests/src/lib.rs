@@ -92,16 +92,26 @@ pub fn external_target() -> PathBuf {
 /// Builds a crate (or workspace) at `manifest` in release mode into
 /// [`external_target`]; panics with cargo's output on failure.
 pub fn cargo_build(manifest: &Path) {
+    cargo_release("build", manifest);
+}
+
+/// Runs the tests of the crate at `manifest` in release mode, built into
+/// [`external_target`]; panics with cargo's output on failure.
+pub fn cargo_test(manifest: &Path) {
+    cargo_release("test", manifest);
+}
+
+fn cargo_release(command: &str, manifest: &Path) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--release", "--quiet", "--manifest-path"])
+        .args([command, "--release", "--quiet", "--manifest-path"])
         .arg(manifest)
         .env("CARGO_TARGET_DIR", external_target())
         .output()
         .expect("run cargo");
     assert!(
         out.status.success(),
-        "building {} failed:\n{}",
+        "cargo {command} {} failed:\n{}",
         manifest.display(),
         String::from_utf8_lossy(&out.stderr)
     );

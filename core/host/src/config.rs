@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::UsageError;
+use crate::engine::optim::SgdConfig;
+use crate::error::UsageError;
+use crate::model::precision::Precision;
+use crate::model::weights::HeadInit;
 use crate::model::VitConfig;
-use crate::optim::SgdConfig;
-use crate::precision::Precision;
-use crate::weights::HeadInit;
 
 /// Which model: a preset with optional field overrides.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,7 +86,7 @@ impl ModelSection {
         c.classes = self.classes.unwrap_or(data_classes);
         c.norm_eps = match (self.norm_eps, &self.weights) {
             (Some(e), _) => e,
-            (None, Some(w)) => crate::weights::norm_eps_beside(w)
+            (None, Some(w)) => crate::model::weights::norm_eps_beside(w)
                 .map_err(|e| UsageError(e.to_string()))?
                 .unwrap_or(c.norm_eps),
             (None, None) => c.norm_eps,

@@ -1,43 +1,35 @@
-//! # simfreeze: the host
+//! # simfreeze: the trainer
 //!
-//! Fine-tunes Vision Transformers on libtorch and lets separately compiled
-//! plugins decide when to freeze which encoder block. Where things live:
+//! Fine-tunes Vision Transformers on libtorch while policy plugins, run by
+//! [`simfreeze_runtime`], decide when to freeze which encoder block. The
+//! modules are layers; each imports only from the layers listed before it
+//! (docs/architecture.md has the picture and the rules):
 //!
-//! - [`plugin`]: finding, checking and loading policy/metric plugins;
-//! - [`controller`]: the freezing contract, checked on every decision;
-//! - [`driver`]: the per-step policy loop shared by trainer and simulator;
-//! - [`simulate`]: synthetic observations for `simfreeze simulate`;
-//! - [`model`]: the ViT (timm names) with frozen-prefix execution;
-//! - [`weights`]: timm / Hugging Face / Google `.npz` checkpoints;
-//! - [`data`]: Fashion-MNIST, synthetic data, subsets, deterministic order;
-//! - [`images`]: ImageFolder, CUB-200-2011, NABirds, Stanford Dogs
-//!   ([`matfile`] reads its MATLAB lists), JPEG/PNG decoding;
-//! - [`precision`]: bf16 autocast (a small C++ shim);
-//! - [`optim`]: per-block SGD with our own momentum state, cosine schedule
-//!   (libtorch's fused SGD kernel, through a small C++ shim);
+//! - [`error`]: errors shared across layers, how a run stops, exit codes;
 //! - [`memory`]: the allocator setting every command runs with, peak RSS;
-//! - [`config`]: the RON run configuration and `--set` overrides;
-//! - [`train`]: the training loop, run directories, `bench`;
-//! - [`compare`]: `simfreeze compare`, baseline against policies, with
-//!   [`plot`] for its charts;
+//! - [`model`]: the [`model::PrefixModel`] seam, the ViT, weight import,
+//!   bf16 autocast;
+//! - [`data`]: datasets, image files, augmentation;
+//! - [`config`]: the RON configuration and `--set` overrides;
+//! - [`engine`]: the [`engine::Engine`] seam (a step under a freeze state,
+//!   evaluation, save/restore), the optimizer and the activation cache;
+//! - [`plan`]: a configuration resolved into everything a run needs;
+//! - [`run`]: the training loop, the run directory and its records,
+//!   checkpoints;
+//! - [`bench`]: step timing per frozen prefix, through the same engine;
+//! - [`experiment`]: `simfreeze compare` and its plots;
 //! - [`cli`]: the command line (the binary only calls [`cli::main`]).
 
-pub mod cache;
-pub mod checkpoint;
+pub mod bench;
 pub mod cli;
-pub mod compare;
 pub mod config;
-pub mod controller;
 pub mod data;
-pub mod driver;
-pub mod images;
-pub mod matfile;
+pub mod engine;
+pub mod error;
+pub mod experiment;
 pub mod memory;
 pub mod model;
-pub mod optim;
-pub mod plot;
-pub mod plugin;
-pub mod precision;
-pub mod simulate;
-pub mod train;
-pub mod weights;
+pub mod plan;
+pub mod run;
+
+pub use simfreeze_runtime as runtime;

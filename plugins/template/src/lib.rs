@@ -111,3 +111,51 @@ impl PolicyPlugin for EveryN {
 }
 
 simfreeze_abi::export_policy!(EveryN);
+
+// `cargo test` drives the policy in-process through simfreeze's own freeze
+// contract and synthetic world: the checks the shipped policies pass.
+#[cfg(test)]
+mod tests {
+    use simfreeze_runtime::simulate::SimConfig;
+    use simfreeze_runtime::testkit::PolicyTest;
+
+    fn world() -> SimConfig {
+        SimConfig {
+            layers: 4,
+            steps: 300,
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn freezes_one_block_every_n_steps_within_the_contract() {
+        let test = PolicyTest::new(crate::plugin_module())
+            .unwrap()
+            .with_options("(every: 50, keep_trainable: 1)");
+        let report = test.simulate(&world()).unwrap();
+        // Block i is frozen from step 50 * (i + 1); the last one never is.
+        assert_eq!(
+            report.freeze_step,
+            vec![Some(50), Some(100), Some(150), None]
+        );
+    }
+
+    #[test]
+    fn a_restored_policy_continues_identically() {
+        let test = PolicyTest::new(crate::plugin_module())
+            .unwrap()
+            .with_options("(every: 40)");
+        for at in [0, 39, 40, 41, 120, 299] {
+            test.check_resume(&world(), at).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_bad_option_is_refused_with_the_valid_names() {
+        let test = PolicyTest::new(crate::plugin_module())
+            .unwrap()
+            .with_options("(evry: 5)");
+        let e = test.policy().err().unwrap().to_string();
+        assert!(e.contains("every") && e.contains("keep_trainable"), "{e}");
+    }
+}

@@ -15,7 +15,8 @@
 //! the largest frontier ATSF may reach; `metric` (`"cosine"`, the paper's;
 //! a name or path of a metric plugin) with `metric_options` (RON).
 //! The defaults follow the paper where it is explicit (cosine, first
-//! non-increase) and ARCHITECTURE.md's proxy (100-step intervals), and sit
+//! non-increase) and the design's PyTorch proxy (100-step intervals,
+//! docs/architecture.md), and sit
 //! in the middle of the trade-off measured on the CPU proxy (tiny ViT on
 //! Fashion-MNIST, 2811 steps; top-1 / compute speedup; no policy: 86.97 %):
 //! intervals 50/50: 83.96 % / 1.48x; defaults 100/100: 84.45 % / 1.26x;

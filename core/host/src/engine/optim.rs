@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
 use torch_sys::C_tensor;
 
-use crate::model::{group_of, Group};
+use crate::model::{Group, PrefixModel};
 
 /// Optimizer settings (the paper's recipe by default: SGD, momentum 0.9,
 /// lr 0.003, cosine).
@@ -87,13 +87,18 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// Groups every variable of `vs` by its timm name.
-    pub fn new(vs: &VarStore, cfg: SgdConfig) -> Self {
+    /// Every variable of `vs`, in the block the model says it belongs to.
+    pub fn new(vs: &VarStore, model: &dyn PrefixModel, cfg: SgdConfig) -> Self {
+        Self::with_groups(vs, cfg, |name| model.group_of(name))
+    }
+
+    /// Every variable of `vs`, grouped by `group`.
+    pub fn with_groups(vs: &VarStore, cfg: SgdConfig, group: impl Fn(&str) -> Group) -> Self {
         let mut params: Vec<Param> = vs
             .variables()
             .into_iter()
             .map(|(name, value)| Param {
-                group: group_of(&name),
+                group: group(&name),
                 name,
                 value,
                 momentum: None,
@@ -256,6 +261,7 @@ pub struct Grads {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::vit::group_of;
     use approx::assert_relative_eq;
 
     #[test]
@@ -332,7 +338,7 @@ mod tests {
                 .collect();
             let mut shadow: Vec<Tensor> = vars.iter().map(|v| v.detach().copy()).collect();
             let mut bufs: Vec<Option<Tensor>> = vec![None, None, None];
-            let mut opt = Sgd::new(&vs, cfg.clone());
+            let mut opt = Sgd::with_groups(&vs, cfg.clone(), group_of);
             let factors = [0.5f32, 2.0];
             for step in 0..4 {
                 // Block 0 is frozen for the first two steps, then trains.
@@ -376,12 +382,13 @@ mod tests {
             .root()
             .sub("head")
             .var("weight", &[1], tch::nn::Init::Const(1.0));
-        let mut opt = Sgd::new(
+        let mut opt = Sgd::with_groups(
             &vs,
             SgdConfig {
                 momentum: 0.9,
                 ..Default::default()
             },
+            group_of,
         );
         for _ in 0..2 {
             let grads = opt.backward(&(&w * 3.0).sum(tch::Kind::Float), 0);

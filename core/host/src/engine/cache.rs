@@ -15,8 +15,8 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::cli::UsageError;
-use crate::model::Vit;
+use crate::error::UsageError;
+use crate::model::PrefixModel;
 
 /// Cached boundary activations, one slot per training sample.
 pub struct PrefixCache {
@@ -76,7 +76,13 @@ impl PrefixCache {
     /// Entries cached at a lower level are advanced through the blocks in
     /// between (cheaper than recomputing from the image); missing ones are
     /// computed from the image.
-    pub fn boundary(&mut self, model: &Vit, images: &Tensor, idx: &Tensor, level: usize) -> Tensor {
+    pub fn boundary(
+        &mut self,
+        model: &dyn PrefixModel,
+        images: &Tensor,
+        idx: &Tensor,
+        level: usize,
+    ) -> Tensor {
         let rows: Vec<i64> = Vec::try_from(idx).unwrap_or_default();
         let level32 = level as u32;
         let mut stale: std::collections::BTreeMap<u32, Vec<i64>> = Default::default();
@@ -122,7 +128,7 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::VitConfig;
+    use crate::model::{Vit, VitConfig};
     use tch::nn;
 
     fn tiny() -> VitConfig {

@@ -1,7 +1,7 @@
 //! The freeze controller: the host's record of which blocks are frozen, and
 //! the gate every policy decision passes through.
 //!
-//! Invariant (the freezing contract, ARCHITECTURE.md): blocks `[0, frontier)`
+//! Invariant (the freezing contract, docs/architecture.md): blocks `[0, frontier)`
 //! are frozen for good and the frontier never decreases; a probe is only ever
 //! the frontier block (so blocks freeze first to last); learning-rate factors
 //! are one per block, finite and >= 0. A decision that breaks any rule is
@@ -65,6 +65,13 @@ pub enum Violation {
         /// Number of blocks.
         layers: u32,
     },
+    /// A probe of a block the model does not have.
+    ProbeBeyondModel {
+        /// Probe asked for.
+        probe: u32,
+        /// Number of blocks.
+        layers: u32,
+    },
     /// A probe of a block other than the frontier block.
     ProbeNotAtFrontier {
         /// Probe asked for.
@@ -101,6 +108,12 @@ impl fmt::Display for Violation {
                     "frontier {frontier} is beyond the model's {layers} blocks"
                 )
             }
+            Violation::ProbeBeyondModel { probe, layers } => write!(
+                f,
+                "probe of block {probe}, but the model has only {layers} blocks (0 to {}): \
+                 block {probe} does not exist",
+                layers.saturating_sub(1)
+            ),
             Violation::ProbeNotAtFrontier { probe, frontier } => write!(
                 f,
                 "probe of block {probe}, but only the frontier block {frontier} may be probed"
@@ -147,7 +160,13 @@ pub fn check(state: &FreezeState, d: &Decision) -> Result<(), Violation> {
     }
     if let Some(probe) = d.probe.into_option() {
         // Also refuses a probe when every block is already frozen.
-        if probe != d.frontier || probe >= state.layers {
+        if probe >= state.layers {
+            return Err(Violation::ProbeBeyondModel {
+                probe,
+                layers: state.layers,
+            });
+        }
+        if probe != d.frontier {
             return Err(Violation::ProbeNotAtFrontier {
                 probe,
                 frontier: d.frontier,
@@ -390,6 +409,7 @@ mod tests {
     fn no_probe_once_everything_is_frozen() {
         let mut c = FreezeController::new("p", 2);
         let e = c.apply(0, &decision(2, Some(2), vec![])).unwrap_err();
-        assert!(matches!(e.violation, Violation::ProbeNotAtFrontier { .. }));
+        assert!(matches!(e.violation, Violation::ProbeBeyondModel { .. }));
+        assert!(e.to_string().contains("block 2 does not exist"), "{e}");
     }
 }

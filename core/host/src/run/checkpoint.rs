@@ -14,11 +14,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{nn::VarStore, Tensor};
-
-use crate::controller::FreezeState;
-use crate::driver::Timeline;
-use crate::optim::Sgd;
+use simfreeze_runtime::contract::FreezeState;
+use simfreeze_runtime::driver::Timeline;
+use tch::Tensor;
 
 /// The JSON half of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,17 +75,16 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
-/// Writes a checkpoint into `dir` and removes the tensors of older ones.
-pub fn save(dir: &Path, mut meta: CheckpointMeta, vs: &VarStore, opt: &Sgd) -> Result<()> {
+/// Writes a checkpoint into `dir` (the engine's named tensors: weights and
+/// optimizer state) and removes the tensors of older ones.
+pub fn save(
+    dir: &Path,
+    mut meta: CheckpointMeta,
+    mut tensors: Vec<(String, Tensor)>,
+) -> Result<()> {
     meta.format = FORMAT;
     meta.weights = format!("checkpoint-{:08}.safetensors", meta.step);
     let weights = dir.join(&meta.weights);
-    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    tensors.extend(
-        opt.momentum_state()
-            .into_iter()
-            .map(|(n, t)| (format!("momentum/{n}"), t)),
-    );
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     write_atomic(&weights, |tmp| {
         Tensor::write_safetensors(&tensors, tmp)
@@ -127,43 +124,13 @@ pub fn load_meta(dir: &Path) -> Result<Option<CheckpointMeta>> {
     Ok(Some(meta))
 }
 
-/// Loads the tensor half into the model and the optimizer.
-pub fn restore_tensors(
-    dir: &Path,
-    meta: &CheckpointMeta,
-    vs: &VarStore,
-    opt: &mut Sgd,
-) -> Result<()> {
+/// The tensor half of the checkpoint `meta` describes, and its path (for
+/// the messages of whoever loads it).
+pub fn read_tensors(dir: &Path, meta: &CheckpointMeta) -> Result<(PathBuf, Vec<(String, Tensor)>)> {
     let path: PathBuf = dir.join(&meta.weights);
     let loaded = Tensor::read_safetensors(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
-    let mut vars = vs.variables();
-    let mut momentum = Vec::new();
-    tch::no_grad(|| -> Result<()> {
-        for (name, t) in loaded {
-            if let Some(m) = name.strip_prefix("momentum/") {
-                momentum.push((m.to_string(), t));
-            } else if let Some(mut v) = vars.remove(&name) {
-                if v.size() != t.size() {
-                    bail!(
-                        "{}: {name} has shape {:?}, the model {:?}",
-                        path.display(),
-                        t.size(),
-                        v.size()
-                    );
-                }
-                v.copy_(&t);
-            } else {
-                bail!("{}: unknown tensor {name}", path.display());
-            }
-        }
-        Ok(())
-    })?;
-    if let Some(missing) = vars.keys().next() {
-        bail!("{}: no tensor for {missing}", path.display());
-    }
-    opt.load_momentum(momentum)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok((path, loaded))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! `simfreeze simulate`: drives a policy through the real [`PolicyDriver`]
-//! and [`crate::controller::FreezeController`] with synthetic observations,
-//! without any libtorch work. It is the harness for policy authors and the
-//! driver of the conformance suite.
+//! and [`crate::contract::FreezeController`] with synthetic observations,
+//! without any libtorch work. It is the harness for policy authors (see
+//! [`crate::testkit`]) and the driver of the conformance suite.
 //!
 //! The synthetic world imitates what the paper reports for fine-tuning a
 //! pretrained ViT: class-token features drift toward their class means and
@@ -18,7 +18,8 @@
 use serde::Serialize;
 
 use crate::driver::{DriverError, PolicyDriver, StepInput, Timeline};
-use crate::plugin::PolicyHandle;
+use crate::loader::PolicyHandle;
+pub use crate::rng::Rng;
 
 /// Shape of a simulated run.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +38,22 @@ pub struct SimConfig {
     pub batch: usize,
     /// Seed.
     pub seed: u64,
+}
+
+impl Default for SimConfig {
+    /// The defaults of `simfreeze simulate`: 12 blocks, 1000 steps of 100
+    /// per epoch, 10 classes, 64-wide features, batch 16, seed 0.
+    fn default() -> Self {
+        SimConfig {
+            layers: 12,
+            steps: 1000,
+            steps_per_epoch: 100,
+            classes: 10,
+            dim: 64,
+            batch: 16,
+            seed: 0,
+        }
+    }
 }
 
 impl SimConfig {
@@ -79,40 +96,6 @@ pub struct SimReport {
     /// Compute-model speedup (not part of the JSON).
     #[serde(skip)]
     pub compute_speedup: f64,
-}
-
-/// SplitMix64: small, fast, and stable across versions (unlike `rand`'s
-/// generators), so simulated timelines never change under a dependency bump.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n.max(1)
-    }
-    /// Standard normal (Box-Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(f64::MIN_POSITIVE);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
 }
 
 /// The synthetic training process.

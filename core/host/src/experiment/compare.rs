@@ -18,11 +18,17 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cli::UsageError;
+use simfreeze_runtime::loader::SearchPath;
+
 use crate::config::{parse_ron, DataSection, ModelSection, PolicySection, RunConfig, TrainSection};
-use crate::plot::{self, Chart, Series, Style};
-use crate::train::{self, Plan, RunControl, RunDir, RunStopped, Status, Summary, MODEL_FILE};
-use crate::weights::HeadInit;
+use crate::engine::single::MODEL_INFO_FILE;
+use crate::error::{RunStopped, Status, UsageError};
+use crate::experiment::plot::{self, Chart, Series, Style};
+use crate::model::weights::HeadInit;
+use crate::plan::Plan;
+use crate::run::dir::{RunDir, MODEL_FILE};
+use crate::run::records::{EventKind, Summary};
+use crate::run::{self, checkpoint, RunControl};
 
 /// One training stage: which classes, how much data, how to train.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -226,7 +232,11 @@ pub struct Row {
 }
 
 /// Runs (or reuses) the pretraining stage; returns the weights file.
-fn pretrain(cfg: &CompareConfig, control: &RunControl) -> Result<Option<PathBuf>> {
+fn pretrain(
+    cfg: &CompareConfig,
+    search: &SearchPath,
+    control: &RunControl,
+) -> Result<Option<PathBuf>> {
     let Some(mut run_cfg) = cfg.pretrain_config() else {
         return Ok(cfg.model.weights.clone());
     };
@@ -247,13 +257,13 @@ fn pretrain(cfg: &CompareConfig, control: &RunControl) -> Result<Option<PathBuf>
             eprintln!("pretraining: adopting the finished run {}", dir.display());
             dir
         }
-        Some(dir) if crate::checkpoint::load_meta(&dir)?.is_some() => {
+        Some(dir) if checkpoint::load_meta(&dir)?.is_some() => {
             eprintln!("pretraining: resuming {}", dir.display());
-            done(train::resume(&dir, control)?)
+            done(run::resume(&dir, search, control)?)
         }
         _ => {
             eprintln!("pretraining (cached afterwards as {})", cache.display());
-            done(train::run(Plan::resolve(run_cfg.clone())?, control)?)
+            done(run::run(Plan::resolve(run_cfg.clone(), search)?, control)?)
         }
     };
     fs::write(
@@ -261,9 +271,9 @@ fn pretrain(cfg: &CompareConfig, control: &RunControl) -> Result<Option<PathBuf>
         ron::ser::to_string_pretty(&run_cfg, Default::default())?,
     )?;
     // The model's shape (LayerNorm epsilon included) travels beside it.
-    let sidecar = run_dir.join(train::MODEL_INFO_FILE);
+    let sidecar = run_dir.join(MODEL_INFO_FILE);
     if sidecar.is_file() {
-        fs::copy(&sidecar, cache.join(train::MODEL_INFO_FILE))
+        fs::copy(&sidecar, cache.join(MODEL_INFO_FILE))
             .with_context(|| format!("cannot copy {}", sidecar.display()))?;
     }
     let from = run_dir.join(MODEL_FILE);
@@ -295,15 +305,19 @@ fn last_run_dir(dir: &Path, prefix: &str) -> Option<PathBuf> {
 }
 
 /// Runs the whole experiment; returns the experiment directory and rows.
-pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Vec<Row>)> {
+/// Policies (and their metrics) are loaded from `search`.
+pub fn compare(
+    cfg: &CompareConfig,
+    search: &SearchPath,
+    control: &RunControl,
+) -> Result<(PathBuf, Vec<Row>)> {
     cfg.validate()?;
     // Every plugin is found and constructed once before anything trains, so
     // a typo in a policy or its options fails now, not after the baseline.
-    let search = crate::plugin::SearchPath::from_env();
     for e in &cfg.policies {
         search.load(&e.plugin)?.new_policy(&e.options)?;
     }
-    let weights = pretrain(cfg, control)?;
+    let weights = pretrain(cfg, search, control)?;
     let exp = RunDir::create(&cfg.output, &cfg.name)?;
     fs::write(
         exp.path.join("compare.ron"),
@@ -337,7 +351,7 @@ pub fn compare(cfg: &CompareConfig, control: &RunControl) -> Result<(PathBuf, Ve
                 plugin: e.plugin.clone(),
                 options: e.options.clone(),
             });
-            let summary = match train::run(Plan::resolve(run_cfg)?, control) {
+            let summary = match run::run(Plan::resolve(run_cfg, search)?, control) {
                 Ok(s) => s,
                 Err(e) => match e.downcast_ref::<RunStopped>() {
                     Some(s) if s.status == Status::Failed => {
@@ -540,24 +554,22 @@ pub fn table(cfg: &CompareConfig, rows: &[Row]) -> String {
     t
 }
 
-/// `eta.N` scalars of a run: block -> (step, value).
+/// `eta.N` scalars of a run: block -> (step, value); non-finite values
+/// are left out of the plot.
 fn eta_curves(run_dir: &Path) -> Result<BTreeMap<usize, Vec<(f64, f64)>>> {
-    let path = run_dir.join("events.jsonl");
-    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut curves: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+    for event in RunDir::existing(run_dir).read_events()? {
+        let EventKind::Scalar { name, value } = event.kind else {
             continue;
         };
-        let Some(block) = v["name"]
-            .as_str()
-            .and_then(|n| n.strip_prefix("eta."))
-            .and_then(|b| b.parse().ok())
-        else {
+        let Some(block) = name.strip_prefix("eta.").and_then(|b| b.parse().ok()) else {
             continue;
         };
-        if let (Some(step), Some(value)) = (v["step"].as_f64(), v["value"].as_f64()) {
-            curves.entry(block).or_default().push((step, value));
+        if value.is_finite() {
+            curves
+                .entry(block)
+                .or_default()
+                .push((event.step as f64, value));
         }
     }
     Ok(curves)

@@ -21,16 +21,7 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::model::VitConfig;
 
-/// A weights file that cannot be read or does not fit the model (exit
-/// code 5, like a corrupt dataset file).
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct WeightsError {
-    /// The file.
-    pub path: PathBuf,
-    /// What is wrong.
-    pub message: String,
-}
+pub use crate::error::WeightsError;
 
 fn err(path: &Path, message: impl Into<String>) -> WeightsError {
     WeightsError {
@@ -621,7 +612,7 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{test_config, Vit};
+    use crate::model::{test_config, PrefixModel, Vit};
     use tch::Device;
 
     fn model(classes: i64, seed: i64) -> (VarStore, Vit) {

@@ -229,54 +229,7 @@ impl Chart {
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
                 .map(|(x, y)| (sx(*x), sy(*y)))
                 .collect();
-            match se.style {
-                Style::Line | Style::LineMarkers | Style::Steps => {
-                    let mut d = String::new();
-                    for (i, (x, y)) in pts.iter().enumerate() {
-                        if i == 0 {
-                            let _ = write!(d, "M{x:.1} {y:.1}");
-                        } else if se.style == Style::Steps {
-                            let _ = write!(d, " H{x:.1} V{y:.1}");
-                        } else {
-                            let _ = write!(d, " L{x:.1} {y:.1}");
-                        }
-                    }
-                    let _ = writeln!(
-                        s,
-                        r#"<path d="{d}" fill="none" stroke="{c}" stroke-width="2"/>"#
-                    );
-                    if se.style == Style::LineMarkers {
-                        for (x, y) in &pts {
-                            let _ = writeln!(
-                                s,
-                                r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{c}"/>"#
-                            );
-                        }
-                    }
-                }
-                Style::Labelled | Style::Faint => {
-                    let (r, op) = if se.style == Style::Faint {
-                        (3.0, 0.35)
-                    } else {
-                        (5.5, 1.0)
-                    };
-                    for (x, y) in &pts {
-                        let _ = writeln!(
-                            s,
-                            r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r}" fill="{c}" fill-opacity="{op}"/>"#
-                        );
-                        if se.style == Style::Labelled {
-                            let _ = writeln!(
-                                s,
-                                r#"<text x="{:.1}" y="{:.1}" fill="{c}">{}</text>"#,
-                                x + 8.0,
-                                y - 6.0,
-                                esc(&se.name)
-                            );
-                        }
-                    }
-                }
-            }
+            draw_series(&mut s, se, c, &pts);
         }
         let _ = writeln!(s, "</g>");
         // Legend: one entry per name (Faint series share their mean's).
@@ -301,6 +254,55 @@ impl Chart {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// One series' marks (already in plot coordinates) in colour `c`.
+fn draw_series(s: &mut String, se: &Series, c: &str, pts: &[(f64, f64)]) {
+    match se.style {
+        Style::Line | Style::LineMarkers | Style::Steps => {
+            let mut d = String::new();
+            for (i, (x, y)) in pts.iter().enumerate() {
+                if i == 0 {
+                    let _ = write!(d, "M{x:.1} {y:.1}");
+                } else if se.style == Style::Steps {
+                    let _ = write!(d, " H{x:.1} V{y:.1}");
+                } else {
+                    let _ = write!(d, " L{x:.1} {y:.1}");
+                }
+            }
+            let _ = writeln!(
+                s,
+                r#"<path d="{d}" fill="none" stroke="{c}" stroke-width="2"/>"#
+            );
+            if se.style == Style::LineMarkers {
+                for (x, y) in pts {
+                    let _ = writeln!(s, r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{c}"/>"#);
+                }
+            }
+        }
+        Style::Labelled | Style::Faint => {
+            let (r, op) = if se.style == Style::Faint {
+                (3.0, 0.35)
+            } else {
+                (5.5, 1.0)
+            };
+            for (x, y) in pts {
+                let _ = writeln!(
+                    s,
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r}" fill="{c}" fill-opacity="{op}"/>"#
+                );
+                if se.style == Style::Labelled {
+                    let _ = writeln!(
+                        s,
+                        r#"<text x="{:.1}" y="{:.1}" fill="{c}">{}</text>"#,
+                        x + 8.0,
+                        y - 6.0,
+                        esc(&se.name)
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -14,8 +14,8 @@ use abi_stable::std_types::{ROption, RSlice};
 use serde::Serialize;
 use simfreeze_abi::ffi::{NamedValues, Needs, Observation};
 
-use crate::controller::{Change, ContractViolation, FreezeController, FreezeState};
-use crate::plugin::{PolicyCallError, PolicyHandle};
+use crate::contract::{Change, ContractViolation, FreezeController, FreezeState};
+use crate::loader::{PolicyCallError, PolicyHandle};
 
 /// What the trainer or simulator measured in one step.
 #[derive(Debug, Clone, Copy)]

@@ -4,38 +4,23 @@
 //! relabelling (source/target splits), and batches in an order that is a
 //! pure function of (seed, epoch).
 //!
+//! Image-file datasets (ImageFolder, CUB-200-2011, NABirds, Stanford Dogs)
+//! and their augmentation live in [`images`], MATLAB list files in
+//! [`matfile`]; which source a run reads is decided in [`crate::plan`].
+//!
 //! Invariant: a missing or corrupt file is an error that names the file.
 
+pub mod images;
+pub mod matfile;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Kind, Tensor};
 
-use crate::simulate::Rng;
+use simfreeze_runtime::rng::Rng;
 
-/// Why a dataset could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    /// The file does not exist or cannot be read.
-    #[error("cannot read {path}: {cause}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause (in the message, not repeated as an error source).
-        cause: std::io::Error,
-    },
-    /// The file's contents are not what its format promises.
-    #[error("{path} is corrupt: {reason}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Something else about the dataset request is wrong.
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::error::DataError;
 
 /// Images and labels in memory.
 #[derive(Debug)]

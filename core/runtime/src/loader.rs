@@ -8,10 +8,14 @@
 //!   the first plugin for every path);
 //! - plugins are never unloaded (their code may still be referenced by boxed
 //!   objects and strings);
+//! - the search path is built once, by whoever starts the work (the CLI's
+//!   plan), and travels with the [`Plugin`]: a policy that loads a metric
+//!   in its constructor gets it from the same directories as itself;
 //! - every failure becomes a [`LoadError`] or [`PolicyCallError`] that names
 //!   the plugin and its path in one short paragraph; abi_stable's layout
 //!   reports (hundreds of lines) are reduced to their first line.
 
+use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -186,6 +190,8 @@ pub struct Plugin {
     pub meta: PluginMeta,
     kind: PluginKind,
     module: PluginModuleRef,
+    /// Where the metrics its policies ask for are looked up.
+    search: SearchPath,
 }
 
 impl fmt::Debug for Plugin {
@@ -198,8 +204,16 @@ impl fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    /// Opens and checks the library at `path`.
+    /// Opens and checks the library at `path`; metrics its policies load
+    /// are looked up on [`SearchPath::from_env`]. Use [`SearchPath::load`]
+    /// to pass a search path that was built once.
     pub fn load(path: &Path) -> Result<Plugin, LoadError> {
+        Self::open(path, SearchPath::from_env())
+    }
+
+    /// Opens and checks the library at `path`; `search` is where the
+    /// metrics its policies load are looked up.
+    pub fn open(path: &Path, search: SearchPath) -> Result<Plugin, LoadError> {
         if !path.is_file() {
             return Err(LoadError::NotFound {
                 spec: path.display().to_string(),
@@ -233,10 +247,18 @@ impl Plugin {
         let module = header
             .init_root_module::<PluginModuleRef>()
             .map_err(|e| map_library_error(path, e))?;
-        Self::from_module(module, path.to_owned())
+        Ok(Self::from_module(module, path.to_owned())?.with_search_path(search))
     }
 
-    /// Wraps a root module linked into this binary (tests, static plugins).
+    /// Looks up the metrics its policies load on `search` instead.
+    pub fn with_search_path(mut self, search: SearchPath) -> Plugin {
+        self.search = search;
+        self
+    }
+
+    /// Wraps a root module linked into this binary (tests, static plugins);
+    /// metrics its policies load are looked up on [`SearchPath::from_env`]
+    /// unless [`Plugin::with_search_path`] says otherwise.
     pub fn from_module(module: PluginModuleRef, path: PathBuf) -> Result<Plugin, LoadError> {
         let unnamed = || {
             path.file_name()
@@ -256,6 +278,7 @@ impl Plugin {
             kind,
             path,
             module,
+            search: SearchPath::from_env(),
         })
     }
 
@@ -263,6 +286,10 @@ impl Plugin {
     pub fn new_policy(&self, options: &str) -> Result<PolicyHandle, LoadError> {
         self.expect_kind(PluginKind::Policy)?;
         let host = host_services();
+        // Metrics are loaded in the constructor (the SDK hands it the host
+        // services by reference only), so this plugin's search path is in
+        // scope exactly while it runs.
+        let _scope = MetricScope::enter(self.search.clone());
         let policy = call_guarded(|| (self.module.new_policy())(RStr::from(options), host))
             .map_err(|message| LoadError::Panic {
                 name: self.meta.name.clone(),
@@ -561,9 +588,32 @@ impl SearchPath {
         (plugins, errors)
     }
 
-    /// Resolves and loads `spec`.
+    /// Resolves and loads `spec`; its policies load their metrics from
+    /// this search path too.
     pub fn load(&self, spec: &str) -> Result<Plugin, LoadError> {
-        Plugin::load(&self.resolve(spec)?)
+        Plugin::open(&self.resolve(spec)?, self.clone())
+    }
+}
+
+thread_local! {
+    /// The search path of the policy constructor running on this thread.
+    static METRIC_SEARCH: RefCell<Option<SearchPath>> = const { RefCell::new(None) };
+}
+
+/// Puts a search path in scope for [`host_load_metric`] while a policy
+/// constructor runs; the previous one comes back when it is dropped.
+struct MetricScope(Option<SearchPath>);
+
+impl MetricScope {
+    fn enter(search: SearchPath) -> MetricScope {
+        MetricScope(METRIC_SEARCH.with(|s| s.replace(Some(search))))
+    }
+}
+
+impl Drop for MetricScope {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        METRIC_SEARCH.with(|s| *s.borrow_mut() = previous);
     }
 }
 
@@ -583,15 +633,22 @@ extern "C" fn host_load_metric(
     options: RStr<'_>,
 ) -> RResult<MetricBox, PluginError> {
     let result = catch_unwind(AssertUnwindSafe(|| {
-        SearchPath::from_env()
-            .load(name.as_str())
-            .and_then(|p| p.new_metric(options.as_str()))
+        let search = METRIC_SEARCH.with(|s| s.borrow().clone());
+        match search {
+            Some(search) => search
+                .load(name.as_str())
+                .and_then(|p| p.new_metric(options.as_str()))
+                .map_err(|e| e.to_string()),
+            None => Err(format!(
+                "metric `{name}` requested outside a policy constructor; load metrics in `new`"
+            )),
+        }
     }));
     match result {
         Ok(Ok(m)) => RResult::ROk(m),
-        Ok(Err(e)) => RResult::RErr(PluginError {
+        Ok(Err(message)) => RResult::RErr(PluginError {
             kind: ErrorKind::Options,
-            message: e.to_string().into(),
+            message: message.into(),
         }),
         Err(_) => RResult::RErr(PluginError {
             kind: ErrorKind::Other,

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use image::imageops::FilterType;
 use tch::Tensor;
 
+use simfreeze_runtime::rng::Rng;
+
 use crate::data::{DataError, Dataset};
 
 /// One split: image files with their labels.
@@ -94,7 +96,7 @@ impl Split {
         if let Some(n) = limit {
             // The listings are grouped by class: take the first n of a
             // fixed shuffle, so a limit keeps every class represented.
-            let mut rng = crate::simulate::Rng::new(0x11_A1E5);
+            let mut rng = Rng::new(0x11_A1E5);
             for i in (1..split.items.len()).rev() {
                 let j = rng.below(i + 1);
                 split.items.swap(i, j);
@@ -239,13 +241,13 @@ pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
     let read = |name: &str| -> Result<Vec<(PathBuf, i64)>, DataError> {
         let path = root.join(name);
         let bytes = std::fs::read(&path).map_err(|e| io_err(&path, e))?;
-        let vars = crate::matfile::parse(&bytes).map_err(|r| corrupt(&path, r))?;
+        let vars = crate::data::matfile::parse(&bytes).map_err(|r| corrupt(&path, r))?;
         let files = vars
             .get("file_list")
             .and_then(|v| v.strings())
             .ok_or_else(|| corrupt(&path, "no `file_list` cell array of file names"))?;
         let labels = match vars.get("labels") {
-            Some(crate::matfile::MatValue::Num(v)) => v.clone(),
+            Some(crate::data::matfile::MatValue::Num(v)) => v.clone(),
             _ => return Err(corrupt(&path, "no numeric `labels`")),
         };
         if labels.len() != files.len() {
@@ -390,7 +392,7 @@ impl Augmenter {
     /// One augmented sample as CHW bytes.
     fn sample(&self, i: usize, seed: u64, epoch: u64, out: &mut [u8]) -> Result<(), DataError> {
         let img = &self.images[i];
-        let mut rng = crate::simulate::Rng::new(
+        let mut rng = Rng::new(
             seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ epoch.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
                 ^ (i as u64).wrapping_mul(0x1656_67B1_9E37_79F9),

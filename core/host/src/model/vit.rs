@@ -12,7 +12,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Tensor};
 
-use crate::precision::{autocast, Precision};
+use crate::model::precision::{autocast, Precision};
+use crate::model::{Forward, Group, PrefixModel};
 
 /// Shape of a ViT. Every field can be set from RON.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,7 +47,7 @@ fn default_norm_eps() -> f64 {
 
 impl VitConfig {
     /// The CPU proxy: 28×28 single-channel inputs, patch 7 (16 tokens + class
-    /// token), D 96, 8 blocks, 3 heads (ARCHITECTURE.md's proxy).
+    /// token), D 96, 8 blocks, 3 heads (the CPU proxy, docs/architecture.md).
     pub fn tiny_fmnist() -> Self {
         VitConfig {
             image_size: 28,
@@ -255,14 +256,6 @@ impl Module for Block {
     }
 }
 
-/// Output of a forward pass.
-pub struct Forward {
-    /// `[B, classes]`.
-    pub logits: Tensor,
-    /// Final class-token features after the final norm, `[B, D]`.
-    pub cls: Tensor,
-}
-
 /// A ViT whose variables live in a `VarStore` under timm's names.
 #[derive(Debug)]
 pub struct Vit {
@@ -310,9 +303,12 @@ impl Vit {
         }
     }
 
-    /// Number of blocks L.
-    pub fn depth(&self) -> usize {
-        self.blocks.len()
+    /// Builds the model's variables in `vs`, running at `precision`: the
+    /// one place a model is constructed (run, resume, eval and bench).
+    pub fn build(vs: &nn::VarStore, cfg: &VitConfig, precision: Precision) -> Self {
+        let mut model = Vit::new(&vs.root(), cfg);
+        model.precision = precision;
+        model
     }
 
     fn embed(&self, x: &Tensor) -> Tensor {
@@ -345,65 +341,6 @@ impl Vit {
         patches.linear(&weight, self.proj.bs.as_ref())
     }
 
-    /// `[B, C, H, W] -> logits [B, classes]` and class-token features
-    /// `[B, D]`, with the embedding and blocks `[0, frozen)` run without
-    /// autograd (`frozen` may be 0..=L).
-    pub fn forward_frozen(&self, x: &Tensor, frozen: usize) -> Forward {
-        let frozen = frozen.min(self.blocks.len());
-        if frozen == 0 {
-            let h = autocast(self.precision, x.device(), || self.embed(x));
-            return self.forward_from(h, 0, 0);
-        }
-        self.forward_from(self.frozen_prefix(x, frozen), frozen, frozen)
-    }
-
-    /// The output of the embedding and blocks `[0, k)`, computed without
-    /// autograd and detached: `[B, C, H, W] -> [B, N+1, D]`.
-    pub fn frozen_prefix(&self, x: &Tensor, k: usize) -> Tensor {
-        autocast(self.precision, x.device(), || {
-            tch::no_grad(|| {
-                let mut h = self.embed(x);
-                for b in &self.blocks[..k.min(self.blocks.len())] {
-                    h = b.forward(&h);
-                }
-                h
-            })
-        })
-        .detach()
-    }
-
-    /// Runs blocks `[from, to)` on `h` without autograd (advancing a cached
-    /// boundary): `[B, N+1, D] -> [B, N+1, D]`.
-    pub fn advance(&self, h: &Tensor, from: usize, to: usize) -> Tensor {
-        autocast(self.precision, h.device(), || {
-            tch::no_grad(|| {
-                let mut h = h.shallow_clone();
-                for b in &self.blocks[from.min(to)..to.min(self.blocks.len())] {
-                    h = b.forward(&h);
-                }
-                h
-            })
-        })
-        .detach()
-    }
-
-    /// Continues from `h`, the output of blocks `[0, start)`: blocks
-    /// `[start, frozen)` without autograd (e.g. a probed block), the rest
-    /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.
-    pub fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
-        let out = autocast(self.precision, h.device(), || {
-            self.blocks_and_head(h, start, frozen)
-        });
-        if self.precision == Precision::F32 {
-            return out;
-        }
-        // The loss and the policy's features are computed in float32.
-        Forward {
-            logits: out.logits.to_kind(tch::Kind::Float),
-            cls: out.cls.to_kind(tch::Kind::Float),
-        }
-    }
-
     fn blocks_and_head(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
         let frozen = frozen.clamp(start, self.blocks.len());
         let mut h = if frozen > start {
@@ -430,17 +367,86 @@ impl Vit {
     }
 }
 
-/// Which optimizer group a variable belongs to: the embedding goes with
-/// block 0, the final norm and the head are never frozen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Group {
-    /// Block `i` (the embedding counts as block 0).
-    Block(usize),
-    /// Final norm and head.
-    Head,
+impl PrefixModel for Vit {
+    fn depth(&self) -> usize {
+        self.blocks.len()
+    }
+
+    fn feature_dim(&self) -> i64 {
+        self.cfg.dim
+    }
+
+    fn tokens(&self) -> i64 {
+        self.cfg.tokens()
+    }
+
+    fn group_of(&self, name: &str) -> Group {
+        group_of(name)
+    }
+
+    /// `[B, C, H, W] -> logits [B, classes]` and class-token features
+    /// `[B, D]`, with the embedding and blocks `[0, frozen)` run without
+    /// autograd (`frozen` may be 0..=L).
+    fn forward_frozen(&self, x: &Tensor, frozen: usize) -> Forward {
+        let frozen = frozen.min(self.blocks.len());
+        if frozen == 0 {
+            let h = autocast(self.precision, x.device(), || self.embed(x));
+            return self.forward_from(h, 0, 0);
+        }
+        self.forward_from(self.frozen_prefix(x, frozen), frozen, frozen)
+    }
+
+    /// The output of the embedding and blocks `[0, k)`, computed without
+    /// autograd and detached: `[B, C, H, W] -> [B, N+1, D]`.
+    fn frozen_prefix(&self, x: &Tensor, k: usize) -> Tensor {
+        autocast(self.precision, x.device(), || {
+            tch::no_grad(|| {
+                let mut h = self.embed(x);
+                for b in &self.blocks[..k.min(self.blocks.len())] {
+                    h = b.forward(&h);
+                }
+                h
+            })
+        })
+        .detach()
+    }
+
+    /// Runs blocks `[from, to)` on `h` without autograd (advancing a cached
+    /// boundary): `[B, N+1, D] -> [B, N+1, D]`.
+    fn advance(&self, h: &Tensor, from: usize, to: usize) -> Tensor {
+        autocast(self.precision, h.device(), || {
+            tch::no_grad(|| {
+                let mut h = h.shallow_clone();
+                for b in &self.blocks[from.min(to)..to.min(self.blocks.len())] {
+                    h = b.forward(&h);
+                }
+                h
+            })
+        })
+        .detach()
+    }
+
+    /// Continues from `h`, the output of blocks `[0, start)`: blocks
+    /// `[start, frozen)` without autograd (e.g. a probed block), the rest
+    /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.
+    fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
+        let out = autocast(self.precision, h.device(), || {
+            self.blocks_and_head(h, start, frozen)
+        });
+        if self.precision == Precision::F32 {
+            return out;
+        }
+        // The loss and the policy's features are computed in float32.
+        Forward {
+            logits: out.logits.to_kind(tch::Kind::Float),
+            cls: out.cls.to_kind(tch::Kind::Float),
+        }
+    }
 }
 
-/// The group of a timm-named variable.
+/// The group of a timm-named variable: `blocks.<i>.*` is block `i`, the
+/// patch and position embeddings and the class token go with block 0,
+/// everything else (final norm, head) is never frozen.
 pub fn group_of(name: &str) -> Group {
     if let Some(rest) = name.strip_prefix("blocks.") {
         let idx = rest.split('.').next().and_then(|s| s.parse().ok());

@@ -1,24 +1,24 @@
-//! The command line: argument parsing, output formats and exit codes. The
-//! work itself lives in the other modules.
-//!
-//! Exit codes (also in the README): 0 success; 1 internal or I/O error;
-//! 2 bad command line or configuration; 3 a plugin could not be found,
-//! loaded or constructed; 4 a policy failed while running (error, panic or a
-//! decision that breaks the freezing contract); 5 a dataset file is missing
-//! or corrupt; 6 the training loss became NaN or infinite; 130 the run was
-//! interrupted (signal or `--stop-after`) and can be resumed.
+//! The command line: clap types and dispatch; [`print`] holds the text and
+//! JSON printers. The work itself lives in the layers below; the plugin
+//! search path is built here, once per command, and passed down. Exit codes
+//! are documented and computed in [`crate::error`].
 
-use std::io::Write;
+mod print;
+
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use simfreeze_runtime::loader::SearchPath;
+use simfreeze_runtime::simulate::{simulate, SimConfig};
 
-use crate::config::{PolicySection, RunConfig};
-use crate::driver::DriverError;
-use crate::plugin::{LoadError, Plugin, PolicyCallError, SearchPath};
-use crate::simulate::{simulate, SimConfig};
-use crate::train;
+use crate::bench::{bench, BenchSpec};
+use crate::config::{DataSource, PolicySection, RunConfig};
+use crate::engine::{Engine, SingleEngine};
+use crate::error::{exit_code, UsageError};
+use crate::experiment::compare::{compare, CompareConfig};
+use crate::plan::{self, Plan};
+use crate::run::{self, RunControl};
 
 /// Fine-tune Vision Transformers, freezing encoder blocks with plugin policies.
 #[derive(Debug, Parser)]
@@ -174,11 +174,6 @@ struct SimulateArgs {
     json: bool,
 }
 
-/// A bad command line or configuration (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     crate::memory::keep_freed_memory();
@@ -198,43 +193,16 @@ pub fn main() -> i32 {
     }
 }
 
-/// The documented exit code for an error.
-pub fn exit_code(e: &anyhow::Error) -> i32 {
-    for cause in e.chain() {
-        if let Some(stopped) = cause.downcast_ref::<train::RunStopped>() {
-            return stopped.exit_code;
-        }
-        if cause.is::<train::Diverged>() {
-            return 6;
-        }
-        if cause.is::<UsageError>() {
-            return 2;
-        }
-        if cause.is::<crate::data::DataError>() || cause.is::<crate::weights::WeightsError>() {
-            return 5;
-        }
-        if cause.is::<LoadError>() {
-            return 3;
-        }
-        if cause.is::<DriverError>()
-            || cause.is::<PolicyCallError>()
-            || cause.is::<crate::controller::ContractViolation>()
-        {
-            return 4;
-        }
-    }
-    1
-}
-
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    let search = SearchPath::from_env();
     match cli.command {
-        Command::Plugins { json } => plugins(json),
-        Command::Simulate(args) => simulate_cmd(args),
-        Command::Run(args) => run_cmd(args),
-        Command::Compare(args) => compare_cmd(args),
+        Command::Plugins { json } => print::plugins(&search, json),
+        Command::Simulate(args) => simulate_cmd(args, &search),
+        Command::Run(args) => run_cmd(args, &search),
+        Command::Compare(args) => compare_cmd(args, &search),
         Command::Eval(args) => eval_cmd(args),
-        Command::Bench(args) => bench_cmd(args),
+        Command::Bench(args) => bench_cmd(args, &search),
     }
 }
 
@@ -250,13 +218,13 @@ fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     Ok(flag)
 }
 
-fn run_cmd(a: RunArgs) -> Result<()> {
-    let control = train::RunControl {
+fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
+    let control = RunControl {
         stop_after: a.stop_after,
         interrupt: Some(interrupt_flag()?),
     };
     if let Some(dir) = &a.resume {
-        let summary = train::resume(dir, &control)?;
+        let summary = run::resume(dir, search, &control)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
@@ -284,7 +252,7 @@ fn run_cmd(a: RunArgs) -> Result<()> {
         }
     }
     let cfg = cfg.with_overrides(&a.sets)?;
-    let summary = train::run(train::Plan::resolve(cfg)?, &control)?;
+    let summary = run::run(Plan::resolve(cfg, search)?, &control)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
@@ -292,20 +260,19 @@ fn run_cmd(a: RunArgs) -> Result<()> {
 fn eval_cmd(a: EvalArgs) -> Result<()> {
     let mut cfg = RunConfig::load(&a.config)?.with_overrides(&a.sets)?;
     cfg.model.weights = Some(a.weights.clone());
-    cfg.model.head = crate::weights::HeadInit::Load;
-    let device = train::parse_device(&cfg.train.device)?;
+    cfg.model.head = crate::model::weights::HeadInit::Load;
+    let device = plan::parse_device(&cfg.train.device)?;
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads);
     }
-    let eval = train::load_splits(&cfg, false)?.eval;
+    let eval = plan::load_splits(&cfg, false)?.eval;
     let model_cfg = cfg.model.resolve(eval.classes)?;
-    let ck = crate::weights::Checkpoint::read(&a.weights)?;
-    let vs = tch::nn::VarStore::new(device);
-    let mut model = crate::model::Vit::new(&vs.root(), &model_cfg);
-    model.precision = cfg.train.precision;
-    let report = crate::weights::load_into(&vs, &model_cfg, ck, cfg.model.head)?;
+    let ck = crate::model::weights::Checkpoint::read(&a.weights)?;
+    let (precision, sgd) = (cfg.train.precision, cfg.train.sgd.clone());
+    let mut engine = SingleEngine::new(&model_cfg, precision, sgd, device);
+    let report = engine.import_weights(ck, cfg.model.head)?;
     eprintln!("weights: {}: {report}", a.weights.display());
-    let (top1, loss) = train::evaluate(&model, &eval, device);
+    let (top1, loss) = engine.evaluate(&eval);
     if a.json {
         println!("{}", serde_json::json!({"top1": top1, "n": eval.len()}));
     } else {
@@ -314,25 +281,25 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn compare_cmd(a: CompareArgs) -> Result<()> {
-    let cfg = crate::compare::CompareConfig::load(&a.config)?;
+fn compare_cmd(a: CompareArgs, search: &SearchPath) -> Result<()> {
+    let cfg = CompareConfig::load(&a.config)?;
     let cfg = crate::config::apply_overrides(cfg, &a.sets)?;
-    let control = train::RunControl {
+    let control = RunControl {
         stop_after: None,
         interrupt: Some(interrupt_flag()?),
     };
-    crate::compare::compare(&cfg, &control)?;
+    compare(&cfg, search, &control)?;
     Ok(())
 }
 
-fn bench_cmd(a: BenchArgs) -> Result<()> {
+fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
     let cfg = RunConfig::load(&a.config)?.with_overrides(&a.sets)?;
-    let device = train::parse_device(&cfg.train.device)?;
+    let device = plan::parse_device(&cfg.train.device)?;
     if cfg.train.threads > 0 {
         tch::set_num_threads(cfg.train.threads);
     }
     let classes = match &cfg.data.source {
-        crate::config::DataSource::Synthetic { classes, .. } => *classes,
+        DataSource::Synthetic { classes, .. } => *classes,
         // Only the shape matters for timing; the head's width is negligible.
         _ => 10,
     };
@@ -354,14 +321,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         return Err(UsageError("--batch and --steps must be at least 1".into()).into());
     }
     let policy = match &a.policy {
-        Some(p) => Some(
-            SearchPath::from_env()
-                .load(p)?
-                .new_policy(&a.policy_config)?,
-        ),
+        Some(p) => Some(search.load(p)?.new_policy(&a.policy_config)?),
         None => None,
     };
-    let spec = train::BenchSpec {
+    let spec = BenchSpec {
         model: &model,
         device,
         batch,
@@ -371,118 +334,21 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         rounds: a.rounds,
         precision: cfg.train.precision,
     };
-    let results = train::bench(&spec, policy)?;
-    let threads = tch::get_num_threads();
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        let obj = serde_json::json!({
-            "model": cfg.model.preset,
-            "depth": depth,
-            "shape": model,
-            "policy": a.policy,
-            "batch": batch,
-            "threads": threads,
-            "device": format!("{device:?}"),
-            "rounds": a.rounds,
-            "steps": a.steps,
-            "results": results,
-        });
-        writeln!(out, "{obj}")?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "{} (depth {depth}), batch {batch}, {threads} threads, {device:?}, best of {} rounds of {} steps",
-        cfg.model.preset, a.rounds, a.steps
-    )?;
-    writeln!(
-        out,
-        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share"
-    )?;
-    let base = results
-        .iter()
-        .find(|r| r.frozen == 0)
-        .map(|r| r.images_per_sec);
-    for r in &results {
-        let model_speedup = 3.0 * depth as f64 / (3.0 * depth as f64 - 2.0 * r.frozen as f64);
-        let measured = base.map_or(String::from("-"), |b| {
-            format!("{:.2}x", r.images_per_sec / b)
-        });
-        let rss = r
-            .peak_rss_mib
-            .map_or(String::from("-"), |m| format!("{m:.0} MiB"));
-        let share = r
-            .policy_overhead
-            .map_or(String::from("-"), |f| format!("{:.2} %", 100.0 * f));
-        writeln!(
-            out,
-            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}",
-            r.frozen, r.images_per_sec
-        )?;
-    }
-    Ok(())
+    let results = bench(&spec, policy)?;
+    let what = print::BenchHeader {
+        preset: &cfg.model.preset,
+        depth,
+        shape: &model,
+        policy: a.policy.as_deref(),
+        batch,
+        device,
+        rounds: a.rounds,
+        steps: a.steps,
+    };
+    print::bench(&what, &results, a.json)
 }
 
-fn plugins(json: bool) -> Result<()> {
-    let search = SearchPath::from_env();
-    let (plugins, errors) = search.discover();
-    let mut out = std::io::stdout().lock();
-    if json {
-        let list: Vec<_> = plugins
-            .iter()
-            .map(|p| {
-                let mut v = serde_json::to_value(&p.meta).unwrap_or_default();
-                v["path"] = serde_json::Value::String(p.path.display().to_string());
-                v
-            })
-            .collect();
-        let errs: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
-        let dirs: Vec<String> = search
-            .dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
-        let obj = serde_json::json!({ "search_path": dirs, "plugins": list, "errors": errs });
-        writeln!(out, "{obj}")?;
-        return Ok(());
-    }
-    if plugins.is_empty() {
-        writeln!(
-            out,
-            "no plugins found in: {}",
-            search
-                .dirs
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(":")
-        )?;
-    }
-    for p in &plugins {
-        print_plugin(&mut out, p)?;
-    }
-    for e in &errors {
-        writeln!(out, "not loaded: {e}")?;
-    }
-    Ok(())
-}
-
-fn print_plugin(out: &mut impl Write, p: &Plugin) -> Result<()> {
-    let m = &p.meta;
-    writeln!(
-        out,
-        "{} ({} {}, ABI {})",
-        m.name, m.kind, m.version, m.abi_version
-    )?;
-    writeln!(out, "    path: {}", p.path.display())?;
-    writeln!(out, "    {}", m.description)?;
-    for o in &m.options {
-        writeln!(out, "    option {} = {}    {}", o.name, o.default, o.doc)?;
-    }
-    Ok(())
-}
-
-fn simulate_cmd(a: SimulateArgs) -> Result<()> {
+fn simulate_cmd(a: SimulateArgs, search: &SearchPath) -> Result<()> {
     let cfg = SimConfig {
         layers: a.layers,
         steps: a.steps,
@@ -493,42 +359,10 @@ fn simulate_cmd(a: SimulateArgs) -> Result<()> {
         seed: a.seed,
     };
     cfg.validate().map_err(UsageError)?;
-    let plugin = SearchPath::from_env().load(&a.policy)?;
+    let plugin = search.load(&a.policy)?;
     let path: PathBuf = plugin.path.clone();
     let policy = plugin.new_policy(&a.policy_config)?;
     let report =
         simulate(policy, &cfg, |_| {}).with_context(|| format!("simulating {}", path.display()))?;
-    let mut out = std::io::stdout().lock();
-    if a.json {
-        writeln!(out, "{}", serde_json::to_string(&report)?)?;
-        return Ok(());
-    }
-    writeln!(
-        out,
-        "policy {} {} ({}): {} blocks, {} steps, {} per epoch",
-        report.policy,
-        report.version,
-        path.display(),
-        cfg.layers,
-        cfg.steps,
-        cfg.steps_per_epoch
-    )?;
-    writeln!(out, "block  frozen from step")?;
-    for (i, s) in report.freeze_step.iter().enumerate() {
-        match s {
-            Some(s) => writeln!(out, "{i:>5}  {s}")?,
-            None => writeln!(out, "{i:>5}  -")?,
-        }
-    }
-    writeln!(out, "steps with a probe: {}", report.probe_steps)?;
-    writeln!(out, "compute-model speedup: {:.3}x", report.compute_speedup)?;
-    for (name, values) in &report.scalars {
-        let last = values.last().map_or(f64::NAN, |v| v.1);
-        writeln!(
-            out,
-            "scalar {name}: {} values, last {last:.6}",
-            values.len()
-        )?;
-    }
-    Ok(())
+    print::simulation(&report, &cfg, &path, a.json)
 }

@@ -1,0 +1,143 @@
+//! `simfreeze bench`: training steps per frozen prefix on random inputs,
+//! through the same [`Engine`] step and the same policy loop
+//! ([`observe`]) as a run, so what it times is what a run does.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use serde::Serialize;
+use simfreeze_abi::Needs;
+use simfreeze_runtime::driver::PolicyDriver;
+use simfreeze_runtime::loader::PolicyHandle;
+use tch::{Device, Kind, Tensor};
+
+use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepPlan};
+use crate::memory;
+use crate::model::precision::Precision;
+use crate::model::VitConfig;
+
+/// Result of `simfreeze bench` for one frozen prefix.
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    /// Frozen blocks.
+    pub frozen: usize,
+    /// Training throughput (policy loop included when a policy is given).
+    pub images_per_sec: f64,
+    /// Peak resident memory while this prefix ran (MiB; Linux only).
+    pub peak_rss_mib: Option<f64>,
+    /// Share of step time spent in the policy loop (feature and label copy,
+    /// policy call, decision check), when a policy is given.
+    pub policy_overhead: Option<f64>,
+}
+
+/// What `bench` measures.
+pub struct BenchSpec<'a> {
+    /// Model shape.
+    pub model: &'a VitConfig,
+    /// Device.
+    pub device: Device,
+    /// Batch size.
+    pub batch: i64,
+    /// Frozen prefixes to time.
+    pub frozen: &'a [usize],
+    /// Timed steps per prefix and round.
+    pub steps: u64,
+    /// Untimed steps per prefix first.
+    pub warmup: u64,
+    /// Rounds; each prefix reports its best.
+    pub rounds: u32,
+    /// Forward precision.
+    pub precision: Precision,
+}
+
+/// Times training steps per frozen prefix on random inputs of the model's
+/// shape: `warmup` untimed steps, then `rounds` rounds of `steps` timed
+/// steps, the prefixes interleaved within each round so that a burst of load
+/// on a shared machine hits all of them alike; reports each prefix's best
+/// round (the least disturbed). With a policy, every step also runs the
+/// policy loop exactly as `run` does (its decisions are checked but the
+/// prefix stays fixed), and its share of the step time is reported.
+pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<BenchResult>> {
+    let mcfg = spec.model;
+    let (device, batch) = (spec.device, spec.batch);
+    tch::manual_seed(0);
+    let mut engine = SingleEngine::new(mcfg, spec.precision, Default::default(), device);
+    let x = Tensor::randn(
+        [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
+        (Kind::Float, device),
+    );
+    let y = Tensor::randint(mcfg.classes, [batch], (Kind::Int64, device));
+    // Labels come from host memory in a real run too.
+    let y_host = y.to_device(Device::Cpu);
+    let has_policy = policy.is_some();
+    let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
+    let needs = driver.needs();
+    let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
+        + spec.warmup * spec.frozen.len() as u64;
+    let mut step = 0u64;
+    // Returns seconds spent in the policy loop.
+    let mut run = |k: usize, n: u64| -> Result<f64> {
+        let mut in_policy = 0.0;
+        for _ in 0..n {
+            // Random data at a tiny lr cannot diverge; an Err would only
+            // mean that step updated nothing. The step reads the loss, so
+            // it synchronises like a real one.
+            let plan = StepPlan {
+                features: has_policy && needs.contains(Needs::CLS_FEATURES),
+                ..StepPlan::simple(1e-4, k)
+            };
+            let Ok(out) = engine.step(Batch::Images(x.shallow_clone()), &y, &plan) else {
+                continue;
+            };
+            if has_policy {
+                let t = Instant::now();
+                let at = StepAt {
+                    step,
+                    epoch: 0,
+                    steps_per_epoch: total.max(1),
+                    total_steps: total.max(1),
+                    num_classes: mcfg.classes as usize,
+                };
+                observe(&mut driver, &out, &y_host, mcfg.dim, at)?;
+                in_policy += t.elapsed().as_secs_f64();
+            }
+            step += 1;
+        }
+        Ok(in_policy)
+    };
+    let n = spec.frozen.len();
+    let (mut best, mut overhead, mut peak) = (
+        vec![0.0f64; n],
+        vec![f64::INFINITY; n],
+        vec![None::<f64>; n],
+    );
+    for &k in spec.frozen {
+        run(k, spec.warmup)?;
+    }
+    for _ in 0..spec.rounds.max(1) {
+        for (i, &k) in spec.frozen.iter().enumerate() {
+            let t = Instant::now();
+            let in_policy = run(k, spec.steps)?;
+            let secs = t.elapsed().as_secs_f64();
+            best[i] = best[i].max(spec.steps as f64 * batch as f64 / secs);
+            overhead[i] = overhead[i].min(in_policy / secs);
+        }
+    }
+    // Memory in a pass of its own, after the timing: the process keeps
+    // freed memory (see `memory`), so each K first hands back what the
+    // previous one left, then its peak is read over two steps.
+    for (i, &k) in spec.frozen.iter().enumerate() {
+        memory::release_free_memory();
+        memory::reset_peak_rss();
+        run(k, 2)?;
+        peak[i] = memory::peak_rss_mib();
+    }
+    Ok((0..n)
+        .map(|i| BenchResult {
+            frozen: spec.frozen[i],
+            images_per_sec: best[i],
+            peak_rss_mib: peak[i],
+            policy_overhead: has_policy.then_some(overhead[i]),
+        })
+        .collect())
+}

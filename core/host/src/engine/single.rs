@@ -1,0 +1,345 @@
+//! One process, one device: the engine every run used before there was a
+//! choice. A step runs the forward with the frozen prefix outside autograd,
+//! refuses a non-finite loss before any update, backpropagates into the
+//! trainable blocks only and steps the optimizer on them.
+//!
+//! Invariant: frozen parameters receive no update of any kind (no weight
+//! decay, no momentum drift): they are bit-identical across steps.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::data::Dataset;
+use crate::engine::optim::{Sgd, SgdConfig};
+use crate::engine::{Batch, Engine, StepOut, StepPlan};
+use crate::model::precision::Precision;
+use crate::model::weights::{self, Checkpoint, HeadInit};
+use crate::model::{PrefixModel, Vit, VitConfig};
+
+/// The model's shape as JSON beside the final weights (its LayerNorm
+/// epsilon is read back when the weights are loaded).
+pub const MODEL_INFO_FILE: &str = "model.json";
+
+/// A ViT, its variables and its optimizer on one device.
+pub struct SingleEngine {
+    vs: nn::VarStore,
+    model: Vit,
+    opt: Sgd,
+    device: Device,
+}
+
+impl SingleEngine {
+    /// Builds the model (initialised from libtorch's current seed) and its
+    /// optimizer on `device`.
+    pub fn new(cfg: &VitConfig, precision: Precision, sgd: SgdConfig, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let model = Vit::build(&vs, cfg, precision);
+        let opt = Sgd::new(&vs, &model, sgd);
+        SingleEngine {
+            vs,
+            model,
+            opt,
+            device,
+        }
+    }
+}
+
+impl Engine for SingleEngine {
+    fn model(&self) -> &dyn PrefixModel {
+        &self.model
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn import_weights(&mut self, ck: Checkpoint, head: HeadInit) -> Result<String> {
+        Ok(weights::load_into(&self.vs, &self.model.cfg, ck, head)?.to_string())
+    }
+
+    fn lr_at(&self, step: u64, total: u64) -> f64 {
+        self.opt.config().lr_at(step, total)
+    }
+
+    fn step(&mut self, batch: Batch, y: &Tensor, plan: &StepPlan<'_>) -> Result<StepOut, f64> {
+        train_step(&self.model, &mut self.opt, batch, y, plan)
+    }
+
+    fn evaluate(&self, data: &Dataset) -> (f64, f64) {
+        evaluate(&self.model, data, self.device)
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        tensors.extend(
+            self.opt
+                .momentum_state()
+                .into_iter()
+                .map(|(n, t)| (format!("momentum/{n}"), t)),
+        );
+        tensors
+    }
+
+    fn load_state_tensors(&mut self, path: &Path, loaded: Vec<(String, Tensor)>) -> Result<()> {
+        let mut vars = self.vs.variables();
+        let mut momentum = Vec::new();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in loaded {
+                if let Some(m) = name.strip_prefix("momentum/") {
+                    momentum.push((m.to_string(), t));
+                } else if let Some(mut v) = vars.remove(&name) {
+                    if v.size() != t.size() {
+                        bail!(
+                            "{}: {name} has shape {:?}, the model {:?}",
+                            path.display(),
+                            t.size(),
+                            v.size()
+                        );
+                    }
+                    v.copy_(&t);
+                } else {
+                    bail!("{}: unknown tensor {name}", path.display());
+                }
+            }
+            Ok(())
+        })?;
+        if let Some(missing) = vars.keys().next() {
+            bail!("{}: no tensor for {missing}", path.display());
+        }
+        self.opt
+            .load_momentum(momentum)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    fn save_model(&self, path: &Path) -> Result<()> {
+        let (vs, cfg) = (&self.vs, &self.model.cfg);
+        let info = path.with_file_name(MODEL_INFO_FILE);
+        fs::write(&info, serde_json::to_string_pretty(cfg)?)
+            .with_context(|| format!("cannot write {}", info.display()))?;
+        let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let tmp = path.with_extension("tmp");
+        Tensor::write_safetensors(&tensors, &tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+/// One optimizer step. Shared by `run` and `bench`. A NaN or infinite loss
+/// is returned as `Err(loss)` before anything is updated, so a diverged
+/// step never reaches the weights.
+pub fn train_step(
+    model: &dyn PrefixModel,
+    opt: &mut Sgd,
+    batch: Batch,
+    y: &Tensor,
+    plan: &StepPlan<'_>,
+) -> Result<StepOut, f64> {
+    let out = match batch {
+        Batch::Images(x) => model.forward_frozen(&x, plan.frozen),
+        Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
+    };
+    let loss_t = out.logits.cross_entropy_for_logits(y);
+    // The feature copy is queued right behind the forward, before the loss
+    // is read: reading the loss (needed anyway, to refuse a NaN step before
+    // any update) waits for it too, and the backward is not held up by a
+    // second synchronisation after it. Non-blocking device-to-host copies
+    // land in pinned memory; on the CPU this is the tensor itself.
+    let cls_host = plan.features.then(|| {
+        out.cls
+            .detach()
+            .to_kind(Kind::Float)
+            .to_device_(Device::Cpu, Kind::Float, true, false)
+    });
+    let loss = loss_t.double_value(&[]);
+    if !loss.is_finite() {
+        return Err(loss);
+    }
+    let grads = opt.backward(&loss_t, plan.frozen);
+    let grad_norms = if plan.grad_norms {
+        opt.grad_norms(&grads, model.depth())
+    } else {
+        Vec::new()
+    };
+    opt.step(&grads, plan.lr, plan.lr_factors);
+    Ok(StepOut {
+        loss,
+        cls: out.cls,
+        cls_host,
+        grad_norms,
+    })
+}
+
+/// Top-1 accuracy (%) and mean loss on `data`.
+pub fn evaluate(model: &dyn PrefixModel, data: &Dataset, device: Device) -> (f64, f64) {
+    tch::no_grad(|| {
+        let n = data.len();
+        let (mut correct, mut loss_sum) = (0i64, 0f64);
+        let bs = 256;
+        let mut start = 0;
+        while start < n {
+            let len = bs.min(n - start);
+            let x = data.images.narrow(0, start, len).to_device(device);
+            let y = data.labels.narrow(0, start, len).to_device(device);
+            let logits = model.forward_frozen(&x, model.depth());
+            loss_sum += logits
+                .logits
+                .cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Sum, -100, 0.0)
+                .double_value(&[]);
+            correct += logits
+                .logits
+                .argmax(-1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            start += len;
+        }
+        let n = n.max(1) as f64;
+        (100.0 * correct as f64 / n, loss_sum / n)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> VitConfig {
+        crate::model::test_config(4)
+    }
+
+    fn snapshot(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+        let mut v: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn frozen_group(name: &str, k: usize) -> bool {
+        matches!(crate::model::vit::group_of(name), crate::model::Group::Block(i) if i < k)
+    }
+
+    #[test]
+    fn frozen_parameters_are_bit_identical_with_momentum_and_weight_decay() {
+        tch::manual_seed(1);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let cfg = crate::engine::optim::SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.05,
+            warmup_steps: 0,
+        };
+        let mut opt = Sgd::new(&vs, &model, cfg);
+        let data = Dataset::synthetic(16, 4, 1, 8, 0);
+        // Train everything first, so every block has momentum to drift with.
+        for _ in 0..3 {
+            train_step(
+                &model,
+                &mut opt,
+                Batch::Images(data.images.shallow_clone()),
+                &data.labels,
+                &StepPlan::simple(0.1, 0),
+            )
+            .unwrap();
+        }
+        let before = snapshot(&vs);
+        for _ in 0..4 {
+            train_step(
+                &model,
+                &mut opt,
+                Batch::Images(data.images.shallow_clone()),
+                &data.labels,
+                &StepPlan::simple(0.1, 2),
+            )
+            .unwrap();
+        }
+        let after = snapshot(&vs);
+        let mut changed = 0;
+        for ((name, a), (_, b)) in before.iter().zip(&after) {
+            if frozen_group(name, 2) {
+                assert!(a.equal(b), "{name} moved while frozen");
+            } else if !a.equal(b) {
+                changed += 1;
+            }
+        }
+        assert!(changed > 0, "trainable parameters must still move");
+        // A released probe trains again.
+        train_step(
+            &model,
+            &mut opt,
+            Batch::Images(data.images.shallow_clone()),
+            &data.labels,
+            &StepPlan::simple(0.1, 1),
+        )
+        .unwrap();
+        let released = snapshot(&vs);
+        let moved = before
+            .iter()
+            .zip(&released)
+            .any(|((n, a), (_, b))| n.starts_with("blocks.1.") && !a.equal(b));
+        assert!(moved, "block 1 must train once it is no longer frozen");
+    }
+
+    #[test]
+    fn lr_factor_zero_holds_a_block_still() {
+        tch::manual_seed(2);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let mut opt = Sgd::new(&vs, &model, Default::default());
+        let data = Dataset::synthetic(8, 4, 1, 8, 1);
+        let before = snapshot(&vs);
+        let plan = StepPlan {
+            lr_factors: &[1.0, 0.0, 1.0],
+            ..StepPlan::simple(0.1, 0)
+        };
+        train_step(
+            &model,
+            &mut opt,
+            Batch::Images(data.images.shallow_clone()),
+            &data.labels,
+            &plan,
+        )
+        .unwrap();
+        let after = snapshot(&vs);
+        for ((n, a), (_, b)) in before.iter().zip(&after) {
+            if n.starts_with("blocks.1.") {
+                assert!(a.equal(b), "{n}");
+            }
+            if n.starts_with("blocks.2.mlp") {
+                assert!(!a.equal(b), "{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn grad_norms_are_zero_exactly_for_frozen_blocks() {
+        tch::manual_seed(3);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let mut opt = Sgd::new(&vs, &model, Default::default());
+        let data = Dataset::synthetic(8, 4, 1, 8, 2);
+        let plan = StepPlan {
+            grad_norms: true,
+            ..StepPlan::simple(0.01, 1)
+        };
+        let norms = train_step(
+            &model,
+            &mut opt,
+            Batch::Images(data.images.shallow_clone()),
+            &data.labels,
+            &plan,
+        )
+        .unwrap()
+        .grad_norms;
+        assert_eq!(norms.len(), 3);
+        assert_eq!(norms[0], 0.0);
+        assert!(norms[1] > 0.0 && norms[2] > 0.0, "{norms:?}");
+    }
+}

@@ -1,0 +1,261 @@
+//! A resolved run: the RON configuration turned into everything the
+//! trainer needs, checked before any training starts. The device is
+//! parsed, threads are set, the data is loaded (class subsets and limits
+//! applied, image files decoded), the model shape is resolved against the
+//! data, initial weights are read and checked against it, and the policy
+//! is loaded from the one search path the caller built.
+//!
+//! Invariant: a bad configuration, a missing file or a plugin that cannot
+//! be built fails here, before a run directory exists.
+
+use anyhow::Result;
+use simfreeze_runtime::loader::{PolicyHandle, SearchPath};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{DataSource, RunConfig};
+use crate::data::{fashion_mnist, images, Dataset};
+use crate::error::UsageError;
+use crate::model::weights::Checkpoint;
+use crate::model::VitConfig;
+
+/// Parses `auto`, `cpu` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, UsageError> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| UsageError(format!("device `{s}`: use auto, cpu or cuda:N"))),
+    }
+}
+
+/// Loaded data: evaluation set, training set if asked for, and the
+/// augmenting loader when `data.augment` is on (the training set's
+/// `images` is then empty: batches come from the loader).
+pub struct Loaded {
+    /// Training set (labels always; images unless augmented).
+    pub train: Option<Dataset>,
+    /// Evaluation set.
+    pub eval: Dataset,
+    /// Random augmentation of the training split.
+    pub augment: Option<images::Augmenter>,
+}
+
+/// Loads the train and evaluation sets of `cfg`.
+pub fn load_data(cfg: &RunConfig) -> Result<(Dataset, Dataset)> {
+    let l = load_splits(cfg, true)?;
+    Ok((l.train.expect("asked for"), l.eval))
+}
+
+/// Loads the evaluation set of `cfg`, and the training set when
+/// `with_train` (class subset and limits applied to both).
+pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<Loaded> {
+    let d = &cfg.data;
+    // The input shape comes from the model (class count does not matter).
+    let shape = cfg.model.resolve(1)?;
+    let (c, size) = (shape.channels, shape.image_size);
+    let mean = d.mean.per_channel(c, "mean")?;
+    let std = d.std.per_channel(c, "std")?;
+    let files = |(train, eval): (images::Split, images::Split)| -> Result<Loaded> {
+        let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
+        if resize < size {
+            return Err(UsageError(format!(
+                "data.resize {resize} is smaller than model.image_size {size}"
+            ))
+            .into());
+        }
+        // Subsets and limits before decoding: nothing unused is read.
+        let classes = d.classes.as_deref();
+        let train = train.select(classes, d.train_limit)?;
+        let eval = eval.select(classes, d.eval_limit)?;
+        let n_train = if with_train { train.items.len() } else { 0 };
+        eprintln!(
+            "decoding {n_train} training and {} evaluation images to {size}x{size}{}",
+            eval.items.len(),
+            if d.augment && with_train {
+                " (training split augmented)"
+            } else {
+                ""
+            }
+        );
+        let (train, augment) = match (with_train, d.augment) {
+            (false, _) => (None, None),
+            (true, false) => (
+                Some(images::load(&train, c, size, resize, &mean, &std)?),
+                None,
+            ),
+            (true, true) => {
+                let aug = images::Augmenter::new(&train, c, size, resize, &mean, &std)?;
+                let labels: Vec<i64> = train.items.iter().map(|i| i.1).collect();
+                let ds = Dataset {
+                    images: Tensor::zeros([0, c, size, size], (Kind::Float, Device::Cpu)),
+                    labels: Tensor::from_slice(&labels),
+                    classes: train.classes,
+                };
+                (Some(ds), Some(aug))
+            }
+        };
+        let eval = images::load(&eval, c, size, resize, &mean, &std)?;
+        Ok(Loaded {
+            train,
+            eval,
+            augment,
+        })
+    };
+    let (train, eval) = match &d.source {
+        DataSource::FashionMnist { root } => {
+            if c != 1 {
+                return Err(
+                    UsageError(format!("Fashion-MNIST has 1 channel, the model {c}")).into(),
+                );
+            }
+            let train = match with_train {
+                true => Some(fashion_mnist(root, true, mean[0], std[0])?),
+                false => None,
+            };
+            (train, fashion_mnist(root, false, mean[0], std[0])?)
+        }
+        DataSource::ImageFolder { root, train, eval } => {
+            return files(images::image_folder(root, train, eval)?)
+        }
+        DataSource::Cub { root } | DataSource::Nabirds { root } => {
+            return files(images::cub_like(root)?)
+        }
+        DataSource::StanfordDogs { root } => return files(images::stanford_dogs(root)?),
+        DataSource::Synthetic {
+            train,
+            eval,
+            classes,
+        } => (
+            Some(Dataset::synthetic(
+                *train,
+                *classes,
+                c,
+                size,
+                cfg.train.seed,
+            )),
+            Dataset::synthetic(*eval, *classes, c, size, cfg.train.seed + 1),
+        ),
+    };
+    if d.augment {
+        return Err(UsageError(
+            "data.augment needs an image-file source (ImageFolder, Cub, Nabirds, StanfordDogs)"
+                .into(),
+        )
+        .into());
+    }
+    let (mut train, mut eval) = match &d.classes {
+        Some(c) => (train.map(|t| t.subset(c)).transpose()?, eval.subset(c)?),
+        None => (train, eval),
+    };
+    if let Some(n) = d.train_limit {
+        train = train.map(|t| t.take(n));
+    }
+    if let Some(n) = d.eval_limit {
+        eval = eval.take(n);
+    }
+    Ok(Loaded {
+        train,
+        eval,
+        augment: None,
+    })
+}
+
+/// Everything a run needs, resolved and checked.
+pub struct Plan {
+    /// The configuration after overrides.
+    pub config: RunConfig,
+    /// The model shape.
+    pub model: VitConfig,
+    /// Where to compute.
+    pub device: Device,
+    /// Training data.
+    pub train: Dataset,
+    /// Evaluation data.
+    pub eval: Dataset,
+    /// The policy, if any.
+    pub policy: Option<PolicyHandle>,
+    /// Initial weights (`model.weights`), read and checked against the model.
+    pub weights: Option<Checkpoint>,
+    /// Random augmentation of the training split (`data.augment`).
+    pub augment: Option<images::Augmenter>,
+}
+
+impl Plan {
+    /// Loads data and plugin, validates everything before any training;
+    /// the policy plugin (and any metric it loads) comes from `search`.
+    pub fn resolve(config: RunConfig, search: &SearchPath) -> Result<Plan> {
+        let device = parse_device(&config.train.device)?;
+        if config.train.threads > 0 {
+            tch::set_num_threads(config.train.threads);
+        }
+        if config.train.batch < 1 || config.train.epochs < 1 {
+            return Err(
+                UsageError("train.batch and train.epochs must be at least 1".into()).into(),
+            );
+        }
+        let Loaded {
+            train,
+            eval,
+            augment,
+        } = load_splits(&config, true)?;
+        let train = train.expect("asked for");
+        let model = config.model.resolve(train.classes)?;
+        let shape = train.images.size();
+        if shape[1..] != [model.channels, model.image_size, model.image_size] {
+            return Err(UsageError(format!(
+                "data images are {:?} but the model expects [{}, {}, {}]",
+                &shape[1..],
+                model.channels,
+                model.image_size,
+                model.image_size
+            ))
+            .into());
+        }
+        if train.len() < config.train.batch {
+            return Err(UsageError(format!(
+                "{} training samples are fewer than one batch of {}",
+                train.len(),
+                config.train.batch
+            ))
+            .into());
+        }
+        let weights = match &config.model.weights {
+            Some(path) => {
+                let ck = Checkpoint::read(path)?;
+                ck.check(&model)?;
+                Some(ck)
+            }
+            None => None,
+        };
+        let policy = match &config.policy {
+            None => None,
+            Some(p) => Some(search.load(&p.plugin)?.new_policy(&p.options)?),
+        };
+        Ok(Plan {
+            config,
+            model,
+            device,
+            train,
+            eval,
+            policy,
+            weights,
+            augment,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
+        assert!(parse_device("gpu").is_err());
+    }
+}

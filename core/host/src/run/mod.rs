@@ -1,0 +1,578 @@
+//! A training run: the loop, and the run directory it writes.
+//!
+//! [`run`] starts a [`Plan`] in a fresh directory, [`resume`] continues one
+//! from its checkpoint. The loop reads top to bottom: for every step, fetch
+//! the batch (from the activation cache when the committed prefix is
+//! cached), let the [`Engine`] step it under the freeze state the policy
+//! driver reports, hand the step to the policy, checkpoint when due; each
+//! epoch ends with an evaluation, a row of `metrics.csv` and a checkpoint.
+//! How a run stops early is a typed [`Stop`]; files are written through the
+//! typed writers of [`dir`] and [`records`].
+//!
+//! Invariant: the model trains exactly under the freeze state the driver
+//! reports for the step (`frozen_prefix()`, probe included), and a resumed
+//! run ends with exactly the files an uninterrupted one would have.
+
+pub mod checkpoint;
+pub mod dir;
+pub mod progress;
+pub mod records;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use simfreeze_abi::Needs;
+use simfreeze_runtime::driver::{DriverError, PolicyDriver};
+use simfreeze_runtime::loader::SearchPath;
+use tch::{Device, Tensor};
+
+use crate::config::RunConfig;
+use crate::data::{images, Dataset};
+use crate::engine::cache::PrefixCache;
+use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepPlan};
+use crate::error::{RunStopped, Status, Stop, UsageError};
+use crate::plan::Plan;
+use checkpoint::CheckpointMeta;
+use dir::{LogLengths, RunDir, RunLog, CONFIG_FILE, MODEL_FILE, POLICY_FILE, SUMMARY_FILE};
+use progress::Progress;
+use records::{Event, MetricsRow, PolicyIdentity, Summary, Totals};
+
+/// Outside control of a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunControl {
+    /// Stop (checkpointed, resumable) once this many steps are done in total.
+    pub stop_after: Option<u64>,
+    /// Set by a signal handler: finish the step, checkpoint, stop.
+    pub interrupt: Option<Arc<AtomicBool>>,
+}
+
+impl RunControl {
+    fn should_stop(&self, step: u64) -> bool {
+        self.stop_after.is_some_and(|n| step >= n)
+            || self
+                .interrupt
+                .as_ref()
+                .is_some_and(|f| f.load(Ordering::SeqCst))
+    }
+}
+
+/// Starts the plan in a fresh run directory.
+pub fn run(plan: Plan, control: &RunControl) -> Result<Summary> {
+    let dir = RunDir::create(&plan.config.output, &plan.config.name)?;
+    dir.write_config(&plan.config)?;
+    dir.write_json(POLICY_FILE, &PolicyIdentity::of(plan.policy.as_ref())?)?;
+    train_in(plan, dir, None, control)
+}
+
+/// Continues the run in `path` from its checkpoint, with the configuration
+/// it was started with; its policy is loaded from `search`.
+pub fn resume(path: &Path, search: &SearchPath, control: &RunControl) -> Result<Summary> {
+    let dir = RunDir::existing(path);
+    let config = RunConfig::load(&dir.file(CONFIG_FILE))?;
+    let meta = checkpoint::load_meta(path)?.ok_or_else(|| {
+        UsageError(format!(
+            "{} has no checkpoint.json: it never reached a checkpoint, nothing to resume",
+            path.display()
+        ))
+    })?;
+    let plan = Plan::resolve(config, search)?;
+    let saved: PolicyIdentity = dir.read_json(POLICY_FILE)?;
+    let now = PolicyIdentity::of(plan.policy.as_ref())?;
+    if saved.sha256 != now.sha256 {
+        eprintln!(
+            "warning: the policy library changed since the run started (sha256 {} now {}); \
+             resuming with the new one",
+            saved.sha256.as_deref().unwrap_or("none"),
+            now.sha256.as_deref().unwrap_or("none")
+        );
+    }
+    train_in(plan, dir, Some(meta), control)
+}
+
+fn train_in(
+    plan: Plan,
+    dir: RunDir,
+    start: Option<CheckpointMeta>,
+    control: &RunControl,
+) -> Result<Summary> {
+    let identity = PolicyIdentity::of(plan.policy.as_ref())?;
+    let mut trainer = Trainer::open(plan, dir, start)?;
+    let stop = trainer.train(control)?;
+    trainer.finish(stop, identity)
+}
+
+/// What the loop reads its batches from.
+struct Data {
+    train: Dataset,
+    eval: Dataset,
+    augment: Option<Arc<images::Augmenter>>,
+    cache: Option<PrefixCache>,
+}
+
+/// A run in progress: everything the loop reads and updates.
+struct Trainer {
+    config: RunConfig,
+    engine: Box<dyn Engine>,
+    driver: PolicyDriver,
+    data: Data,
+    dir: RunDir,
+    log: RunLog,
+    progress: Progress,
+    totals: Totals,
+    /// Loss sum of the current epoch so far.
+    epoch_loss: f64,
+    /// Training seconds of the current epoch before a resume.
+    carried_seconds: f64,
+    steps_per_epoch: u64,
+    total: u64,
+}
+
+/// How an epoch ended.
+enum EpochEnd {
+    /// Every step ran.
+    Done {
+        /// The epoch.
+        epoch: u64,
+        /// Its training seconds.
+        seconds: f64,
+        /// The learning rate of its last step.
+        lr: f64,
+    },
+    /// The run stops here.
+    Stopped(Stop),
+}
+
+impl Trainer {
+    /// Builds the engine, imports weights or restores the checkpoint, and
+    /// opens the run's files.
+    fn open(plan: Plan, dir: RunDir, start: Option<CheckpointMeta>) -> Result<Trainer> {
+        let Plan {
+            config,
+            model,
+            device,
+            train,
+            eval,
+            policy,
+            weights,
+            augment,
+        } = plan;
+        tch::manual_seed(config.train.seed as i64);
+        let (precision, sgd) = (config.train.precision, config.train.sgd.clone());
+        let mut engine: Box<dyn Engine> =
+            Box::new(SingleEngine::new(&model, precision, sgd, device));
+        if let (Some(ck), None) = (weights, &start) {
+            let from = ck.path.display().to_string();
+            let report = engine.import_weights(ck, config.model.head)?;
+            eprintln!("weights: {from}: {report}");
+        }
+        let driver = PolicyDriver::new(policy, engine.model().depth() as u32);
+        let steps_per_epoch = (train.len() / config.train.batch) as u64;
+        let total = steps_per_epoch * config.train.epochs;
+        let lengths = start.as_ref().map(|m| LogLengths {
+            metrics: m.metrics_len,
+            events: m.events_len,
+        });
+        let log = RunLog::open(&dir, lengths)?;
+        let cache = match config.train.cache_frozen {
+            true => Some(PrefixCache::new(
+                train.len(),
+                model.tokens(),
+                model.dim,
+                config.train.cache_max_mib,
+                config.data.random_transform(),
+                device,
+            )?),
+            false => None,
+        };
+        let mut trainer = Trainer {
+            data: Data {
+                train,
+                eval,
+                augment: augment.map(Arc::new),
+                cache,
+            },
+            config,
+            engine,
+            driver,
+            dir,
+            log,
+            progress: Progress::new(total, 0),
+            totals: Totals::default(),
+            epoch_loss: 0.0,
+            carried_seconds: 0.0,
+            steps_per_epoch,
+            total,
+        };
+        match start {
+            Some(meta) => trainer.restore(meta)?,
+            None => eprintln!(
+                "run {}: {} train / {} eval images, {} steps, policy {}",
+                trainer.dir.path.display(),
+                trainer.data.train.len(),
+                trainer.data.eval.len(),
+                total,
+                trainer
+                    .driver
+                    .policy()
+                    .map_or("none", |p| p.meta.name.as_str())
+            ),
+        }
+        Ok(trainer)
+    }
+
+    /// Every remaining epoch; `Some` when the run stopped early.
+    fn train(&mut self, control: &RunControl) -> Result<Option<Stop>> {
+        while self.totals.step < self.total {
+            match self.epoch(control)? {
+                EpochEnd::Done { epoch, seconds, lr } => self.end_epoch(epoch, seconds, lr)?,
+                EpochEnd::Stopped(stop) => return Ok(Some(stop)),
+            }
+        }
+        Ok(None)
+    }
+
+    /// The steps of one epoch (the rest of it, after a resume).
+    fn epoch(&mut self, control: &RunControl) -> Result<EpochEnd> {
+        let (spe, batch) = (self.steps_per_epoch, self.config.train.batch);
+        let epoch = self.totals.step / spe;
+        let started = Instant::now();
+        let order_vec = self.data.train.order(self.config.train.seed, epoch);
+        // Augmented batches are built ahead on a background thread.
+        let prefetch = self.data.augment.as_ref().map(|a| {
+            images::Prefetch::start(
+                a.clone(),
+                order_vec.clone(),
+                batch as usize,
+                (self.totals.step % spe) as usize,
+                (self.config.train.seed, epoch),
+                3,
+            )
+        });
+        let order = Tensor::from_slice(&order_vec);
+        let device = self.engine.device();
+        let needs = self.driver.needs();
+        let mut lr = 0.0;
+        while self.totals.step < self.total && self.totals.step / spe == epoch {
+            let step = self.totals.step;
+            let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
+            let y_host = self.data.train.labels.index_select(0, &idx);
+            let y = upload(&y_host, device);
+            let state = self.driver.state().clone();
+            let committed = state.frontier as usize;
+            let input = match self.data.cache.as_mut() {
+                Some(c) if committed > 0 => Batch::Boundary {
+                    h: c.boundary(
+                        self.engine.model(),
+                        &self.data.train.images,
+                        &idx,
+                        committed,
+                    ),
+                    after: committed,
+                },
+                _ => Batch::Images(match &prefetch {
+                    Some(p) => upload(&p.next()?, device),
+                    None => upload(&self.data.train.images.index_select(0, &idx), device),
+                }),
+            };
+            lr = self.engine.lr_at(step, self.total);
+            let plan = StepPlan {
+                lr,
+                frozen: state.frozen_prefix() as usize,
+                lr_factors: &state.lr_factors,
+                grad_norms: needs.contains(Needs::GRAD_NORMS),
+                features: needs.contains(Needs::CLS_FEATURES),
+            };
+            let out = match self.engine.step(input, &y, &plan) {
+                Ok(out) => out,
+                Err(loss) => return Ok(EpochEnd::Stopped(Stop::Diverged { step, epoch, loss })),
+            };
+            self.epoch_loss += out.loss;
+            let at = StepAt {
+                step,
+                epoch,
+                steps_per_epoch: spe,
+                total_steps: self.total,
+                num_classes: self.data.train.classes as usize,
+            };
+            let dim = self.engine.model().feature_dim();
+            let outcome = match observe(&mut self.driver, &out, &y_host, dim, at) {
+                Ok(o) => o,
+                Err(e) => return policy_failure(e),
+            };
+            self.log.events(&Event::of_step(step, &outcome))?;
+            self.totals.step += 1;
+            let frontier = self.driver.state().frontier;
+            self.progress.tick(step + 1, out.loss, batch, frontier);
+            let stopping = control.should_stop(step + 1) && step + 1 < self.total;
+            let every = self.config.train.checkpoint_every;
+            let due = every > 0 && (step + 1) % every == 0 && (step + 1) % spe != 0;
+            if stopping || due {
+                let seconds = self.carried_seconds + started.elapsed().as_secs_f64();
+                self.checkpoint(self.epoch_loss, seconds)?;
+            }
+            if stopping {
+                let (step, total) = (step + 1, self.total);
+                return Ok(EpochEnd::Stopped(Stop::Interrupted { step, total }));
+            }
+        }
+        let seconds = self.carried_seconds + started.elapsed().as_secs_f64();
+        Ok(EpochEnd::Done { epoch, seconds, lr })
+    }
+
+    /// Evaluates, writes the epoch's metrics row and checkpoints.
+    fn end_epoch(&mut self, epoch: u64, seconds: f64, lr: f64) -> Result<()> {
+        self.carried_seconds = 0.0;
+        self.totals.train_seconds += seconds;
+        self.progress.finish_line();
+        let (top1, eval_loss) = self.engine.evaluate(&self.data.eval);
+        self.totals.last_top1 = Some(top1);
+        self.totals.best_top1 = Some(self.totals.best_top1.map_or(top1, |b| b.max(top1)));
+        let train_loss = self.epoch_loss / self.steps_per_epoch.max(1) as f64;
+        self.epoch_loss = 0.0;
+        let frontier = self.driver.state().frontier;
+        self.log.metrics(&MetricsRow {
+            epoch,
+            train_loss,
+            eval_loss,
+            eval_top1: top1,
+            lr,
+            frozen_blocks: frontier,
+            epoch_seconds: seconds,
+        })?;
+        let cached = self.data.cache.as_ref().map_or(String::new(), |c| {
+            format!(
+                ", cache hits {:.0}% ({} stale rows advanced)",
+                100.0 * c.hit_rate(),
+                c.advanced
+            )
+        });
+        let layers = self.driver.state().layers;
+        eprintln!(
+            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s{cached}"
+        );
+        self.checkpoint(0.0, 0.0)
+    }
+
+    /// Writes a checkpoint of everything needed to continue after the
+    /// current step; `epoch_loss` and `epoch_seconds` are the current
+    /// epoch's so far.
+    fn checkpoint(&mut self, epoch_loss: f64, epoch_seconds: f64) -> Result<()> {
+        let lengths = self.log.flush()?;
+        let step = self.totals.step;
+        let policy_state = match self.driver.policy() {
+            Some(p) => p.save_state(step)?,
+            None => Vec::new(),
+        };
+        let meta = CheckpointMeta {
+            format: 0,
+            step,
+            epoch_loss_sum: epoch_loss,
+            epoch_seconds,
+            train_seconds: self.totals.train_seconds,
+            best_top1: self.totals.best_top1,
+            last_top1: self.totals.last_top1,
+            freeze: self.driver.state().clone(),
+            timeline: self.driver.timeline().clone(),
+            policy_state: checkpoint::to_hex(&policy_state),
+            weights: String::new(),
+            metrics_len: lengths.metrics,
+            events_len: lengths.events,
+        };
+        checkpoint::save(&self.dir.path, meta, self.engine.state_tensors())
+    }
+
+    /// Continues from a checkpoint: tensors, policy state, freeze state,
+    /// timeline and the run's accumulators.
+    fn restore(&mut self, m: CheckpointMeta) -> Result<()> {
+        let (path, tensors) = checkpoint::read_tensors(&self.dir.path, &m)?;
+        self.engine.load_state_tensors(&path, tensors)?;
+        let state = checkpoint::from_hex(&m.policy_state)?;
+        if let Some(p) = self.driver.policy_mut() {
+            p.load_state(m.step, &state)?;
+        }
+        self.driver.restore_state(m.freeze);
+        self.driver.restore_timeline(m.timeline);
+        self.totals = Totals {
+            step: m.step,
+            last_top1: m.last_top1,
+            best_top1: m.best_top1,
+            train_seconds: m.train_seconds,
+        };
+        self.epoch_loss = m.epoch_loss_sum;
+        self.carried_seconds = m.epoch_seconds;
+        self.progress = Progress::new(self.total, m.step);
+        eprintln!(
+            "resuming {} at step {}/{}",
+            self.dir.path.display(),
+            m.step,
+            self.total
+        );
+        Ok(())
+    }
+
+    /// Writes the final files: the model when every epoch ran, the summary
+    /// always; a stopped run becomes a [`RunStopped`] error.
+    fn finish(mut self, stop: Option<Stop>, identity: PolicyIdentity) -> Result<Summary> {
+        self.log.flush()?;
+        let Some(stop) = stop else {
+            self.engine.save_model(&self.dir.file(MODEL_FILE))?;
+            let ended = (Status::Completed, None);
+            return self.summary(ended, identity);
+        };
+        self.progress.finish_line();
+        let reason = stop.reason();
+        self.summary((stop.status(), Some(reason.clone())), identity)?;
+        let has_checkpoint = checkpoint::load_meta(&self.dir.path)?.is_some();
+        Err(RunStopped {
+            status: stop.status(),
+            reason,
+            resume: if has_checkpoint {
+                format!(
+                    "\nresume with: simfreeze run --resume {}",
+                    self.dir.path.display()
+                )
+            } else {
+                "\n(no checkpoint was written yet; start again)".into()
+            },
+            dir: self.dir.path.clone(),
+            exit_code: stop.exit_code(),
+        }
+        .into())
+    }
+
+    fn summary(
+        &self,
+        ended: (Status, Option<String>),
+        identity: PolicyIdentity,
+    ) -> Result<Summary> {
+        let t = self.driver.timeline();
+        let summary = Summary::new(ended, &self.totals, t, identity, self.dir.path.clone());
+        self.dir.write_json(SUMMARY_FILE, &summary)?;
+        Ok(summary)
+    }
+}
+
+/// A policy failure ends the run as a typed stop; any other error (I/O)
+/// propagates.
+fn policy_failure(e: anyhow::Error) -> Result<EpochEnd> {
+    match e.downcast::<DriverError>() {
+        Ok(d) => Ok(EpochEnd::Stopped(Stop::Policy(d))),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves a host batch to `device`: on a GPU through pinned memory with a
+/// non-blocking copy, so the upload overlaps work already queued.
+fn upload(t: &Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
+}
+
+#[cfg(test)]
+mod augment_tests {
+    use super::*;
+    use std::fs;
+    use std::path::Path;
+
+    fn folder(dir: &Path) {
+        for split in ["train", "val"] {
+            for (c, shade) in [("a", 30u8), ("b", 220)] {
+                for i in 0..8u32 {
+                    let p = dir.join(format!("{split}/{c}/{i}.png"));
+                    fs::create_dir_all(p.parent().unwrap()).unwrap();
+                    image::RgbImage::from_fn(12 + i, 10, |x, _| {
+                        image::Rgb([shade, (x * 9) as u8, 0])
+                    })
+                    .save(&p)
+                    .unwrap();
+                }
+            }
+        }
+    }
+
+    fn config(dir: &Path, extra: &str) -> RunConfig {
+        RunConfig::parse(
+            &format!(
+                r#"(output: {:?},
+                model: (preset: "tiny_fmnist", image_size: 8, channels: 3, patch: 4, dim: 12, depth: 2, heads: 3),
+                data: (source: ImageFolder(root: {:?}), mean: 0.5, std: 0.5, augment: true),
+                train: (epochs: 2, batch: 4, device: "cpu", threads: 1, sgd: (lr: 0.05){extra}))"#,
+                dir.join("runs"),
+                dir
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn augmented_image_folder_trains_and_refuses_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        folder(d.path());
+        let plan = Plan::resolve(config(d.path(), ""), &SearchPath::from_env()).unwrap();
+        assert!(plan.augment.is_some());
+        assert_eq!(plan.train.len(), 16);
+        let s = run(plan, &RunControl::default()).unwrap();
+        assert_eq!(s.status, Status::Completed);
+        assert_eq!(s.steps, 8);
+        assert!(s.final_top1.is_some());
+        let e = match Plan::resolve(
+            config(d.path(), ", cache_frozen: true"),
+            &SearchPath::from_env(),
+        ) {
+            Ok(plan) => run(plan, &RunControl::default()).unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(format!("{e:#}").contains("random"), "{e:#}");
+    }
+}
+
+#[cfg(test)]
+mod precision_tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn bf16_autocast_run_learns_on_cpu() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = |precision: &str| {
+            RunConfig::parse(
+                &format!(
+                    r#"(output: {:?},
+                    model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 2, heads: 3),
+                    data: (source: Synthetic(train: 64, eval: 32, classes: 2)),
+                    train: (epochs: 3, batch: 8, device: "cpu", threads: 1, precision: {precision}, sgd: (lr: 0.05)))"#,
+                    d.path().join("runs")
+                ),
+                "test",
+            )
+            .unwrap()
+        };
+        let search = SearchPath::from_env();
+        let bf16 = run(
+            Plan::resolve(cfg("Bf16"), &search).unwrap(),
+            &RunControl::default(),
+        )
+        .unwrap();
+        let f32 = run(
+            Plan::resolve(cfg("F32"), &search).unwrap(),
+            &RunControl::default(),
+        )
+        .unwrap();
+        // The synthetic task is easy: both learn it; bf16 is not identical.
+        assert!(bf16.final_top1.unwrap() > 90.0, "{:?}", bf16.final_top1);
+        assert!(f32.final_top1.unwrap() > 90.0, "{:?}", f32.final_top1);
+        let saved = Tensor::read_safetensors(bf16.run_dir.join(MODEL_FILE)).unwrap();
+        assert!(
+            saved.iter().all(|(_, t)| t.kind() == Kind::Float),
+            "weights stay float32"
+        );
+    }
+}

@@ -1,0 +1,308 @@
+//! The records a run directory holds, one type each: the same serde type
+//! writes a record and reads it back (`compare` reads events, `resume`
+//! reads the policy identity), so nothing is re-parsed as untyped JSON.
+//!
+//! - `policy.json` holds a [`PolicyIdentity`];
+//! - `summary.json` holds a [`Summary`];
+//! - each line of `events.jsonl` is an [`Event`];
+//! - each line of `metrics.csv` is a [`MetricsRow`].
+
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+use simfreeze_runtime::driver::{StepOutcome, Timeline};
+use simfreeze_runtime::loader::PolicyHandle;
+
+pub use crate::error::Status;
+
+/// Identity of the policy of a run (`policy.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyIdentity {
+    /// Name (`none` for full fine-tuning).
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Library path.
+    pub path: Option<PathBuf>,
+    /// SHA-256 of the library file.
+    pub sha256: Option<String>,
+    /// RON options.
+    pub options: String,
+}
+
+impl PolicyIdentity {
+    /// The identity of `p` (`none` without a policy); hashes its library.
+    pub fn of(p: Option<&PolicyHandle>) -> Result<Self> {
+        let Some(p) = p else {
+            return Ok(PolicyIdentity {
+                name: "none".into(),
+                version: String::new(),
+                path: None,
+                sha256: None,
+                options: String::new(),
+            });
+        };
+        let bytes = fs::read(&p.path).with_context(|| format!("reading {}", p.path.display()))?;
+        let digest = Sha256::digest(&bytes);
+        Ok(PolicyIdentity {
+            name: p.meta.name.clone(),
+            version: p.meta.version.clone(),
+            path: Some(p.path.clone()),
+            sha256: Some(digest.iter().map(|b| format!("{b:02x}")).collect()),
+            options: p.options.clone(),
+        })
+    }
+}
+
+/// Where a run stands: what a checkpoint carries besides tensors and
+/// policy state, and what the summary reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Totals {
+    /// Steps completed.
+    pub step: u64,
+    /// Top-1 (%) of the last completed epoch.
+    pub last_top1: Option<f64>,
+    /// Best top-1 (%) over completed epochs.
+    pub best_top1: Option<f64>,
+    /// Training seconds of completed epochs, evaluation excluded.
+    pub train_seconds: f64,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// How the run ended.
+    pub status: Status,
+    /// Why it stopped early, if it did.
+    pub reason: Option<String>,
+    /// Top-1 (%) after the last completed epoch.
+    pub final_top1: Option<f64>,
+    /// Best top-1 (%) over completed epochs.
+    pub best_top1: Option<f64>,
+    /// Training wall seconds, evaluation excluded.
+    pub train_seconds: f64,
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Compute-model cost (units).
+    pub compute_cost: f64,
+    /// Compute-model cost of full fine-tuning.
+    pub full_compute_cost: f64,
+    /// `full_compute_cost / compute_cost`.
+    pub compute_speedup: f64,
+    /// Per block: first step run frozen, or null.
+    pub freeze_step: Vec<Option<u64>>,
+    /// Steps with a probe.
+    pub probe_steps: u64,
+    /// Policy identity.
+    pub policy: PolicyIdentity,
+    /// The run directory.
+    pub run_dir: PathBuf,
+}
+
+impl Summary {
+    /// The summary of a run that ended with `status` (and `reason` when it
+    /// stopped early) after `totals`, with the freeze timeline `t`.
+    pub fn new(
+        (status, reason): (Status, Option<String>),
+        totals: &Totals,
+        t: &Timeline,
+        policy: PolicyIdentity,
+        run_dir: PathBuf,
+    ) -> Self {
+        Summary {
+            status,
+            reason,
+            final_top1: totals.last_top1,
+            best_top1: totals.best_top1,
+            train_seconds: totals.train_seconds,
+            steps: totals.step,
+            compute_cost: t.cost,
+            full_compute_cost: t.full_cost,
+            compute_speedup: t.compute_speedup(),
+            freeze_step: t.freeze_step.clone(),
+            probe_steps: t.probe_steps,
+            policy,
+            run_dir,
+        }
+    }
+}
+
+/// One line of `events.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The step whose decision this was (the change applies from the next).
+    pub step: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// What an [`Event`] records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    /// Blocks committed frozen.
+    Freeze {
+        /// The blocks, in order.
+        blocks: Vec<u32>,
+    },
+    /// The probe changed.
+    Probe {
+        /// Probed block before (or none).
+        from: Option<u32>,
+        /// Probed block after (or none).
+        to: Option<u32>,
+    },
+    /// A scalar the policy logged.
+    Scalar {
+        /// Its name (ATSF: `eta.<block>`).
+        name: String,
+        /// Its value; JSON has no NaN, so a non-finite value is written as
+        /// `null` and read back as NaN.
+        #[serde(deserialize_with = "null_as_nan")]
+        value: f64,
+    },
+}
+
+fn null_as_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+impl Event {
+    /// The events of one step's decision: freezes, then the probe, then
+    /// the scalars.
+    pub fn of_step(step: u64, o: &StepOutcome) -> Vec<Event> {
+        let mut out = Vec::new();
+        if !o.change.committed.is_empty() {
+            let blocks = o.change.committed.clone().collect();
+            out.push(EventKind::Freeze { blocks });
+        }
+        if let Some((from, to)) = o.change.probe {
+            out.push(EventKind::Probe { from, to });
+        }
+        for (name, value) in &o.scalars {
+            out.push(EventKind::Scalar {
+                name: name.clone(),
+                value: *value,
+            });
+        }
+        out.into_iter().map(|kind| Event { step, kind }).collect()
+    }
+
+    /// Every event of an `events.jsonl` text.
+    pub fn parse_all(text: &str) -> Result<Vec<Event>> {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("events line {}", i + 1)))
+            .collect()
+    }
+}
+
+/// One line of `metrics.csv`, written at every epoch end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsRow {
+    /// The epoch (0-based).
+    pub epoch: u64,
+    /// Mean training loss over its steps.
+    pub train_loss: f64,
+    /// Mean evaluation loss.
+    pub eval_loss: f64,
+    /// Evaluation top-1 (%).
+    pub eval_top1: f64,
+    /// Learning rate of its last step.
+    pub lr: f64,
+    /// Frontier at its end.
+    pub frozen_blocks: u32,
+    /// Its training seconds, evaluation excluded.
+    pub epoch_seconds: f64,
+}
+
+impl MetricsRow {
+    /// The CSV header.
+    pub const HEADER: &'static str =
+        "epoch,train_loss,eval_loss,eval_top1,lr,frozen_blocks,epoch_seconds";
+
+    /// The CSV line (no newline).
+    pub fn csv(&self) -> String {
+        format!(
+            "{},{:.6},{:.6},{:.4},{:.6e},{},{:.3}",
+            self.epoch,
+            self.train_loss,
+            self.eval_loss,
+            self.eval_top1,
+            self.lr,
+            self.frozen_blocks,
+            self.epoch_seconds
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_serde_with_nan_scalars() {
+        let events = vec![
+            Event {
+                step: 3,
+                kind: EventKind::Freeze { blocks: vec![0, 1] },
+            },
+            Event {
+                step: 4,
+                kind: EventKind::Probe {
+                    from: None,
+                    to: Some(2),
+                },
+            },
+            Event {
+                step: 5,
+                kind: EventKind::Scalar {
+                    name: "eta.2".into(),
+                    value: 0.25,
+                },
+            },
+        ];
+        let text: String = events
+            .iter()
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
+            .collect();
+        assert!(text.contains(r#""event":"freeze""#), "{text}");
+        assert_eq!(Event::parse_all(&text).unwrap(), events);
+        let nan = Event {
+            step: 6,
+            kind: EventKind::Scalar {
+                name: "x".into(),
+                value: f64::NAN,
+            },
+        };
+        let line = serde_json::to_string(&nan).unwrap();
+        assert!(line.contains(r#""value":null"#), "{line}");
+        match &Event::parse_all(&line).unwrap()[0].kind {
+            EventKind::Scalar { value, .. } => assert!(value.is_nan()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn metrics_rows_keep_their_csv_format() {
+        let row = MetricsRow {
+            epoch: 1,
+            train_loss: 0.5,
+            eval_loss: 0.25,
+            eval_top1: 93.5,
+            lr: 0.01,
+            frozen_blocks: 3,
+            epoch_seconds: 12.0,
+        };
+        assert_eq!(
+            row.csv(),
+            "1,0.500000,0.250000,93.5000,1.000000e-2,3,12.000"
+        );
+        assert_eq!(MetricsRow::HEADER.split(',').count(), 7);
+    }
+}

@@ -1,0 +1,20 @@
+//! # simfreeze-runtime: the policy runtime
+//!
+//! Everything between a policy plugin and a training loop, with no libtorch
+//! (it builds in seconds, so plugin crates can test against it):
+//!
+//! - [`loader`]: finding, checking and loading policy and metric plugins;
+//! - [`contract`]: the freezing contract, checked on every decision;
+//! - [`driver`]: the per-step policy loop shared by trainer and simulator;
+//! - [`simulate`]: the synthetic world behind `simfreeze simulate`;
+//! - [`testkit`]: the same, in-process, for a plugin crate's `cargo test`;
+//! - [`rng`]: the deterministic generator of the simulator and the data order.
+//!
+//! Layers and seams: docs/architecture.md.
+
+pub mod contract;
+pub mod driver;
+pub mod loader;
+pub mod rng;
+pub mod simulate;
+pub mod testkit;

@@ -1,0 +1,221 @@
+//! The in-process test kit for policy authors: a policy linked into an
+//! ordinary `cargo test` (its crate's rlib) runs through the same freeze
+//! contract, policy loop and synthetic world as `simfreeze simulate` and the
+//! trainer, without a `.so`, a subprocess or libtorch.
+//!
+//! ```ignore
+//! use simfreeze_runtime::simulate::SimConfig;
+//! use simfreeze_runtime::testkit::PolicyTest;
+//!
+//! let test = PolicyTest::new(my_policy::plugin_module()).unwrap().with_options("(every: 50)");
+//! let world = SimConfig { layers: 4, steps: 300, ..SimConfig::default() };
+//! let report = test.simulate(&world).unwrap(); // the contract is checked every step
+//! assert_eq!(report.freeze_step[0], Some(50));
+//! test.check_resume(&world, 120).unwrap(); // save/restore continues identically
+//! ```
+//!
+//! Invariant: every decision the policy makes here passes the host's own
+//! [`crate::contract`] check; a decision the trainer would refuse fails the
+//! test with the trainer's message.
+
+use simfreeze_abi::ffi::PluginModuleRef;
+
+use crate::driver::{DriverError, PolicyDriver};
+use crate::loader::{LoadError, Plugin, PolicyCallError, PolicyHandle};
+use crate::simulate::{simulate, SimConfig, SimReport, SyntheticWorld};
+
+/// Why a policy failed its test.
+#[derive(Debug, thiserror::Error)]
+pub enum TestKitError {
+    /// The plugin or policy could not be built.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The policy failed, panicked or broke the freezing contract.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// Saving or restoring its state failed.
+    #[error(transparent)]
+    State(#[from] PolicyCallError),
+    /// A restored policy did not continue as the original did.
+    #[error("after restoring the state saved at step {saved}, the policy diverged at step {step}: {detail}")]
+    Diverged {
+        /// Step at which the state was saved.
+        saved: u64,
+        /// First step that differed.
+        step: u64,
+        /// What differed.
+        detail: String,
+    },
+}
+
+/// A policy under test, linked into the test binary.
+pub struct PolicyTest {
+    plugin: Plugin,
+    options: String,
+}
+
+impl PolicyTest {
+    /// Wraps the root module a plugin crate exports (`export_policy!`
+    /// generates `plugin_module()`), exactly as the host wraps a `.so`.
+    pub fn new(module: PluginModuleRef) -> Result<PolicyTest, TestKitError> {
+        let plugin = Plugin::from_module(module, "in-process".into())?;
+        Ok(PolicyTest {
+            plugin,
+            options: String::new(),
+        })
+    }
+
+    /// Uses these RON options (as `--policy-config` would).
+    pub fn with_options(mut self, options: &str) -> PolicyTest {
+        self.options = options.to_string();
+        self
+    }
+
+    /// A fresh policy built with the options.
+    pub fn policy(&self) -> Result<PolicyHandle, TestKitError> {
+        Ok(self.plugin.new_policy(&self.options)?)
+    }
+
+    /// Drives a fresh policy through `cfg.steps` synthetic steps (what
+    /// `simfreeze simulate` does) and returns its timeline.
+    pub fn simulate(&self, cfg: &SimConfig) -> Result<SimReport, TestKitError> {
+        Ok(simulate(self.policy()?, cfg, |_| {})?)
+    }
+
+    /// Runs a policy to step `at`, saves its state, restores it into a
+    /// fresh policy and checks that both continue identically to
+    /// `cfg.steps`: same freeze state and the same scalars at every step
+    /// (what a resumed training run relies on).
+    pub fn check_resume(&self, cfg: &SimConfig, at: u64) -> Result<(), TestKitError> {
+        let mut world = SyntheticWorld::new(cfg);
+        let mut a = PolicyDriver::new(Some(self.policy()?), cfg.layers);
+        for step in 0..at.min(cfg.steps) {
+            let loss = world.step(a.state().frozen_prefix() as usize);
+            a.after_step(&world.input(step, loss))?;
+        }
+        let saved = a.policy().map_or(Ok(Vec::new()), |p| p.save_state(at))?;
+        let mut restored = self.policy()?;
+        restored.load_state(at, &saved)?;
+        let mut b = PolicyDriver::new(Some(restored), cfg.layers);
+        b.restore_state(a.state().clone());
+        for step in at..cfg.steps {
+            let loss = world.step(a.state().frozen_prefix() as usize);
+            let input = world.input(step, loss);
+            let oa = a.after_step(&input)?;
+            let ob = b.after_step(&input)?;
+            let diverged = |detail: String| TestKitError::Diverged {
+                saved: at,
+                step,
+                detail,
+            };
+            if a.state() != b.state() {
+                return Err(diverged(format!(
+                    "freeze state {:?} against {:?}",
+                    b.state(),
+                    a.state()
+                )));
+            }
+            // NaN scalars compare unequal; compare their bit patterns.
+            let bits = |s: &[(String, f64)]| -> Vec<(String, u64)> {
+                s.iter().map(|(n, v)| (n.clone(), v.to_bits())).collect()
+            };
+            if bits(&oa.scalars) != bits(&ob.scalars) {
+                return Err(diverged(format!(
+                    "scalars {:?} against {:?}",
+                    ob.scalars, oa.scalars
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use simfreeze_abi::sdk::{
+        policy_module, Decision, HostServices, Info, Policy, PolicyError, PolicyPlugin, Step,
+    };
+
+    use super::*;
+
+    /// Freezes one block per step; `forgetful` saves no state, so a
+    /// restored copy starts counting again; `shrinking` moves the frontier
+    /// back at step 5.
+    struct Counter<const FORGETFUL: bool, const SHRINKING: bool> {
+        steps: u64,
+    }
+
+    impl<const F: bool, const S: bool> Policy for Counter<F, S> {
+        fn decide(&mut self, step: &Step<'_>) -> Result<Decision, PolicyError> {
+            self.steps += 1;
+            if S && step.step == 5 {
+                return Ok(Decision::frontier(0));
+            }
+            let frontier = (self.steps as usize / 3).min(step.layers);
+            Ok(Decision::frontier(frontier.max(step.frontier)).with_scalar("n", self.steps as f64))
+        }
+        fn save_state(&self) -> Result<Vec<u8>, PolicyError> {
+            Ok(if F {
+                Vec::new()
+            } else {
+                self.steps.to_le_bytes().to_vec()
+            })
+        }
+        fn load_state(&mut self, state: &[u8]) -> Result<(), PolicyError> {
+            if let Ok(bytes) = <[u8; 8]>::try_from(state) {
+                self.steps = u64::from_le_bytes(bytes);
+            }
+            Ok(())
+        }
+    }
+
+    impl<const F: bool, const S: bool> PolicyPlugin for Counter<F, S> {
+        fn info() -> Info {
+            Info {
+                name: "counter",
+                version: "0",
+                description: "test policy",
+                options: &[],
+            }
+        }
+        fn new(_options: &str, _host: &HostServices) -> Result<Self, PolicyError> {
+            Ok(Counter { steps: 0 })
+        }
+    }
+
+    fn world() -> SimConfig {
+        SimConfig {
+            layers: 4,
+            steps: 30,
+            ..SimConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_policy_that_keeps_its_state_passes_both_checks() {
+        let test = PolicyTest::new(policy_module::<Counter<false, false>>()).unwrap();
+        let r = test.simulate(&world()).unwrap();
+        assert_eq!(r.freeze_step, vec![Some(3), Some(6), Some(9), Some(12)]);
+        test.check_resume(&world(), 4).unwrap();
+    }
+
+    #[test]
+    fn a_policy_that_forgets_its_state_fails_the_resume_check_at_the_first_difference() {
+        let test = PolicyTest::new(policy_module::<Counter<true, false>>()).unwrap();
+        match test.check_resume(&world(), 4) {
+            Err(TestKitError::Diverged { saved: 4, step, .. }) => assert_eq!(step, 4),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_decision_that_breaks_the_contract_fails_with_the_hosts_message() {
+        let test = PolicyTest::new(policy_module::<Counter<false, true>>()).unwrap();
+        let e = test.simulate(&world()).unwrap_err();
+        assert!(
+            matches!(e, TestKitError::Driver(DriverError::Contract(_))),
+            "{e}"
+        );
+        assert!(e.to_string().contains("step 5"), "{e}");
+    }
+}
