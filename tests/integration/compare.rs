@@ -129,3 +129,34 @@ fn a_bad_policy_option_fails_before_anything_trains() {
         "nothing should be written"
     );
 }
+
+#[test]
+fn compare_config_holes_are_refused_before_anything_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    for (set, expected) in [
+        (
+            "pretrain.classes=[0, 0, 1]",
+            "pretrain.classes lists class 0 twice",
+        ),
+        (
+            "finetune.classes=[2, 3, 3]",
+            "finetune.classes lists class 3 twice",
+        ),
+        ("finetune.train.sgd.lr=-1.0", "finetune.train.sgd.lr is -1"),
+        (
+            "pretrain.train.sgd.momentum=1.5",
+            "pretrain.train.sgd.momentum is 1.5",
+        ),
+        (r#"name="a/b""#, r#"name is "a/b""#),
+    ] {
+        let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
+        assert!(stderr.contains(expected), "{set}: {stderr}");
+    }
+    assert!(
+        !dir.path().join("exp").exists(),
+        "nothing should be written"
+    );
+}

@@ -269,3 +269,108 @@ fn wrong_type_and_unknown_key_are_exit_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("trian"));
 }
+
+#[test]
+fn cuda_on_a_machine_without_it_is_a_usage_error_in_one_paragraph() {
+    if tch::Cuda::device_count() > 0 {
+        return; // this machine has a GPU: cuda:0 is valid here
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "", "");
+    for device in ["cuda:0", "cuda"] {
+        let set = format!("train.device={device:?}");
+        let out = simfreeze(&["run", "--config", cfg.to_str().unwrap(), "--set", &set]);
+        let err = text(&out).1;
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("train.device") && err.contains("no CUDA device"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("panicked") && !err.contains("frame #"),
+            "{err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one paragraph: {err}");
+    }
+    // Nothing was created: the device is checked before the run directory.
+    assert!(!d.path().join("runs").exists());
+}
+
+#[test]
+fn a_libtorch_error_mid_run_fails_it_keeps_the_checkpoint_and_resume_finishes() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), ", checkpoint_every: 3", ATSF);
+    let cfg = cfg.to_str().unwrap();
+    let full = simfreeze(&["run", "--config", cfg]);
+    assert!(full.status.success(), "{}", text(&full).1);
+    let a = d.path().join("runs/r-001");
+
+    // Step 10 (in epoch 1, after the checkpoint of step 9) hits an
+    // operation libtorch refuses.
+    let out = Command::new(simfreeze_bin())
+        .args(["run", "--config", cfg])
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .env("RUST_BACKTRACE", "0")
+        .env("SIMFREEZE_FAULT_AT_STEP", "10")
+        .output()
+        .unwrap();
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        err.contains("libtorch failed fetching the batch of step 10")
+            && err.contains("cannot be multiplied"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("frame #"),
+        "{err}"
+    );
+    let b = d.path().join("runs/r-002");
+    assert!(
+        err.contains(&format!("simfreeze run --resume {}", b.display())),
+        "{err}"
+    );
+    let summary = json(&b.join("summary.json"));
+    assert_eq!(summary["status"], "failed");
+    assert_eq!(summary["device"], "cpu");
+    assert!(summary["reason"]
+        .as_str()
+        .unwrap()
+        .contains("libtorch failed"));
+    assert_eq!(json(&b.join("checkpoint.json"))["step"], 9);
+
+    let resumed = simfreeze(&["run", "--resume", b.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed).1);
+    assert_eq!(json(&b.join("summary.json"))["status"], "completed");
+    assert_eq!(metrics_without_time(&a), metrics_without_time(&b));
+}
+
+#[test]
+fn config_holes_are_refused_naming_the_field() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path(), "", "");
+    let cfg = cfg.to_str().unwrap();
+    for (set, expected) in [
+        ("train.sgd.lr=-0.1", "train.sgd.lr is -0.1"),
+        ("train.sgd.momentum=1.0", "train.sgd.momentum is 1"),
+        ("train.sgd.momentum=-0.5", "train.sgd.momentum is -0.5"),
+        (
+            "train.sgd.weight_decay=-0.01",
+            "train.sgd.weight_decay is -0.01",
+        ),
+        (r#"name="../../escape""#, r#"name is "../../escape""#),
+        (r#"name="""#, r#"name is """#),
+        (r#"name="..""#, r#"name is "..""#),
+        (
+            "data.classes=Some([1, 1, 2])",
+            "data.classes lists class 1 twice",
+        ),
+    ] {
+        let out = simfreeze(&["run", "--config", cfg, "--set", set]);
+        let err = text(&out).1;
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(expected), "{set}: {err}");
+    }
+    assert!(!d.path().join("runs").exists(), "nothing ran");
+    assert!(!d.path().join("escape").exists());
+}

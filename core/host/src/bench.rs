@@ -11,7 +11,7 @@ use simfreeze_runtime::driver::PolicyDriver;
 use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepPlan};
+use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepError, StepPlan};
 use crate::memory;
 use crate::model::precision::Precision;
 use crate::model::VitConfig;
@@ -61,7 +61,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     let mcfg = spec.model;
     let (device, batch) = (spec.device, spec.batch);
     tch::manual_seed(0);
-    let mut engine = SingleEngine::new(mcfg, spec.precision, Default::default(), device);
+    let mut engine = SingleEngine::new(mcfg, spec.precision, Default::default(), device)?;
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),
@@ -86,8 +86,10 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
                 features: has_policy && needs.contains(Needs::CLS_FEATURES),
                 ..StepPlan::simple(1e-4, k)
             };
-            let Ok(out) = engine.step(Batch::Images(x.shallow_clone()), &y, &plan) else {
-                continue;
+            let out = match engine.step(Batch::Images(x.shallow_clone()), &y, &plan) {
+                Ok(out) => out,
+                Err(StepError::Diverged(_)) => continue,
+                Err(StepError::Torch(e)) => return Err(e.into()),
             };
             if has_policy {
                 let t = Instant::now();
@@ -116,8 +118,12 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     }
     for _ in 0..spec.rounds.max(1) {
         for (i, &k) in spec.frozen.iter().enumerate() {
+            // On a GPU the timer brackets finished work: the previous K's
+            // queued kernels do not count against this one.
+            synchronize(device);
             let t = Instant::now();
             let in_policy = run(k, spec.steps)?;
+            synchronize(device);
             let secs = t.elapsed().as_secs_f64();
             best[i] = best[i].max(spec.steps as f64 * batch as f64 / secs);
             overhead[i] = overhead[i].min(in_policy / secs);
@@ -140,4 +146,11 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
             policy_overhead: has_policy.then_some(overhead[i]),
         })
         .collect())
+}
+
+/// Waits for the GPU's queued work (nothing to wait for on the CPU).
+fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
 }

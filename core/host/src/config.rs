@@ -267,7 +267,8 @@ pub struct TrainSection {
     /// Cache the committed frozen prefix's output per sample and reuse it
     /// in later epochs (needs a deterministic training transform).
     pub cache_frozen: bool,
-    /// Largest activation cache allowed, in MiB.
+    /// Largest activation cache allowed, in MiB of the training device's
+    /// memory (the cache lives there, in float32 even under `Bf16`).
     pub cache_max_mib: u64,
     /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
     /// (GPUs with bf16; parameters and optimizer stay float32).
@@ -306,7 +307,9 @@ pub struct PolicySection {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    /// Run name (the run directory is `<output>/<name>-<n>`).
+    /// Run name (the run directory is `<output>/<name>-<n>`): one path
+    /// component, not empty.
+    #[serde(default = "default_run_name")]
     pub name: String,
     /// Directory that holds run directories.
     pub output: PathBuf,
@@ -331,13 +334,18 @@ impl RunConfig {
     /// Parses RON text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<RunConfig, UsageError> {
         let mut c: RunConfig = parse_ron(text, origin)?;
-        if c.name.is_empty() {
-            c.name = "run".into();
-        }
         if c.output.as_os_str().is_empty() {
             c.output = "runs".into();
         }
         Ok(c)
+    }
+
+    /// Checks what the types cannot: the name is one path component, the
+    /// classes have no duplicates, the optimizer's values are in range.
+    pub fn validate(&self) -> Result<(), UsageError> {
+        check_name("name", &self.name)?;
+        check_classes("data.classes", self.data.classes.as_deref())?;
+        self.train.sgd.validate("train.sgd").map_err(UsageError)
     }
 
     /// Applies `key=value` overrides (`train.epochs=3`,
@@ -345,6 +353,37 @@ impl RunConfig {
     pub fn with_overrides(self, sets: &[String]) -> Result<RunConfig, UsageError> {
         apply_overrides(self, sets)
     }
+}
+
+fn default_run_name() -> String {
+    "run".into()
+}
+
+/// A run or experiment name becomes a directory under `output`: it must
+/// be one non-empty path component, so nothing is written elsewhere.
+pub fn check_name(key: &str, name: &str) -> Result<(), UsageError> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) {
+        return Err(UsageError(format!(
+            "{key} is {name:?}: give a non-empty name without `/` and other than `.` or `..` \
+             (it names a directory under `output`)"
+        )));
+    }
+    Ok(())
+}
+
+/// A class list names each class once (the order is the new labels).
+pub fn check_classes(key: &str, classes: Option<&[i64]>) -> Result<(), UsageError> {
+    let Some(classes) = classes else {
+        return Ok(());
+    };
+    for (i, c) in classes.iter().enumerate() {
+        if classes[..i].contains(c) {
+            return Err(UsageError(format!(
+                "{key} lists class {c} twice: give each class once"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Applies `key=value` overrides (dotted keys, RON values) to any

@@ -8,9 +8,17 @@
 //! loaded or constructed; 4 a policy failed while running (error, panic or a
 //! decision that breaks the freezing contract); 5 a dataset or weights file
 //! is missing, corrupt or does not fit; 6 the training loss became NaN or
-//! infinite; 130 the run was interrupted (signal or `--stop-after`) and can
+//! infinite; 7 libtorch refused an operation (CUDA out of memory, a device
+//! error); 130 the run was interrupted (signal or `--stop-after`) and can
 //! be resumed.
+//!
+//! tch's tensor methods panic when libtorch throws; [`torch_guard`] turns
+//! such a panic into a [`TorchError`] (one paragraph, no C++ stack frames
+//! unless `SIMFREEZE_TORCH_BACKTRACE=1`), and the panic hook installed by
+//! [`install_panic_hook`] keeps those guarded panics quiet.
 
+use std::cell::Cell;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +71,100 @@ pub struct WeightsError {
 #[error("training diverged")]
 pub struct Diverged;
 
+/// libtorch refused an operation (exit code 7): CUDA out of memory, a
+/// device error, a kernel that does not support the input.
+#[derive(Debug, thiserror::Error)]
+#[error("libtorch failed {during}: {message}")]
+pub struct TorchError {
+    /// What was running (`at step 12`, `building the model`).
+    pub during: String,
+    /// libtorch's message, without C++ stack frames unless
+    /// `SIMFREEZE_TORCH_BACKTRACE=1`.
+    pub message: String,
+}
+
+impl TorchError {
+    /// Whether the device ran out of memory.
+    pub fn is_out_of_memory(&self) -> bool {
+        self.message.contains("out of memory")
+    }
+}
+
+/// Set to `1` to keep libtorch's C++ stack frames in error messages.
+pub const TORCH_BACKTRACE_VAR: &str = "SIMFREEZE_TORCH_BACKTRACE";
+
+thread_local! {
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`; a libtorch error raised inside it (tch panics with it)
+/// becomes a [`TorchError`] saying it happened `during` that. Any other
+/// panic is a bug and propagates unchanged.
+pub fn torch_guard<T>(
+    during: impl FnOnce() -> String,
+    f: impl FnOnce() -> T,
+) -> Result<T, TorchError> {
+    let outer = GUARDED.with(|g| g.replace(true));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(outer));
+    match result {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            let text = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+            match text.as_deref().and_then(torch_message) {
+                Some(message) => Err(TorchError {
+                    during: during(),
+                    message,
+                }),
+                None => panic::resume_unwind(payload),
+            }
+        }
+    }
+}
+
+/// libtorch's message inside a tch panic (`... Torch("...")`), unescaped,
+/// cut before its C++ stack frames unless asked for.
+fn torch_message(panic: &str) -> Option<String> {
+    let start = panic.find("Torch(\"")? + "Torch(\"".len();
+    let end = panic.rfind("\")").filter(|&e| e >= start)?;
+    let raw = &panic[start..end];
+    let mut text = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            text.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => text.push('\n'),
+            Some('t') => text.push('\t'),
+            Some(other) => text.push(other),
+            None => {}
+        }
+    }
+    let keep_frames = std::env::var(TORCH_BACKTRACE_VAR).is_ok_and(|v| v == "1");
+    if !keep_frames {
+        if let Some(at) = text.find("Exception raised from") {
+            text.truncate(at);
+        }
+    }
+    Some(text.trim().to_string())
+}
+
+/// Keeps panics raised inside [`torch_guard`] off stderr (they become
+/// errors with one paragraph); every other panic prints as usual.
+pub fn install_panic_hook() {
+    let default = panic::take_hook();
+    panic::set_hook(Box::new(move |info| {
+        if !GUARDED.with(Cell::get) {
+            default(info);
+        }
+    }));
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -96,6 +198,13 @@ pub enum Stop {
     },
     /// The policy failed, panicked or broke the freezing contract.
     Policy(DriverError),
+    /// libtorch refused an operation; `hint` says what to try.
+    Torch {
+        /// The error.
+        error: TorchError,
+        /// What to try (for out of memory: the model, batch, precision).
+        hint: String,
+    },
 }
 
 impl Stop {
@@ -103,7 +212,7 @@ impl Stop {
     pub fn status(&self) -> Status {
         match self {
             Stop::Interrupted { .. } => Status::Interrupted,
-            Stop::Diverged { .. } | Stop::Policy(_) => Status::Failed,
+            Stop::Diverged { .. } | Stop::Policy(_) | Stop::Torch { .. } => Status::Failed,
         }
     }
 
@@ -116,6 +225,7 @@ impl Stop {
                  updated by that step. Lower train.sgd.lr or check the data."
             ),
             Stop::Policy(e) => e.to_string(),
+            Stop::Torch { error, hint } => format!("{error}{hint}"),
         }
     }
 
@@ -125,6 +235,7 @@ impl Stop {
             Stop::Interrupted { .. } => 130,
             Stop::Diverged { .. } => 6,
             Stop::Policy(_) => 4,
+            Stop::Torch { .. } => 7,
         }
     }
 }
@@ -157,6 +268,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if cause.is::<Diverged>() {
             return 6;
         }
+        if cause.is::<TorchError>() {
+            return 7;
+        }
         if cause.is::<UsageError>() {
             return 2;
         }
@@ -174,4 +288,43 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         }
     }
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_libtorch_error_becomes_one_paragraph_without_stack_frames() {
+        install_panic_hook();
+        let e = torch_guard(
+            || "at step 3".into(),
+            || {
+                tch::Tensor::zeros([2, 3], tch::kind::FLOAT_CPU)
+                    .matmul(&tch::Tensor::zeros([4, 5], tch::kind::FLOAT_CPU))
+            },
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("libtorch failed at step 3: "), "{text}");
+        assert!(text.contains("cannot be multiplied"), "{text}");
+        assert!(!text.contains("frame #"), "{text}");
+        assert!(!e.is_out_of_memory());
+    }
+
+    #[test]
+    fn other_panics_are_not_swallowed() {
+        let r = panic::catch_unwind(|| torch_guard(String::new, || panic!("a bug")));
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn messages_are_unescaped_and_cut_before_the_frames() {
+        let p = r#"called `Result::unwrap()` on an `Err` value: Torch("CUDA out of memory. Tried to allocate 2.00 GiB.\nException raised from malloc at x.cpp:1 (most recent call first):\nframe #0: f")"#;
+        assert_eq!(
+            torch_message(p).unwrap(),
+            "CUDA out of memory. Tried to allocate 2.00 GiB."
+        );
+        assert!(torch_message("index out of bounds").is_none());
+    }
 }

@@ -18,17 +18,52 @@ use crate::error::UsageError;
 use crate::model::weights::Checkpoint;
 use crate::model::VitConfig;
 
-/// Parses `auto`, `cpu` or `cuda:N`.
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N` and checks it against this
+/// machine: `auto` is `cuda:0` when libtorch sees a GPU, else the CPU; a
+/// CUDA device that is not there is a usage error saying what there is.
 pub fn parse_device(s: &str) -> Result<Device, UsageError> {
-    match s {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
+    device_on(s, tch::Cuda::device_count())
+}
+
+/// [`parse_device`] on a machine with `cuda_devices` GPUs.
+fn device_on(s: &str, cuda_devices: i64) -> Result<Device, UsageError> {
+    let index = match s {
+        "auto" if cuda_devices > 0 => return Ok(Device::Cuda(0)),
+        "auto" | "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
         _ => s
             .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| UsageError(format!("device `{s}`: use auto, cpu or cuda:N"))),
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "train.device is {s:?}: use \"auto\", \"cpu\" or \"cuda:N\""
+                ))
+            })?,
+    };
+    if cuda_devices == 0 {
+        return Err(UsageError(format!(
+            "train.device is {s:?}, but libtorch sees no CUDA device on this machine (no GPU, \
+             no NVIDIA driver, or a libtorch without CUDA); use \"cpu\", or \"auto\" to take a \
+             GPU when there is one"
+        )));
+    }
+    if index as i64 >= cuda_devices {
+        let plural = if cuda_devices == 1 { "" } else { "s" };
+        return Err(UsageError(format!(
+            "train.device is {s:?}, but this machine has {cuda_devices} CUDA device{plural} \
+             (cuda:0 to cuda:{})",
+            cuda_devices - 1
+        )));
+    }
+    Ok(Device::Cuda(index))
+}
+
+/// How runs name a device: `cpu`, `cuda:N`.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
@@ -188,6 +223,7 @@ impl Plan {
     /// Loads data and plugin, validates everything before any training;
     /// the policy plugin (and any metric it loads) comes from `search`.
     pub fn resolve(config: RunConfig, search: &SearchPath) -> Result<Plan> {
+        config.validate()?;
         let device = parse_device(&config.train.device)?;
         if config.train.threads > 0 {
             tch::set_num_threads(config.train.threads);
@@ -253,9 +289,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn devices_parse() {
-        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
-        assert_eq!(parse_device("cuda:1").unwrap(), Device::Cuda(1));
-        assert!(parse_device("gpu").is_err());
+    fn devices_parse_and_are_checked_against_the_machine() {
+        assert_eq!(device_on("cpu", 2).unwrap(), Device::Cpu);
+        assert_eq!(device_on("auto", 0).unwrap(), Device::Cpu);
+        assert_eq!(device_on("auto", 1).unwrap(), Device::Cuda(0));
+        assert_eq!(device_on("cuda", 1).unwrap(), Device::Cuda(0));
+        assert_eq!(device_on("cuda:1", 2).unwrap(), Device::Cuda(1));
+        let e = device_on("gpu", 1).unwrap_err().0;
+        assert!(e.contains("cuda:N"), "{e}");
+        let e = device_on("cuda:0", 0).unwrap_err().0;
+        assert!(e.contains("no CUDA device") && e.contains("\"cpu\""), "{e}");
+        let e = device_on("cuda:3", 1).unwrap_err().0;
+        assert!(e.contains("has 1 CUDA device (cuda:0 to cuda:0)"), "{e}");
+        assert_eq!(device_name(Device::Cuda(2)), "cuda:2");
+        assert_eq!(device_name(Device::Cpu), "cpu");
     }
 }

@@ -177,6 +177,7 @@ struct SimulateArgs {
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> i32 {
     crate::memory::keep_freed_memory();
+    crate::error::install_panic_hook();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -269,10 +270,10 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let model_cfg = cfg.model.resolve(eval.classes)?;
     let ck = crate::model::weights::Checkpoint::read(&a.weights)?;
     let (precision, sgd) = (cfg.train.precision, cfg.train.sgd.clone());
-    let mut engine = SingleEngine::new(&model_cfg, precision, sgd, device);
+    let mut engine = SingleEngine::new(&model_cfg, precision, sgd, device)?;
     let report = engine.import_weights(ck, cfg.model.head)?;
     eprintln!("weights: {}: {report}", a.weights.display());
-    let (top1, loss) = engine.evaluate(&eval);
+    let (top1, loss) = engine.evaluate(&eval)?;
     if a.json {
         println!("{}", serde_json::json!({"top1": top1, "n": eval.len()}));
     } else {

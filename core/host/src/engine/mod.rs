@@ -26,6 +26,7 @@ use simfreeze_runtime::driver::{PolicyDriver, StepInput, StepOutcome};
 use tch::{Device, Tensor};
 
 use crate::data::Dataset;
+use crate::error::TorchError;
 use crate::model::weights::{Checkpoint, HeadInit};
 use crate::model::PrefixModel;
 
@@ -84,7 +85,18 @@ pub enum Batch {
     },
 }
 
-/// Trains a [`PrefixModel`] with an optimizer on some device(s).
+/// Why a step did not update the model.
+#[derive(Debug)]
+pub enum StepError {
+    /// The loss was NaN or infinite; nothing was updated.
+    Diverged(f64),
+    /// libtorch refused an operation of the step.
+    Torch(TorchError),
+}
+
+/// Trains a [`PrefixModel`] with an optimizer on some device(s). Every
+/// method that runs libtorch returns its errors (CUDA out of memory, ...)
+/// as [`TorchError`]s instead of panicking.
 pub trait Engine {
     /// The model (for the activation cache and the policy's shapes).
     fn model(&self) -> &dyn PrefixModel;
@@ -98,12 +110,13 @@ pub trait Engine {
     /// The learning rate of `step` of `total`.
     fn lr_at(&self, step: u64, total: u64) -> f64;
 
-    /// One optimizer step. A NaN or infinite loss is returned as
-    /// `Err(loss)` before anything is updated.
-    fn step(&mut self, batch: Batch, y: &Tensor, plan: &StepPlan<'_>) -> Result<StepOut, f64>;
+    /// One optimizer step. A NaN or infinite loss is refused before
+    /// anything is updated.
+    fn step(&mut self, batch: Batch, y: &Tensor, plan: &StepPlan<'_>)
+        -> Result<StepOut, StepError>;
 
     /// Top-1 accuracy (%) and mean loss on `data`.
-    fn evaluate(&self, data: &Dataset) -> (f64, f64);
+    fn evaluate(&self, data: &Dataset) -> Result<(f64, f64), TorchError>;
 
     /// Every tensor a checkpoint must hold (weights, optimizer state),
     /// under stable names.

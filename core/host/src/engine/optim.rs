@@ -45,6 +45,30 @@ impl Default for SgdConfig {
 }
 
 impl SgdConfig {
+    /// Checks the values; `at` names the section in the message
+    /// (`train.sgd`).
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        if !self.lr.is_finite() || self.lr < 0.0 {
+            return Err(format!(
+                "{at}.lr is {}: the learning rate must be finite and >= 0",
+                self.lr
+            ));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!(
+                "{at}.momentum is {}: momentum must be in [0, 1)",
+                self.momentum
+            ));
+        }
+        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
+            return Err(format!(
+                "{at}.weight_decay is {}: weight decay must be finite and >= 0",
+                self.weight_decay
+            ));
+        }
+        Ok(())
+    }
+
     /// Learning rate at `step` of `total`: linear warm-up, then cosine to 0.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
         if step < self.warmup_steps {
@@ -243,12 +267,16 @@ impl Sgd {
                 }
             }
         }
-        let zero = Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu));
+        // One copy to host memory per step, not one per block.
+        let Some(device) = grads.grads.first().map(Tensor::device) else {
+            return vec![0.0; layers];
+        };
+        let zero = Tensor::zeros([], (tch::Kind::Float, device));
         let all: Vec<Tensor> = sq
             .into_iter()
-            .map(|s| s.map_or_else(|| zero.shallow_clone(), |t| t.to_device(tch::Device::Cpu)))
+            .map(|s| s.unwrap_or_else(|| zero.shallow_clone()))
             .collect();
-        Vec::try_from(Tensor::stack(&all, 0).sqrt()).unwrap_or_default()
+        Vec::try_from(Tensor::stack(&all, 0).sqrt().to_device(tch::Device::Cpu)).unwrap_or_default()
     }
 }
 

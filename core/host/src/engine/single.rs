@@ -14,7 +14,8 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::engine::optim::{Sgd, SgdConfig};
-use crate::engine::{Batch, Engine, StepOut, StepPlan};
+use crate::engine::{Batch, Engine, StepError, StepOut, StepPlan};
+use crate::error::{torch_guard, TorchError};
 use crate::model::precision::Precision;
 use crate::model::weights::{self, Checkpoint, HeadInit};
 use crate::model::{PrefixModel, Vit, VitConfig};
@@ -34,16 +35,26 @@ pub struct SingleEngine {
 impl SingleEngine {
     /// Builds the model (initialised from libtorch's current seed) and its
     /// optimizer on `device`.
-    pub fn new(cfg: &VitConfig, precision: Precision, sgd: SgdConfig, device: Device) -> Self {
-        let vs = nn::VarStore::new(device);
-        let model = Vit::build(&vs, cfg, precision);
-        let opt = Sgd::new(&vs, &model, sgd);
-        SingleEngine {
-            vs,
-            model,
-            opt,
-            device,
-        }
+    pub fn new(
+        cfg: &VitConfig,
+        precision: Precision,
+        sgd: SgdConfig,
+        device: Device,
+    ) -> Result<Self, TorchError> {
+        torch_guard(
+            || format!("building the model on {device:?}"),
+            || {
+                let vs = nn::VarStore::new(device);
+                let model = Vit::build(&vs, cfg, precision);
+                let opt = Sgd::new(&vs, &model, sgd);
+                SingleEngine {
+                    vs,
+                    model,
+                    opt,
+                    device,
+                }
+            },
+        )
     }
 }
 
@@ -64,12 +75,26 @@ impl Engine for SingleEngine {
         self.opt.config().lr_at(step, total)
     }
 
-    fn step(&mut self, batch: Batch, y: &Tensor, plan: &StepPlan<'_>) -> Result<StepOut, f64> {
-        train_step(&self.model, &mut self.opt, batch, y, plan)
+    fn step(
+        &mut self,
+        batch: Batch,
+        y: &Tensor,
+        plan: &StepPlan<'_>,
+    ) -> Result<StepOut, StepError> {
+        let (model, opt) = (&self.model, &mut self.opt);
+        torch_guard(
+            || "in a training step".into(),
+            || train_step(model, opt, batch, y, plan),
+        )
+        .map_err(StepError::Torch)?
+        .map_err(StepError::Diverged)
     }
 
-    fn evaluate(&self, data: &Dataset) -> (f64, f64) {
-        evaluate(&self.model, data, self.device)
+    fn evaluate(&self, data: &Dataset) -> Result<(f64, f64), TorchError> {
+        torch_guard(
+            || "evaluating".into(),
+            || evaluate(&self.model, data, self.device),
+        )
     }
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {

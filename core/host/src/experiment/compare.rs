@@ -20,7 +20,10 @@ use sha2::{Digest, Sha256};
 
 use simfreeze_runtime::loader::SearchPath;
 
-use crate::config::{parse_ron, DataSection, ModelSection, PolicySection, RunConfig, TrainSection};
+use crate::config::{
+    check_classes, check_name, parse_ron, DataSection, ModelSection, PolicySection, RunConfig,
+    TrainSection,
+};
 use crate::engine::single::MODEL_INFO_FILE;
 use crate::error::{RunStopped, Status, UsageError};
 use crate::experiment::plot::{self, Chart, Series, Style};
@@ -121,6 +124,21 @@ impl CompareConfig {
     pub fn validate(&self) -> Result<(), UsageError> {
         if self.seeds.is_empty() {
             return Err(UsageError("seeds is empty: give at least one".into()));
+        }
+        check_name("name", &self.name)?;
+        check_classes("data.classes", self.data.classes.as_deref())?;
+        check_classes("finetune.classes", self.finetune.classes.as_deref())?;
+        self.finetune
+            .train
+            .sgd
+            .validate("finetune.train.sgd")
+            .map_err(UsageError)?;
+        if let Some(pre) = &self.pretrain {
+            check_classes("pretrain.classes", pre.classes.as_deref())?;
+            pre.train
+                .sgd
+                .validate("pretrain.train.sgd")
+                .map_err(UsageError)?;
         }
         let mut labels: Vec<String> = self.policies.iter().map(Entry::label).collect();
         labels.push("baseline".into());

@@ -32,9 +32,9 @@ use tch::{Device, Tensor};
 use crate::config::RunConfig;
 use crate::data::{images, Dataset};
 use crate::engine::cache::PrefixCache;
-use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepPlan};
-use crate::error::{RunStopped, Status, Stop, UsageError};
-use crate::plan::Plan;
+use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepError, StepPlan};
+use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
+use crate::plan::{device_name, Plan};
 use checkpoint::CheckpointMeta;
 use dir::{LogLengths, RunDir, RunLog, CONFIG_FILE, MODEL_FILE, POLICY_FILE, SUMMARY_FILE};
 use progress::Progress;
@@ -99,9 +99,55 @@ fn train_in(
     control: &RunControl,
 ) -> Result<Summary> {
     let identity = PolicyIdentity::of(plan.policy.as_ref())?;
-    let mut trainer = Trainer::open(plan, dir, start)?;
+    let device = device_name(plan.device);
+    let layers = plan.model.depth as u32;
+    let run_dir = dir.clone();
+    let mut trainer = match Trainer::open(plan, dir, start) {
+        Ok(t) => t,
+        Err(e) => return Err(failed_to_start(e, &run_dir, identity, device, layers)),
+    };
     let stop = trainer.train(control)?;
     trainer.finish(stop, identity)
+}
+
+/// A libtorch error before the first step (building the model, allocating
+/// the cache) still ends with a failed `summary.json`.
+fn failed_to_start(
+    e: anyhow::Error,
+    dir: &RunDir,
+    identity: PolicyIdentity,
+    device: String,
+    layers: u32,
+) -> anyhow::Error {
+    let Some(torch) = e.downcast_ref::<TorchError>() else {
+        return e;
+    };
+    let reason = torch.to_string();
+    let timeline = simfreeze_runtime::driver::Timeline {
+        layers,
+        freeze_step: vec![None; layers as usize],
+        ..Default::default()
+    };
+    let ended = (Status::Failed, Some(reason.clone()));
+    let summary = Summary::new(
+        ended,
+        &Totals::default(),
+        &timeline,
+        identity,
+        dir.path.clone(),
+    );
+    let summary = Summary { device, ..summary };
+    if let Err(w) = dir.write_json(SUMMARY_FILE, &summary) {
+        return w;
+    }
+    RunStopped {
+        status: Status::Failed,
+        reason,
+        dir: dir.path.clone(),
+        resume: "\n(no checkpoint was written yet; start again)".into(),
+        exit_code: 7,
+    }
+    .into()
 }
 
 /// What the loop reads its batches from.
@@ -162,7 +208,7 @@ impl Trainer {
         tch::manual_seed(config.train.seed as i64);
         let (precision, sgd) = (config.train.precision, config.train.sgd.clone());
         let mut engine: Box<dyn Engine> =
-            Box::new(SingleEngine::new(&model, precision, sgd, device));
+            Box::new(SingleEngine::new(&model, precision, sgd, device)?);
         if let (Some(ck), None) = (weights, &start) {
             let from = ck.path.display().to_string();
             let report = engine.import_weights(ck, config.model.head)?;
@@ -177,14 +223,19 @@ impl Trainer {
         });
         let log = RunLog::open(&dir, lengths)?;
         let cache = match config.train.cache_frozen {
-            true => Some(PrefixCache::new(
-                train.len(),
-                model.tokens(),
-                model.dim,
-                config.train.cache_max_mib,
-                config.data.random_transform(),
-                device,
-            )?),
+            true => Some(torch_guard(
+                || "allocating the activation cache".into(),
+                || {
+                    PrefixCache::new(
+                        train.len(),
+                        model.tokens(),
+                        model.dim,
+                        config.train.cache_max_mib,
+                        config.data.random_transform(),
+                        device,
+                    )
+                },
+            )??),
             false => None,
         };
         let mut trainer = Trainer {
@@ -209,7 +260,7 @@ impl Trainer {
         match start {
             Some(meta) => trainer.restore(meta)?,
             None => eprintln!(
-                "run {}: {} train / {} eval images, {} steps, policy {}",
+                "run {}: {} train / {} eval images, {} steps, policy {}, device {}",
                 trainer.dir.path.display(),
                 trainer.data.train.len(),
                 trainer.data.eval.len(),
@@ -217,7 +268,8 @@ impl Trainer {
                 trainer
                     .driver
                     .policy()
-                    .map_or("none", |p| p.meta.name.as_str())
+                    .map_or("none", |p| p.meta.name.as_str()),
+                device_name(device)
             ),
         }
         Ok(trainer)
@@ -226,9 +278,12 @@ impl Trainer {
     /// Every remaining epoch; `Some` when the run stopped early.
     fn train(&mut self, control: &RunControl) -> Result<Option<Stop>> {
         while self.totals.step < self.total {
-            match self.epoch(control)? {
+            let stop = match self.epoch(control)? {
                 EpochEnd::Done { epoch, seconds, lr } => self.end_epoch(epoch, seconds, lr)?,
-                EpochEnd::Stopped(stop) => return Ok(Some(stop)),
+                EpochEnd::Stopped(stop) => Some(stop),
+            };
+            if stop.is_some() {
+                return Ok(stop);
             }
         }
         Ok(None)
@@ -259,23 +314,12 @@ impl Trainer {
             let step = self.totals.step;
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let y_host = self.data.train.labels.index_select(0, &idx);
-            let y = upload(&y_host, device);
             let state = self.driver.state().clone();
-            let committed = state.frontier as usize;
-            let input = match self.data.cache.as_mut() {
-                Some(c) if committed > 0 => Batch::Boundary {
-                    h: c.boundary(
-                        self.engine.model(),
-                        &self.data.train.images,
-                        &idx,
-                        committed,
-                    ),
-                    after: committed,
-                },
-                _ => Batch::Images(match &prefetch {
-                    Some(p) => upload(&p.next()?, device),
-                    None => upload(&self.data.train.images.index_select(0, &idx), device),
-                }),
+            let at = (step, state.frontier as usize);
+            let fetched = fetch(&mut self.data, &*self.engine, prefetch.as_ref(), &idx, at);
+            let (input, y) = match fetched? {
+                Ok(input) => (input, y_host.to_device(device)),
+                Err(error) => return Ok(EpochEnd::Stopped(self.torch_stop(error))),
             };
             lr = self.engine.lr_at(step, self.total);
             let plan = StepPlan {
@@ -287,7 +331,14 @@ impl Trainer {
             };
             let out = match self.engine.step(input, &y, &plan) {
                 Ok(out) => out,
-                Err(loss) => return Ok(EpochEnd::Stopped(Stop::Diverged { step, epoch, loss })),
+                Err(StepError::Diverged(loss)) => {
+                    return Ok(EpochEnd::Stopped(Stop::Diverged { step, epoch, loss }))
+                }
+                Err(StepError::Torch(e)) => {
+                    let during = format!("at step {step}");
+                    let error = TorchError { during, ..e };
+                    return Ok(EpochEnd::Stopped(self.torch_stop(error)));
+                }
             };
             self.epoch_loss += out.loss;
             let at = StepAt {
@@ -322,12 +373,16 @@ impl Trainer {
         Ok(EpochEnd::Done { epoch, seconds, lr })
     }
 
-    /// Evaluates, writes the epoch's metrics row and checkpoints.
-    fn end_epoch(&mut self, epoch: u64, seconds: f64, lr: f64) -> Result<()> {
+    /// Evaluates, writes the epoch's metrics row and checkpoints; `Some`
+    /// when libtorch failed in the evaluation.
+    fn end_epoch(&mut self, epoch: u64, seconds: f64, lr: f64) -> Result<Option<Stop>> {
+        self.progress.finish_line();
+        let (top1, eval_loss) = match self.engine.evaluate(&self.data.eval) {
+            Ok(r) => r,
+            Err(error) => return Ok(Some(self.torch_stop(error))),
+        };
         self.carried_seconds = 0.0;
         self.totals.train_seconds += seconds;
-        self.progress.finish_line();
-        let (top1, eval_loss) = self.engine.evaluate(&self.data.eval);
         self.totals.last_top1 = Some(top1);
         self.totals.best_top1 = Some(self.totals.best_top1.map_or(top1, |b| b.max(top1)));
         let train_loss = self.epoch_loss / self.steps_per_epoch.max(1) as f64;
@@ -353,7 +408,34 @@ impl Trainer {
         eprintln!(
             "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s{cached}"
         );
-        self.checkpoint(0.0, 0.0)
+        self.checkpoint(0.0, 0.0)?;
+        Ok(None)
+    }
+
+    /// A libtorch failure as a stop, with what to try when the device ran
+    /// out of memory.
+    fn torch_stop(&self, error: TorchError) -> Stop {
+        let c = &self.config;
+        let hint = if error.is_out_of_memory() {
+            format!(
+                "\nThe model is {} (depth {}, width {}) at batch {} in {:?} on {}. Try a smaller \
+                 train.batch or train.precision: Bf16{}.",
+                c.model.preset,
+                self.driver.state().layers,
+                self.engine.model().feature_dim(),
+                c.train.batch,
+                c.train.precision,
+                device_name(self.engine.device()),
+                if c.train.cache_frozen {
+                    ", or train.cache_frozen: false (the cache lives in device memory)"
+                } else {
+                    ""
+                }
+            )
+        } else {
+            String::new()
+        };
+        Stop::Torch { error, hint }
     }
 
     /// Writes a checkpoint of everything needed to continue after the
@@ -450,6 +532,10 @@ impl Trainer {
     ) -> Result<Summary> {
         let t = self.driver.timeline();
         let summary = Summary::new(ended, &self.totals, t, identity, self.dir.path.clone());
+        let summary = Summary {
+            device: device_name(self.engine.device()),
+            ..summary
+        };
         self.dir.write_json(SUMMARY_FILE, &summary)?;
         Ok(summary)
     }
@@ -464,14 +550,61 @@ fn policy_failure(e: anyhow::Error) -> Result<EpochEnd> {
     }
 }
 
+/// The input of step `step` (samples `idx`): the committed prefix's
+/// output from the activation cache when there is one, else the images,
+/// prefetched (augmentation) or selected, uploaded to the engine's device.
+/// A libtorch error is returned as the inner error.
+fn fetch(
+    data: &mut Data,
+    engine: &dyn Engine,
+    prefetch: Option<&images::Prefetch>,
+    idx: &Tensor,
+    (step, committed): (u64, usize),
+) -> Result<Result<Batch, TorchError>> {
+    let device = engine.device();
+    let fetched = torch_guard(
+        || format!("fetching the batch of step {step}"),
+        || -> Result<Batch> {
+            fault_injection(step);
+            Ok(match (data.cache.as_mut(), prefetch) {
+                (Some(c), _) if committed > 0 => Batch::Boundary {
+                    h: c.boundary(engine.model(), &data.train.images, idx, committed),
+                    after: committed,
+                },
+                (_, Some(p)) => Batch::Images(upload(&p.next()?, device)),
+                (_, None) => Batch::Images(upload(&data.train.images.index_select(0, idx), device)),
+            })
+        },
+    );
+    match fetched {
+        Ok(batch) => batch.map(Ok),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
 /// Moves a host batch to `device`: on a GPU through pinned memory with a
-/// non-blocking copy, so the upload overlaps work already queued.
+/// non-blocking copy, so the upload overlaps work already queued
+/// (`_pin_memory`: `pin_memory(device)` prints a deprecation warning on
+/// every call in libtorch 2.11).
 fn upload(t: &Tensor, device: Device) -> Tensor {
     if device.is_cuda() {
-        t.pin_memory(device)
+        t.internal_pin_memory(device)
             .to_device_(device, t.kind(), true, false)
     } else {
         t.to_device(device)
+    }
+}
+
+/// Set to a step number to make that step's batch fetch run an operation
+/// libtorch refuses: the failure path of a run, end to end (tests; see
+/// docs/errors.md).
+pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
+
+fn fault_injection(step: u64) {
+    let at = std::env::var(FAULT_STEP_VAR).ok();
+    if at.and_then(|v| v.parse::<u64>().ok()) == Some(step) {
+        let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
+        let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
     }
 }
 

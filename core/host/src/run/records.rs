@@ -84,6 +84,10 @@ pub struct Summary {
     pub best_top1: Option<f64>,
     /// Training wall seconds, evaluation excluded.
     pub train_seconds: f64,
+    /// The device the run trained on (`cpu`, `cuda:N`), as resolved from
+    /// `train.device`.
+    #[serde(default)]
+    pub device: String,
     /// Optimizer steps.
     pub steps: u64,
     /// Compute-model cost (units).
@@ -104,7 +108,8 @@ pub struct Summary {
 
 impl Summary {
     /// The summary of a run that ended with `status` (and `reason` when it
-    /// stopped early) after `totals`, with the freeze timeline `t`.
+    /// stopped early) after `totals`, with the freeze timeline `t`; the
+    /// caller fills in `device`.
     pub fn new(
         (status, reason): (Status, Option<String>),
         totals: &Totals,
@@ -118,6 +123,7 @@ impl Summary {
             final_top1: totals.last_top1,
             best_top1: totals.best_top1,
             train_seconds: totals.train_seconds,
+            device: String::new(),
             steps: totals.step,
             compute_cost: t.cost,
             full_compute_cost: t.full_cost,
