@@ -90,6 +90,11 @@ impl TorchError {
     }
 }
 
+/// A libtorch error raised by our own C++ shims, as a panic payload that
+/// [`torch_guard`] recognises like tch's.
+#[derive(Debug)]
+pub struct TorchPanic(pub String);
+
 /// Set to `1` to keep libtorch's C++ stack frames in error messages.
 pub const TORCH_BACKTRACE_VAR: &str = "SIMFREEZE_TORCH_BACKTRACE";
 
@@ -110,6 +115,12 @@ pub fn torch_guard<T>(
     match result {
         Ok(v) => Ok(v),
         Err(payload) => {
+            if let Some(TorchPanic(message)) = payload.downcast_ref::<TorchPanic>() {
+                return Err(TorchError {
+                    during: during(),
+                    message: message.clone(),
+                });
+            }
             let text = payload
                 .downcast_ref::<String>()
                 .cloned()

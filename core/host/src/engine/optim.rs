@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
 use torch_sys::C_tensor;
 
+use crate::error::TorchPanic;
 use crate::model::{Group, PrefixModel};
 
 /// Optimizer settings (the paper's recipe by default: SGD, momentum 0.9,
@@ -92,6 +93,7 @@ extern "C" {
         lr: f64,
         nesterov: c_int,
         first_step: c_int,
+        found_inf: *const C_tensor,
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
@@ -194,6 +196,20 @@ impl Sgd {
     /// distinct learning rate (and per first step of a momentum buffer)
     /// instead of five to eight tensor operations per parameter.
     pub fn step(&mut self, grads: &Grads, lr: f64, factors: &[f32]) {
+        self.step_unless(grads, lr, factors, None);
+    }
+
+    /// [`Sgd::step`], skipped inside the kernel when `found_inf` (a scalar
+    /// float tensor on the parameters' device) holds 1: nothing moves, no
+    /// weight, no momentum. A GPU can then queue the step before the loss
+    /// is known to be finite.
+    pub fn step_unless(
+        &mut self,
+        grads: &Grads,
+        lr: f64,
+        factors: &[f32],
+        found_inf: Option<&Tensor>,
+    ) {
         let cfg = &self.cfg;
         // (learning rate, first step of its momentum buffer) -> parameters.
         let mut groups: Vec<((f64, bool), Vec<usize>)> = Vec::new();
@@ -238,6 +254,7 @@ impl Sgd {
                     lr,
                     c_int::from(cfg.nesterov),
                     c_int::from(first),
+                    found_inf.map_or(std::ptr::null(), Tensor::as_ptr),
                     err.as_mut_ptr(),
                     err.len(),
                 )
@@ -245,9 +262,12 @@ impl Sgd {
             if rc != 0 {
                 // SAFETY: the shim NUL-terminated `err`.
                 let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-                // Parameters, gradients and buffers share dtype and device
-                // by construction; a failure here is a bug, not bad input.
-                panic!("fused SGD step failed: {}", msg.to_string_lossy());
+                // libtorch refused the update (a device error, say): raised
+                // like tch's own errors, so the run's guard reports it.
+                std::panic::panic_any(TorchPanic(format!(
+                    "fused SGD step: {}",
+                    msg.to_string_lossy()
+                )));
             }
         }
     }

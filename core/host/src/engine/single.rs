@@ -154,7 +154,7 @@ impl Engine for SingleEngine {
 }
 
 /// One optimizer step. Shared by `run` and `bench`. A NaN or infinite loss
-/// is returned as `Err(loss)` before anything is updated, so a diverged
+/// is returned as `Err(loss)` and the step updates nothing, so a diverged
 /// step never reaches the weights.
 pub fn train_step(
     model: &dyn PrefixModel,
@@ -163,25 +163,44 @@ pub fn train_step(
     y: &Tensor,
     plan: &StepPlan<'_>,
 ) -> Result<StepOut, f64> {
+    let on_gpu = y.device().is_cuda();
+    train_step_checked(model, opt, batch, y, plan, on_gpu)
+}
+
+/// [`train_step`]; with `defer_check` the loss is read only after the
+/// backward and the update are queued, and the fused kernel skips the
+/// update itself when the loss is not finite. On a GPU this saves the host
+/// synchronisation between forward and backward; on the CPU reading the
+/// loss first costs nothing and skips a wasted backward.
+fn train_step_checked(
+    model: &dyn PrefixModel,
+    opt: &mut Sgd,
+    batch: Batch,
+    y: &Tensor,
+    plan: &StepPlan<'_>,
+    defer_check: bool,
+) -> Result<StepOut, f64> {
     let out = match batch {
         Batch::Images(x) => model.forward_frozen(&x, plan.frozen),
         Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
     };
     let loss_t = out.logits.cross_entropy_for_logits(y);
     // The feature copy is queued right behind the forward, before the loss
-    // is read: reading the loss (needed anyway, to refuse a NaN step before
-    // any update) waits for it too, and the backward is not held up by a
-    // second synchronisation after it. Non-blocking device-to-host copies
-    // land in pinned memory; on the CPU this is the tensor itself.
+    // is read: reading the loss waits for it too, and the backward is not
+    // held up by a second synchronisation after it. Non-blocking
+    // device-to-host copies land in pinned memory; on the CPU this is the
+    // tensor itself.
     let cls_host = plan.features.then(|| {
         out.cls
             .detach()
             .to_kind(Kind::Float)
             .to_device_(Device::Cpu, Kind::Float, true, false)
     });
-    let loss = loss_t.double_value(&[]);
-    if !loss.is_finite() {
-        return Err(loss);
+    if !defer_check {
+        let loss = loss_t.double_value(&[]);
+        if !loss.is_finite() {
+            return Err(loss);
+        }
     }
     let grads = opt.backward(&loss_t, plan.frozen);
     let grad_norms = if plan.grad_norms {
@@ -189,7 +208,18 @@ pub fn train_step(
     } else {
         Vec::new()
     };
-    opt.step(&grads, plan.lr, plan.lr_factors);
+    let found_inf = defer_check.then(|| {
+        loss_t
+            .detach()
+            .isfinite()
+            .logical_not()
+            .to_kind(Kind::Float)
+    });
+    opt.step_unless(&grads, plan.lr, plan.lr_factors, found_inf.as_ref());
+    let loss = loss_t.double_value(&[]);
+    if !loss.is_finite() {
+        return Err(loss);
+    }
     Ok(StepOut {
         loss,
         cls: out.cls,
@@ -366,5 +396,86 @@ mod tests {
         assert_eq!(norms.len(), 3);
         assert_eq!(norms[0], 0.0);
         assert!(norms[1] > 0.0 && norms[2] > 0.0, "{norms:?}");
+    }
+
+    #[test]
+    fn a_non_finite_loss_updates_nothing_whether_checked_first_or_by_the_kernel() {
+        for defer_check in [false, true] {
+            tch::manual_seed(4);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Vit::new(&vs.root(), &tiny());
+            let cfg = crate::engine::optim::SgdConfig {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+                weight_decay: 0.05,
+                warmup_steps: 0,
+            };
+            let mut opt = Sgd::new(&vs, &model, cfg);
+            let data = Dataset::synthetic(8, 4, 1, 8, 3);
+            let plan = StepPlan::simple(0.1, 0);
+            // A finite step first, so momentum exists and could drift.
+            let ok = train_step_checked(
+                &model,
+                &mut opt,
+                Batch::Images(data.images.shallow_clone()),
+                &data.labels,
+                &plan,
+                defer_check,
+            );
+            assert!(ok.is_ok());
+            let before = snapshot(&vs);
+            let nan = data.images.full_like(f64::NAN);
+            let loss = train_step_checked(
+                &model,
+                &mut opt,
+                Batch::Images(nan),
+                &data.labels,
+                &plan,
+                defer_check,
+            )
+            .err()
+            .expect("a NaN input gives a NaN loss");
+            assert!(loss.is_nan());
+            for ((name, a), (_, b)) in before.iter().zip(&snapshot(&vs)) {
+                assert!(a.equal(b), "{name} moved (defer_check {defer_check})");
+            }
+            // The next finite step is the same as if the NaN one never was.
+            let next = train_step_checked(
+                &model,
+                &mut opt,
+                Batch::Images(data.images.shallow_clone()),
+                &data.labels,
+                &plan,
+                defer_check,
+            );
+            assert!(next.is_ok());
+        }
+    }
+
+    #[test]
+    fn deferring_the_loss_check_changes_no_number() {
+        // Both start from the same weights (copied: libtorch's global seed
+        // is shared with tests running beside this one).
+        let first = nn::VarStore::new(Device::Cpu);
+        let _ = Vit::new(&first.root(), &tiny());
+        let run = |defer_check: bool| {
+            let mut vs = nn::VarStore::new(Device::Cpu);
+            let model = Vit::new(&vs.root(), &tiny());
+            vs.copy(&first).unwrap();
+            let mut opt = Sgd::new(&vs, &model, Default::default());
+            let data = Dataset::synthetic(8, 4, 1, 8, 4);
+            for _ in 0..3 {
+                let plan = StepPlan::simple(0.05, 1);
+                let b = Batch::Images(data.images.shallow_clone());
+                train_step_checked(&model, &mut opt, b, &data.labels, &plan, defer_check).unwrap();
+            }
+            snapshot(&vs)
+        };
+        let (checked, deferred) = (run(false), run(true));
+        assert!(!checked.is_empty());
+        for ((name, a), (_, b)) in checked.iter().zip(&deferred) {
+            assert!(a.equal(b), "{name}");
+        }
     }
 }
