@@ -75,12 +75,13 @@ if [ "$installed" != "$TORCH_VERSION" ]; then
 fi
 
 # timm and transformers are the reference implementations for the weight
-# parity tests and the benchmarks. torchvision is pinned to the release built
-# for torch 2.11.0: an unpinned install silently upgrades torch and breaks the
-# tch build.
-if ! .venv/bin/python -W ignore -c 'import timm, torchvision, transformers, scipy' >/dev/null 2>&1; then
-    say "installing timm, transformers, scipy and torchvision==0.26.0 into the environment"
-    .venv/bin/pip install -q --disable-pip-version-check timm transformers scipy "torchvision==0.26.0"
+# parity tests and the benchmarks; tensorboard reads back the event files in
+# the tests (and shows runs: `.venv/bin/tensorboard --logdir runs`).
+# torchvision is pinned to the release built for torch 2.11.0: an unpinned
+# install silently upgrades torch and breaks the tch build.
+if ! .venv/bin/python -W ignore -c 'import timm, torchvision, transformers, scipy, tensorboard' >/dev/null 2>&1; then
+    say "installing timm, transformers, scipy, tensorboard and torchvision==0.26.0 into the environment"
+    .venv/bin/pip install -q --disable-pip-version-check timm transformers scipy tensorboard "torchvision==0.26.0"
 fi
 
 # 3. build ---------------------------------------------------------------------

@@ -11,3 +11,4 @@ mod reliability;
 mod run;
 mod simulate;
 mod template;
+mod tensorboard;

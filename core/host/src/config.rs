@@ -273,6 +273,9 @@ pub struct TrainSection {
     /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
     /// (GPUs with bf16; parameters and optimizer stay float32).
     pub precision: Precision,
+    /// Write TensorBoard event files into the run directory
+    /// (`tensorboard --logdir <output>`).
+    pub tensorboard: bool,
 }
 
 impl Default for TrainSection {
@@ -288,6 +291,7 @@ impl Default for TrainSection {
             cache_frozen: false,
             cache_max_mib: 4096,
             precision: Precision::F32,
+            tensorboard: true,
         }
     }
 }

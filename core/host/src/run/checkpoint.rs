@@ -47,6 +47,9 @@ pub struct CheckpointMeta {
     pub metrics_len: u64,
     /// Bytes of `events.jsonl` at this point.
     pub events_len: u64,
+    /// Bytes of the TensorBoard event file at this point (when written).
+    #[serde(default)]
+    pub tensorboard_len: Option<u64>,
 }
 
 const FORMAT: u32 = 1;

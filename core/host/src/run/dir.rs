@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::RunConfig;
 use crate::run::records::{Event, MetricsRow};
+use crate::run::tensorboard::{self, EventWriter};
 
 /// The resolved configuration a run started with.
 pub const CONFIG_FILE: &str = "config.ron";
@@ -100,10 +101,12 @@ impl RunDir {
     }
 }
 
-/// The two files a run appends to while it trains.
+/// The files a run appends to while it trains: metrics, events and, unless
+/// `train.tensorboard` is off, TensorBoard's event file.
 pub struct RunLog {
     metrics: BufWriter<File>,
     events: BufWriter<File>,
+    tensorboard: Option<EventWriter>,
 }
 
 /// How long the appended files are (a checkpoint records it).
@@ -113,12 +116,21 @@ pub struct LogLengths {
     pub metrics: u64,
     /// Bytes of `events.jsonl`.
     pub events: u64,
+    /// Bytes of the TensorBoard event file, when there is one.
+    pub tensorboard: Option<u64>,
 }
 
 impl RunLog {
     /// Creates the files (header included), or, when resuming, opens them
-    /// cut back to `at`.
-    pub fn open(dir: &RunDir, at: Option<LogLengths>) -> Result<RunLog> {
+    /// cut back to `at`; `tensorboard` adds the TensorBoard event file.
+    pub fn open(dir: &RunDir, at: Option<LogLengths>, tensorboard: bool) -> Result<RunLog> {
+        let tensorboard = match tensorboard {
+            true => Some(EventWriter::open(
+                &dir.file(tensorboard::EVENTS_FILE),
+                at.and_then(|l| l.tensorboard),
+            )?),
+            false => None,
+        };
         Ok(RunLog {
             metrics: open_truncated(
                 &dir.file(METRICS_FILE),
@@ -126,7 +138,16 @@ impl RunLog {
                 Some(MetricsRow::HEADER),
             )?,
             events: open_truncated(&dir.file(EVENTS_FILE), at.map(|l| l.events), None)?,
+            tensorboard,
         })
+    }
+
+    /// TensorBoard scalars at `step` (nothing when TensorBoard is off).
+    pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<()> {
+        match self.tensorboard.as_mut() {
+            Some(tb) => tb.scalars(step, values),
+            None => Ok(()),
+        }
     }
 
     /// Appends an epoch's row.
@@ -143,18 +164,29 @@ impl RunLog {
         Ok(())
     }
 
-    /// Flushes both files and returns their lengths.
+    /// Flushes every file and returns their lengths.
     pub fn flush(&mut self) -> Result<LogLengths> {
         self.metrics.flush()?;
         self.events.flush()?;
+        let tensorboard = match self.tensorboard.as_mut() {
+            Some(tb) => Some(tb.flush()?),
+            None => None,
+        };
         Ok(LogLengths {
             metrics: self.metrics.get_ref().metadata()?.len(),
             events: self.events.get_ref().metadata()?.len(),
+            tensorboard,
         })
     }
 }
 
-fn open_truncated(path: &Path, len: Option<u64>, header: Option<&str>) -> Result<BufWriter<File>> {
+/// Creates `path` (with `header` as its first line), or, with `len`, opens
+/// it for appending cut back to `len` bytes.
+pub(super) fn open_truncated(
+    path: &Path,
+    len: Option<u64>,
+    header: Option<&str>,
+) -> Result<BufWriter<File>> {
     let file = match len {
         Some(len) => {
             let f = OpenOptions::new()
@@ -190,7 +222,7 @@ mod tests {
     fn a_resumed_log_is_cut_back_to_the_checkpoint() {
         let d = tempfile::tempdir().unwrap();
         let dir = RunDir::create(d.path(), "x").unwrap();
-        let mut log = RunLog::open(&dir, None).unwrap();
+        let mut log = RunLog::open(&dir, None, false).unwrap();
         let freeze = |step| Event {
             step,
             kind: crate::run::records::EventKind::Freeze { blocks: vec![0] },
@@ -200,7 +232,7 @@ mod tests {
         log.events(&[freeze(2)]).unwrap();
         log.flush().unwrap();
         drop(log);
-        let mut log = RunLog::open(&dir, Some(at)).unwrap();
+        let mut log = RunLog::open(&dir, Some(at), false).unwrap();
         log.events(&[freeze(3)]).unwrap();
         log.flush().unwrap();
         let steps: Vec<u64> = dir.read_events().unwrap().iter().map(|e| e.step).collect();

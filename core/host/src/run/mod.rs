@@ -7,7 +7,8 @@
 //! driver reports, hand the step to the policy, checkpoint when due; each
 //! epoch ends with an evaluation, a row of `metrics.csv` and a checkpoint.
 //! How a run stops early is a typed [`Stop`]; files are written through the
-//! typed writers of [`dir`] and [`records`].
+//! typed writers of [`dir`] and [`records`], TensorBoard's through
+//! [`tensorboard`].
 //!
 //! Invariant: the model trains exactly under the freeze state the driver
 //! reports for the step (`frozen_prefix()`, probe included), and a resumed
@@ -17,6 +18,7 @@ pub mod checkpoint;
 pub mod dir;
 pub mod progress;
 pub mod records;
+pub mod tensorboard;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,8 +222,9 @@ impl Trainer {
         let lengths = start.as_ref().map(|m| LogLengths {
             metrics: m.metrics_len,
             events: m.events_len,
+            tensorboard: m.tensorboard_len,
         });
-        let log = RunLog::open(&dir, lengths)?;
+        let log = RunLog::open(&dir, lengths, config.train.tensorboard)?;
         let cache = match config.train.cache_frozen {
             true => Some(torch_guard(
                 || "allocating the activation cache".into(),
@@ -250,7 +253,7 @@ impl Trainer {
             driver,
             dir,
             log,
-            progress: Progress::new(total, 0),
+            progress: Progress::new(total, steps_per_epoch, start.as_ref().map_or(0, |m| m.step)),
             totals: Totals::default(),
             epoch_loss: 0.0,
             carried_seconds: 0.0,
@@ -259,7 +262,7 @@ impl Trainer {
         };
         match start {
             Some(meta) => trainer.restore(meta)?,
-            None => eprintln!(
+            None => trainer.progress.println(&format!(
                 "run {}: {} train / {} eval images, {} steps, policy {}, device {}",
                 trainer.dir.path.display(),
                 trainer.data.train.len(),
@@ -270,7 +273,7 @@ impl Trainer {
                     .policy()
                     .map_or("none", |p| p.meta.name.as_str()),
                 device_name(device)
-            ),
+            )),
         }
         Ok(trainer)
     }
@@ -354,6 +357,8 @@ impl Trainer {
                 Err(e) => return policy_failure(e),
             };
             self.log.events(&Event::of_step(step, &outcome))?;
+            let scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
+            self.log.scalars(step, &scalars)?;
             self.totals.step += 1;
             let frontier = self.driver.state().frontier;
             self.progress.tick(step + 1, out.loss, batch, frontier);
@@ -376,7 +381,6 @@ impl Trainer {
     /// Evaluates, writes the epoch's metrics row and checkpoints; `Some`
     /// when libtorch failed in the evaluation.
     fn end_epoch(&mut self, epoch: u64, seconds: f64, lr: f64) -> Result<Option<Stop>> {
-        self.progress.finish_line();
         let (top1, eval_loss) = match self.engine.evaluate(&self.data.eval) {
             Ok(r) => r,
             Err(error) => return Ok(Some(self.torch_stop(error))),
@@ -397,6 +401,21 @@ impl Trainer {
             frozen_blocks: frontier,
             epoch_seconds: seconds,
         })?;
+        let images = (self.steps_per_epoch * self.config.train.batch as u64) as f64;
+        let mut scalars = vec![
+            ("eval/top1".to_string(), top1),
+            ("eval/loss".to_string(), eval_loss),
+            ("train/epoch_loss".to_string(), train_loss),
+            (
+                "perf/images_per_sec".to_string(),
+                images / seconds.max(1e-9),
+            ),
+        ];
+        if let Some(c) = &self.data.cache {
+            scalars.push(("cache/hit_rate".to_string(), c.hit_rate()));
+            scalars.push(("cache/advanced_rows".to_string(), c.advanced as f64));
+        }
+        self.log.scalars(self.totals.step, &scalars)?;
         let cached = self.data.cache.as_ref().map_or(String::new(), |c| {
             format!(
                 ", cache hits {:.0}% ({} stale rows advanced)",
@@ -405,9 +424,9 @@ impl Trainer {
             )
         });
         let layers = self.driver.state().layers;
-        eprintln!(
+        self.progress.println(&format!(
             "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s{cached}"
-        );
+        ));
         self.checkpoint(0.0, 0.0)?;
         Ok(None)
     }
@@ -462,6 +481,7 @@ impl Trainer {
             weights: String::new(),
             metrics_len: lengths.metrics,
             events_len: lengths.events,
+            tensorboard_len: lengths.tensorboard,
         };
         checkpoint::save(&self.dir.path, meta, self.engine.state_tensors())
     }
@@ -485,26 +505,25 @@ impl Trainer {
         };
         self.epoch_loss = m.epoch_loss_sum;
         self.carried_seconds = m.epoch_seconds;
-        self.progress = Progress::new(self.total, m.step);
-        eprintln!(
+        self.progress.println(&format!(
             "resuming {} at step {}/{}",
             self.dir.path.display(),
             m.step,
             self.total
-        );
+        ));
         Ok(())
     }
 
     /// Writes the final files: the model when every epoch ran, the summary
     /// always; a stopped run becomes a [`RunStopped`] error.
     fn finish(mut self, stop: Option<Stop>, identity: PolicyIdentity) -> Result<Summary> {
+        self.progress.finish_line();
         self.log.flush()?;
         let Some(stop) = stop else {
             self.engine.save_model(&self.dir.file(MODEL_FILE))?;
             let ended = (Status::Completed, None);
             return self.summary(ended, identity);
         };
-        self.progress.finish_line();
         let reason = stop.reason();
         self.summary((stop.status(), Some(reason.clone())), identity)?;
         let has_checkpoint = checkpoint::load_meta(&self.dir.path)?.is_some();
