@@ -1,16 +1,14 @@
-//! One conformance suite over every shipped policy, run twice: statically
-//! (the strategy type behind the same SDK adapter the export macro uses) and
-//! through the real `.so`. Each property names the invariant it guards.
-//! Observations are hostile on purpose: NaN and infinite features, losses
-//! and gradient norms, labels of classes never seen or out of range,
-//! batches of one, a single block.
+//! One conformance suite over every shipped policy (the runtime's
+//! `conformance` module, which `simfreeze check` runs on any plugin), run
+//! twice: statically (the strategy type behind the same SDK adapter the
+//! export macro uses) and through the real `.so`; and `simfreeze check`
+//! itself, which must pass every shipped policy and fail each way a policy
+//! can break the contract.
 
-use proptest::prelude::*;
 use simfreeze_abi::sdk::policy_module;
-use simfreeze_runtime::driver::{PolicyDriver, StepInput};
-use simfreeze_runtime::loader::{Plugin, PolicyHandle};
-use simfreeze_runtime::simulate::Rng;
-use simfreeze_tests::plugin;
+use simfreeze_runtime::loader::Plugin;
+use simfreeze_runtime::testkit::PolicyTest;
+use simfreeze_tests::{fixture, plugin, simfreeze, text};
 
 /// Every shipped policy plugin, by name.
 const POLICIES: &[&str] = &["atsf", "slf", "ulf", "scf", "ucf", "autofreeze", "template"];
@@ -25,7 +23,7 @@ fn options(name: &str) -> &'static str {
     }
 }
 
-fn static_plugin(name: &str) -> Plugin {
+fn static_test(name: &str) -> PolicyTest {
     let module = match name {
         "atsf" => policy_module::<simfreeze_atsf::Atsf>(),
         "slf" => policy_module::<simfreeze_freezeout::Slf>(),
@@ -36,187 +34,30 @@ fn static_plugin(name: &str) -> Plugin {
         "template" => template::plugin_module(),
         other => panic!("no static build of {other}"),
     };
-    Plugin::from_module(module, format!("static:{name}").into()).unwrap()
+    PolicyTest::new(module).unwrap().with_options(options(name))
 }
 
-fn new_policy(name: &str, dynamic: bool) -> PolicyHandle {
-    let p = if dynamic {
-        Plugin::load(&plugin(name)).unwrap()
-    } else {
-        static_plugin(name)
-    };
+fn dynamic_test(name: &str) -> PolicyTest {
+    let p = Plugin::load(&plugin(name)).unwrap();
     assert_eq!(p.meta.name, name);
-    p.new_policy(options(name)).unwrap()
+    PolicyTest::from_plugin(p).with_options(options(name))
 }
 
-/// The shape of a hostile run.
-#[derive(Debug, Clone)]
-struct Run {
-    layers: u32,
-    steps: u64,
-    batch: usize,
-    dim: usize,
-    classes: usize,
-    seed: u64,
-}
-
-fn any_run() -> impl Strategy<Value = Run> {
-    (
-        1u32..=6,
-        1u64..60,
-        1usize..=4,
-        1usize..=5,
-        1usize..=4,
-        any::<u64>(),
-    )
-        .prop_map(|(layers, steps, batch, dim, classes, seed)| Run {
-            layers,
-            steps,
-            batch,
-            dim,
-            classes,
-            seed,
-        })
-}
-
-/// The data of one step, hostile values included.
-struct Data {
-    features: Vec<f32>,
-    labels: Vec<i64>,
-    norms: Vec<f32>,
-    loss: f32,
-}
-
-fn weird(rng: &mut Rng) -> f32 {
-    match rng.below(20) {
-        0 => f32::NAN,
-        1 => f32::INFINITY,
-        2 => f32::NEG_INFINITY,
-        3 => 0.0,
-        _ => rng.normal() as f32,
+#[test]
+fn every_shipped_policy_conforms_statically_and_through_its_so() {
+    for name in POLICIES {
+        static_test(name)
+            .conformance(24)
+            .unwrap_or_else(|e| panic!("{name} (static): {e}"));
+        dynamic_test(name)
+            .conformance(24)
+            .unwrap_or_else(|e| panic!("{name} (.so): {e}"));
     }
 }
-
-fn data(r: &Run, rng: &mut Rng) -> Data {
-    Data {
-        features: (0..r.batch * r.dim).map(|_| weird(rng)).collect(),
-        // Classes never seen (>= classes) and invalid (-1) included.
-        labels: (0..r.batch)
-            .map(|_| rng.below(r.classes + 2) as i64 - 1)
-            .collect(),
-        norms: (0..r.layers).map(|_| weird(rng).abs()).collect(),
-        loss: weird(rng),
-    }
-}
-
-fn input<'a>(r: &Run, step: u64, d: &'a Data) -> StepInput<'a> {
-    StepInput {
-        step,
-        epoch: step / 10,
-        steps_per_epoch: 10,
-        total_steps: r.steps,
-        loss: d.loss,
-        batch: r.batch,
-        features: &d.features,
-        feature_dim: r.dim,
-        labels: &d.labels,
-        num_classes: r.classes,
-        grad_norms: &d.norms,
-    }
-}
-
-/// Drives `name` through the host's controller; any refused decision or
-/// policy error fails the property.
-fn never_unfreezes_past_order(name: &str, dynamic: bool, r: &Run) -> Result<(), TestCaseError> {
-    let mut driver = PolicyDriver::new(Some(new_policy(name, dynamic)), r.layers);
-    let mut rng = Rng::new(r.seed);
-    let mut last = 0;
-    for step in 0..r.steps {
-        let d = data(r, &mut rng);
-        driver
-            .after_step(&input(r, step, &d))
-            .map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
-        let s = driver.state();
-        prop_assert!(s.frontier >= last && s.frontier <= r.layers);
-        prop_assert!(s.probe.is_none() || s.probe == Some(s.frontier));
-        last = s.frontier;
-    }
-    Ok(())
-}
-
-/// Saves after `k` steps, restores into a fresh instance, and requires the
-/// two to decide identically from there on.
-fn state_round_trip(name: &str, dynamic: bool, r: &Run, k: u64) -> Result<(), TestCaseError> {
-    let mut a = PolicyDriver::new(Some(new_policy(name, dynamic)), r.layers);
-    let mut rng = Rng::new(r.seed);
-    let k = k % r.steps.max(1);
-    for step in 0..k {
-        let d = data(r, &mut rng);
-        a.after_step(&input(r, step, &d))
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-    }
-    let saved = a.policy().unwrap().save_state(k).unwrap();
-    let mut restored = new_policy(name, dynamic);
-    restored.load_state(k, &saved).unwrap();
-    let mut b = PolicyDriver::new(Some(restored), r.layers);
-    b.restore_state(a.state().clone());
-    for step in k..r.steps {
-        let d = data(r, &mut rng);
-        let oa = a
-            .after_step(&input(r, step, &d))
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let ob = b
-            .after_step(&input(r, step, &d))
-            .map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(a.state(), b.state(), "{} diverged at step {}", name, step);
-        // NaN scalars compare unequal; compare their bit patterns.
-        let bits = |o: &simfreeze_runtime::driver::StepOutcome| {
-            o.scalars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.to_bits()))
-                .collect::<Vec<_>>()
-        };
-        prop_assert_eq!(bits(&oa), bits(&ob));
-    }
-    Ok(())
-}
-
-macro_rules! conformance {
-    ($($policy:ident),*) => {
-        mod statically {
-            use super::*;
-            proptest! {
-                #![proptest_config(ProptestConfig::with_cases(24))]
-                $(
-                    #[test]
-                    fn $policy(r in any_run(), k in any::<u64>()) {
-                        never_unfreezes_past_order(stringify!($policy), false, &r)?;
-                        state_round_trip(stringify!($policy), false, &r, k)?;
-                    }
-                )*
-            }
-        }
-        mod through_so {
-            use super::*;
-            proptest! {
-                #![proptest_config(ProptestConfig::with_cases(24))]
-                $(
-                    #[test]
-                    fn $policy(r in any_run(), k in any::<u64>()) {
-                        never_unfreezes_past_order(stringify!($policy), true, &r)?;
-                        state_round_trip(stringify!($policy), true, &r, k)?;
-                    }
-                )*
-            }
-        }
-    };
-}
-
-conformance!(atsf, slf, ulf, scf, ucf, autofreeze, template);
 
 #[test]
 fn every_shipped_policy_is_covered() {
-    // A new plugins/<policy> must join POLICIES (and the macro list above).
+    // A new plugins/<policy> must join POLICIES.
     let mut shipped: Vec<String> = std::fs::read_dir(simfreeze_tests::repo_root().join("plugins"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -229,16 +70,75 @@ fn every_shipped_policy_is_covered() {
 }
 
 #[test]
-fn single_block_models_work_for_every_policy() {
-    let r = Run {
-        layers: 1,
-        steps: 50,
-        batch: 1,
-        dim: 3,
-        classes: 2,
-        seed: 9,
-    };
+fn simfreeze_check_passes_every_shipped_policy() {
     for name in POLICIES {
-        never_unfreezes_past_order(name, true, &r).unwrap();
+        let out = simfreeze(&[
+            "check",
+            "--policy",
+            name,
+            "--policy-config",
+            options(name),
+            "--cases",
+            "24",
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{name}: {stdout}{stderr}");
+        assert_eq!(stdout.matches("      ok  ").count(), 2, "{stdout}");
     }
+}
+
+#[test]
+fn simfreeze_check_fails_each_broken_policy_with_its_smallest_case() {
+    let lib = fixture("misbehaving");
+    for (mode, property, says) in [
+        ("unfreeze", "the contract holds", "frontier went down"),
+        (
+            "probe_elsewhere",
+            "the contract holds",
+            "only the frontier block",
+        ),
+        (
+            "forget_state",
+            "a restored policy continues identically",
+            "diverged",
+        ),
+        ("panic_on_batch_one", "the contract holds", "a batch of one"),
+    ] {
+        let opts = format!("(mode: {mode}, at: 3)");
+        // RUST_BACKTRACE set, as it often is: the plugin's panic must still
+        // be one line.
+        let out = std::process::Command::new(simfreeze_tests::simfreeze_bin())
+            .args(["check", "--policy", lib.to_str().unwrap()])
+            .args(["--policy-config", &opts, "--cases", "32"])
+            .env_remove("SIMFREEZE_PLUGIN_PATH")
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(4), "{mode}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("  FAILED  {property}")),
+            "{mode}: {stdout}"
+        );
+        assert!(
+            stderr.contains(says) && stderr.contains("smallest failing run"),
+            "{mode}: {stderr}"
+        );
+        // The plugin's panic is reported in one line, without frames.
+        assert!(!stderr.contains("stack backtrace"), "{mode}: {stderr}");
+    }
+}
+
+#[test]
+fn simfreeze_check_refuses_bad_options_like_a_run() {
+    let out = simfreeze(&[
+        "check",
+        "--policy",
+        "template",
+        "--policy-config",
+        "(evry: 3)",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("every"), "{stderr}");
 }

@@ -446,8 +446,10 @@ thread_local! {
 
 /// Installs (once per copy of std, i.e. once per plugin library) a panic hook
 /// that, inside [`guard`], records the panic's location for the error message
-/// instead of printing a backtrace; outside it, or with `RUST_BACKTRACE` set,
-/// the previous hook runs as usual.
+/// instead of printing a backtrace (the host reports the panic with it in one
+/// paragraph); outside it, or with `SIMFREEZE_BACKTRACE=1`, the previous hook
+/// runs as usual. (`RUST_BACKTRACE`, often set for other reasons, does not
+/// bring the frames back: they would bury the host's message.)
 fn install_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -462,7 +464,7 @@ fn install_hook() {
                 }
                 g.0 > 0
             });
-            let verbose = std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0");
+            let verbose = std::env::var_os("SIMFREEZE_BACKTRACE").is_some_and(|v| v == "1");
             if !guarded || verbose {
                 previous(info);
             }

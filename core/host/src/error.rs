@@ -22,6 +22,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use simfreeze_runtime::conformance::ConformanceFailure;
 use simfreeze_runtime::contract::ContractViolation;
 use simfreeze_runtime::driver::DriverError;
 use simfreeze_runtime::loader::{LoadError, PolicyCallError};
@@ -294,6 +295,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if cause.is::<DriverError>()
             || cause.is::<PolicyCallError>()
             || cause.is::<ContractViolation>()
+            || cause.is::<ConformanceFailure>()
         {
             return 4;
         }

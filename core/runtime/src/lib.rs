@@ -8,10 +8,13 @@
 //! - [`driver`]: the per-step policy loop shared by trainer and simulator;
 //! - [`simulate`]: the synthetic world behind `simfreeze simulate`;
 //! - [`testkit`]: the same, in-process, for a plugin crate's `cargo test`;
+//! - [`conformance`]: the property suite every policy is held to
+//!   (`simfreeze check`);
 //! - [`rng`]: the deterministic generator of the simulator and the data order.
 //!
 //! Layers and seams: docs/architecture.md.
 
+pub mod conformance;
 pub mod contract;
 pub mod driver;
 pub mod loader;

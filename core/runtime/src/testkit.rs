@@ -12,6 +12,7 @@
 //! let report = test.simulate(&world).unwrap(); // the contract is checked every step
 //! assert_eq!(report.freeze_step[0], Some(50));
 //! test.check_resume(&world, 120).unwrap(); // save/restore continues identically
+//! test.conformance(64).unwrap(); // hostile observations, random cut points
 //! ```
 //!
 //! Invariant: every decision the policy makes here passes the host's own
@@ -20,6 +21,7 @@
 
 use simfreeze_abi::ffi::PluginModuleRef;
 
+use crate::conformance::{self, ConformanceFailure};
 use crate::driver::{DriverError, PolicyDriver};
 use crate::loader::{LoadError, Plugin, PolicyCallError, PolicyHandle};
 use crate::simulate::{simulate, SimConfig, SimReport, SyntheticWorld};
@@ -71,9 +73,29 @@ impl PolicyTest {
         self
     }
 
+    /// A plugin loaded elsewhere (`simfreeze check` loads the `.so`).
+    pub fn from_plugin(plugin: Plugin) -> PolicyTest {
+        PolicyTest {
+            plugin,
+            options: String::new(),
+        }
+    }
+
     /// A fresh policy built with the options.
     pub fn policy(&self) -> Result<PolicyHandle, TestKitError> {
         Ok(self.plugin.new_policy(&self.options)?)
+    }
+
+    /// The conformance suite ([`crate::conformance`]) on `cases` hostile
+    /// run shapes per property: what the shipped policies pass and what
+    /// `simfreeze check` runs.
+    pub fn conformance(&self, cases: u32) -> Result<(), ConformanceFailure> {
+        let make = || {
+            self.plugin
+                .new_policy(&self.options)
+                .map_err(|e| e.to_string())
+        };
+        conformance::check(&make, cases)
     }
 
     /// Drives a fresh policy through `cfg.steps` synthetic steps (what
@@ -206,6 +228,24 @@ mod tests {
             Err(TestKitError::Diverged { saved: 4, step, .. }) => assert_eq!(step, 4),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_conformance_suite_passes_a_sound_policy_and_shrinks_a_failure() {
+        let sound = PolicyTest::new(policy_module::<Counter<false, false>>()).unwrap();
+        sound.conformance(32).unwrap();
+        let forgetful = PolicyTest::new(policy_module::<Counter<true, false>>()).unwrap();
+        let e = forgetful.conformance(32).unwrap_err();
+        assert_eq!(e.property, conformance::PROPERTIES[1]);
+        // A forgetful counter diverges as soon as it is cut after a step;
+        // the failure shrinks to one block, a batch of one and a few steps.
+        let run = e.run.clone().unwrap();
+        assert_eq!((run.layers, run.batch, run.dim), (1, 1, 1), "{e}");
+        assert!(run.steps <= 3 && run.cut >= 1, "{e}");
+        assert!(e.to_string().contains("smallest failing run"), "{e}");
+        let shrinking = PolicyTest::new(policy_module::<Counter<false, true>>()).unwrap();
+        let e = shrinking.conformance(32).unwrap_err();
+        assert_eq!(e.property, conformance::PROPERTIES[0], "{e}");
     }
 
     #[test]

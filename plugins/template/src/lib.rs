@@ -151,6 +151,17 @@ mod tests {
     }
 
     #[test]
+    fn passes_the_conformance_suite_every_shipped_policy_passes() {
+        // Hostile observations (NaN, unseen labels, batches of one, 1 to 12
+        // blocks) and save/restore at random steps; `simfreeze check` runs
+        // the same suite on the built `.so`.
+        let test = PolicyTest::new(crate::plugin_module())
+            .unwrap()
+            .with_options("(every: 3)");
+        test.conformance(64).unwrap();
+    }
+
+    #[test]
     fn a_bad_option_is_refused_with_the_valid_names() {
         let test = PolicyTest::new(crate::plugin_module())
             .unwrap()

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use simfreeze_runtime::loader::SearchPath;
 use simfreeze_runtime::simulate::{simulate, SimConfig};
+use simfreeze_runtime::testkit::PolicyTest;
 
 use crate::bench::{bench, BenchSpec};
 use crate::config::{DataSource, PolicySection, RunConfig};
@@ -40,6 +41,9 @@ enum Command {
     /// Drive a policy with synthetic observations (no training) and print
     /// its freeze timeline.
     Simulate(SimulateArgs),
+    /// Run the conformance suite on a policy plugin: hostile observations,
+    /// the freezing contract, save/restore continuing identically.
+    Check(CheckArgs),
     /// Fine-tune a ViT as a RON config says, in a fresh run directory.
     Run(RunArgs),
     /// Time training steps per frozen prefix on random inputs.
@@ -141,6 +145,19 @@ struct BenchArgs {
 }
 
 #[derive(Debug, clap::Args)]
+struct CheckArgs {
+    /// Policy plugin: a name (`atsf`) or a path (`./target/release/libmy_policy.so`).
+    #[arg(long)]
+    policy: String,
+    /// The policy's options as RON, e.g. `(every: 50)`.
+    #[arg(long, default_value = "")]
+    policy_config: String,
+    /// Run shapes per property (each up to 12 blocks and 60 steps).
+    #[arg(long, default_value_t = 64)]
+    cases: u32,
+}
+
+#[derive(Debug, clap::Args)]
 struct SimulateArgs {
     /// Policy plugin: a name (`atsf`) or a path (`./libatsf.so`).
     #[arg(long)]
@@ -200,6 +217,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Plugins { json } => print::plugins(&search, json),
         Command::Simulate(args) => simulate_cmd(args, &search),
+        Command::Check(args) => check_cmd(args, &search),
         Command::Run(args) => run_cmd(args, &search),
         Command::Compare(args) => compare_cmd(args, &search),
         Command::Eval(args) => eval_cmd(args),
@@ -347,6 +365,42 @@ fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
         steps: a.steps,
     };
     print::bench(&what, &results, a.json)
+}
+
+fn check_cmd(a: CheckArgs, search: &SearchPath) -> Result<()> {
+    use simfreeze_runtime::conformance::PROPERTIES;
+    if a.cases < 1 {
+        return Err(UsageError("--cases must be at least 1".into()).into());
+    }
+    let plugin = search.load(&a.policy)?;
+    // Options the constructor refuses fail here, as they would in a run.
+    plugin.new_policy(&a.policy_config)?;
+    let (name, path) = (plugin.meta.name.clone(), plugin.path.clone());
+    println!(
+        "checking {name} ({}) with options {:?}: {} run shapes per property",
+        path.display(),
+        a.policy_config,
+        a.cases
+    );
+    let test = PolicyTest::from_plugin(plugin).with_options(&a.policy_config);
+    let verdict = test.conformance(a.cases);
+    let failed_at = match &verdict {
+        Ok(()) => PROPERTIES.len(),
+        Err(f) => PROPERTIES
+            .iter()
+            .position(|p| *p == f.property)
+            .unwrap_or(0),
+    };
+    for (i, property) in PROPERTIES.iter().enumerate() {
+        let mark = match i.cmp(&failed_at) {
+            std::cmp::Ordering::Less => "ok",
+            std::cmp::Ordering::Equal => "FAILED",
+            std::cmp::Ordering::Greater => "not run",
+        };
+        println!("  {mark:>7}  {property}");
+    }
+    verdict.with_context(|| format!("{name} does not conform"))?;
+    Ok(())
 }
 
 fn simulate_cmd(a: SimulateArgs, search: &SearchPath) -> Result<()> {

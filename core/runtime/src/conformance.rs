@@ -1,0 +1,251 @@
+//! The conformance suite every policy is held to: the one the shipped
+//! policies pass in CI, run by `simfreeze check` on any plugin and by
+//! [`crate::testkit::PolicyTest::conformance`] in a plugin's `cargo test`.
+//!
+//! Two properties, over run shapes proptest draws (1 to 12 blocks, 1 to 60
+//! steps, batches of 1 to 4, features 1 to 5 wide, 1 to 4 classes) with
+//! hostile observations (NaN and infinite features, losses and gradient
+//! norms; labels of classes never seen and out of range):
+//!
+//! - **the contract holds**: every decision passes the host's freeze
+//!   contract (the frontier never decreases, only the frontier block is
+//!   probed, learning-rate factors are valid) and the policy neither errs
+//!   nor panics;
+//! - **a restored policy continues identically**: saved after a random
+//!   number of steps and restored into a fresh instance, it makes the same
+//!   decisions and logs the same scalars as the original from there on.
+//!
+//! A failure is shrunk to the smallest run shape that still fails, and
+//! reported with it.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
+
+use crate::driver::{PolicyDriver, StepInput};
+use crate::loader::PolicyHandle;
+use crate::rng::Rng;
+
+/// The shape of one hostile run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostileRun {
+    /// Encoder blocks.
+    pub layers: u32,
+    /// Steps.
+    pub steps: u64,
+    /// Batch size.
+    pub batch: usize,
+    /// Feature width.
+    pub dim: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Seed of the observations.
+    pub seed: u64,
+    /// Step after which the state is saved and restored.
+    pub cut: u64,
+}
+
+fn any_run() -> impl Strategy<Value = HostileRun> {
+    (
+        1u32..=12,
+        1u64..60,
+        1usize..=4,
+        1usize..=5,
+        1usize..=4,
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(layers, steps, batch, dim, classes, seed, cut)| HostileRun {
+                layers,
+                steps,
+                batch,
+                dim,
+                classes,
+                seed,
+                cut: cut % steps,
+            },
+        )
+}
+
+/// A property that failed, with the smallest run shape found.
+#[derive(Debug, Clone)]
+pub struct ConformanceFailure {
+    /// Which property.
+    pub property: &'static str,
+    /// What went wrong.
+    pub reason: String,
+    /// The smallest run shape that fails (none when the search aborted).
+    pub run: Option<HostileRun>,
+}
+
+impl std::fmt::Display for ConformanceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed: {}", self.property, self.reason)?;
+        if let Some(r) = &self.run {
+            write!(f, "\n  smallest failing run: {r:?}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConformanceFailure {}
+
+/// The names of the properties, in the order they run.
+pub const PROPERTIES: [&str; 2] = [
+    "the contract holds on hostile observations",
+    "a restored policy continues identically",
+];
+
+/// Runs both properties on `cases` run shapes each (deterministic: the
+/// same policy gives the same verdict every time). `make` builds a fresh
+/// policy with the options under test.
+pub fn check(
+    make: &dyn Fn() -> Result<PolicyHandle, String>,
+    cases: u32,
+) -> Result<(), ConformanceFailure> {
+    type Property<'a> = &'a dyn Fn(&HostileRun) -> Result<(), String>;
+    let contract: Property = &|r| contract_holds(make, r);
+    let resume: Property = &|r| continues_identically(make, r);
+    for (property, test) in PROPERTIES.into_iter().zip([contract, resume]) {
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            // Each case is at most 60 policy calls: shrink to the end.
+            max_shrink_iters: 4096,
+            ..Config::default()
+        };
+        let rng = TestRng::deterministic_rng(RngAlgorithm::ChaCha);
+        let mut runner = TestRunner::new_with_rng(config, rng);
+        let outcome = runner.run(&any_run(), |r| test(&r).map_err(TestCaseError::fail));
+        match outcome {
+            Ok(()) => {}
+            Err(TestError::Fail(reason, run)) => {
+                return Err(ConformanceFailure {
+                    property,
+                    reason: reason.message().to_string(),
+                    run: Some(run),
+                })
+            }
+            Err(TestError::Abort(reason)) => {
+                return Err(ConformanceFailure {
+                    property,
+                    reason: format!("the search aborted: {}", reason.message()),
+                    run: None,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One step's observations, hostile values included.
+struct Data {
+    features: Vec<f32>,
+    labels: Vec<i64>,
+    norms: Vec<f32>,
+    loss: f32,
+}
+
+fn weird(rng: &mut Rng) -> f32 {
+    match rng.below(20) {
+        0 => f32::NAN,
+        1 => f32::INFINITY,
+        2 => f32::NEG_INFINITY,
+        3 => 0.0,
+        _ => rng.normal() as f32,
+    }
+}
+
+fn data(r: &HostileRun, rng: &mut Rng) -> Data {
+    Data {
+        features: (0..r.batch * r.dim).map(|_| weird(rng)).collect(),
+        // Classes never seen (>= classes) and invalid (-1) included.
+        labels: (0..r.batch)
+            .map(|_| rng.below(r.classes + 2) as i64 - 1)
+            .collect(),
+        norms: (0..r.layers).map(|_| weird(rng).abs()).collect(),
+        loss: weird(rng),
+    }
+}
+
+fn input<'a>(r: &HostileRun, step: u64, d: &'a Data) -> StepInput<'a> {
+    StepInput {
+        step,
+        epoch: step / 10,
+        steps_per_epoch: 10,
+        total_steps: r.steps,
+        loss: d.loss,
+        batch: r.batch,
+        features: &d.features,
+        feature_dim: r.dim,
+        labels: &d.labels,
+        num_classes: r.classes,
+        grad_norms: &d.norms,
+    }
+}
+
+fn contract_holds(
+    make: &dyn Fn() -> Result<PolicyHandle, String>,
+    r: &HostileRun,
+) -> Result<(), String> {
+    let mut driver = PolicyDriver::new(Some(make()?), r.layers);
+    let mut rng = Rng::new(r.seed);
+    for step in 0..r.steps {
+        let d = data(r, &mut rng);
+        driver
+            .after_step(&input(r, step, &d))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn continues_identically(
+    make: &dyn Fn() -> Result<PolicyHandle, String>,
+    r: &HostileRun,
+) -> Result<(), String> {
+    let mut a = PolicyDriver::new(Some(make()?), r.layers);
+    let mut rng = Rng::new(r.seed);
+    for step in 0..r.cut {
+        let d = data(r, &mut rng);
+        a.after_step(&input(r, step, &d))
+            .map_err(|e| e.to_string())?;
+    }
+    let saved = match a.policy() {
+        Some(p) => p.save_state(r.cut).map_err(|e| e.to_string())?,
+        None => Vec::new(),
+    };
+    let mut restored = make()?;
+    restored
+        .load_state(r.cut, &saved)
+        .map_err(|e| e.to_string())?;
+    let mut b = PolicyDriver::new(Some(restored), r.layers);
+    b.restore_state(a.state().clone());
+    for step in r.cut..r.steps {
+        let d = data(r, &mut rng);
+        let oa = a
+            .after_step(&input(r, step, &d))
+            .map_err(|e| e.to_string())?;
+        let ob = b
+            .after_step(&input(r, step, &d))
+            .map_err(|e| format!("the restored policy: {e}"))?;
+        if a.state() != b.state() {
+            return Err(format!(
+                "restored at step {}, it diverged at step {step}: freeze state {:?}, the original {:?}",
+                r.cut,
+                b.state(),
+                a.state()
+            ));
+        }
+        // NaN scalars compare unequal; compare their bit patterns.
+        let bits = |s: &[(String, f64)]| -> Vec<(String, u64)> {
+            s.iter().map(|(n, v)| (n.clone(), v.to_bits())).collect()
+        };
+        if bits(&oa.scalars) != bits(&ob.scalars) {
+            return Err(format!(
+                "restored at step {}, it logged other scalars at step {step}: {:?}, the original {:?}",
+                r.cut, ob.scalars, oa.scalars
+            ));
+        }
+    }
+    Ok(())
+}
