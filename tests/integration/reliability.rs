@@ -374,3 +374,21 @@ fn config_holes_are_refused_naming_the_field() {
     assert!(!d.path().join("runs").exists(), "nothing ran");
     assert!(!d.path().join("escape").exists());
 }
+
+#[test]
+fn reading_gradient_norms_without_asking_names_the_missing_needs_bit() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = fixture("misbehaving");
+    let policy = format!(
+        r#"policy: (plugin: {:?}, options: "(mode: undeclared_grad_norms)"),"#,
+        lib.to_str().unwrap()
+    );
+    let cfg = config(d.path(), "", &policy);
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("Needs::GRAD_NORMS") && err.contains("at step 0"),
+        "{err}"
+    );
+}

@@ -166,3 +166,13 @@ pub fn venv_python() -> PathBuf {
     );
     py
 }
+
+/// The README's Rust examples, compiled and run as doctests.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeExamples;
+
+/// The template README's Rust examples, compiled and run as doctests.
+#[doc = include_str!("../../plugins/template/README.md")]
+#[cfg(doctest)]
+pub struct TemplateReadmeExamples;

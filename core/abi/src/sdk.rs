@@ -20,9 +20,21 @@ use abi_stable::{
 };
 
 use crate::ffi::{
-    self, ErrorKind, FfiMetric, FfiMetric_TO, FfiPolicy, FfiPolicy_TO, HostRef, MetricBox, Needs,
+    self, ErrorKind, FfiMetric, FfiMetric_TO, FfiPolicy, FfiPolicy_TO, HostRef, MetricBox,
     OptionInfo, PluginError, PluginInfo, PluginKind, PluginModule, PluginModuleRef, PolicyBox,
 };
+
+pub use crate::ffi::Needs;
+
+/// Everything a policy or metric plugin needs, in one import:
+/// `use simfreeze_abi::sdk::prelude::*;`.
+pub mod prelude {
+    pub use super::{
+        Decision, HostServices, Info, Matrix, Metric, MetricHandle, MetricPlugin, Needs, OptionDoc,
+        Policy, PolicyError, PolicyPlugin, Step,
+    };
+    pub use crate::{export_metric, export_policy};
+}
 
 /// An error from policy or metric code.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,10 +133,16 @@ impl<'a> Matrix<'a> {
     }
 }
 
+/// The name of the learning rate in an observation's `extra` values.
+pub const LR_EXTRA: &str = "lr";
+
 /// What a policy sees after each training step, with std types.
 ///
 /// `frontier` and `probe` describe the step just taken; the returned
-/// [`Decision`] applies from the next step on.
+/// [`Decision`] applies from the next step on. What costs the host work to
+/// provide (features, labels, gradient norms) is only there when the
+/// policy's [`Policy::needs`] asks for it; reading it without asking is an
+/// error that names the missing [`Needs`] bit, never an empty slice.
 #[derive(Debug, Clone, Copy)]
 pub struct Step<'a> {
     /// Index of the step just taken, from 0.
@@ -137,32 +155,42 @@ pub struct Step<'a> {
     pub total_steps: u64,
     /// Number of encoder blocks L.
     pub layers: usize,
-    /// Blocks `[0, frontier)` are frozen for good.
+    /// Blocks `[0, frontier)` were frozen for good during the step.
     pub frontier: usize,
-    /// The frontier block when it was temporarily frozen.
+    /// The frontier block, when it was frozen temporarily (probed) during
+    /// the step.
     pub probe: Option<usize>,
-    /// Mean batch loss.
+    /// Mean cross-entropy of the batch (natural log; may be NaN or infinite
+    /// on a step the host refused, which never reaches a policy in a run,
+    /// but can in tests and `simfreeze check`).
     pub loss: f32,
-    /// Batch size.
+    /// Samples in the batch B (the rows of the features, the labels).
     pub batch: usize,
-    /// Final class-token features, B×D, if the policy asked for
-    /// [`Needs::CLS_FEATURES`].
-    pub features: Option<Matrix<'a>>,
-    /// Batch labels, if the policy asked for [`Needs::LABELS`] (else empty).
-    pub labels: &'a [i64],
-    /// Number of classes, if the policy asked for [`Needs::LABELS`] (else 0).
-    pub num_classes: usize,
-    /// Per-block gradient L2 norms, if the policy asked for
-    /// [`Needs::GRAD_NORMS`] (else empty).
-    pub grad_norms: &'a [f32],
-    /// Named values from newer hosts (usually empty).
+    /// The step's base learning rate (before any per-block factor), when the
+    /// host reports it (`simfreeze` does in runs, not in `simulate`).
+    pub lr: Option<f64>,
+    features: Option<Matrix<'a>>,
+    labels: &'a [i64],
+    num_classes: usize,
+    grad_norms: &'a [f32],
+    /// Named values from newer hosts (the host's learning rate among them,
+    /// also in [`Step::lr`]).
     pub extra: &'a [ffi::NamedValues<'a>],
+    needs: Needs,
+}
+
+/// The error for reading what [`Policy::needs`] did not ask for.
+fn not_asked(what: &str, bit: &str) -> PolicyError {
+    PolicyError::invalid(format!(
+        "the policy read {what} without asking for them: add Needs::{bit} to its `fn needs` \
+         (the host computes them only when asked)"
+    ))
 }
 
 impl<'a> Step<'a> {
-    /// Converts the stable observation; fails if the feature buffer does not
-    /// match `batch × feature_dim`.
-    pub fn from_ffi(obs: &'a ffi::Observation<'a>) -> Result<Self, PolicyError> {
+    /// Converts the stable observation for a policy that asked for `needs`;
+    /// fails if the feature buffer does not match `batch × feature_dim`.
+    pub fn from_ffi(obs: &'a ffi::Observation<'a>, needs: Needs) -> Result<Self, PolicyError> {
         let features = if obs.features.is_empty() {
             None
         } else {
@@ -182,6 +210,11 @@ impl<'a> Step<'a> {
                 })?,
             )
         };
+        let extra = obs.extra.as_slice();
+        let lr = extra
+            .iter()
+            .find(|v| v.name.as_str() == LR_EXTRA)
+            .and_then(|v| v.values.as_slice().first().copied());
         Ok(Step {
             step: obs.step,
             epoch: obs.epoch,
@@ -192,17 +225,146 @@ impl<'a> Step<'a> {
             probe: obs.probe.into_option().map(|p| p as usize),
             loss: obs.loss,
             batch: obs.batch as usize,
+            lr,
             features,
             labels: obs.labels.as_slice(),
             num_classes: obs.num_classes as usize,
             grad_norms: obs.grad_norms.as_slice(),
-            extra: obs.extra.as_slice(),
+            extra,
+            needs,
         })
+    }
+
+    /// A step for tests: step `step` of a model with `layers` blocks, the
+    /// rest defaulted (see [`StepBuilder`]).
+    pub fn builder(step: u64, layers: usize) -> StepBuilder<'a> {
+        StepBuilder(Step {
+            step,
+            epoch: 0,
+            steps_per_epoch: 100,
+            total_steps: 1000,
+            layers,
+            frontier: 0,
+            probe: None,
+            loss: 1.0,
+            batch: 1,
+            lr: None,
+            features: None,
+            labels: &[],
+            num_classes: 0,
+            grad_norms: &[],
+            extra: &[],
+            needs: Needs::NONE,
+        })
+    }
+
+    /// The features the head saw after the final norm, B×D (the class
+    /// token, or the pooled feature of models without one); `None` when
+    /// the host had none for this step. Needs [`Needs::CLS_FEATURES`].
+    pub fn features(&self) -> Result<Option<Matrix<'a>>, PolicyError> {
+        match self.needs.contains(Needs::CLS_FEATURES) {
+            true => Ok(self.features),
+            false => Err(not_asked("the features", "CLS_FEATURES")),
+        }
+    }
+
+    /// The batch labels, one per sample, in `0..num_classes`. Needs
+    /// [`Needs::LABELS`].
+    pub fn labels(&self) -> Result<&'a [i64], PolicyError> {
+        match self.needs.contains(Needs::LABELS) {
+            true => Ok(self.labels),
+            false => Err(not_asked("the labels", "LABELS")),
+        }
+    }
+
+    /// The number of classes of the task. Needs [`Needs::LABELS`].
+    pub fn num_classes(&self) -> Result<usize, PolicyError> {
+        match self.needs.contains(Needs::LABELS) {
+            true => Ok(self.num_classes),
+            false => Err(not_asked("the number of classes", "LABELS")),
+        }
+    }
+
+    /// The L2 norm of each block's gradient in this step, one per block:
+    /// exactly 0 for blocks frozen during the step (committed or probed),
+    /// since they have no gradient; the embedding counts with block 0, the
+    /// final norm and head with none. Needs [`Needs::GRAD_NORMS`].
+    pub fn grad_norms(&self) -> Result<&'a [f32], PolicyError> {
+        match self.needs.contains(Needs::GRAD_NORMS) {
+            true => Ok(self.grad_norms),
+            false => Err(not_asked("gradient norms", "GRAD_NORMS")),
+        }
     }
 
     /// A decision that keeps the current frontier and releases any probe.
     pub fn keep(&self) -> Decision {
         Decision::frontier(self.frontier)
+    }
+}
+
+/// Builds a [`Step`] for a policy's unit tests; giving features, labels or
+/// gradient norms also marks them as asked for.
+///
+/// ```
+/// use simfreeze_abi::sdk::Step;
+/// let norms = [0.5, 0.25];
+/// let step = Step::builder(7, 2).frontier(1).grad_norms(&norms).build();
+/// assert_eq!(step.grad_norms().unwrap(), &norms);
+/// assert!(step.labels().is_err()); // not given, so not asked for
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct StepBuilder<'a>(Step<'a>);
+
+impl<'a> StepBuilder<'a> {
+    /// Epoch, steps per epoch and steps in the run.
+    pub fn schedule(mut self, epoch: u64, steps_per_epoch: u64, total_steps: u64) -> Self {
+        (self.0.epoch, self.0.steps_per_epoch, self.0.total_steps) =
+            (epoch, steps_per_epoch, total_steps);
+        self
+    }
+    /// Frozen blocks `[0, frontier)` during the step.
+    pub fn frontier(mut self, frontier: usize) -> Self {
+        self.0.frontier = frontier;
+        self
+    }
+    /// The probed block during the step.
+    pub fn probe(mut self, probe: Option<usize>) -> Self {
+        self.0.probe = probe;
+        self
+    }
+    /// The batch loss.
+    pub fn loss(mut self, loss: f32) -> Self {
+        self.0.loss = loss;
+        self
+    }
+    /// The learning rate.
+    pub fn lr(mut self, lr: f64) -> Self {
+        self.0.lr = Some(lr);
+        self
+    }
+    /// Features B×D (sets the batch size to B).
+    pub fn features(mut self, features: Matrix<'a>) -> Self {
+        self.0.batch = features.rows();
+        self.0.features = Some(features);
+        self.0.needs = self.0.needs | Needs::CLS_FEATURES;
+        self
+    }
+    /// Labels (sets the batch size) and the number of classes.
+    pub fn labels(mut self, labels: &'a [i64], num_classes: usize) -> Self {
+        self.0.batch = labels.len();
+        (self.0.labels, self.0.num_classes) = (labels, num_classes);
+        self.0.needs = self.0.needs | Needs::LABELS;
+        self
+    }
+    /// Gradient norms, one per block.
+    pub fn grad_norms(mut self, norms: &'a [f32]) -> Self {
+        self.0.grad_norms = norms;
+        self.0.needs = self.0.needs | Needs::GRAD_NORMS;
+        self
+    }
+    /// The step.
+    pub fn build(self) -> Step<'a> {
+        self.0
     }
 }
 
@@ -518,7 +680,7 @@ impl<P: Policy> FfiPolicy for PolicyAdapter<P> {
     fn decide(&mut self, obs: &ffi::Observation<'_>) -> RResult<ffi::Decision, PluginError> {
         let policy = &mut self.0;
         guard("decide", || {
-            let step = Step::from_ffi(obs)?;
+            let step = Step::from_ffi(obs, policy.needs())?;
             policy.decide(&step).map(Decision::into_ffi)
         })
     }
@@ -659,4 +821,56 @@ macro_rules! export_metric {
             plugin_module()
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_what_needs_did_not_ask_for_names_the_bit() {
+        let step = Step::builder(0, 2).build();
+        let e = step.grad_norms().unwrap_err();
+        assert!(e.message.contains("Needs::GRAD_NORMS"), "{}", e.message);
+        assert!(step.labels().unwrap_err().message.contains("Needs::LABELS"));
+        assert!(step.num_classes().is_err());
+        let e = step.features().unwrap_err();
+        assert!(e.message.contains("Needs::CLS_FEATURES"), "{}", e.message);
+        let norms = [1.0, 0.0];
+        let asked = Step::builder(0, 2).grad_norms(&norms).build();
+        assert_eq!(asked.grad_norms().unwrap(), &norms);
+    }
+
+    #[test]
+    fn the_learning_rate_arrives_through_the_extension_slot() {
+        let lr = [0.25];
+        let extra = [ffi::NamedValues {
+            name: RStr::from(LR_EXTRA),
+            values: abi_stable::std_types::RSlice::from_slice(&lr),
+        }];
+        let obs = ffi::Observation {
+            step: 3,
+            epoch: 0,
+            steps_per_epoch: 10,
+            total_steps: 10,
+            layers: 2,
+            frontier: 0,
+            probe: abi_stable::std_types::ROption::RNone,
+            loss: 1.0,
+            batch: 1,
+            feature_dim: 0,
+            features: abi_stable::std_types::RSlice::from_slice(&[]),
+            labels: abi_stable::std_types::RSlice::from_slice(&[]),
+            num_classes: 0,
+            grad_norms: abi_stable::std_types::RSlice::from_slice(&[]),
+            extra: abi_stable::std_types::RSlice::from_slice(&extra),
+        };
+        let step = Step::from_ffi(&obs, Needs::NONE).unwrap();
+        assert_eq!(step.lr, Some(0.25));
+        let none = ffi::Observation {
+            extra: abi_stable::std_types::RSlice::from_slice(&[]),
+            ..obs
+        };
+        assert_eq!(Step::from_ffi(&none, Needs::NONE).unwrap().lr, None);
+    }
 }

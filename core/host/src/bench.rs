@@ -99,6 +99,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
                     steps_per_epoch: total.max(1),
                     total_steps: total.max(1),
                     num_classes: mcfg.classes as usize,
+                    lr: 1e-4,
                 };
                 observe(&mut driver, &out, &y_host, mcfg.dim, at)?;
                 in_policy += t.elapsed().as_secs_f64();

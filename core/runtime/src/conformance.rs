@@ -181,6 +181,7 @@ fn input<'a>(r: &HostileRun, step: u64, d: &'a Data) -> StepInput<'a> {
         labels: &d.labels,
         num_classes: r.classes,
         grad_norms: &d.norms,
+        lr: Some(0.01),
     }
 }
 

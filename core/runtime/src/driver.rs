@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use abi_stable::std_types::{ROption, RSlice};
+use abi_stable::std_types::{ROption, RSlice, RStr};
 use serde::Serialize;
 use simfreeze_abi::ffi::{NamedValues, Needs, Observation};
 
@@ -42,6 +42,9 @@ pub struct StepInput<'a> {
     pub num_classes: usize,
     /// Gradient norm per block (empty if not needed).
     pub grad_norms: &'a [f32],
+    /// The step's base learning rate, when there is one (runs; not the
+    /// simulator).
+    pub lr: Option<f64>,
 }
 
 /// The freeze timeline of a run.
@@ -174,7 +177,13 @@ impl PolicyDriver {
         };
         let needs = policy.needs();
         let pick = |flag: Needs| needs.contains(flag);
-        let extra: [NamedValues<'_>; 0] = [];
+        let lr = input.lr.map(|lr| [lr]);
+        let lr_values = lr.as_ref().map_or(&[][..], |v| &v[..]);
+        let extra = [NamedValues {
+            name: RStr::from(simfreeze_abi::sdk::LR_EXTRA),
+            values: RSlice::from_slice(lr_values),
+        }];
+        let extra = if input.lr.is_some() { &extra[..] } else { &[] };
         let obs = Observation {
             step: input.step,
             epoch: input.epoch,
@@ -210,7 +219,7 @@ impl PolicyDriver {
             } else {
                 &[]
             }),
-            extra: RSlice::from_slice(&extra),
+            extra: RSlice::from_slice(extra),
         };
         let decision = policy.decide(&obs)?;
         let change = self.controller.apply(input.step, &decision)?;

@@ -198,6 +198,7 @@ impl SyntheticWorld {
             labels: &self.labels,
             num_classes: self.cfg.classes,
             grad_norms: &self.grad_norms,
+            lr: None,
         }
     }
 }

@@ -110,9 +110,9 @@ impl Atsf {
             .min(layers)
     }
 
-    fn record(&mut self, step: &Step<'_>) {
-        let (Some(f), labels) = (step.features, step.labels) else {
-            return;
+    fn record(&mut self, step: &Step<'_>) -> Result<(), PolicyError> {
+        let (Some(f), labels) = (step.features()?, step.labels()?) else {
+            return Ok(());
         };
         let d = f.cols();
         for (row, &label) in f.iter_rows().zip(labels) {
@@ -139,10 +139,11 @@ impl Atsf {
             }
             self.s.counts[c] += 1;
         }
+        Ok(())
     }
 
     fn compare(&mut self, step: &Step<'_>) -> Result<(), PolicyError> {
-        let (Some(f), labels) = (step.features, step.labels) else {
+        let (Some(f), labels) = (step.features()?, step.labels()?) else {
             return Ok(());
         };
         let d = f.cols();
@@ -202,7 +203,7 @@ impl Policy for Atsf {
                 }
             }
             Phase::Recording { done } => {
-                self.record(step);
+                self.record(step)?;
                 let done = done + 1;
                 if done >= self.o.record_steps {
                     self.s.phase = Phase::Comparing { done: 0 };
@@ -375,22 +376,12 @@ mod tests {
         f: &'a [f32],
         l: &'a [i64],
     ) -> Step<'a> {
-        Step {
-            step: i,
-            epoch: 0,
-            steps_per_epoch: 100,
-            total_steps: 1000,
-            layers: 4,
-            frontier,
-            probe,
-            loss: 1.0,
-            batch: l.len(),
-            features: Matrix::new(f, l.len(), 4),
-            labels: l,
-            num_classes: 2,
-            grad_norms: &[],
-            extra: &[],
-        }
+        Step::builder(i, 4)
+            .frontier(frontier)
+            .probe(probe)
+            .features(Matrix::new(f, l.len(), 4).unwrap())
+            .labels(l, 2)
+            .build()
     }
 
     #[test]

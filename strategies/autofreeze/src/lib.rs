@@ -75,7 +75,7 @@ impl Policy for AutoFreeze {
         if self.s.acc.len() != l {
             self.s.acc = vec![0.0; l];
         }
-        for (acc, g) in self.s.acc.iter_mut().zip(step.grad_norms) {
+        for (acc, g) in self.s.acc.iter_mut().zip(step.grad_norms()?) {
             if g.is_finite() {
                 *acc += f64::from(*g);
             }
@@ -161,22 +161,11 @@ mod tests {
         let mut seen = Vec::new();
         for i in 0..6u64 {
             let g = if i < 2 { &norms[0] } else { &norms[1] };
-            let s = Step {
-                step: i,
-                epoch: 0,
-                steps_per_epoch: 10,
-                total_steps: 100,
-                layers: 4,
-                frontier,
-                probe: None,
-                loss: 1.0,
-                batch: 1,
-                features: None,
-                labels: &[],
-                num_classes: 0,
-                grad_norms: g,
-                extra: &[],
-            };
+            let s = Step::builder(i, 4)
+                .schedule(0, 10, 100)
+                .frontier(frontier)
+                .grad_norms(g)
+                .build();
             frontier = p.decide(&s).unwrap().frontier;
             seen.push(frontier);
         }

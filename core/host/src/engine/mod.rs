@@ -143,6 +143,8 @@ pub struct StepAt {
     pub total_steps: u64,
     /// Classes of the task.
     pub num_classes: usize,
+    /// The step's base learning rate.
+    pub lr: f64,
 }
 
 /// Hands a finished step to the policy (through the driver, which checks
@@ -177,5 +179,6 @@ pub fn observe(
         labels: &labels,
         num_classes: at.num_classes,
         grad_norms: &out.grad_norms,
+        lr: Some(at.lr),
     })?)
 }

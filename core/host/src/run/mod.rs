@@ -350,6 +350,7 @@ impl Trainer {
                 steps_per_epoch: spe,
                 total_steps: self.total,
                 num_classes: self.data.train.classes as usize,
+                lr,
             };
             let dim = self.engine.model().feature_dim();
             let outcome = match observe(&mut self.driver, &out, &y_host, dim, at) {
