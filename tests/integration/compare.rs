@@ -160,3 +160,93 @@ fn compare_config_holes_are_refused_before_anything_trains() {
         "nothing should be written"
     );
 }
+
+/// results.csv without the wall-clock columns (wall speedup, seconds) and
+/// the run directories.
+fn results_without_wall(exp: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(exp.join("results.csv"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            [&f[..5], &f[6..8]].concat().join(",")
+        })
+        .collect()
+}
+
+#[test]
+fn an_interrupted_comparison_resumes_to_the_same_results() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    compare_ok(&cfg, r#"name="full""#);
+
+    let child = Command::new(simfreeze_tests::simfreeze_bin())
+        .args([
+            "compare",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            r#"name="cut""#,
+        ])
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exp = dir.path().join("exp/cut-001");
+    let started = Instant::now();
+    while !exp.join("runs/atsf-s0-001/events.jsonl").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let hint = format!("compare --resume {}", exp.display());
+    assert!(stderr.contains(&hint), "{stderr}");
+    assert!(!exp.join("results.csv").exists(), "stopped before the end");
+
+    // From another working directory: the experiment finds its cache.
+    let out = Command::new(simfreeze_tests::simfreeze_bin())
+        .args(["compare", "--resume", exp.to_str().unwrap()])
+        .current_dir(std::env::temp_dir())
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("pretraining: cached"), "{stderr}");
+    assert!(stderr.contains("kept: "), "{stderr}");
+    assert_eq!(
+        results_without_wall(&dir.path().join("exp/full-001")),
+        results_without_wall(&exp)
+    );
+}
+
+#[test]
+fn per_stage_keys_in_data_and_unknown_keys_are_refused_with_what_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    for (set, expected) in [
+        ("data.train_limit=Some(12)", "use finetune.train_limit"),
+        ("data.classes=Some([0, 1])", "use finetune.classes"),
+        ("train_limit=12", "the top level has data, finetune, model"),
+        ("finetune.train.epoks=1", "`finetune.train` has batch"),
+    ] {
+        let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
+        assert!(stderr.contains(expected), "{set}: {stderr}");
+    }
+}

@@ -408,13 +408,52 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
             .ok_or_else(|| UsageError(format!("--set {set}: expected key=value")))?;
         let new = ron_value_to_json(raw)
             .map_err(|e| UsageError(format!("--set {set}: value is not RON: {e}")))?;
-        let slot = key
-            .split('.')
-            .try_fold(&mut tree, |cur, part| cur.get_mut(part))
-            .ok_or_else(|| UsageError(format!("--set {set}: unknown key `{key}`")))?;
-        *slot = new;
+        *slot_of(&mut tree, key).map_err(|why| UsageError(format!("--set {set}: {why}")))? = new;
     }
     serde_json::from_value(tree).map_err(|e| UsageError(format!("--set: {e}")))
+}
+
+/// The value at the dotted `key`; an unknown key names the keys valid
+/// where it went wrong.
+fn slot_of<'a>(
+    tree: &'a mut serde_json::Value,
+    key: &str,
+) -> Result<&'a mut serde_json::Value, String> {
+    let mut cur = tree;
+    let mut path = String::new();
+    for part in key.split('.') {
+        let at = if path.is_empty() {
+            "the top level".to_string()
+        } else {
+            format!("`{path}`")
+        };
+        cur = match cur {
+            serde_json::Value::Object(map) => {
+                let valid: Vec<String> = map.keys().cloned().collect();
+                match map.get_mut(part) {
+                    Some(v) => v,
+                    None => {
+                        return Err(format!(
+                            "unknown key `{key}`: {at} has {}",
+                            valid.join(", ")
+                        ))
+                    }
+                }
+            }
+            serde_json::Value::Null => {
+                return Err(format!(
+                    "unknown key `{key}`: {at} is not set; set it whole (e.g. `{path}=(...)`)"
+                ))
+            }
+            _ => return Err(format!("unknown key `{key}`: {at} has no fields")),
+        };
+        path = if path.is_empty() {
+            part.to_string()
+        } else {
+            format!("{path}.{part}")
+        };
+    }
+    Ok(cur)
 }
 
 fn is_ident(s: &str) -> bool {

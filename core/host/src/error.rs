@@ -270,6 +270,17 @@ pub struct RunStopped {
     pub exit_code: i32,
 }
 
+/// How to call this program again in a hint: the path it was started
+/// with when that was a path (`./target/release/simfreeze`: after setup it
+/// is not on `PATH`), else `simfreeze`.
+pub fn command_name() -> String {
+    std::env::args_os()
+        .next()
+        .map(|a| a.to_string_lossy().into_owned())
+        .filter(|a| a.contains('/'))
+        .unwrap_or_else(|| "simfreeze".into())
+}
+
 /// The documented exit code for an error: the first cause in its chain
 /// that has one, else 1.
 pub fn exit_code(e: &anyhow::Error) -> i32 {

@@ -75,8 +75,12 @@ struct EvalArgs {
 #[derive(Debug, clap::Args)]
 struct CompareArgs {
     /// The RON experiment file (e.g. configs/quickstart.ron).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the experiment in this directory (finished fine-tunes kept,
+    /// an interrupted one resumed, the rest run).
+    #[arg(long, conflicts_with_all = ["config", "sets"])]
+    resume: Option<PathBuf>,
     /// Override a config value, e.g. `--set finetune.train.epochs=1`
     /// or `--set seeds=[0,1]` (value is RON).
     #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -301,12 +305,17 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
 }
 
 fn compare_cmd(a: CompareArgs, search: &SearchPath) -> Result<()> {
-    let cfg = CompareConfig::load(&a.config)?;
-    let cfg = crate::config::apply_overrides(cfg, &a.sets)?;
     let control = RunControl {
         stop_after: None,
         interrupt: Some(interrupt_flag()?),
     };
+    if let Some(dir) = &a.resume {
+        crate::experiment::compare::resume(dir, search, &control)?;
+        return Ok(());
+    }
+    let config = a.config.expect("clap requires --config without --resume");
+    let cfg = CompareConfig::load(&config)?;
+    let cfg = crate::config::apply_overrides(cfg, &a.sets)?;
     compare(&cfg, search, &control)?;
     Ok(())
 }

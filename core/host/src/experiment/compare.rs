@@ -29,7 +29,7 @@ use crate::error::{RunStopped, Status, UsageError};
 use crate::experiment::plot::{self, Chart, Series, Style};
 use crate::model::weights::HeadInit;
 use crate::plan::Plan;
-use crate::run::dir::{RunDir, MODEL_FILE};
+use crate::run::dir::{RunDir, MODEL_FILE, SUMMARY_FILE};
 use crate::run::records::{EventKind, Summary};
 use crate::run::{self, checkpoint, RunControl};
 
@@ -126,7 +126,18 @@ impl CompareConfig {
             return Err(UsageError("seeds is empty: give at least one".into()));
         }
         check_name("name", &self.name)?;
-        check_classes("data.classes", self.data.classes.as_deref())?;
+        // The stages set these per stage; in `data` they would be ignored.
+        let per_stage = [
+            ("classes", self.data.classes.is_some()),
+            ("train_limit", self.data.train_limit.is_some()),
+            ("eval_limit", self.data.eval_limit.is_some()),
+        ];
+        if let Some((key, _)) = per_stage.iter().find(|(_, set)| *set) {
+            return Err(UsageError(format!(
+                "data.{key} has no effect in a comparison: each stage sets its own; use \
+                 finetune.{key} (and pretrain.{key} for the source task)"
+            )));
+        }
         check_classes("finetune.classes", self.finetune.classes.as_deref())?;
         self.finetune
             .train
@@ -322,6 +333,9 @@ fn last_run_dir(dir: &Path, prefix: &str) -> Option<PathBuf> {
     runs.pop()
 }
 
+/// The configuration file an experiment directory keeps.
+pub const COMPARE_FILE: &str = "compare.ron";
+
 /// Runs the whole experiment; returns the experiment directory and rows.
 /// Policies (and their metrics) are loaded from `search`.
 pub fn compare(
@@ -329,19 +343,80 @@ pub fn compare(
     search: &SearchPath,
     control: &RunControl,
 ) -> Result<(PathBuf, Vec<Row>)> {
+    prepare(cfg, search)?;
+    let weights = pretrain(cfg, search, control).map_err(pretraining_stopped)?;
+    let exp = RunDir::create(&cfg.output, &cfg.name)?;
+    fs::write(
+        exp.path.join(COMPARE_FILE),
+        ron::ser::to_string_pretty(cfg, Default::default())?,
+    )?;
+    finish(cfg, &exp.path, weights, search, control)
+}
+
+/// Continues the experiment in `dir` with the configuration it started
+/// with: finished fine-tunes are kept, an interrupted one is resumed from
+/// its checkpoint, the rest run; then the table, results and plots are
+/// written as an uninterrupted run would have written them.
+pub fn resume(
+    dir: &Path,
+    search: &SearchPath,
+    control: &RunControl,
+) -> Result<(PathBuf, Vec<Row>)> {
+    let file = dir.join(COMPARE_FILE);
+    if !file.is_file() {
+        return Err(UsageError(format!(
+            "{} has no {COMPARE_FILE}: not an experiment directory of `simfreeze compare`",
+            dir.display()
+        ))
+        .into());
+    }
+    let mut cfg = CompareConfig::load(&file)?;
+    // The pretraining cache sits beside the experiment, wherever this runs.
+    if let Some(parent) = dir.parent() {
+        cfg.output = parent.to_owned();
+    }
+    prepare(&cfg, search)?;
+    let weights = pretrain(&cfg, search, control).map_err(pretraining_stopped)?;
+    eprintln!("resuming the comparison in {}", dir.display());
+    finish(&cfg, dir, weights, search, control)
+}
+
+/// Checks the configuration, and finds and constructs every plugin once
+/// before anything trains, so a typo in a policy or its options fails now,
+/// not after the baseline.
+fn prepare(cfg: &CompareConfig, search: &SearchPath) -> Result<()> {
     cfg.validate()?;
-    // Every plugin is found and constructed once before anything trains, so
-    // a typo in a policy or its options fails now, not after the baseline.
     for e in &cfg.policies {
         search.load(&e.plugin)?.new_policy(&e.options)?;
     }
-    let weights = pretrain(cfg, search, control)?;
-    let exp = RunDir::create(&cfg.output, &cfg.name)?;
-    fs::write(
-        exp.path.join("compare.ron"),
-        ron::ser::to_string_pretty(cfg, Default::default())?,
-    )?;
-    let runs_dir = exp.path.join("runs");
+    Ok(())
+}
+
+/// An interrupted pretraining is continued by running the comparison again.
+fn pretraining_stopped(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<RunStopped>() {
+        Ok(s) if s.status == Status::Interrupted => RunStopped {
+            resume: "\nrun the same `compare` command again: it resumes the pretraining from \
+                     its checkpoint"
+                .into(),
+            ..s
+        }
+        .into(),
+        Ok(s) => s.into(),
+        Err(e) => e,
+    }
+}
+
+/// Every fine-tune of the experiment in `exp` (finished ones kept,
+/// checkpointed ones resumed), then the outputs.
+fn finish(
+    cfg: &CompareConfig,
+    exp: &Path,
+    weights: Option<PathBuf>,
+    search: &SearchPath,
+    control: &RunControl,
+) -> Result<(PathBuf, Vec<Row>)> {
+    let runs_dir = exp.join("runs");
     let entries: Vec<Option<&Entry>> = std::iter::once(None)
         .chain(cfg.policies.iter().map(Some))
         .collect();
@@ -369,16 +444,34 @@ pub fn compare(
                 plugin: e.plugin.clone(),
                 options: e.options.clone(),
             });
-            let summary = match run::run(Plan::resolve(run_cfg, search)?, control) {
-                Ok(s) => s,
-                Err(e) => match e.downcast_ref::<RunStopped>() {
-                    Some(s) if s.status == Status::Failed => {
+            let summary = match finetune(run_cfg, search, control) {
+                Ok(s) if s.status == Status::Completed => s,
+                Ok(s) => {
+                    let reason = s.reason.clone().unwrap_or_default();
+                    eprintln!("  {label} seed {seed} failed: {reason}");
+                    failures.push(format!("{label} seed {seed}: {reason}"));
+                    rows.push(failed_row(&label, seed, s.run_dir.clone()));
+                    continue;
+                }
+                Err(e) => match e.downcast::<RunStopped>() {
+                    Ok(s) if s.status == Status::Failed => {
                         eprintln!("  {label} seed {seed} failed: {}", s.reason);
                         failures.push(format!("{label} seed {seed}: {}", s.reason));
                         rows.push(failed_row(&label, seed, s.dir.clone()));
                         continue;
                     }
-                    _ => return Err(e),
+                    Ok(s) => {
+                        return Err(RunStopped {
+                            resume: format!(
+                                "\nresume the comparison with: {} compare --resume {}",
+                                crate::error::command_name(),
+                                exp.display()
+                            ),
+                            ..s
+                        }
+                        .into())
+                    }
+                    Err(e) => return Err(e),
                 },
             };
             let row = row_of(&label, seed, &summary, entry.is_none(), baseline);
@@ -394,12 +487,12 @@ pub fn compare(
             rows.push(row);
         }
     }
-    write_results(&exp.path, &rows)?;
+    write_results(exp, &rows)?;
     let table = table(cfg, &rows);
-    fs::write(exp.path.join("table.md"), &table)?;
-    plots(cfg, &exp.path, &rows)?;
+    fs::write(exp.join("table.md"), &table)?;
+    plots(cfg, exp, &rows)?;
     println!("{table}");
-    eprintln!("experiment directory: {}", exp.path.display());
+    eprintln!("experiment directory: {}", exp.display());
     if !failures.is_empty() {
         anyhow::bail!(
             "{} of {total} fine-tuning runs failed (kept in the table as failed):\n{}",
@@ -407,7 +500,28 @@ pub fn compare(
             failures.join("\n")
         );
     }
-    Ok((exp.path, rows))
+    Ok((exp.to_owned(), rows))
+}
+
+/// One fine-tune of the experiment: the summary of a run of it that already
+/// ended (kept as it is), the resumed run when one has a checkpoint, else a
+/// new run.
+fn finetune(run_cfg: RunConfig, search: &SearchPath, control: &RunControl) -> Result<Summary> {
+    let prefix = format!("{}-", run_cfg.name);
+    if let Some(dir) = last_run_dir(&run_cfg.output, &prefix) {
+        let previous = RunDir::existing(&dir);
+        if let Ok(summary) = previous.read_json::<Summary>(SUMMARY_FILE) {
+            if summary.status != Status::Interrupted {
+                eprintln!("  kept: {} ({:?})", dir.display(), summary.status);
+                return Ok(summary);
+            }
+        }
+        if checkpoint::load_meta(&dir)?.is_some() {
+            eprintln!("  resuming {}", dir.display());
+            return run::resume(&dir, search, control);
+        }
+    }
+    run::run(Plan::resolve(run_cfg, search)?, control)
 }
 
 fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {

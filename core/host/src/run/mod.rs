@@ -533,7 +533,8 @@ impl Trainer {
             reason,
             resume: if has_checkpoint {
                 format!(
-                    "\nresume with: simfreeze run --resume {}",
+                    "\nresume with: {} run --resume {}",
+                    crate::error::command_name(),
                     self.dir.path.display()
                 )
             } else {
