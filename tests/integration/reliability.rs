@@ -392,3 +392,67 @@ fn reading_gradient_norms_without_asking_names_the_missing_needs_bit() {
         "{err}"
     );
 }
+
+#[test]
+fn a_relative_plugin_path_resumes_from_anywhere_and_a_moved_library_is_named_on_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let lib_dir = d.path().join("lib");
+    fs::create_dir_all(&lib_dir).unwrap();
+    fs::copy(
+        simfreeze_tests::plugin("template"),
+        lib_dir.join("libmine.so"),
+    )
+    .unwrap();
+    let cfg = config(d.path(), ", checkpoint_every: 3", "");
+    let run_from = |cwd: &Path, args: &[&str]| {
+        Command::new(simfreeze_bin())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("SIMFREEZE_PLUGIN_PATH")
+            .output()
+            .unwrap()
+    };
+    let start = [
+        "run",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--policy",
+        "./lib/libmine.so",
+        "--policy-config",
+        "(every: 2)",
+        "--stop-after",
+        "5",
+    ];
+    let out = run_from(d.path(), &start);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out).1);
+    let a = d.path().join("runs/r-001");
+    let recorded = fs::read_to_string(a.join("config.ron")).unwrap();
+    let abs = fs::canonicalize(lib_dir.join("libmine.so")).unwrap();
+    assert!(recorded.contains(abs.to_str().unwrap()), "{recorded}");
+    // From another working directory.
+    let out = run_from(
+        &std::env::temp_dir(),
+        &["run", "--resume", a.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out).1);
+
+    // The library moves: resume says where it looked, then takes --policy.
+    let out = run_from(d.path(), &start);
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out).1);
+    let b = d.path().join("runs/r-002");
+    let moved = d.path().join("moved");
+    fs::rename(&lib_dir, &moved).unwrap();
+    let out = run_from(d.path(), &["run", "--resume", b.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out).1);
+    let new_lib = moved.join("libmine.so");
+    let resume = [
+        "run",
+        "--resume",
+        b.to_str().unwrap(),
+        "--policy",
+        new_lib.to_str().unwrap(),
+    ];
+    let out = run_from(d.path(), &resume);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert_eq!(metrics_without_time(&a), metrics_without_time(&b));
+}

@@ -58,6 +58,19 @@ fn device_on(s: &str, cuda_devices: i64) -> Result<Device, UsageError> {
     Ok(Device::Cuda(index))
 }
 
+/// A plugin given as a path (it contains `/` or ends in `.so`) made
+/// absolute, so that the run's `config.ron` finds it again from any working
+/// directory; a name (`atsf`), looked up on the search path, stays a name.
+pub fn absolute_plugin(spec: &str) -> String {
+    let is_path = spec.contains('/') || spec.ends_with(".so");
+    match is_path {
+        true => std::fs::canonicalize(spec)
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| spec.to_string()),
+        false => spec.to_string(),
+    }
+}
+
 /// How runs name a device: `cpu`, `cuda:N`.
 pub fn device_name(device: Device) -> String {
     match device {
@@ -222,8 +235,11 @@ pub struct Plan {
 impl Plan {
     /// Loads data and plugin, validates everything before any training;
     /// the policy plugin (and any metric it loads) comes from `search`.
-    pub fn resolve(config: RunConfig, search: &SearchPath) -> Result<Plan> {
+    pub fn resolve(mut config: RunConfig, search: &SearchPath) -> Result<Plan> {
         config.validate()?;
+        if let Some(p) = config.policy.as_mut() {
+            p.plugin = absolute_plugin(&p.plugin);
+        }
         let device = parse_device(&config.train.device)?;
         if config.train.threads > 0 {
             tch::set_num_threads(config.train.threads);

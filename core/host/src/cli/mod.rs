@@ -94,14 +94,15 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// Continue the run in this directory from its checkpoint (with the
     /// configuration it was started with).
-    #[arg(long, conflicts_with_all = ["config", "policy", "policy_config", "sets"])]
+    #[arg(long, conflicts_with_all = ["config", "policy_config", "sets"])]
     resume: Option<PathBuf>,
     /// Stop after this many steps in total, checkpointed and resumable
     /// (time-boxed jobs).
     #[arg(long, value_name = "STEPS")]
     stop_after: Option<u64>,
     /// Policy plugin (name or path), replacing the config's; `none` for
-    /// full fine-tuning.
+    /// full fine-tuning. With `--resume`: where the run's policy library is
+    /// now (when it moved).
     #[arg(long)]
     policy: Option<String>,
     /// The policy's options as RON, replacing the config's.
@@ -247,7 +248,7 @@ fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
         interrupt: Some(interrupt_flag()?),
     };
     if let Some(dir) = &a.resume {
-        let summary = run::resume(dir, search, &control)?;
+        let summary = run::resume(dir, search, a.policy.as_deref(), &control)?;
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }

@@ -288,7 +288,7 @@ fn pretrain(
         }
         Some(dir) if checkpoint::load_meta(&dir)?.is_some() => {
             eprintln!("pretraining: resuming {}", dir.display());
-            done(run::resume(&dir, search, control)?)
+            done(run::resume(&dir, search, None, control)?)
         }
         _ => {
             eprintln!("pretraining (cached afterwards as {})", cache.display());
@@ -344,6 +344,12 @@ pub fn compare(
     control: &RunControl,
 ) -> Result<(PathBuf, Vec<Row>)> {
     prepare(cfg, search)?;
+    // Plugin paths are recorded absolute, so `--resume` works from anywhere.
+    let mut cfg = cfg.clone();
+    for e in &mut cfg.policies {
+        e.plugin = crate::plan::absolute_plugin(&e.plugin);
+    }
+    let cfg = &cfg;
     let weights = pretrain(cfg, search, control).map_err(pretraining_stopped)?;
     let exp = RunDir::create(&cfg.output, &cfg.name)?;
     fs::write(
@@ -518,7 +524,7 @@ fn finetune(run_cfg: RunConfig, search: &SearchPath, control: &RunControl) -> Re
         }
         if checkpoint::load_meta(&dir)?.is_some() {
             eprintln!("  resuming {}", dir.display());
-            return run::resume(&dir, search, control);
+            return run::resume(&dir, search, None, control);
         }
     }
     run::run(Plan::resolve(run_cfg, search)?, control)

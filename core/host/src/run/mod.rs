@@ -70,10 +70,27 @@ pub fn run(plan: Plan, control: &RunControl) -> Result<Summary> {
 }
 
 /// Continues the run in `path` from its checkpoint, with the configuration
-/// it was started with; its policy is loaded from `search`.
-pub fn resume(path: &Path, search: &SearchPath, control: &RunControl) -> Result<Summary> {
+/// it was started with; its policy is loaded from `search`, or from
+/// `policy` (a moved library; recorded in the run's `config.ron`).
+pub fn resume(
+    path: &Path,
+    search: &SearchPath,
+    policy: Option<&str>,
+    control: &RunControl,
+) -> Result<Summary> {
     let dir = RunDir::existing(path);
-    let config = RunConfig::load(&dir.file(CONFIG_FILE))?;
+    let mut config = RunConfig::load(&dir.file(CONFIG_FILE))?;
+    if let Some(spec) = policy {
+        let Some(p) = config.policy.as_mut() else {
+            return Err(UsageError(format!(
+                "{} was run without a policy; --policy cannot add one on resume",
+                path.display()
+            ))
+            .into());
+        };
+        p.plugin = crate::plan::absolute_plugin(spec);
+        dir.write_config(&config)?;
+    }
     let meta = checkpoint::load_meta(path)?.ok_or_else(|| {
         UsageError(format!(
             "{} has no checkpoint.json: it never reached a checkpoint, nothing to resume",
