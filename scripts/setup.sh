@@ -89,4 +89,5 @@ if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
     say "building the release workspace"
     cargo build --release --workspace --quiet
 fi
-say "ready"
+say "ready: the binary is $root/target/release/simfreeze (not on PATH; for a short"
+say "name: export PATH=\"$root/target/release:\$PATH\", or ln -s it into ~/.local/bin)"

@@ -22,7 +22,8 @@
 use simfreeze_abi::ffi::PluginModuleRef;
 
 use crate::conformance::{self, ConformanceFailure};
-use crate::driver::{DriverError, PolicyDriver};
+use crate::contract::FreezeState;
+use crate::driver::{DriverError, PolicyDriver, StepInput};
 use crate::loader::{LoadError, Plugin, PolicyCallError, PolicyHandle};
 use crate::simulate::{simulate, SimConfig, SimReport, SyntheticWorld};
 
@@ -48,6 +49,26 @@ pub enum TestKitError {
         /// What differed.
         detail: String,
     },
+}
+
+/// What one scripted step shows the policy (see [`PolicyTest::replay`]);
+/// what a policy did not ask for in its `needs` is not passed on.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    /// The batch loss.
+    pub loss: f32,
+    /// Features, `B × feature_dim`, row-major.
+    pub features: Vec<f32>,
+    /// Width of a feature row.
+    pub feature_dim: usize,
+    /// Labels, one per sample.
+    pub labels: Vec<i64>,
+    /// Classes of the task.
+    pub num_classes: usize,
+    /// One gradient norm per block.
+    pub grad_norms: Vec<f32>,
+    /// The step's learning rate.
+    pub lr: Option<f64>,
 }
 
 /// A policy under test, linked into the test binary.
@@ -102,6 +123,43 @@ impl PolicyTest {
     /// `simfreeze simulate` does) and returns its timeline.
     pub fn simulate(&self, cfg: &SimConfig) -> Result<SimReport, TestKitError> {
         Ok(simulate(self.policy()?, cfg, |_| {})?)
+    }
+
+    /// Feeds a fresh policy the observations of `script`, one per step, on
+    /// a model of `layers` blocks, through the freeze contract; returns the
+    /// freeze state after each step. For tests that need exact inputs
+    /// (a gradient norm that stalls, features of a given class).
+    pub fn replay(
+        &self,
+        layers: u32,
+        script: &[Observed],
+    ) -> Result<Vec<FreezeState>, TestKitError> {
+        let mut driver = PolicyDriver::new(Some(self.policy()?), layers);
+        let total = script.len() as u64;
+        let mut states = Vec::with_capacity(script.len());
+        for (step, o) in script.iter().enumerate() {
+            let batch = if o.feature_dim > 0 {
+                o.features.len() / o.feature_dim
+            } else {
+                o.labels.len()
+            };
+            driver.after_step(&StepInput {
+                step: step as u64,
+                epoch: 0,
+                steps_per_epoch: total.max(1),
+                total_steps: total.max(1),
+                loss: o.loss,
+                batch: batch.max(1),
+                features: &o.features,
+                feature_dim: o.feature_dim,
+                labels: &o.labels,
+                num_classes: o.num_classes,
+                grad_norms: &o.grad_norms,
+                lr: o.lr,
+            })?;
+            states.push(driver.state().clone());
+        }
+        Ok(states)
     }
 
     /// Runs a policy to step `at`, saves its state, restores it into a
@@ -246,6 +304,19 @@ mod tests {
         let shrinking = PolicyTest::new(policy_module::<Counter<false, true>>()).unwrap();
         let e = shrinking.conformance(32).unwrap_err();
         assert_eq!(e.property, conformance::PROPERTIES[0], "{e}");
+    }
+
+    #[test]
+    fn a_script_replays_step_by_step_through_the_contract() {
+        let test = PolicyTest::new(policy_module::<Counter<false, false>>()).unwrap();
+        let script = vec![Observed::default(); 7];
+        let frontiers: Vec<u32> = test
+            .replay(2, &script)
+            .unwrap()
+            .iter()
+            .map(|s| s.frontier)
+            .collect();
+        assert_eq!(frontiers, [0, 0, 1, 1, 1, 2, 2]);
     }
 
     #[test]

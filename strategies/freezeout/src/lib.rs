@@ -178,17 +178,29 @@ impl<V: Variant> Policy for FreezeOut<V> {
     }
 }
 
+const LINEAR_OPTIONS: &[OptionDoc] = &[OptionDoc {
+    name: "t0",
+    default: "0.5",
+    doc: "fraction of training after which block 0 freezes; later blocks later",
+}];
+
+const CUBIC_OPTIONS: &[OptionDoc] = &[OptionDoc {
+    name: "t0",
+    default: "0.5",
+    doc: "block 0 freezes after t0^3 of training (0.125 at the default); later blocks later",
+}];
+
 impl<V: Variant> PolicyPlugin for FreezeOut<V> {
     fn info() -> Info {
         Info {
             name: V::NAME,
             version: env!("CARGO_PKG_VERSION"),
             description: V::DESCRIPTION,
-            options: &[OptionDoc {
-                name: "t0",
-                default: "0.5",
-                doc: "fraction of training after which block 0 freezes (before the cubic)",
-            }],
+            options: if V::CUBIC {
+                CUBIC_OPTIONS
+            } else {
+                LINEAR_OPTIONS
+            },
         }
     }
 
