@@ -138,11 +138,11 @@ impl PolicyTest {
         let total = script.len() as u64;
         let mut states = Vec::with_capacity(script.len());
         for (step, o) in script.iter().enumerate() {
-            let batch = if o.feature_dim > 0 {
-                o.features.len() / o.feature_dim
-            } else {
-                o.labels.len()
-            };
+            let batch = o
+                .features
+                .len()
+                .checked_div(o.feature_dim)
+                .unwrap_or(o.labels.len());
             driver.after_step(&StepInput {
                 step: step as u64,
                 epoch: 0,
