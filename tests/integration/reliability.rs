@@ -127,10 +127,9 @@ fn sigint_finishes_the_step_checkpoints_and_says_how_to_resume() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(
-        stderr.contains("resume with: simfreeze run --resume"),
-        "{stderr}"
-    );
+    // The hint names the binary as it was started (not on PATH after setup).
+    let hint = format!("resume with: {} run --resume", simfreeze_bin().display());
+    assert!(stderr.contains(&hint), "{stderr}");
     let ck = json(&run.join("checkpoint.json"));
     assert!(ck["step"].as_u64().unwrap() > 0);
     assert_eq!(json(&run.join("summary.json"))["status"], "interrupted");
