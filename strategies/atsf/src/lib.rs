@@ -25,6 +25,14 @@
 //! `max_frozen` = L - 1 keeps the head on a trainable block; no warm-up is
 //! needed because ATSF needs two comparisons before it can freeze at all.
 //!
+//! `history` (`PerBlock`) chooses between the two readings of the stop
+//! rule: `PerBlock` starts a fresh eta history for each block, so every
+//! block needs two comparisons of its own (the text's "each layer's score
+//! rises, then flattens"); `Continuous` is Algorithm 1 literally, where
+//! `eta_{k-1}` is the previous comparing interval's score whatever block it
+//! measured, so a new block's first score is held against its
+//! predecessor's last.
+//!
 //! Logged scalars: `eta.N` (eta of block N at the end of each comparing
 //! interval) and `eta` (the same value, any block).
 
@@ -55,6 +63,22 @@ pub struct Options {
     pub metric: String,
     /// The metric's RON options.
     pub metric_options: String,
+    /// Which score a block's first comparison is held against.
+    pub history: History,
+}
+
+/// The two readings of the paper's stop rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum History {
+    /// Each block starts a fresh history when the frontier moves: it needs
+    /// two comparisons of its own before it can freeze (the text: "each
+    /// layer's score rises, then flattens").
+    #[default]
+    PerBlock,
+    /// Algorithm 1 literally: `eta_{k-1}` is the previous comparing
+    /// interval's score whatever block it measured, so a new block's first
+    /// score is compared with the last score of the block before it.
+    Continuous,
 }
 
 impl Default for Options {
@@ -68,6 +92,7 @@ impl Default for Options {
             max_frozen: None,
             metric: "cosine".into(),
             metric_options: String::new(),
+            history: History::PerBlock,
         }
     }
 }
@@ -232,7 +257,10 @@ impl Policy for Atsf {
                         self.s.strikes = if flat { self.s.strikes + 1 } else { 0 };
                         if self.s.strikes >= self.o.patience.max(1) {
                             frontier += 1;
-                            self.s.prev_eta = None;
+                            self.s.prev_eta = match self.o.history {
+                                History::PerBlock => None,
+                                History::Continuous => Some(eta),
+                            };
                             self.s.strikes = 0;
                             if frontier >= limit {
                                 self.s.phase = Phase::Finished;
@@ -310,6 +338,13 @@ impl PolicyPlugin for Atsf {
                     name: "metric_options",
                     default: "\"\"",
                     doc: "the metric's RON options",
+                },
+                OptionDoc {
+                    name: "history",
+                    default: "PerBlock",
+                    doc: "PerBlock: a committed block's successor starts a fresh eta history; \
+                          Continuous: Algorithm 1 literally, its first eta is compared with the \
+                          last one",
                 },
             ],
         }
@@ -407,6 +442,33 @@ mod tests {
         assert_eq!(commits, [7, 15, 23]);
         assert_eq!(frontier, 3);
         assert!(probes > 0);
+    }
+
+    #[test]
+    fn continuous_history_lets_a_new_block_commit_on_its_first_comparison() {
+        let commits = |opts: &str| {
+            let mut p = atsf(opts);
+            let (f, l) = batch(0.5);
+            let (mut frontier, mut probe) = (0, None);
+            let mut at = Vec::new();
+            for i in 0..24 {
+                let d = p.decide(&step(i, frontier, probe, &f, &l)).unwrap();
+                if d.frontier > frontier {
+                    at.push(i);
+                }
+                (frontier, probe) = (d.frontier, d.probe);
+            }
+            at
+        };
+        // Constant features: eta never rises. Per block, each block needs
+        // two comparisons (8 steps); Algorithm 1's continuous history
+        // compares a new block's first eta with the previous block's last
+        // one, so after the first commit every block takes one (4 steps).
+        assert_eq!(commits("(record_steps: 2, compare_steps: 2)"), [7, 15, 23]);
+        assert_eq!(
+            commits("(record_steps: 2, compare_steps: 2, history: Continuous)"),
+            [7, 11, 15]
+        );
     }
 
     #[test]
