@@ -45,13 +45,21 @@ fn compare_writes_table_results_and_plots_and_reuses_pretraining() {
         stderr.contains("pretraining (cached afterwards"),
         "{stderr}"
     );
-    for label in ["| baseline |", "| atsf |", "| ucf |"] {
+    for label in ["| baseline |", "| head-only |", "| atsf |", "| ucf |"] {
         assert!(stdout.contains(label), "{label} missing from\n{stdout}");
     }
+    assert!(stdout.contains("Regime: head-only"), "{stdout}");
     let exp = dir.path().join("exp/tiny-001");
     let csv = std::fs::read_to_string(exp.join("results.csv")).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
-    assert_eq!(rows.len(), 6, "{csv}");
+    assert_eq!(rows.len(), 8, "{csv}");
+    // Head-only froze every block from step 0: the compute model's 3x.
+    let head: Vec<&str> = rows[1].split(',').collect();
+    assert_eq!(
+        (head[0], head[6], head[7]),
+        ("head-only", "3.0000", "3"),
+        "{csv}"
+    );
     // The baseline's d-acc is 0 and its speedups 1 by definition.
     let baseline: Vec<&str> = rows[0].split(',').collect();
     assert_eq!(&baseline[..3], ["baseline", "0", "completed"]);
@@ -235,13 +243,49 @@ fn an_interrupted_comparison_resumes_to_the_same_results() {
 }
 
 #[test]
+fn a_grid_runs_every_point_and_reports_the_fronts() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let stderr = compare_ok(
+        &cfg,
+        r#"policies=[(plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.9)"]), (plugin: "ucf")]"#,
+    );
+    assert!(
+        stderr.contains("fine-tuning: slf (t0: 0.3), seed 1"),
+        "{stderr}"
+    );
+    let exp = dir.path().join("exp/tiny-001");
+    let table = std::fs::read_to_string(exp.join("table.md")).unwrap();
+    assert!(
+        table.contains("| slf (t0: 0.3) |") && table.contains("| slf (t0: 0.9) |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| slf | 2 |") && table.contains("| ucf | 1 |"),
+        "{table}"
+    );
+    let csv = std::fs::read_to_string(exp.join("results.csv")).unwrap();
+    assert!(
+        csv.contains("\"slf (t0: 0.3)\",0,completed") || csv.contains("slf (t0: 0.3),0,completed"),
+        "{csv}"
+    );
+    assert!(exp.join("runs/slf-g2-s1-001").is_dir());
+    for ext in ["svg", "png"] {
+        assert!(exp.join(format!("fronts.{ext}")).is_file());
+    }
+}
+
+#[test]
 fn per_stage_keys_in_data_and_unknown_keys_are_refused_with_what_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     for (set, expected) in [
         ("data.train_limit=Some(12)", "use finetune.train_limit"),
         ("data.classes=Some([0, 1])", "use finetune.classes"),
-        ("train_limit=12", "the top level has data, finetune, model"),
+        (
+            "train_limit=12",
+            "the top level has data, finetune, head_only",
+        ),
         ("finetune.train.epoks=1", "`finetune.train` has batch"),
     ] {
         let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);

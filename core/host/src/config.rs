@@ -276,6 +276,10 @@ pub struct TrainSection {
     /// Write TensorBoard event files into the run directory
     /// (`tensorboard --logdir <output>`).
     pub tensorboard: bool,
+    /// Blocks frozen from the first step on (0: none; the model's depth or
+    /// more: every block, so only the final norm and the head train, which
+    /// is linear probing of the features: `compare`'s head-only row).
+    pub frozen_from_start: u32,
 }
 
 impl Default for TrainSection {
@@ -292,6 +296,7 @@ impl Default for TrainSection {
             cache_max_mib: 4096,
             precision: Precision::F32,
             tensorboard: true,
+            frozen_from_start: 0,
         }
     }
 }

@@ -140,6 +140,17 @@ impl PolicyDriver {
         self.controller.restore(state);
     }
 
+    /// Freezes blocks `[0, k)` before the first step (as if committed at
+    /// step 0); `k` is capped at the number of blocks.
+    pub fn freeze_from_start(&mut self, k: u32) {
+        let mut state = self.controller.state().clone();
+        state.frontier = k.min(state.layers);
+        for f in &mut self.timeline.freeze_step[..state.frontier as usize] {
+            *f = Some(0);
+        }
+        self.controller.restore(state);
+    }
+
     /// Restores the timeline (resume).
     pub fn restore_timeline(&mut self, timeline: Timeline) {
         self.timeline = timeline;

@@ -60,7 +60,30 @@ pub struct Entry {
     /// one plugin appears twice with different options.
     #[serde(default)]
     pub label: Option<String>,
+    /// Several option sets (RON each) instead of `options`: every one is a
+    /// point of this policy's accuracy-speedup front.
+    #[serde(default)]
+    pub grid: Vec<String>,
 }
+
+/// One policy configuration a comparison runs: an entry, or one point of
+/// an entry's grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// The entry's label: the front this point belongs to.
+    pub family: String,
+    /// Its name in tables (`slf`, or `slf (t0: 0.3)` for a grid point).
+    pub label: String,
+    /// Its run directories' name (`slf`, `slf-g1`).
+    pub run_name: String,
+    /// Plugin name or path.
+    pub plugin: String,
+    /// RON options.
+    pub options: String,
+}
+
+/// The label of the reference row with every block frozen from step 0.
+pub const HEAD_ONLY: &str = "head-only";
 
 impl Entry {
     fn label(&self) -> String {
@@ -95,6 +118,9 @@ pub struct CompareConfig {
     pub seeds: Vec<u64>,
     /// The policies compared against the baseline (no policy).
     pub policies: Vec<Entry>,
+    /// Also fine-tune with every block frozen from step 0 (`head-only`:
+    /// linear probing of the source features), to tell the regime.
+    pub head_only: bool,
 }
 
 impl Default for CompareConfig {
@@ -108,6 +134,7 @@ impl Default for CompareConfig {
             finetune: Stage::default(),
             seeds: vec![0],
             policies: Vec::new(),
+            head_only: true,
         }
     }
 }
@@ -151,13 +178,24 @@ impl CompareConfig {
                 .validate("pretrain.train.sgd")
                 .map_err(UsageError)?;
         }
+        if let Some(e) = self
+            .policies
+            .iter()
+            .find(|e| !e.grid.is_empty() && !e.options.is_empty())
+        {
+            return Err(UsageError(format!(
+                "policy `{}` gives both `options` and `grid`: put every option set in `grid`",
+                e.label()
+            )));
+        }
         let mut labels: Vec<String> = self.policies.iter().map(Entry::label).collect();
         labels.push("baseline".into());
+        labels.push(HEAD_ONLY.into());
         labels.sort();
         if let Some(w) = labels.windows(2).find(|w| w[0] == w[1]) {
             return Err(UsageError(format!(
-                "two policies are labelled `{}` (`baseline` is the run without a policy); \
-                 give them distinct `label`s",
+                "two policies are labelled `{}` (`baseline` and `{HEAD_ONLY}` are the reference \
+                 runs); give them distinct `label`s",
                 w[0]
             )));
         }
@@ -192,6 +230,34 @@ impl CompareConfig {
             train: stage.train.clone(),
             policy: None,
         }
+    }
+
+    /// Every policy configuration to run: each entry, its grid expanded.
+    pub fn points(&self) -> Vec<Point> {
+        let mut out = Vec::new();
+        for e in &self.policies {
+            let family = e.label();
+            if e.grid.is_empty() {
+                out.push(Point {
+                    label: family.clone(),
+                    run_name: family.clone(),
+                    family,
+                    plugin: e.plugin.clone(),
+                    options: e.options.clone(),
+                });
+                continue;
+            }
+            for (i, options) in e.grid.iter().enumerate() {
+                out.push(Point {
+                    label: format!("{family} {}", options.trim()),
+                    run_name: format!("{family}-g{}", i + 1),
+                    family: family.clone(),
+                    plugin: e.plugin.clone(),
+                    options: options.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// The pretraining run's configuration (name and output are set when
@@ -258,6 +324,12 @@ pub struct Row {
     /// Steps run.
     #[serde(skip)]
     pub steps: u64,
+    /// The front this row belongs to (its entry's label).
+    #[serde(skip)]
+    pub family: String,
+    /// Top-1 gain (pp) over the run's last epoch (none with one epoch).
+    #[serde(skip)]
+    pub last_epoch_gain: Option<f64>,
 }
 
 /// Runs (or reuses) the pretraining stage; returns the weights file.
@@ -392,8 +464,8 @@ pub fn resume(
 /// not after the baseline.
 fn prepare(cfg: &CompareConfig, search: &SearchPath) -> Result<()> {
     cfg.validate()?;
-    for e in &cfg.policies {
-        search.load(&e.plugin)?.new_policy(&e.options)?;
+    for p in cfg.points() {
+        search.load(&p.plugin)?.new_policy(&p.options)?;
     }
     Ok(())
 }
@@ -423,22 +495,20 @@ fn finish(
     control: &RunControl,
 ) -> Result<(PathBuf, Vec<Row>)> {
     let runs_dir = exp.join("runs");
-    let entries: Vec<Option<&Entry>> = std::iter::once(None)
-        .chain(cfg.policies.iter().map(Some))
-        .collect();
-    let total = entries.len() * cfg.seeds.len();
+    let arms = arms(cfg);
+    let total = arms.len() * cfg.seeds.len();
     let mut rows = Vec::new();
     let mut failures = Vec::new();
     for &seed in &cfg.seeds {
         let mut baseline: Option<(f64, f64)> = None;
-        for entry in &entries {
-            let label = entry.map_or("baseline".to_string(), Entry::label);
+        for arm in &arms {
+            let (label, family) = (arm.label.clone(), arm.family.clone());
             eprintln!(
                 "[{}/{total}] fine-tuning: {label}, seed {seed}",
                 rows.len() + 1
             );
-            let mut run_cfg =
-                cfg.stage_config(&cfg.finetune, format!("{label}-s{seed}"), runs_dir.clone());
+            let name = format!("{}-s{seed}", arm.run_name);
+            let mut run_cfg = cfg.stage_config(&cfg.finetune, name, runs_dir.clone());
             run_cfg.train.seed = seed;
             if cfg.pretrain.is_some() || weights.is_some() {
                 run_cfg.model.weights = weights.clone();
@@ -446,10 +516,14 @@ fn finish(
                     run_cfg.model.head = HeadInit::New;
                 }
             }
-            run_cfg.policy = entry.map(|e| PolicySection {
-                plugin: e.plugin.clone(),
-                options: e.options.clone(),
+            if label == HEAD_ONLY {
+                run_cfg.train.frozen_from_start = u32::MAX;
+            }
+            run_cfg.policy = (!arm.plugin.is_empty()).then(|| PolicySection {
+                plugin: arm.plugin.clone(),
+                options: arm.options.clone(),
             });
+            let is_baseline = label == "baseline";
             let summary = match finetune(run_cfg, search, control) {
                 Ok(s) if s.status == Status::Completed => s,
                 Ok(s) => {
@@ -480,8 +554,9 @@ fn finish(
                     Err(e) => return Err(e),
                 },
             };
-            let row = row_of(&label, seed, &summary, entry.is_none(), baseline);
-            if entry.is_none() {
+            let mut row = row_of(&label, seed, &summary, is_baseline, baseline);
+            row.family = family;
+            if is_baseline {
                 baseline = Some((row.top1.unwrap_or(f64::NAN), row.train_seconds));
             }
             eprintln!(
@@ -507,6 +582,24 @@ fn finish(
         );
     }
     Ok((exp.to_owned(), rows))
+}
+
+/// What a comparison runs per seed, in order: the baseline, the head-only
+/// reference (unless off), then every policy point.
+fn arms(cfg: &CompareConfig) -> Vec<Point> {
+    let reference = |label: &str| Point {
+        family: label.into(),
+        label: label.into(),
+        run_name: label.into(),
+        plugin: String::new(),
+        options: String::new(),
+    };
+    let mut out = vec![reference("baseline")];
+    if cfg.head_only {
+        out.push(reference(HEAD_ONLY));
+    }
+    out.extend(cfg.points());
+    out
 }
 
 /// One fine-tune of the experiment: the summary of a run of it that already
@@ -544,6 +637,8 @@ fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
         run_dir: dir,
         freeze_step: Vec::new(),
         steps: 0,
+        family: label.into(),
+        last_epoch_gain: None,
     }
 }
 
@@ -576,6 +671,8 @@ fn row_of(
         run_dir: s.run_dir.clone(),
         freeze_step: s.freeze_step.clone(),
         steps: s.steps,
+        family: label.into(),
+        last_epoch_gain: last_epoch_gain(&s.run_dir),
     }
 }
 
@@ -588,9 +685,15 @@ fn write_results(dir: &Path, rows: &[Row]) -> Result<()> {
         "policy,seed,status,top1,d_acc_pp,wall_speedup,compute_speedup,final_frontier,train_seconds,run_dir\n",
     );
     for r in rows {
+        // Grid labels hold RON options, commas included.
+        let policy = if r.policy.contains([',', '"']) {
+            format!("\"{}\"", r.policy.replace('"', "\"\""))
+        } else {
+            r.policy.clone()
+        };
         s.push_str(&format!(
             "{},{},{},{},{},{},{:.4},{},{:.2},{}\n",
-            r.policy,
+            policy,
             r.seed,
             r.status,
             opt(r.top1, 2),
@@ -630,9 +733,21 @@ fn cell(v: &[f64], digits: usize, suffix: &str) -> String {
 
 /// Policy labels in configuration order, baseline first.
 fn labels(cfg: &CompareConfig) -> Vec<String> {
-    std::iter::once("baseline".to_string())
-        .chain(cfg.policies.iter().map(Entry::label))
-        .collect()
+    arms(cfg).into_iter().map(|a| a.label).collect()
+}
+
+/// The top-1 gain over a run's last epoch, from its `metrics.csv`.
+fn last_epoch_gain(run_dir: &Path) -> Option<f64> {
+    let text = fs::read_to_string(run_dir.join(crate::run::dir::METRICS_FILE)).ok()?;
+    let top1: Vec<f64> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(3)?.parse().ok())
+        .collect();
+    match top1.as_slice() {
+        [.., a, b] => Some(b - a),
+        _ => None,
+    }
 }
 
 /// The Markdown table: one row per policy, mean ± standard deviation
@@ -700,6 +815,153 @@ pub fn table(cfg: &CompareConfig, rows: &[Row]) -> String {
              policy that froze nothing): other work on the machine most likely slowed one of \
              the two runs. Trust the compute speedup, or rerun on a quiet machine.\n",
         );
+    }
+    if let Some(r) = regime(rows) {
+        t.push('\n');
+        t.push_str(&r);
+    }
+    if cfg.policies.iter().any(|e| !e.grid.is_empty()) {
+        t.push('\n');
+        t.push_str(&fronts_table(cfg, rows));
+    }
+    t
+}
+
+/// Compute speedups at which `fronts_table` reports each policy's best
+/// accuracy.
+pub const FRONT_SPEEDUPS: [f64; 3] = [1.3, 1.6, 2.0];
+
+/// Which regime the proxy is in: the baseline's top-1 gain over its last
+/// epoch (converged below 0.3 pp) and head-only's distance to the baseline
+/// (the paper's ImageNet-21k features: linear probing 2 to 7 points below
+/// full fine-tuning). None without a head-only row.
+pub fn regime(rows: &[Row]) -> Option<String> {
+    let done = |label: &str| -> Vec<&Row> {
+        rows.iter()
+            .filter(|r| r.policy == label && r.status == "completed")
+            .collect()
+    };
+    let gains: Vec<f64> = done("baseline")
+        .iter()
+        .filter_map(|r| r.last_epoch_gain)
+        .collect();
+    let gaps: Vec<f64> = done(HEAD_ONLY)
+        .iter()
+        .filter_map(|r| r.d_acc.map(|d| -d))
+        .collect();
+    if gaps.is_empty() {
+        return None;
+    }
+    let gap = mean_std(&gaps);
+    let mut verdict = Vec::new();
+    let mut text = format!(
+        "Regime: head-only (every block frozen from step 0: linear probing of the source \
+         features) is {} pp below the baseline",
+        cell(&gaps, 2, "")
+    );
+    if !(2.0..=7.0).contains(&gap.0) {
+        verdict.push(if gap.0 < 2.0 {
+            "the source features already solve the target (head-only within 2 pp)"
+        } else {
+            "the source features do not serve the target (head-only more than 7 pp below)"
+        });
+    }
+    if !gains.is_empty() {
+        let gain = mean_std(&gains);
+        text.push_str(&format!(
+            "; the baseline gained {} pp over its last epoch",
+            cell(&gains, 2, "")
+        ));
+        if gain.0 >= 0.3 {
+            verdict.push("the baseline is still learning at its end (last-epoch gain >= 0.3 pp)");
+        }
+    }
+    text.push_str(". ");
+    if verdict.is_empty() {
+        text.push_str(
+            "This is the paper's regime (strong source features, a fine-tune that converges).\n",
+        );
+    } else {
+        text.push_str(&format!(
+            "Not the paper's regime: {}.\n",
+            verdict.join("; ")
+        ));
+    }
+    Some(text)
+}
+
+/// Mean compute speedup and mean top-1 of each point (over its completed
+/// seeds), by family.
+fn point_means(cfg: &CompareConfig, rows: &[Row]) -> Vec<(String, String, f64, f64)> {
+    let mut out = Vec::new();
+    for p in cfg.points() {
+        let ok: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.policy == p.label && r.status == "completed")
+            .collect();
+        let speed: Vec<f64> = ok.iter().map(|r| r.compute_speedup).collect();
+        let top1: Vec<f64> = ok.iter().filter_map(|r| r.top1).collect();
+        if !speed.is_empty() && !top1.is_empty() {
+            out.push((p.family, p.label, mean_std(&speed).0, mean_std(&top1).0));
+        }
+    }
+    out
+}
+
+/// The non-dominated points of `(speedup, accuracy)`: none other is at
+/// least as fast and more accurate, or faster and as accurate; sorted by
+/// speedup.
+pub fn pareto(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut front: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|&(s, a)| {
+            !points
+                .iter()
+                .any(|&(s2, a2)| (s2 >= s && a2 > a) || (s2 > s && a2 >= a))
+        })
+        .collect();
+    front.sort_by(|x, y| x.0.total_cmp(&y.0));
+    front.dedup();
+    front
+}
+
+/// Per policy: the best mean top-1 among its points whose mean compute
+/// speedup reaches 1.3x, 1.6x and 2.0x.
+pub fn fronts_table(cfg: &CompareConfig, rows: &[Row]) -> String {
+    let means = point_means(cfg, rows);
+    let mut t = String::from(
+        "Fronts: each policy's best mean top-1 (%) over its points at a mean compute speedup of \
+         at least\n\n| policy | points | >= 1.3x | >= 1.6x | >= 2.0x |\n|---|---:|---:|---:|---:|\n",
+    );
+    let mut families: Vec<String> = Vec::new();
+    for (f, ..) in &means {
+        if !families.contains(f) {
+            families.push(f.clone());
+        }
+    }
+    for family in families {
+        let pts: Vec<(&str, f64, f64)> = means
+            .iter()
+            .filter(|m| m.0 == family)
+            .map(|m| (m.1.as_str(), m.2, m.3))
+            .collect();
+        let cells: Vec<String> = FRONT_SPEEDUPS
+            .iter()
+            .map(|&at| {
+                pts.iter()
+                    .filter(|p| p.1 >= at)
+                    .max_by(|a, b| a.2.total_cmp(&b.2))
+                    .map_or("none".to_string(), |p| {
+                        format!("{:.2} ({}, {:.2}x)", p.2, p.0, p.1)
+                    })
+            })
+            .collect();
+        t.push_str(&format!(
+            "| {family} | {} | {} |\n",
+            pts.len(),
+            cells.join(" | ")
+        ));
     }
     t
 }
@@ -835,7 +1097,63 @@ fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()> {
         h_lines: vec![(0.0, "baseline".into())],
         ..Default::default()
     };
-    plot::write(&scatter, dir, "accuracy-speedup")
+    plot::write(&scatter, dir, "accuracy-speedup")?;
+    if cfg.policies.iter().any(|e| !e.grid.is_empty()) {
+        plot::write(&fronts_chart(cfg, rows), dir, "fronts")?;
+    }
+    Ok(())
+}
+
+/// Every point's mean accuracy against its mean compute speedup, with each
+/// policy's Pareto front drawn through its non-dominated points.
+fn fronts_chart(cfg: &CompareConfig, rows: &[Row]) -> Chart {
+    let base: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.policy == "baseline" && r.status == "completed")
+        .filter_map(|r| r.top1)
+        .collect();
+    let base = if base.is_empty() {
+        0.0
+    } else {
+        mean_std(&base).0
+    };
+    let means = point_means(cfg, rows);
+    let mut series = Vec::new();
+    for (color, e) in cfg.policies.iter().enumerate() {
+        let family = e.label();
+        let pts: Vec<(f64, f64)> = means
+            .iter()
+            .filter(|m| m.0 == family)
+            .map(|m| (m.2, m.3 - base))
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        series.push(Series {
+            name: family.clone(),
+            points: pts.clone(),
+            style: Style::Faint,
+            color: color + 1,
+        });
+        series.push(Series {
+            name: family,
+            points: pareto(&pts),
+            style: Style::LineMarkers,
+            color: color + 1,
+        });
+    }
+    let v_lines: Vec<(f64, String)> = FRONT_SPEEDUPS
+        .iter()
+        .map(|s| (*s, format!("{s}x")))
+        .collect();
+    Chart {
+        title: "Accuracy-speedup fronts (mean over seeds)".into(),
+        x_label: "compute speedup over full fine-tuning (x)".into(),
+        y_label: "Δ top-1 vs baseline (pp)".into(),
+        series,
+        h_lines: vec![(0.0, "baseline".into())],
+        v_lines,
+    }
 }
 
 #[cfg(test)]
@@ -844,6 +1162,101 @@ mod tests {
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
+    }
+
+    fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
+        Row {
+            top1: Some(top1),
+            d_acc: Some(0.0),
+            compute_speedup: speed,
+            status: "completed".into(),
+            ..failed_row(label, seed, PathBuf::new())
+        }
+    }
+
+    #[test]
+    fn grids_expand_into_points_of_one_front_each() {
+        let c = cfg(r#"(policies: [
+            (plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.5)"]),
+            (plugin: "atsf", options: "(record_steps: 5)"),
+        ])"#);
+        c.validate().unwrap();
+        let p = c.points();
+        assert_eq!(p.len(), 3);
+        assert_eq!(
+            (p[0].family.as_str(), p[0].label.as_str()),
+            ("slf", "slf (t0: 0.3)")
+        );
+        assert_eq!(
+            (p[1].run_name.as_str(), p[1].options.as_str()),
+            ("slf-g2", "(t0: 0.5)")
+        );
+        assert_eq!(
+            (p[2].label.as_str(), p[2].run_name.as_str()),
+            ("atsf", "atsf")
+        );
+        let labels = labels(&c);
+        assert_eq!(&labels[..2], ["baseline", HEAD_ONLY]);
+        let both =
+            cfg(r#"(policies: [(plugin: "slf", options: "(t0: 0.3)", grid: ["(t0: 0.5)"])])"#);
+        assert!(both.validate().unwrap_err().0.contains("both"));
+        let clash = cfg(r#"(policies: [(plugin: "x", label: "head-only")])"#);
+        assert!(clash.validate().is_err());
+    }
+
+    #[test]
+    fn the_front_keeps_only_points_nothing_beats_in_both() {
+        let pts = [
+            (1.2, 90.0),
+            (1.5, 89.0),
+            (1.4, 88.0),
+            (2.0, 85.0),
+            (2.0, 84.0),
+            (1.1, 89.5),
+        ];
+        assert_eq!(pareto(&pts), vec![(1.2, 90.0), (1.5, 89.0), (2.0, 85.0)]);
+        assert_eq!(pareto(&[(1.0, 1.0), (1.0, 1.0)]), vec![(1.0, 1.0)]);
+    }
+
+    #[test]
+    fn fronts_report_the_best_accuracy_at_each_speedup() {
+        let c = cfg(
+            r#"(seeds: [0, 1], policies: [(plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.7)"])])"#,
+        );
+        let rows = vec![
+            done_row("slf (t0: 0.3)", 0, 88.0, 1.7),
+            done_row("slf (t0: 0.3)", 1, 86.0, 1.7),
+            done_row("slf (t0: 0.7)", 0, 90.0, 1.35),
+            done_row("slf (t0: 0.7)", 1, 92.0, 1.35),
+        ];
+        let t = fronts_table(&c, &rows);
+        assert!(
+            t.contains(
+                "| slf | 2 | 91.00 (slf (t0: 0.7), 1.35x) | 87.00 (slf (t0: 0.3), 1.70x) | none |"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn the_regime_is_told_from_head_only_and_the_baselines_last_epoch() {
+        let mut base = done_row("baseline", 0, 90.0, 1.0);
+        base.last_epoch_gain = Some(0.1);
+        let mut head = done_row(HEAD_ONLY, 0, 86.0, 3.0);
+        head.d_acc = Some(-4.0);
+        let text = regime(&[base.clone(), head.clone()]).unwrap();
+        assert!(
+            text.contains("4.00 pp below") && text.contains("This is the paper's regime"),
+            "{text}"
+        );
+        base.last_epoch_gain = Some(1.5);
+        head.d_acc = Some(-11.0);
+        let text = regime(&[base.clone(), head]).unwrap();
+        assert!(
+            text.contains("still learning") && text.contains("do not serve"),
+            "{text}"
+        );
+        assert!(regime(&[base]).is_none(), "no head-only row, no verdict");
     }
 
     #[test]
@@ -896,6 +1309,7 @@ mod tests {
             plugin: "atsf".into(),
             options: String::new(),
             label: None,
+            grid: Vec::new(),
         });
         b.name = "other".into();
         assert_eq!(
@@ -931,6 +1345,8 @@ mod tests {
             run_dir: PathBuf::new(),
             freeze_step: vec![Some(1), Some(2), None],
             steps: 10,
+            family: p.into(),
+            last_epoch_gain: None,
         };
         let rows = vec![
             row("baseline", 0, 90.0, 0.0, 1.0),

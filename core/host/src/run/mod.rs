@@ -233,7 +233,10 @@ impl Trainer {
             let report = engine.import_weights(ck, config.model.head)?;
             eprintln!("weights: {from}: {report}");
         }
-        let driver = PolicyDriver::new(policy, engine.model().depth() as u32);
+        let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
+        if start.is_none() && config.train.frozen_from_start > 0 {
+            driver.freeze_from_start(config.train.frozen_from_start);
+        }
         let steps_per_epoch = (train.len() / config.train.batch) as u64;
         let total = steps_per_epoch * config.train.epochs;
         let lengths = start.as_ref().map(|m| LogLengths {
