@@ -185,7 +185,7 @@ fn results_without_wall(exp: &std::path::Path) -> Vec<String> {
 #[test]
 fn an_interrupted_comparison_resumes_to_the_same_results() {
     use std::process::{Command, Stdio};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     compare_ok(&cfg, r#"name="full""#);
@@ -204,20 +204,8 @@ fn an_interrupted_comparison_resumes_to_the_same_results() {
         .spawn()
         .unwrap();
     let exp = dir.path().join("exp/cut-001");
-    let started = Instant::now();
-    while !exp.join("runs/atsf-s0-001/events.jsonl").exists() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "never started"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let started_atsf = exp.join("runs/atsf-s0-001/events.jsonl");
+    simfreeze_tests::interrupt_once_exists(&child, &started_atsf, Duration::ZERO);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use simfreeze_tests::{fixture, simfreeze, simfreeze_bin, text};
 
@@ -109,21 +109,8 @@ fn sigint_finishes_the_step_checkpoints_and_says_how_to_resume() {
         .spawn()
         .unwrap();
     let run = d.path().join("runs/r-001");
-    let start = Instant::now();
-    while !run.join("events.jsonl").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "run never started"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    let started = run.join("events.jsonl");
+    simfreeze_tests::interrupt_once_exists(&child, &started, Duration::from_millis(300));
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");

@@ -176,3 +176,21 @@ pub struct ReadmeExamples;
 #[doc = include_str!("../../plugins/template/README.md")]
 #[cfg(doctest)]
 pub struct TemplateReadmeExamples;
+
+/// Sends SIGINT to `child` once `path` exists and `after` has passed (the
+/// run it watches has started and taken some steps).
+pub fn interrupt_once_exists(child: &std::process::Child, path: &Path, after: std::time::Duration) {
+    let started = std::time::Instant::now();
+    while !path.exists() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(120),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(after);
+    let pid = child.id().to_string();
+    let sent = Command::new("kill").args(["-INT", &pid]).status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -INT {pid}");
+}
