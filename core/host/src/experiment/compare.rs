@@ -1003,6 +1003,21 @@ fn eta_curves(run_dir: &Path) -> Result<BTreeMap<usize, Vec<(f64, f64)>>> {
     Ok(curves)
 }
 
+/// A label as part of a file name: letters, digits, `_`, `.` and `-`
+/// kept, every other run of characters one `-` (`atsf (record_steps: 5)`
+/// becomes `atsf-record_steps-5`).
+fn file_stem(label: &str) -> String {
+    let mut out = String::new();
+    for c in label.chars() {
+        if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+            out.push(c);
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    out.trim_matches('-').to_string()
+}
+
 /// The frontier over steps: a staircase from (0, 0) to the last step.
 fn frontier_steps(freeze_step: &[Option<u64>], steps: u64) -> Vec<(f64, f64)> {
     let mut at: Vec<u64> = freeze_step.iter().flatten().copied().collect();
@@ -1041,7 +1056,7 @@ fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()> {
                 .collect(),
             ..Default::default()
         };
-        plot::write(&chart, dir, &format!("eta-{}", r.policy))?;
+        plot::write(&chart, dir, &format!("eta-{}", file_stem(&r.policy)))?;
     }
     let timeline = Chart {
         title: format!("Freeze timeline (seed {first_seed})"),
@@ -1202,6 +1217,15 @@ mod tests {
         assert!(both.validate().unwrap_err().0.contains("both"));
         let clash = cfg(r#"(policies: [(plugin: "x", label: "head-only")])"#);
         assert!(clash.validate().is_err());
+    }
+
+    #[test]
+    fn grid_labels_become_plain_file_names() {
+        assert_eq!(file_stem("atsf"), "atsf");
+        assert_eq!(
+            file_stem("atsf (record_steps: 5, history: Continuous)"),
+            "atsf-record_steps-5-history-Continuous"
+        );
     }
 
     #[test]
