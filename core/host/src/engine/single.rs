@@ -275,13 +275,9 @@ mod tests {
         v
     }
 
-    fn frozen_group(name: &str, k: usize) -> bool {
-        matches!(crate::model::vit::group_of(name), crate::model::Group::Block(i) if i < k)
-    }
-
-    #[test]
-    fn frozen_parameters_are_bit_identical_with_momentum_and_weight_decay() {
-        tch::manual_seed(1);
+    /// The tiny model with Nesterov momentum and weight decay: every way a
+    /// parameter could move without a gradient.
+    fn with_momentum_and_decay() -> (nn::VarStore, Vit, Sgd) {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Vit::new(&vs.root(), &tiny());
         let cfg = crate::engine::optim::SgdConfig {
@@ -291,7 +287,18 @@ mod tests {
             weight_decay: 0.05,
             warmup_steps: 0,
         };
-        let mut opt = Sgd::new(&vs, &model, cfg);
+        let opt = Sgd::new(&vs, &model, cfg);
+        (vs, model, opt)
+    }
+
+    fn frozen_group(name: &str, k: usize) -> bool {
+        matches!(crate::model::vit::group_of(name), crate::model::Group::Block(i) if i < k)
+    }
+
+    #[test]
+    fn frozen_parameters_are_bit_identical_with_momentum_and_weight_decay() {
+        tch::manual_seed(1);
+        let (vs, model, mut opt) = with_momentum_and_decay();
         let data = Dataset::synthetic(16, 4, 1, 8, 0);
         // Train everything first, so every block has momentum to drift with.
         for _ in 0..3 {
@@ -402,16 +409,7 @@ mod tests {
     fn a_non_finite_loss_updates_nothing_whether_checked_first_or_by_the_kernel() {
         for defer_check in [false, true] {
             tch::manual_seed(4);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let model = Vit::new(&vs.root(), &tiny());
-            let cfg = crate::engine::optim::SgdConfig {
-                lr: 0.1,
-                momentum: 0.9,
-                nesterov: true,
-                weight_decay: 0.05,
-                warmup_steps: 0,
-            };
-            let mut opt = Sgd::new(&vs, &model, cfg);
+            let (vs, model, mut opt) = with_momentum_and_decay();
             let data = Dataset::synthetic(8, 4, 1, 8, 3);
             let plan = StepPlan::simple(0.1, 0);
             // A finite step first, so momentum exists and could drift.
