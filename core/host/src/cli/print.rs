@@ -43,7 +43,7 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
             "policy": h.policy,
             "batch": h.batch,
             "threads": threads,
-            "device": format!("{:?}", h.device),
+            "device": crate::plan::device_name(h.device),
             "rounds": h.rounds,
             "steps": h.steps,
             "results": results,
@@ -53,8 +53,13 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
     }
     writeln!(
         out,
-        "{} (depth {}), batch {}, {threads} threads, {:?}, best of {} rounds of {} steps",
-        h.preset, h.depth, h.batch, h.device, h.rounds, h.steps
+        "{} (depth {}), batch {}, {threads} threads, {}, best of {} rounds of {} steps",
+        h.preset,
+        h.depth,
+        h.batch,
+        crate::plan::device_name(h.device),
+        h.rounds,
+        h.steps
     )?;
     writeln!(
         out,
