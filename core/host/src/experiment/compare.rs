@@ -534,12 +534,6 @@ fn finish(
                     continue;
                 }
                 Err(e) => match e.downcast::<RunStopped>() {
-                    Ok(s) if s.status == Status::Failed => {
-                        eprintln!("  {label} seed {seed} failed: {}", s.reason);
-                        failures.push(format!("{label} seed {seed}: {}", s.reason));
-                        rows.push(failed_row(&label, seed, s.dir.clone()));
-                        continue;
-                    }
                     Ok(s) => {
                         return Err(RunStopped {
                             resume: format!(
@@ -607,6 +601,7 @@ fn arms(cfg: &CompareConfig) -> Vec<Point> {
 /// new run.
 fn finetune(run_cfg: RunConfig, search: &SearchPath, control: &RunControl) -> Result<Summary> {
     let prefix = format!("{}-", run_cfg.name);
+    let mut resumable = None;
     if let Some(dir) = last_run_dir(&run_cfg.output, &prefix) {
         let previous = RunDir::existing(&dir);
         if let Ok(summary) = previous.read_json::<Summary>(SUMMARY_FILE) {
@@ -616,11 +611,26 @@ fn finetune(run_cfg: RunConfig, search: &SearchPath, control: &RunControl) -> Re
             }
         }
         if checkpoint::load_meta(&dir)?.is_some() {
-            eprintln!("  resuming {}", dir.display());
-            return run::resume(&dir, search, None, control);
+            resumable = Some(dir);
         }
     }
-    run::run(Plan::resolve(run_cfg, search)?, control)
+    let started = match resumable {
+        Some(dir) => {
+            eprintln!("  resuming {}", dir.display());
+            run::resume(&dir, search, None, control)
+        }
+        None => run::run(Plan::resolve(run_cfg, search)?, control),
+    };
+    // A run that failed wrote its summary: the comparison keeps it as a
+    // failed row, as it keeps one found on resume.
+    match started {
+        Err(e) => match e.downcast::<RunStopped>() {
+            Ok(s) if s.status == Status::Failed => RunDir::existing(&s.dir).read_json(SUMMARY_FILE),
+            Ok(s) => Err(s.into()),
+            Err(e) => Err(e),
+        },
+        ok => ok,
+    }
 }
 
 fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {

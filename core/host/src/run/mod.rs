@@ -148,14 +148,8 @@ fn failed_to_start(
         ..Default::default()
     };
     let ended = (Status::Failed, Some(reason.clone()));
-    let summary = Summary::new(
-        ended,
-        &Totals::default(),
-        &timeline,
-        identity,
-        dir.path.clone(),
-    );
-    let summary = Summary { device, ..summary };
+    let at = (dir.path.clone(), device);
+    let summary = Summary::new(ended, &Totals::default(), &timeline, identity, at);
     if let Err(w) = dir.write_json(SUMMARY_FILE, &summary) {
         return w;
     }
@@ -173,6 +167,8 @@ fn failed_to_start(
 struct Data {
     train: Dataset,
     eval: Dataset,
+    /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
+    fault_at: Option<u64>,
     augment: Option<Arc<images::Augmenter>>,
     cache: Option<PrefixCache>,
 }
@@ -266,6 +262,9 @@ impl Trainer {
                 train,
                 eval,
                 augment: augment.map(Arc::new),
+                fault_at: std::env::var(FAULT_STEP_VAR)
+                    .ok()
+                    .and_then(|v| v.parse().ok()),
                 cache,
             },
             config,
@@ -572,11 +571,8 @@ impl Trainer {
         identity: PolicyIdentity,
     ) -> Result<Summary> {
         let t = self.driver.timeline();
-        let summary = Summary::new(ended, &self.totals, t, identity, self.dir.path.clone());
-        let summary = Summary {
-            device: device_name(self.engine.device()),
-            ..summary
-        };
+        let at = (self.dir.path.clone(), device_name(self.engine.device()));
+        let summary = Summary::new(ended, &self.totals, t, identity, at);
         self.dir.write_json(SUMMARY_FILE, &summary)?;
         Ok(summary)
     }
@@ -606,7 +602,9 @@ fn fetch(
     let fetched = torch_guard(
         || format!("fetching the batch of step {step}"),
         || -> Result<Batch> {
-            fault_injection(step);
+            if data.fault_at == Some(step) {
+                refused_operation();
+            }
             Ok(match (data.cache.as_mut(), prefetch) {
                 (Some(c), _) if committed > 0 => Batch::Boundary {
                     h: c.boundary(engine.model(), &data.train.images, idx, committed),
@@ -641,12 +639,10 @@ fn upload(t: &Tensor, device: Device) -> Tensor {
 /// docs/errors.md).
 pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
 
-fn fault_injection(step: u64) {
-    let at = std::env::var(FAULT_STEP_VAR).ok();
-    if at.and_then(|v| v.parse::<u64>().ok()) == Some(step) {
-        let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
-        let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
-    }
+/// An operation libtorch refuses (mismatched matrix shapes).
+fn refused_operation() {
+    let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
+    let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
 }
 
 #[cfg(test)]

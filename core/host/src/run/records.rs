@@ -107,15 +107,15 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// The summary of a run that ended with `status` (and `reason` when it
-    /// stopped early) after `totals`, with the freeze timeline `t`; the
-    /// caller fills in `device`.
+    /// The summary of a run in `run_dir` on `device` that ended with
+    /// `status` (and `reason` when it stopped early) after `totals`, with
+    /// the freeze timeline `t`.
     pub fn new(
         (status, reason): (Status, Option<String>),
         totals: &Totals,
         t: &Timeline,
         policy: PolicyIdentity,
-        run_dir: PathBuf,
+        (run_dir, device): (PathBuf, String),
     ) -> Self {
         Summary {
             status,
@@ -123,7 +123,7 @@ impl Summary {
             final_top1: totals.last_top1,
             best_top1: totals.best_top1,
             train_seconds: totals.train_seconds,
-            device: String::new(),
+            device,
             steps: totals.step,
             compute_cost: t.cost,
             full_compute_cost: t.full_cost,
