@@ -582,6 +582,25 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
         out.remove("head.weight");
         out.remove("head.bias");
     }
+    let ignored = npz_leftovers(path, prefix, raw)?;
+    Ok(Checkpoint {
+        path: path.to_owned(),
+        format: Format::Npz,
+        tensors: out.into_iter().map(|(n, t)| (n, t.contiguous())).collect(),
+        ignored,
+        norm_eps: None,
+    })
+}
+
+/// What an `.npz` checkpoint holds besides the ViT's weights, as groups
+/// for the load report: the old `pre_logits` layer and optimizer state
+/// outside the weights' prefix; anything else under the prefix is a layout
+/// we do not know, and an error.
+fn npz_leftovers(
+    path: &Path,
+    prefix: &str,
+    raw: BTreeMap<String, Tensor>,
+) -> Result<Vec<String>, WeightsError> {
     let mut ignored = BTreeMap::<String, usize>::new();
     for k in raw.into_keys() {
         let group = match k.strip_prefix(prefix) {
@@ -596,17 +615,10 @@ fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint
         };
         *ignored.entry(group).or_default() += 1;
     }
-    let ignored: Vec<String> = ignored
+    Ok(ignored
         .into_iter()
         .map(|(g, n)| format!("{g} ({n} tensors)"))
-        .collect();
-    Ok(Checkpoint {
-        path: path.to_owned(),
-        format: Format::Npz,
-        tensors: out.into_iter().map(|(n, t)| (n, t.contiguous())).collect(),
-        ignored,
-        norm_eps: None,
-    })
+        .collect())
 }
 
 #[cfg(test)]
