@@ -291,6 +291,16 @@ mod tests {
         (vs, model, opt)
     }
 
+    /// `n` steps at lr 0.1 with `frozen` blocks frozen, on the whole of
+    /// `data`.
+    fn plain_steps(model: &Vit, opt: &mut Sgd, data: &Dataset, frozen: usize, n: usize) {
+        for _ in 0..n {
+            let batch = Batch::Images(data.images.shallow_clone());
+            let plan = StepPlan::simple(0.1, frozen);
+            train_step(model, opt, batch, &data.labels, &plan).unwrap();
+        }
+    }
+
     fn frozen_group(name: &str, k: usize) -> bool {
         matches!(crate::model::vit::group_of(name), crate::model::Group::Block(i) if i < k)
     }
@@ -301,27 +311,9 @@ mod tests {
         let (vs, model, mut opt) = with_momentum_and_decay();
         let data = Dataset::synthetic(16, 4, 1, 8, 0);
         // Train everything first, so every block has momentum to drift with.
-        for _ in 0..3 {
-            train_step(
-                &model,
-                &mut opt,
-                Batch::Images(data.images.shallow_clone()),
-                &data.labels,
-                &StepPlan::simple(0.1, 0),
-            )
-            .unwrap();
-        }
+        plain_steps(&model, &mut opt, &data, 0, 3);
         let before = snapshot(&vs);
-        for _ in 0..4 {
-            train_step(
-                &model,
-                &mut opt,
-                Batch::Images(data.images.shallow_clone()),
-                &data.labels,
-                &StepPlan::simple(0.1, 2),
-            )
-            .unwrap();
-        }
+        plain_steps(&model, &mut opt, &data, 2, 4);
         let after = snapshot(&vs);
         let mut changed = 0;
         for ((name, a), (_, b)) in before.iter().zip(&after) {
@@ -333,14 +325,7 @@ mod tests {
         }
         assert!(changed > 0, "trainable parameters must still move");
         // A released probe trains again.
-        train_step(
-            &model,
-            &mut opt,
-            Batch::Images(data.images.shallow_clone()),
-            &data.labels,
-            &StepPlan::simple(0.1, 1),
-        )
-        .unwrap();
+        plain_steps(&model, &mut opt, &data, 1, 1);
         let released = snapshot(&vs);
         let moved = before
             .iter()
