@@ -12,13 +12,15 @@ use crate::engine::optim::SgdConfig;
 use crate::error::UsageError;
 use crate::model::precision::Precision;
 use crate::model::weights::HeadInit;
-use crate::model::VitConfig;
+use crate::model::{Normalisation, VitConfig};
 
-/// Which model: a preset with optional field overrides.
+/// Which model: a preset with optional field overrides. Every field of
+/// [`VitConfig`] can be overridden; `simfreeze models` lists the presets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
-    /// Preset name (`tiny_fmnist`, `vit_base_patch16_224`, ...).
+    /// Preset name (`tiny_fmnist`, `vit_base_patch16_224`,
+    /// `vit_base_patch14_dinov2`, ...).
     pub preset: String,
     /// Overrides of the preset's fields.
     pub image_size: Option<i64>,
@@ -36,9 +38,29 @@ pub struct ModelSection {
     pub mlp_ratio: Option<f64>,
     /// Classes (default: the dataset's).
     pub classes: Option<i64>,
-    /// LayerNorm epsilon (default 1e-6, or what a Hugging Face checkpoint's
-    /// `config.json` says).
+    /// LayerNorm epsilon (default: the preset's, or what a Hugging Face
+    /// checkpoint's `config.json` says).
     pub norm_eps: Option<f64>,
+    /// Bias in the attention's qkv projection.
+    pub qkv_bias: Option<bool>,
+    /// LayerScale initial value (timm `init_values`).
+    pub init_values: Option<f64>,
+    /// A class token.
+    pub class_token: Option<bool>,
+    /// Register tokens.
+    pub reg_tokens: Option<i64>,
+    /// Position embedding without entries for the class/register tokens.
+    pub no_embed_class: Option<bool>,
+    /// `"token"` or `"avg"`.
+    pub global_pool: Option<String>,
+    /// Normalise after pooling.
+    pub fc_norm: Option<bool>,
+    /// LayerNorm before the blocks (`norm_pre`).
+    pub pre_norm: Option<bool>,
+    /// `"gelu"` or `"quick_gelu"`.
+    pub act_layer: Option<String>,
+    /// Resample the position embedding to each input's grid.
+    pub dynamic_img_size: Option<bool>,
     /// Initial weights: timm or Hugging Face safetensors, Google `.npz`,
     /// or the `model.safetensors` of an earlier run.
     pub weights: Option<PathBuf>,
@@ -60,6 +82,16 @@ impl Default for ModelSection {
             mlp_ratio: None,
             classes: None,
             norm_eps: None,
+            qkv_bias: None,
+            init_values: None,
+            class_token: None,
+            reg_tokens: None,
+            no_embed_class: None,
+            global_pool: None,
+            fc_norm: None,
+            pre_norm: None,
+            act_layer: None,
+            dynamic_img_size: None,
             weights: None,
             head: HeadInit::Auto,
         }
@@ -69,30 +101,39 @@ impl Default for ModelSection {
 impl ModelSection {
     /// The preset with overrides applied; `classes` defaults to `data_classes`.
     pub fn resolve(&self, data_classes: i64) -> Result<VitConfig, UsageError> {
-        let mut c = VitConfig::preset(&self.preset).ok_or_else(|| {
+        let preset = VitConfig::preset(&self.preset).ok_or_else(|| {
             UsageError(format!(
-                "unknown model.preset `{}`; presets: {}",
+                "unknown model.preset `{}`; presets: {} (`simfreeze models` lists them)",
                 self.preset,
                 VitConfig::preset_names().join(", ")
             ))
         })?;
-        c.image_size = self.image_size.unwrap_or(c.image_size);
-        c.channels = self.channels.unwrap_or(c.channels);
-        c.patch = self.patch.unwrap_or(c.patch);
-        c.dim = self.dim.unwrap_or(c.dim);
-        c.depth = self.depth.unwrap_or(c.depth);
-        c.heads = self.heads.unwrap_or(c.heads);
-        c.mlp_ratio = self.mlp_ratio.unwrap_or(c.mlp_ratio);
+        // Every override that is set replaces the preset's field of the
+        // same name (the fields are named alike, and a test checks that
+        // each override reaches the model).
+        let json = |e: serde_json::Error| UsageError(format!("model: {e}"));
+        let mut tree = serde_json::to_value(&preset).map_err(json)?;
+        let overrides = serde_json::to_value(self).map_err(json)?;
+        for (key, value) in overrides.as_object().into_iter().flatten() {
+            if value.is_null() || ["preset", "weights", "head"].contains(&key.as_str()) {
+                continue;
+            }
+            tree[key] = value.clone();
+        }
+        let mut c: VitConfig = serde_json::from_value(tree).map_err(json)?;
         c.classes = self.classes.unwrap_or(data_classes);
-        c.norm_eps = match (self.norm_eps, &self.weights) {
-            (Some(e), _) => e,
-            (None, Some(w)) => crate::model::weights::norm_eps_beside(w)
+        if let (None, Some(w)) = (self.norm_eps, &self.weights) {
+            c.norm_eps = crate::model::weights::norm_eps_beside(w)
                 .map_err(|e| UsageError(e.to_string()))?
-                .unwrap_or(c.norm_eps),
-            (None, None) => c.norm_eps,
-        };
+                .unwrap_or(c.norm_eps);
+        }
         c.validate().map_err(UsageError)?;
         Ok(c)
+    }
+
+    /// The normalisation the preset's weights expect.
+    pub fn normalisation(&self) -> Option<Normalisation> {
+        crate::model::Preset::find(&self.preset).map(|p| p.norm)
     }
 }
 
@@ -179,9 +220,11 @@ fn default_eval_dir() -> String {
 }
 
 /// A normalisation statistic: one value for every channel, one each, or
-/// a named preset: `"imagenet"` (mean `[0.485, 0.456, 0.406]`, std
-/// `[0.229, 0.224, 0.225]`) or `"inception"` (0.5 and 0.5, what the augreg
-/// ImageNet-21k ViT weights expect).
+/// a name: `"preset"` (what the model preset's weights expect, as
+/// `simfreeze models` lists), `"imagenet"` (mean `[0.485, 0.456, 0.406]`,
+/// std `[0.229, 0.224, 0.225]`), `"inception"` (0.5 and 0.5, what the
+/// augreg ImageNet-21k ViT weights expect), `"clip"` (OpenAI CLIP's) or
+/// `"fashion_mnist"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Stat {
@@ -194,21 +237,37 @@ pub enum Stat {
 }
 
 impl Stat {
-    /// The values for `channels` channels (`what`: `mean` or `std`).
-    pub fn per_channel(&self, channels: i64, what: &str) -> Result<Vec<f64>, UsageError> {
+    /// The values for `channels` channels (`what`: `mean` or `std`);
+    /// `preset` is what `"preset"` stands for.
+    pub fn per_channel(
+        &self,
+        channels: i64,
+        what: &str,
+        preset: Option<Normalisation>,
+    ) -> Result<Vec<f64>, UsageError> {
         match self {
             Stat::Named(name) => {
-                let v = match (name.as_str(), what) {
-                    ("imagenet", "mean") => vec![0.485, 0.456, 0.406],
-                    ("imagenet", _) => vec![0.229, 0.224, 0.225],
-                    ("inception", _) => vec![0.5; 3],
-                    _ => {
-                        return Err(UsageError(format!(
-                            "data.{what} `{name}`: presets are \"imagenet\" and \"inception\""
-                        )))
-                    }
+                let norm = match name.as_str() {
+                    "preset" => preset,
+                    other => Normalisation::named(other),
                 };
-                Stat::PerChannel(v).per_channel(channels, what)
+                let Some(norm) = norm else {
+                    let names: Vec<String> = Normalisation::ALL
+                        .iter()
+                        .map(|n| format!("\"{}\"", n.name))
+                        .collect();
+                    return Err(UsageError(format!(
+                        "data.{what} `{name}`: names are \"preset\", {}",
+                        names.join(", ")
+                    )));
+                };
+                let v = if what == "mean" { norm.mean } else { norm.std };
+                let v = if v.len() == 1 {
+                    vec![v[0]; channels as usize]
+                } else {
+                    v.to_vec()
+                };
+                Stat::PerChannel(v).per_channel(channels, what, None)
             }
             Stat::One(v) => Ok(vec![*v; channels as usize]),
             Stat::PerChannel(v) if v.len() == channels as usize => Ok(v.clone()),
@@ -587,27 +646,91 @@ mod tests {
     fn normalisation_presets() {
         let c = RunConfig::parse(r#"(data: (mean: "imagenet", std: "imagenet"))"#, "c").unwrap();
         assert_eq!(
-            c.data.mean.per_channel(3, "mean").unwrap(),
+            c.data.mean.per_channel(3, "mean", None).unwrap(),
             [0.485, 0.456, 0.406]
         );
         assert_eq!(
-            c.data.std.per_channel(3, "std").unwrap(),
+            c.data.std.per_channel(3, "std", None).unwrap(),
             [0.229, 0.224, 0.225]
         );
         assert!(
-            c.data.mean.per_channel(1, "mean").is_err(),
+            c.data.mean.per_channel(1, "mean", None).is_err(),
             "3 values, 1 channel"
         );
         let c = RunConfig::parse(r#"(data: (mean: "inception"))"#, "c").unwrap();
-        assert_eq!(c.data.mean.per_channel(3, "mean").unwrap(), [0.5; 3]);
+        assert_eq!(c.data.mean.per_channel(3, "mean", None).unwrap(), [0.5; 3]);
         let c = RunConfig::parse(r#"(data: (mean: "imagenet21k"))"#, "c").unwrap();
         assert!(c
             .data
             .mean
-            .per_channel(3, "mean")
+            .per_channel(3, "mean", None)
             .unwrap_err()
             .0
-            .contains("presets"));
+            .contains("\"clip\""));
+        // "preset": what the model preset's weights expect.
+        let c = RunConfig::parse(
+            r#"(model: (preset: "vit_base_patch16_clip_224"), data: (mean: "preset", std: "clip"))"#,
+            "c",
+        )
+        .unwrap();
+        let norm = c.model.normalisation();
+        assert_eq!(norm, Some(Normalisation::CLIP));
+        let mean = c.data.mean.per_channel(3, "mean", norm).unwrap();
+        assert_eq!(mean, Normalisation::CLIP.mean);
+        assert_eq!(c.data.std.per_channel(3, "std", None).unwrap(), Normalisation::CLIP.std);
+        assert!(c.data.mean.per_channel(3, "mean", None).is_err());
+    }
+
+    #[test]
+    fn every_model_override_reaches_the_model() {
+        let text = r#"(model: (preset: "vit_base_patch14_dinov2", image_size: 224, patch: 16,
+            dim: 48, depth: 2, heads: 4, mlp_ratio: 2.0, classes: 3, norm_eps: 1e-5,
+            qkv_bias: false, init_values: 0.1, class_token: false, reg_tokens: 2,
+            no_embed_class: true, global_pool: "avg", fc_norm: false, pre_norm: true,
+            act_layer: "quick_gelu", dynamic_img_size: true))"#;
+        let c = RunConfig::parse(text, "c").unwrap().model.resolve(10).unwrap();
+        let want = VitConfig {
+            image_size: 224,
+            channels: 3,
+            patch: 16,
+            dim: 48,
+            depth: 2,
+            heads: 4,
+            mlp_ratio: 2.0,
+            classes: 3,
+            norm_eps: 1e-5,
+            qkv_bias: false,
+            init_values: Some(0.1),
+            class_token: false,
+            reg_tokens: 2,
+            no_embed_class: true,
+            global_pool: "avg".into(),
+            fc_norm: Some(false),
+            pre_norm: true,
+            act_layer: "quick_gelu".into(),
+            dynamic_img_size: true,
+        };
+        assert_eq!(c, want);
+        // A field set in the section but unknown to the model would be
+        // silently dropped: every section field is a model field.
+        let section = serde_json::to_value(ModelSection::default()).unwrap();
+        let model = serde_json::to_value(VitConfig::tiny_fmnist()).unwrap();
+        for key in section.as_object().unwrap().keys() {
+            if !["preset", "weights", "head"].contains(&key.as_str()) {
+                assert!(model.get(key).is_some(), "model.{key} is not a VitConfig field");
+            }
+        }
+        assert_eq!(section.as_object().unwrap().len(), model.as_object().unwrap().len() + 3);
+        // Bad values are refused with the field's name.
+        for (set, says) in [
+            (r#"(model: (global_pool: "max"))"#, "global_pool"),
+            (r#"(model: (act_layer: "relu"))"#, "act_layer"),
+            (r#"(model: (class_token: false))"#, "class token"),
+            (r#"(model: (reg_tokens: -1))"#, "reg_tokens"),
+        ] {
+            let e = RunConfig::parse(set, "c").unwrap().model.resolve(10).unwrap_err();
+            assert!(e.0.contains(says), "{set}: {e}");
+        }
     }
 
     #[test]

@@ -105,8 +105,9 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<Loaded> {
     // The input shape comes from the model (class count does not matter).
     let shape = cfg.model.resolve(1)?;
     let (c, size) = (shape.channels, shape.image_size);
-    let mean = d.mean.per_channel(c, "mean")?;
-    let std = d.std.per_channel(c, "std")?;
+    let norm = cfg.model.normalisation();
+    let mean = d.mean.per_channel(c, "mean", norm)?;
+    let std = d.std.per_channel(c, "std", norm)?;
     let files = |(train, eval): (images::Split, images::Split)| -> Result<Loaded> {
         let resize = d.resize.unwrap_or((size as f64 / 0.875).floor() as i64);
         if resize < size {

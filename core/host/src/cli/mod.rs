@@ -38,6 +38,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the model presets: their shapes, options and the input
+    /// normalisation their weights expect.
+    Models {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Drive a policy with synthetic observations (no training) and print
     /// its freeze timeline.
     Simulate(SimulateArgs),
@@ -221,6 +228,7 @@ pub fn run(cli: Cli) -> Result<()> {
     let search = SearchPath::from_env();
     match cli.command {
         Command::Plugins { json } => print::plugins(&search, json),
+        Command::Models { json } => print::models(json),
         Command::Simulate(args) => simulate_cmd(args, &search),
         Command::Check(args) => check_cmd(args, &search),
         Command::Run(args) => run_cmd(args, &search),

@@ -90,6 +90,103 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
     Ok(())
 }
 
+/// `simfreeze models`: every preset, its shape, its options that differ
+/// from the plain ViT, and the normalisation its weights expect.
+pub fn models(json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    let presets = crate::model::Preset::all();
+    if json {
+        let list: Vec<_> = presets
+            .iter()
+            .map(|p| {
+                let cfg = (p.build)();
+                serde_json::json!({
+                    "name": p.name,
+                    "about": p.about,
+                    "config": cfg,
+                    "tokens": cfg.tokens(),
+                    "parameters": cfg.parameter_count(),
+                    "normalisation": {"name": p.norm.name, "mean": p.norm.mean, "std": p.norm.std},
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::json!({ "presets": list }))?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<36} {:>5} {:>5} {:>4} {:>5} {:>6} {:>7}  {:<13} options",
+        "preset", "image", "patch", "dim", "depth", "tokens", "params", "normalisation"
+    )?;
+    for p in &presets {
+        let c = (p.build)();
+        writeln!(
+            out,
+            "{:<36} {:>5} {:>5} {:>4} {:>5} {:>6} {:>6.1}M  {:<13} {}",
+            p.name,
+            c.image_size,
+            c.patch,
+            c.dim,
+            c.depth,
+            c.tokens(),
+            c.parameter_count() as f64 / 1e6,
+            p.norm.name,
+            model_options(&c)
+        )?;
+        writeln!(out, "{:<36} {}", "", p.about)?;
+    }
+    writeln!(
+        out,
+        "\nUse one as `model: (preset: \"...\")`; any field can be overridden \
+         (`image_size: 224`, `depth: 6`, ...). `data: (mean: \"preset\", std: \"preset\")` \
+         takes the normalisation listed. Parameter counts are for 1000 classes."
+    )?;
+    Ok(())
+}
+
+/// The options of `c` that differ from the plain ViT, timm's names.
+fn model_options(c: &VitConfig) -> String {
+    let mut v = Vec::new();
+    if let Some(iv) = c.init_values {
+        v.push(format!("init_values={iv:e}"));
+    }
+    if c.reg_tokens > 0 {
+        v.push(format!("reg_tokens={}", c.reg_tokens));
+    }
+    if c.no_embed_class {
+        v.push("no_embed_class".into());
+    }
+    if !c.class_token {
+        v.push("class_token=false".into());
+    }
+    if c.global_pool != "token" {
+        v.push(format!("global_pool={}", c.global_pool));
+    }
+    if c.use_fc_norm() {
+        v.push("fc_norm".into());
+    }
+    if c.pre_norm {
+        v.push("pre_norm".into());
+    }
+    if c.act_layer != "gelu" {
+        v.push(format!("act_layer={}", c.act_layer));
+    }
+    if !c.qkv_bias {
+        v.push("qkv_bias=false".into());
+    }
+    if c.norm_eps != 1e-6 {
+        v.push(format!("norm_eps={:e}", c.norm_eps));
+    }
+    if c.channels != 3 {
+        v.push(format!("channels={}", c.channels));
+    }
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(", ")
+    }
+}
+
 /// `simfreeze plugins`: every plugin on the search path.
 pub fn plugins(search: &SearchPath, json: bool) -> Result<()> {
     let (plugins, errors) = search.discover();

@@ -20,13 +20,15 @@ pub mod weights;
 
 use tch::Tensor;
 
-pub use vit::{Vit, VitConfig};
+pub use vit::{Normalisation, Preset, Vit, VitConfig};
 
 /// Output of a forward pass.
 pub struct Forward {
     /// `[B, classes]`.
     pub logits: Tensor,
-    /// The feature the head sees (after the final norm), `[B, D]`.
+    /// The feature the head sees, `[B, D]`: the class token after the
+    /// final norm, or the pooled patch tokens after `fc_norm` (what the
+    /// policies observe as "class-token features").
     pub cls: Tensor,
 }
 
@@ -55,6 +57,17 @@ pub trait PrefixModel {
 
     /// The group of the parameter called `name` in the model's var store.
     fn group_of(&self, name: &str) -> Group;
+
+    /// The parameter's layer for layer-wise learning-rate decay, timm's
+    /// convention: 0 for the embedding, `i + 1` for block `i`, up to
+    /// `depth() + 1` for the head, whose learning rate is not decayed
+    /// (a parameter gets `decay^(depth() + 1 - layer_id)`).
+    fn layer_id(&self, name: &str) -> usize;
+
+    /// Whether the parameter is exempt from weight decay beyond the
+    /// optimizer's own rule (one-dimensional tensors and biases): position
+    /// embeddings, class and register tokens (timm's `no_weight_decay`).
+    fn no_weight_decay(&self, name: &str) -> bool;
 
     /// Logits and features, with the embedding and blocks `[0, frozen)` run
     /// without autograd (`frozen` may be `0..=L`).

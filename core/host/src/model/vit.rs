@@ -1,8 +1,15 @@
 //! The Vision Transformer, with timm's structure and parameter names
-//! (`cls_token`, `pos_embed`, `patch_embed.proj`, `blocks.N.{norm1, attn.qkv,
-//! attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, `head`), LayerNorm eps 1e-6,
-//! exact GELU and `scaled_dot_product_attention`, so timm checkpoints map
-//! onto it name for name.
+//! (`cls_token`, `reg_token`, `pos_embed`, `patch_embed.proj`, `norm_pre`,
+//! `blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1,
+//! mlp.fc2, ls2.gamma}`, `norm`, `fc_norm`, `head`) and timm's options for
+//! the families people fine-tune today: LayerScale (DeiT-III, DINOv2),
+//! register tokens (DINOv2 with registers), position embeddings that skip
+//! the prefix tokens (`no_embed_class`), average pooling with `fc_norm` and
+//! no class token (MAE, BEiT), a LayerNorm before the blocks and QuickGELU
+//! (OpenAI CLIP), `qkv_bias: false`, and a dynamic image size that
+//! resamples the position embedding to each input's grid. So timm
+//! checkpoints map onto it name for name, and each option is checked
+//! against timm's own `VisionTransformer` (tests/integration/parity.rs).
 //!
 //! Invariant: [`Vit::forward_frozen`] runs the frozen prefix (the embedding
 //! and blocks `[0, k)`) without autograd and detaches its output, so
@@ -39,10 +46,65 @@ pub struct VitConfig {
     /// in `config.json`, usually 1e-12).
     #[serde(default = "default_norm_eps")]
     pub norm_eps: f64,
+    /// Bias in the attention's qkv projection (timm `qkv_bias`; true in
+    /// every preset).
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+    /// LayerScale: a learned per-channel scale on each residual branch,
+    /// initialised to this value (timm `init_values`, `ls1.gamma` /
+    /// `ls2.gamma`; DeiT-III 1e-6, DINOv2 1e-5); `None`: no LayerScale.
+    #[serde(default)]
+    pub init_values: Option<f64>,
+    /// A class token (timm `class_token`).
+    #[serde(default = "yes")]
+    pub class_token: bool,
+    /// Register tokens after the class token (timm `reg_tokens`; DINOv2
+    /// with registers: 4).
+    #[serde(default)]
+    pub reg_tokens: i64,
+    /// The position embedding covers the patches only and the class and
+    /// register tokens are added after it (timm `no_embed_class`; DeiT-III,
+    /// DINOv2 with registers).
+    #[serde(default)]
+    pub no_embed_class: bool,
+    /// What the head sees: `"token"` (the class token) or `"avg"` (the
+    /// mean of the patch tokens, MAE / BEiT fine-tuning) (timm
+    /// `global_pool`).
+    #[serde(default = "default_global_pool")]
+    pub global_pool: String,
+    /// Normalise after pooling instead of before (timm `fc_norm`; `None`:
+    /// when `global_pool` is `"avg"`).
+    #[serde(default)]
+    pub fc_norm: Option<bool>,
+    /// A LayerNorm after the embedding, before the blocks (timm
+    /// `pre_norm`, the `norm_pre` module; OpenAI CLIP).
+    #[serde(default)]
+    pub pre_norm: bool,
+    /// MLP activation: `"gelu"` (exact) or `"quick_gelu"` (`x *
+    /// sigmoid(1.702 x)`, OpenAI CLIP) (timm `act_layer`).
+    #[serde(default = "default_act_layer")]
+    pub act_layer: String,
+    /// Inputs of another size than `image_size` are accepted and the
+    /// position embedding is resampled to their grid on every forward pass
+    /// (timm `dynamic_img_size`).
+    #[serde(default)]
+    pub dynamic_img_size: bool,
 }
 
 fn default_norm_eps() -> f64 {
     1e-6
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_global_pool() -> String {
+    "token".into()
+}
+
+fn default_act_layer() -> String {
+    "gelu".into()
 }
 
 impl VitConfig {
@@ -58,7 +120,7 @@ impl VitConfig {
             heads: 3,
             mlp_ratio: 4.0,
             classes: 10,
-            norm_eps: 1e-6,
+            ..Self::imagenet(96, 8, 3)
         }
     }
     fn imagenet(dim: i64, depth: i64, heads: i64) -> Self {
@@ -72,6 +134,16 @@ impl VitConfig {
             mlp_ratio: 4.0,
             classes: 1000,
             norm_eps: 1e-6,
+            qkv_bias: true,
+            init_values: None,
+            class_token: true,
+            reg_tokens: 0,
+            no_embed_class: false,
+            global_pool: default_global_pool(),
+            fc_norm: None,
+            pre_norm: false,
+            act_layer: default_act_layer(),
+            dynamic_img_size: false,
         }
     }
     /// timm `vit_tiny_patch16_224`.
@@ -91,22 +163,122 @@ impl VitConfig {
         Self::imagenet(1024, 24, 16)
     }
 
+    /// timm `deit3_base_patch16_224` (DeiT-III: LayerScale 1e-6, the
+    /// position embedding skips the class token).
+    pub fn deit3_base_patch16_224() -> Self {
+        VitConfig {
+            init_values: Some(1e-6),
+            no_embed_class: true,
+            ..Self::imagenet(768, 12, 12)
+        }
+    }
+    fn dinov2(dim: i64, heads: i64, reg_tokens: i64) -> Self {
+        VitConfig {
+            image_size: 518,
+            patch: 14,
+            init_values: Some(1e-5),
+            reg_tokens,
+            no_embed_class: reg_tokens > 0,
+            ..Self::imagenet(dim, 12, heads)
+        }
+    }
+    /// timm `vit_small_patch14_dinov2` (518 px; set `image_size: 224` to
+    /// fine-tune at 224, the position embedding is resampled on load).
+    pub fn vit_small_patch14_dinov2() -> Self {
+        Self::dinov2(384, 6, 0)
+    }
+    /// timm `vit_base_patch14_dinov2`.
+    pub fn vit_base_patch14_dinov2() -> Self {
+        Self::dinov2(768, 12, 0)
+    }
+    /// timm `vit_base_patch14_reg4_dinov2` (4 register tokens).
+    pub fn vit_base_patch14_reg4_dinov2() -> Self {
+        Self::dinov2(768, 12, 4)
+    }
+    /// timm `vit_base_patch16_clip_224`: the CLIP image tower (LayerNorm
+    /// before the blocks, epsilon 1e-5, GELU as timm builds it).
+    pub fn vit_base_patch16_clip_224() -> Self {
+        VitConfig {
+            pre_norm: true,
+            norm_eps: 1e-5,
+            ..Self::imagenet(768, 12, 12)
+        }
+    }
+    /// timm `vit_base_patch16_clip_quickgelu_224`: OpenAI's CLIP image
+    /// tower with the QuickGELU it was trained with.
+    pub fn vit_base_patch16_clip_quickgelu_224() -> Self {
+        VitConfig {
+            act_layer: "quick_gelu".into(),
+            ..Self::vit_base_patch16_clip_224()
+        }
+    }
+    /// timm `vit_base_patch16_224` as MAE fine-tunes it: the mean of the
+    /// patch tokens, normalised by `fc_norm`, feeds the head.
+    pub fn vit_base_patch16_224_mae() -> Self {
+        VitConfig {
+            global_pool: "avg".into(),
+            ..Self::vit_base_patch16_224()
+        }
+    }
+
     /// A preset by name.
     pub fn preset(name: &str) -> Option<Self> {
-        inventory::iter::<Preset>
-            .into_iter()
-            .find(|p| p.name == name)
-            .map(|p| (p.build)())
+        Preset::find(name).map(|p| (p.build)())
     }
 
     /// Every preset name, sorted.
     pub fn preset_names() -> Vec<&'static str> {
-        let mut v: Vec<_> = inventory::iter::<Preset>
-            .into_iter()
-            .map(|p| p.name)
-            .collect();
-        v.sort_unstable();
-        v
+        Preset::all().iter().map(|p| p.name).collect()
+    }
+
+    /// Tokens before the patch tokens: the class token and the registers.
+    pub fn prefix_tokens(&self) -> i64 {
+        i64::from(self.class_token) + self.reg_tokens
+    }
+
+    /// Patches per side at `image_size`.
+    pub fn grid(&self) -> i64 {
+        self.image_size / self.patch
+    }
+
+    /// Tokens of the position embedding (the patches, plus the prefix
+    /// tokens unless `no_embed_class`).
+    pub fn pos_embed_len(&self) -> i64 {
+        self.grid().pow(2)
+            + if self.no_embed_class {
+                0
+            } else {
+                self.prefix_tokens()
+            }
+    }
+
+    /// Whether the features are normalised after pooling (`fc_norm`)
+    /// rather than the tokens before it (`norm`).
+    pub fn use_fc_norm(&self) -> bool {
+        self.fc_norm.unwrap_or(self.global_pool == "avg")
+    }
+
+    /// Parameters of the model, head included.
+    pub fn parameter_count(&self) -> i64 {
+        let (d, l) = (self.dim, self.depth);
+        let hidden = (d as f64 * self.mlp_ratio) as i64;
+        let norm = 2 * d;
+        let block = 2 * norm
+            + 3 * d * d
+            + if self.qkv_bias { 3 * d } else { 0 }
+            + d * d
+            + d
+            + d * hidden
+            + hidden
+            + hidden * d
+            + d
+            + if self.init_values.is_some() { 2 * d } else { 0 };
+        let embed = d * self.channels * self.patch * self.patch
+            + d
+            + self.prefix_tokens() * d
+            + self.pos_embed_len() * d
+            + if self.pre_norm { norm } else { 0 };
+        embed + l * block + norm + d * self.classes + self.classes
     }
 
     /// Checks that the shape is buildable.
@@ -144,30 +316,150 @@ impl VitConfig {
                 self.mlp_ratio
             ));
         }
+        if self.reg_tokens < 0 {
+            return Err(format!(
+                "model.reg_tokens must be >= 0, got {}",
+                self.reg_tokens
+            ));
+        }
+        if let Some(v) = self.init_values {
+            if !v.is_finite() {
+                return Err(format!("model.init_values must be finite, got {v}"));
+            }
+        }
+        match self.global_pool.as_str() {
+            "token" if !self.class_token => {
+                return Err(
+                    "model.global_pool \"token\" needs the class token: set class_token: true \
+                     or global_pool: \"avg\""
+                        .into(),
+                )
+            }
+            "token" | "avg" => {}
+            other => {
+                return Err(format!(
+                    "model.global_pool is {other:?}: use \"token\" or \"avg\""
+                ))
+            }
+        }
+        if !matches!(self.act_layer.as_str(), "gelu" | "quick_gelu") {
+            return Err(format!(
+                "model.act_layer is {:?}: use \"gelu\" or \"quick_gelu\"",
+                self.act_layer
+            ));
+        }
         Ok(())
     }
 
-    /// Tokens per image, class token included.
+    /// Tokens per image: the prefix tokens and the patches.
     pub fn tokens(&self) -> i64 {
-        (self.image_size / self.patch).pow(2) + 1
+        self.grid().pow(2) + self.prefix_tokens()
+    }
+}
+
+/// The normalisation a preset's pretrained weights expect.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Normalisation {
+    /// Its name in configs (`data: (mean: "imagenet", std: "imagenet")`).
+    pub name: &'static str,
+    /// Per-channel mean.
+    pub mean: &'static [f64],
+    /// Per-channel standard deviation.
+    pub std: &'static [f64],
+}
+
+impl Normalisation {
+    /// ImageNet's (DeiT-III, DINOv2, MAE).
+    pub const IMAGENET: Self = Normalisation {
+        name: "imagenet",
+        mean: &[0.485, 0.456, 0.406],
+        std: &[0.229, 0.224, 0.225],
+    };
+    /// 0.5 and 0.5 (Google's augreg ImageNet-21k ViTs).
+    pub const INCEPTION: Self = Normalisation {
+        name: "inception",
+        mean: &[0.5, 0.5, 0.5],
+        std: &[0.5, 0.5, 0.5],
+    };
+    /// OpenAI CLIP's.
+    pub const CLIP: Self = Normalisation {
+        name: "clip",
+        mean: &[0.48145466, 0.4578275, 0.40821073],
+        std: &[0.26862954, 0.26130258, 0.27577711],
+    };
+    /// Fashion-MNIST's training-set statistics.
+    pub const FASHION_MNIST: Self = Normalisation {
+        name: "fashion_mnist",
+        mean: &[0.2860],
+        std: &[0.3530],
+    };
+
+    /// Every named normalisation.
+    pub const ALL: [Self; 4] = [
+        Self::IMAGENET,
+        Self::INCEPTION,
+        Self::CLIP,
+        Self::FASHION_MNIST,
+    ];
+
+    /// A normalisation by name.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|n| n.name == name)
     }
 }
 
 /// A named model preset; register more with `inventory::submit!`.
 pub struct Preset {
-    /// Name used in configs (`model: (preset: "...")`).
+    /// Name used in configs (`model: (preset: "...")`), timm's where
+    /// there is one.
     pub name: &'static str,
     /// Builds the configuration.
     pub build: fn() -> VitConfig,
+    /// The normalisation its pretrained weights expect.
+    pub norm: Normalisation,
+    /// The weights it is meant for, in a few words.
+    pub about: &'static str,
+}
+
+impl Preset {
+    /// Every preset, sorted by name.
+    pub fn all() -> Vec<&'static Preset> {
+        let mut v: Vec<&Preset> = inventory::iter::<Preset>.into_iter().collect();
+        v.sort_unstable_by_key(|p| p.name);
+        v
+    }
+
+    /// A preset by name.
+    pub fn find(name: &str) -> Option<&'static Preset> {
+        inventory::iter::<Preset>.into_iter().find(|p| p.name == name)
+    }
 }
 
 inventory::collect!(Preset);
 
-inventory::submit! { Preset { name: "tiny_fmnist", build: VitConfig::tiny_fmnist } }
-inventory::submit! { Preset { name: "vit_tiny_patch16_224", build: VitConfig::vit_tiny_patch16_224 } }
-inventory::submit! { Preset { name: "vit_small_patch16_224", build: VitConfig::vit_small_patch16_224 } }
-inventory::submit! { Preset { name: "vit_base_patch16_224", build: VitConfig::vit_base_patch16_224 } }
-inventory::submit! { Preset { name: "vit_large_patch16_224", build: VitConfig::vit_large_patch16_224 } }
+macro_rules! preset {
+    ($name:literal, $build:ident, $norm:ident, $about:literal) => {
+        inventory::submit! { Preset {
+            name: $name,
+            build: VitConfig::$build,
+            norm: Normalisation::$norm,
+            about: $about,
+        } }
+    };
+}
+
+preset!("tiny_fmnist", tiny_fmnist, FASHION_MNIST, "the CPU proxy (28x28 grey, 8 blocks)");
+preset!("vit_tiny_patch16_224", vit_tiny_patch16_224, INCEPTION, "ViT-Ti/16, augreg ImageNet-21k");
+preset!("vit_small_patch16_224", vit_small_patch16_224, INCEPTION, "ViT-S/16, augreg ImageNet-21k");
+preset!("vit_base_patch16_224", vit_base_patch16_224, INCEPTION, "ViT-B/16, augreg ImageNet-21k (the paper's)");
+preset!("vit_large_patch16_224", vit_large_patch16_224, INCEPTION, "ViT-L/16, augreg ImageNet-21k (the paper's)");
+preset!("deit3_base_patch16_224", deit3_base_patch16_224, IMAGENET, "DeiT-III B/16 (LayerScale)");
+preset!("vit_small_patch14_dinov2", vit_small_patch14_dinov2, IMAGENET, "DINOv2 ViT-S/14 at 518 (LayerScale)");
+preset!("vit_base_patch14_dinov2", vit_base_patch14_dinov2, IMAGENET, "DINOv2 ViT-B/14 at 518 (LayerScale)");
+preset!("vit_base_patch14_reg4_dinov2", vit_base_patch14_reg4_dinov2, IMAGENET, "DINOv2 ViT-B/14 with 4 registers");
+preset!("vit_base_patch16_clip_224", vit_base_patch16_clip_224, CLIP, "CLIP ViT-B/16 image tower (pre-norm, GELU)");
+preset!("vit_base_patch16_clip_quickgelu_224", vit_base_patch16_clip_quickgelu_224, CLIP, "OpenAI CLIP ViT-B/16 (pre-norm, QuickGELU)");
+preset!("vit_base_patch16_224.mae", vit_base_patch16_224_mae, IMAGENET, "MAE ViT-B/16, avg pool + fc_norm");
 
 fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     // tch defaults to 1e-5; timm's ViT uses 1e-6.
@@ -187,8 +479,12 @@ struct Attention {
 
 impl Attention {
     fn new(p: nn::Path, cfg: &VitConfig) -> Self {
+        let qkv = nn::LinearConfig {
+            bias: cfg.qkv_bias,
+            ..Default::default()
+        };
         Attention {
-            qkv: nn::linear(&p / "qkv", cfg.dim, 3 * cfg.dim, Default::default()),
+            qkv: nn::linear(&p / "qkv", cfg.dim, 3 * cfg.dim, qkv),
             proj: nn::linear(&p / "proj", cfg.dim, cfg.dim, Default::default()),
             heads: cfg.heads,
         }
@@ -218,11 +514,19 @@ impl Module for Attention {
 struct Mlp {
     fc1: nn::Linear,
     fc2: nn::Linear,
+    quick_gelu: bool,
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
+        let h = self.fc1.forward(x);
+        let h = if self.quick_gelu {
+            // timm's `quick_gelu` (OpenAI CLIP).
+            &h * (&h * 1.702).sigmoid()
+        } else {
+            h.gelu("none")
+        };
+        self.fc2.forward(&h)
     }
 }
 
@@ -230,6 +534,8 @@ impl Module for Mlp {
 struct Block {
     norm1: nn::LayerNorm,
     attn: Attention,
+    /// LayerScale `ls1.gamma`, `ls2.gamma` (with `init_values`).
+    ls: Option<(Tensor, Tensor)>,
     norm2: nn::LayerNorm,
     mlp: Mlp,
 }
@@ -237,13 +543,19 @@ struct Block {
 impl Block {
     fn new(p: nn::Path, cfg: &VitConfig) -> Self {
         let hidden = (cfg.dim as f64 * cfg.mlp_ratio) as i64;
+        let ls = cfg.init_values.map(|v| {
+            let gamma = |name: &str| p.sub(name).var("gamma", &[cfg.dim], nn::Init::Const(v));
+            (gamma("ls1"), gamma("ls2"))
+        });
         Block {
             norm1: layer_norm(&p / "norm1", cfg.dim, cfg.norm_eps),
             attn: Attention::new(&p / "attn", cfg),
+            ls,
             norm2: layer_norm(&p / "norm2", cfg.dim, cfg.norm_eps),
             mlp: Mlp {
                 fc1: nn::linear(&p / "mlp" / "fc1", cfg.dim, hidden, Default::default()),
                 fc2: nn::linear(&p / "mlp" / "fc2", hidden, cfg.dim, Default::default()),
+                quick_gelu: cfg.act_layer == "quick_gelu",
             },
         }
     }
@@ -251,8 +563,16 @@ impl Block {
 
 impl Module for Block {
     fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.attn.forward(&self.norm1.forward(x));
-        &x + self.mlp.forward(&self.norm2.forward(&x))
+        let a = self.attn.forward(&self.norm1.forward(x));
+        let x = match &self.ls {
+            Some((g1, _)) => x + a * g1,
+            None => x + a,
+        };
+        let m = self.mlp.forward(&self.norm2.forward(&x));
+        match &self.ls {
+            Some((_, g2)) => &x + m * g2,
+            None => &x + m,
+        }
     }
 }
 
@@ -262,9 +582,13 @@ pub struct Vit {
     /// Its shape.
     pub cfg: VitConfig,
     proj: nn::Conv2D,
-    cls_token: Tensor,
+    cls_token: Option<Tensor>,
+    reg_token: Option<Tensor>,
     pos_embed: Tensor,
+    norm_pre: Option<nn::LayerNorm>,
     blocks: Vec<Block>,
+    /// The final norm on every token (`norm`), or after pooling
+    /// (`fc_norm`), as [`VitConfig::use_fc_norm`] says.
     norm: nn::LayerNorm,
     head: nn::Linear,
     /// Precision of every forward pass (float32 unless set).
@@ -283,22 +607,25 @@ impl Vit {
             mean: 0.0,
             stdev: 0.02,
         };
+        let d = cfg.dim;
+        let final_norm = if cfg.use_fc_norm() { "fc_norm" } else { "norm" };
         Vit {
             cfg: cfg.clone(),
-            proj: nn::conv2d(
-                p / "patch_embed" / "proj",
-                cfg.channels,
-                cfg.dim,
-                cfg.patch,
-                conv,
-            ),
-            cls_token: p.var("cls_token", &[1, 1, cfg.dim], init),
-            pos_embed: p.var("pos_embed", &[1, cfg.tokens(), cfg.dim], init),
+            proj: nn::conv2d(p / "patch_embed" / "proj", cfg.channels, d, cfg.patch, conv),
+            cls_token: cfg
+                .class_token
+                .then(|| p.var("cls_token", &[1, 1, d], init)),
+            reg_token: (cfg.reg_tokens > 0)
+                .then(|| p.var("reg_token", &[1, cfg.reg_tokens, d], init)),
+            pos_embed: p.var("pos_embed", &[1, cfg.pos_embed_len(), d], init),
+            norm_pre: cfg
+                .pre_norm
+                .then(|| layer_norm(p / "norm_pre", d, cfg.norm_eps)),
             blocks: (0..cfg.depth)
                 .map(|i| Block::new(p / "blocks" / i, cfg))
                 .collect(),
-            norm: layer_norm(p / "norm", cfg.dim, cfg.norm_eps),
-            head: nn::linear(p / "head", cfg.dim, cfg.classes, Default::default()),
+            norm: layer_norm(p / final_norm, d, cfg.norm_eps),
+            head: nn::linear(p / "head", d, cfg.classes, Default::default()),
             precision: Precision::F32,
         }
     }
@@ -311,11 +638,54 @@ impl Vit {
         model
     }
 
+    /// Patch embedding, position embedding and prefix tokens, as timm's
+    /// `_pos_embed`, then `norm_pre`: `[B, C, H, W] -> [B, T, D]`.
     fn embed(&self, x: &Tensor) -> Tensor {
+        let (_, _, h, w) = x.size4().expect("[B, C, H, W]");
         let x = self.patchify(x);
         let b = x.size()[0];
-        let cls = self.cls_token.expand([b, -1, -1], false);
-        Tensor::cat(&[cls, x], 1) + &self.pos_embed // [B, N+1, D]
+        let grid = (h / self.cfg.patch, w / self.cfg.patch);
+        let pos = self.pos_embed_for(grid);
+        let mut prefix: Vec<Tensor> = [&self.cls_token, &self.reg_token]
+            .into_iter()
+            .flatten()
+            .map(|t| t.expand([b, -1, -1], false))
+            .collect();
+        let x = if self.cfg.no_embed_class {
+            prefix.push(x + pos);
+            Tensor::cat(&prefix, 1)
+        } else {
+            prefix.push(x);
+            Tensor::cat(&prefix, 1) + pos
+        };
+        match &self.norm_pre {
+            Some(n) => n.forward(&x),
+            None => x,
+        }
+    }
+
+    /// The position embedding for a `grid` of patches: the variable itself
+    /// at `image_size`, resampled (bicubic, antialiased, as timm's
+    /// `dynamic_img_size`) for another grid when the size is dynamic.
+    fn pos_embed_for(&self, grid: (i64, i64)) -> Tensor {
+        let own = self.cfg.grid();
+        if grid == (own, own) {
+            return self.pos_embed.shallow_clone();
+        }
+        assert!(
+            self.cfg.dynamic_img_size,
+            "input of {}x{} patches, the model's position embedding is for {own}x{own} \
+             (resize the images to model.image_size {}, or set model.dynamic_img_size)",
+            grid.0,
+            grid.1,
+            self.cfg.image_size
+        );
+        let prefix = if self.cfg.no_embed_class {
+            0
+        } else {
+            self.cfg.prefix_tokens()
+        };
+        crate::model::weights::resample_pos_embed(&self.pos_embed, prefix, (own, own), grid, true)
     }
 
     /// The patch embedding, `[B, C, H, W] -> [B, N, D]`: the same
@@ -341,6 +711,30 @@ impl Vit {
         patches.linear(&weight, self.proj.bs.as_ref())
     }
 
+    /// The feature the head sees, `[B, T, D] -> [B, D]`: the class token
+    /// after `norm`, or the mean of the patch tokens after `fc_norm`
+    /// (timm's `forward_head` before the classifier).
+    fn pool(&self, h: &Tensor) -> Tensor {
+        let fc_norm = self.cfg.use_fc_norm();
+        let h = if fc_norm {
+            h.shallow_clone()
+        } else {
+            self.norm.forward(h)
+        };
+        let pooled = if self.cfg.global_pool == "avg" {
+            let prefix = self.cfg.prefix_tokens();
+            let t = h.size()[1];
+            h.narrow(1, prefix, t - prefix).mean_dim(1, false, None)
+        } else {
+            h.select(1, 0)
+        };
+        if fc_norm {
+            self.norm.forward(&pooled)
+        } else {
+            pooled
+        }
+    }
+
     fn blocks_and_head(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
         let frozen = frozen.clamp(start, self.blocks.len());
         let mut h = if frozen > start {
@@ -358,8 +752,7 @@ impl Vit {
         for b in &self.blocks[frozen..] {
             h = b.forward(&h);
         }
-        let h = self.norm.forward(&h);
-        let cls = h.select(1, 0); // [B, D]
+        let cls = self.pool(&h); // [B, D]
         Forward {
             logits: self.head.forward(&cls),
             cls,
@@ -384,7 +777,15 @@ impl PrefixModel for Vit {
         group_of(name)
     }
 
-    /// `[B, C, H, W] -> logits [B, classes]` and class-token features
+    fn layer_id(&self, name: &str) -> usize {
+        layer_id(name, self.blocks.len())
+    }
+
+    fn no_weight_decay(&self, name: &str) -> bool {
+        no_weight_decay(name)
+    }
+
+    /// `[B, C, H, W] -> logits [B, classes]` and the pooled features
     /// `[B, D]`, with the embedding and blocks `[0, frozen)` run without
     /// autograd (`frozen` may be 0..=L).
     fn forward_frozen(&self, x: &Tensor, frozen: usize) -> Forward {
@@ -397,7 +798,7 @@ impl PrefixModel for Vit {
     }
 
     /// The output of the embedding and blocks `[0, k)`, computed without
-    /// autograd and detached: `[B, C, H, W] -> [B, N+1, D]`.
+    /// autograd and detached: `[B, C, H, W] -> [B, T, D]`.
     fn frozen_prefix(&self, x: &Tensor, k: usize) -> Tensor {
         autocast(self.precision, x.device(), || {
             tch::no_grad(|| {
@@ -412,7 +813,7 @@ impl PrefixModel for Vit {
     }
 
     /// Runs blocks `[from, to)` on `h` without autograd (advancing a cached
-    /// boundary): `[B, N+1, D] -> [B, N+1, D]`.
+    /// boundary): `[B, T, D] -> [B, T, D]`.
     fn advance(&self, h: &Tensor, from: usize, to: usize) -> Tensor {
         autocast(self.precision, h.device(), || {
             tch::no_grad(|| {
@@ -428,7 +829,7 @@ impl PrefixModel for Vit {
 
     /// Continues from `h`, the output of blocks `[0, start)`: blocks
     /// `[start, frozen)` without autograd (e.g. a probed block), the rest
-    /// with it, then the final norm and the head. `[B, N+1, D] -> logits`.
+    /// with it, then pooling, the final norm and the head. `[B, T, D] -> logits`.
     fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward {
         let out = autocast(self.precision, h.device(), || {
             self.blocks_and_head(h, start, frozen)
@@ -444,21 +845,47 @@ impl PrefixModel for Vit {
     }
 }
 
+/// The parameters timm's `group_matcher` puts in the stem.
+const STEM: [&str; 5] = ["cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre"];
+
+fn in_stem(name: &str) -> bool {
+    STEM.iter().any(|s| name.starts_with(s))
+}
+
+fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
+}
+
 /// The group of a timm-named variable: `blocks.<i>.*` is block `i`, the
-/// patch and position embeddings and the class token go with block 0,
-/// everything else (final norm, head) is never frozen.
+/// stem (patch and position embeddings, class and register tokens,
+/// `norm_pre`) goes with block 0, everything else (final norm, `fc_norm`,
+/// head) is never frozen.
 pub fn group_of(name: &str) -> Group {
-    if let Some(rest) = name.strip_prefix("blocks.") {
-        let idx = rest.split('.').next().and_then(|s| s.parse().ok());
-        return Group::Block(idx.unwrap_or(0));
+    match block_index(name) {
+        Some(i) => Group::Block(i),
+        None if in_stem(name) => Group::Block(0),
+        None => Group::Head,
     }
-    if name.starts_with("cls_token")
-        || name.starts_with("pos_embed")
-        || name.starts_with("patch_embed")
-    {
-        return Group::Block(0);
+}
+
+/// timm's layer id for layer-wise learning-rate decay
+/// (`param_groups_layer_decay` with the ViT's `group_matcher`): the stem
+/// 0, block `i` `i + 1`, the final `norm` `depth` (with the last block),
+/// `fc_norm` and the head `depth + 1`.
+pub fn layer_id(name: &str, depth: usize) -> usize {
+    match block_index(name) {
+        Some(i) => i + 1,
+        None if in_stem(name) => 0,
+        None if name.starts_with("norm.") => depth,
+        None => depth + 1,
     }
-    Group::Head
+}
+
+/// timm's `no_weight_decay` for the ViT: the position embedding and the
+/// class and register tokens (one-dimensional parameters, biases included,
+/// are excluded by the optimizer's own rule).
+pub fn no_weight_decay(name: &str) -> bool {
+    ["pos_embed", "cls_token", "reg_token"].contains(&name)
 }
 
 /// A 3-block ViT on 8x8 single-channel images for unit tests.
@@ -473,7 +900,7 @@ pub(crate) fn test_config(classes: i64) -> VitConfig {
         heads: 3,
         mlp_ratio: 2.0,
         classes,
-        norm_eps: 1e-6,
+        ..VitConfig::tiny_fmnist()
     }
 }
 
@@ -578,7 +1005,7 @@ mod tests {
     #[test]
     fn presets_are_valid() {
         let names = VitConfig::preset_names();
-        assert_eq!(names.len(), 5, "{names:?}");
+        assert_eq!(names.len(), 12, "{names:?}");
         for name in names {
             let c = VitConfig::preset(name).unwrap();
             c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));

@@ -1,7 +1,8 @@
 //! Pretrained weights: timm safetensors (also what `simfreeze run` writes
-//! as `model.safetensors`), Hugging Face `ViTModel` /
-//! `ViTForImageClassification` safetensors, and Google's `.npz` ViT
-//! checkpoints, mapped onto our timm-named [`Vit`](crate::model::Vit).
+//! as `model.safetensors`; DeiT-III, DINOv2, CLIP and MAE weights in timm's
+//! layout included), Hugging Face `ViTModel` / `ViTForImageClassification`
+//! and `Dinov2Model` safetensors, and Google's `.npz` ViT checkpoints,
+//! mapped onto our timm-named [`Vit`](crate::model::Vit).
 //!
 //! The format is recognised from the file: `.npz` is Google's layout;
 //! safetensors with `embeddings.patch_embeddings` keys is Hugging Face's
@@ -49,7 +50,7 @@ pub enum HeadInit {
 pub enum Format {
     /// timm names (`blocks.N.attn.qkv.weight`, ...).
     Timm,
-    /// Hugging Face `transformers` ViT names.
+    /// Hugging Face `transformers` ViT or Dinov2 names.
     HuggingFace,
     /// Google's JAX/Flax `.npz`.
     Npz,
@@ -133,9 +134,9 @@ impl Checkpoint {
             })
             .max()
             .map_or(0, |d| d + 1);
-        let dim = self
-            .tensors
-            .get("cls_token")
+        let dim = ["cls_token", "pos_embed"]
+            .iter()
+            .find_map(|k| self.tensors.get(*k))
             .map_or(0, |t| *t.size().last().unwrap_or(&0));
         (depth, dim)
     }
@@ -245,19 +246,29 @@ pub fn load_into(
                 format!("pos_embed is {:?}, expected [1, tokens, width]", pe.size()),
             ));
         }
-        let want = cfg.tokens();
+        let want = cfg.pos_embed_len();
         let have = pe.size()[1];
         if have != want {
-            let grid = ((have - 1) as f64).sqrt().round() as i64;
-            if grid * grid + 1 != have {
+            // The prefix tokens (class, registers) have entries of their
+            // own unless the position embedding skips them.
+            let prefix = if cfg.no_embed_class {
+                0
+            } else {
+                cfg.prefix_tokens()
+            };
+            let grid = ((have - prefix).max(0) as f64).sqrt().round() as i64;
+            if grid * grid + prefix != have {
                 return Err(err(
                     &path,
-                    format!("pos_embed has {have} tokens, not a square grid plus a class token"),
+                    format!(
+                        "pos_embed has {have} tokens, not a square grid plus {prefix} prefix                          tokens (the model's class_token, reg_tokens and no_embed_class                          must match the checkpoint's)"
+                    ),
                 ));
             }
             // As timm: bicubic with antialiasing for its own checkpoints,
             // bilinear without for Google's .npz (`_load_weights`).
-            let new = resample_pos_embed(pe, cfg.image_size / cfg.patch, ck.format != Format::Npz);
+            let g = cfg.grid();
+            let new = resample_pos_embed(pe, prefix, (grid, grid), (g, g), ck.format != Format::Npz);
             ck.tensors.insert("pos_embed".into(), new);
             resized = Some(grid);
         }
@@ -304,29 +315,35 @@ pub fn load_into(
     })
 }
 
-/// timm's `resample_abs_pos_embed`: class token kept, the grid resampled
-/// (`bicubic`: bicubic with antialiasing, else bilinear without),
-/// `[1, 1+g*g, D] -> [1, 1+n*n, D]`.
-pub fn resample_pos_embed(pe: &Tensor, new_grid: i64, bicubic: bool) -> Tensor {
+/// timm's `resample_abs_pos_embed`: the first `prefix` entries kept, the
+/// `old` grid of the rest resampled to `new` (`bicubic`: bicubic with
+/// antialiasing, else bilinear without), `[1, prefix + h*w, D] -> [1,
+/// prefix + h'*w', D]`.
+pub fn resample_pos_embed(
+    pe: &Tensor,
+    prefix: i64,
+    old: (i64, i64),
+    new: (i64, i64),
+    bicubic: bool,
+) -> Tensor {
     let (_, tokens, d) = pe.size3().expect("[1, N, D]");
-    let old = ((tokens - 1) as f64).sqrt().round() as i64;
     let kind = pe.kind();
-    let cls = pe.narrow(1, 0, 1);
     let grid = pe
-        .narrow(1, 1, tokens - 1)
+        .narrow(1, prefix, tokens - prefix)
         .to_kind(Kind::Float)
-        .reshape([1, old, old, d])
+        .reshape([1, old.0, old.1, d])
         .permute([0, 3, 1, 2]);
+    let size = [new.0, new.1];
     let grid = if bicubic {
-        grid.internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None, None)
+        grid.internal_upsample_bicubic2d_aa(size, false, None, None)
     } else {
-        grid.upsample_bilinear2d([new_grid, new_grid], false, None, None)
+        grid.upsample_bilinear2d(size, false, None, None)
     };
     let grid = grid
         .permute([0, 2, 3, 1])
-        .reshape([1, new_grid * new_grid, d])
+        .reshape([1, new.0 * new.1, d])
         .to_kind(kind);
-    Tensor::cat(&[cls, grid], 1)
+    Tensor::cat(&[pe.narrow(1, 0, prefix), grid], 1)
 }
 
 fn take(
@@ -397,9 +414,30 @@ fn from_hf(
             put(&format!("head.{wb}"), t);
         }
     }
+    // ViT's and Dinov2's layers differ in their norms' and MLP's names,
+    // and Dinov2 has LayerScale.
+    let dinov2 = raw.contains_key(&format!("{pre}encoder.layer.0.norm1.weight"));
+    let layer: &[(&str, &str)] = if dinov2 {
+        &[
+            ("norm1", "norm1"),
+            ("attention.output.dense", "attn.proj"),
+            ("norm2", "norm2"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]
+    } else {
+        &[
+            ("layernorm_before", "norm1"),
+            ("attention.output.dense", "attn.proj"),
+            ("layernorm_after", "norm2"),
+            ("intermediate.dense", "mlp.fc1"),
+            ("output.dense", "mlp.fc2"),
+        ]
+    };
+    let first_norm = if dinov2 { "norm1" } else { "layernorm_before" };
     for i in 0.. {
         let l = format!("{pre}encoder.layer.{i}.");
-        if !raw.contains_key(&format!("{l}layernorm_before.weight")) {
+        if !raw.contains_key(&format!("{l}{first_norm}.weight")) {
             break;
         }
         let b = format!("blocks.{i}.");
@@ -409,27 +447,31 @@ fn from_hf(
                 .map(|n| take(path, &mut raw, &format!("{l}attention.attention.{n}.{wb}")))
                 .collect::<Result<_, _>>()?;
             put(&format!("{b}attn.qkv.{wb}"), Tensor::cat(&qkv, 0));
-            for (theirs, ours) in [
-                ("layernorm_before", "norm1"),
-                ("attention.output.dense", "attn.proj"),
-                ("layernorm_after", "norm2"),
-                ("intermediate.dense", "mlp.fc1"),
-                ("output.dense", "mlp.fc2"),
-            ] {
+            for (theirs, ours) in layer {
                 put(
                     &format!("{b}{ours}.{wb}"),
                     take(path, &mut raw, &format!("{l}{theirs}.{wb}"))?,
                 );
             }
         }
+        if dinov2 {
+            for n in 1..=2 {
+                put(
+                    &format!("{b}ls{n}.gamma"),
+                    take(path, &mut raw, &format!("{l}layer_scale{n}.lambda1"))?,
+                );
+            }
+        }
     }
-    let (ignored, unknown): (Vec<String>, Vec<String>) = raw
-        .into_keys()
-        .partition(|k| k.starts_with(&format!("{pre}pooler.")));
+    // The pooler and Dinov2's mask token (for masked pre-training) have
+    // no place in a classifier.
+    let (ignored, unknown): (Vec<String>, Vec<String>) = raw.into_keys().partition(|k| {
+        k.starts_with(&format!("{pre}pooler.")) || *k == format!("{pre}embeddings.mask_token")
+    });
     if let Some(k) = unknown.first() {
         return Err(err(
             path,
-            format!("tensor `{k}` is not part of a Hugging Face ViT classifier"),
+            format!("tensor `{k}` is not part of a Hugging Face ViT or Dinov2 model"),
         ));
     }
     Ok((out, ignored))
@@ -730,11 +772,11 @@ mod tests {
     #[test]
     fn position_embedding_resamples_to_another_grid() {
         let pe = Tensor::randn([1, 1 + 4 * 4, 6], (Kind::Float, Device::Cpu));
-        let up = resample_pos_embed(&pe, 8, true);
+        let up = resample_pos_embed(&pe, 1, (4, 4), (8, 8), true);
         assert_eq!(up.size(), [1, 65, 6]);
         assert_eq!(up.narrow(1, 0, 1), pe.narrow(1, 0, 1));
-        let same = resample_pos_embed(&pe, 4, true);
+        let same = resample_pos_embed(&pe, 1, (4, 4), (4, 4), true);
         assert!(same.allclose(&pe, 1e-5, 1e-5, false));
-        assert_eq!(resample_pos_embed(&pe, 6, false).size(), [1, 37, 6]);
+        assert_eq!(resample_pos_embed(&pe, 1, (4, 4), (6, 6), false).size(), [1, 37, 6]);
     }
 }
