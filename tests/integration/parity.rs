@@ -1,14 +1,20 @@
-//! Weight import against the reference implementations: random-weight
-//! models made by timm and Hugging Face transformers (tests/parity/
-//! reference.py), loaded into our ViT, give the same logits for the same
-//! input within 1e-4. Covers timm safetensors at two shapes, a position
-//! embedding resampled to another resolution as timm does, Google's `.npz`
-//! layout (checked against timm's own loader by the script) and a Hugging
-//! Face checkpoint with separate q/k/v and LayerNorm epsilon 1e-12 from its
-//! `config.json`.
+//! Weight import and the model families against the reference
+//! implementations: random-weight models made by timm and Hugging Face
+//! transformers (tests/parity/reference.py), loaded into our ViT, give the
+//! same logits for the same input within 1e-4, on the trainable and on the
+//! frozen path. Covers timm safetensors at two shapes, a position embedding
+//! resampled to another resolution as timm does, Google's `.npz` layout
+//! (checked against timm's own loader by the script), a Hugging Face ViT
+//! with separate q/k/v and LayerNorm epsilon 1e-12 from its `config.json`;
+//! and timm's DeiT-III, DINOv2 (with registers, resampled from another
+//! resolution, and with a dynamic image size), CLIP (GELU and QuickGELU),
+//! MAE-style average pooling, a ViT without class token or qkv bias, each
+//! through our preset of the same name, plus Hugging Face's `Dinov2Model`
+//! (its pooled output against our head's input feature).
 
 use std::process::Command;
 
+use simfreeze::config::ModelSection;
 use simfreeze::model::weights::{load_into, norm_eps_beside, Checkpoint, Format, HeadInit};
 use simfreeze::model::{PrefixModel, Vit, VitConfig};
 use simfreeze_tests::{text, venv_python};
@@ -46,31 +52,56 @@ fn imported_weights_reproduce_timm_and_hugging_face_logits() {
             .into_iter()
             .collect();
     let mut formats = Vec::new();
-    assert_eq!(cases.len(), 5);
+    assert_eq!(cases.len(), 15);
     for case in &cases {
         let name = case["name"].as_str().unwrap();
         let file = dir.path().join(case["file"].as_str().unwrap());
-        let mut cfg: VitConfig = serde_json::from_value(case["shape"].clone()).unwrap();
-        if name == "hf" {
-            // What `model.weights` does: the epsilon comes from config.json.
-            cfg.norm_eps = norm_eps_beside(&file).unwrap().expect("config.json has it");
-            assert_eq!(cfg.norm_eps, 1e-12);
-        }
+        let cfg: VitConfig = if let Some(section) = case.get("model") {
+            // A preset with overrides, resolved as a run config's `model`
+            // section with `weights` set is.
+            let mut section: ModelSection = serde_json::from_value(section.clone()).unwrap();
+            section.weights = Some(file.clone());
+            section.resolve(0).unwrap_or_else(|e| panic!("{name}: {e}"))
+        } else {
+            let mut cfg: VitConfig = serde_json::from_value(case["shape"].clone()).unwrap();
+            if name == "hf" {
+                // What `model.weights` does: the epsilon comes from config.json.
+                cfg.norm_eps = norm_eps_beside(&file).unwrap().expect("config.json has it");
+                assert_eq!(cfg.norm_eps, 1e-12);
+            }
+            cfg
+        };
         let vs = VarStore::new(Device::Cpu);
         let model = Vit::new(&vs.root(), &cfg);
-        let report = load_into(&vs, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Load)
+        let report = load_into(&vs, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         formats.push(report.format);
-        if name == "timm_a_resized" {
-            assert_eq!(report.pos_embed_resized_from, Some(4));
+        match name {
+            "timm_a_resized" => assert_eq!(report.pos_embed_resized_from, Some(4)),
+            "reg4_at_42" => assert_eq!(report.pos_embed_resized_from, Some(5)),
+            "hf_dinov2" => assert!(!report.head_loaded),
+            _ => assert!(report.head_loaded, "{name}: {report}"),
         }
         let x = &refs[&format!("{name}.input")];
-        let want = &refs[&format!("{name}.logits")];
-        let got = tch::no_grad(|| model.forward_frozen(x, 0).logits);
+        let (got, frozen) = tch::no_grad(|| {
+            let (all, none) = (
+                model.forward_frozen(x, 0),
+                model.forward_frozen(x, cfg.depth as usize),
+            );
+            if name == "hf_dinov2" {
+                (all.cls, none.cls)
+            } else {
+                (all.logits, none.logits)
+            }
+        });
+        let want = refs
+            .get(&format!("{name}.logits"))
+            .or_else(|| refs.get(&format!("{name}.features")))
+            .unwrap();
         let diff = (&got - want).abs().max().double_value(&[]);
+        eprintln!("{name:<16} {:?} max |difference| {diff:.1e}", report.format);
         assert!(diff <= 1e-4, "{name}: logits differ by {diff:e}");
-        // And the frozen path gives the same logits.
-        let frozen = tch::no_grad(|| model.forward_frozen(x, cfg.depth as usize).logits);
+        // And the frozen path gives the same output.
         assert!((&frozen - &got).abs().max().double_value(&[]) <= 1e-6);
     }
     for f in [Format::Timm, Format::Npz, Format::HuggingFace] {

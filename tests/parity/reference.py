@@ -129,6 +129,80 @@ x = torch.randn(2, 3, 32, 32)
 case("hf", "hf/model.safetensors", shape(32, 8, 3, 64, 3, 4, 4.0, 6, 1e-12),
      lambda t: hf(pixel_values=t).logits, x)
 
+
+# The model families: timm's own presets at small shapes, against the
+# same preset with the same overrides on our side ("model" is a
+# simfreeze model section).
+def small(preset, img, patch, dim, depth, heads, classes, **ours):
+    return dict(preset=preset, image_size=img, patch=patch, dim=dim, depth=depth, heads=heads,
+                classes=classes, **ours)
+
+
+def family(name, timm_name, section, x, timm_kwargs=None, make=None):
+    kw = dict(img_size=section["image_size"], patch_size=section["patch"],
+              embed_dim=section["dim"], depth=section["depth"], num_heads=section["heads"],
+              num_classes=section["classes"])
+    kw.update(timm_kwargs or {})
+    m = make(**kw) if make else perturb(timm.create_model(timm_name, pretrained=False, **kw))
+    os.makedirs(f"{OUT}/{name}", exist_ok=True)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f"{OUT}/{name}/model.safetensors")
+    with torch.no_grad():
+        logits = m(x)
+    tensors[f"{name}.input"] = x.clone().contiguous()
+    tensors[f"{name}.logits"] = logits.contiguous()
+    cases.append(dict(name=name, file=f"{name}/model.safetensors", model=section))
+    return m
+
+
+x32 = torch.randn(2, 3, 32, 32)
+family("deit3", "deit3_base_patch16_224", small("deit3_base_patch16_224", 32, 8, 48, 2, 3, 7), x32)
+family("clip", "vit_base_patch16_clip_224", small("vit_base_patch16_clip_224", 32, 8, 48, 2, 3, 7), x32)
+family("clip_quickgelu", "vit_base_patch16_clip_quickgelu_224",
+       small("vit_base_patch16_clip_quickgelu_224", 32, 8, 48, 2, 3, 7), x32)
+# MAE-style fine-tuning: the same ViT-B/16 with average pooling and fc_norm.
+family("mae", "vit_base_patch16_224", small("vit_base_patch16_224.mae", 32, 8, 48, 2, 3, 7), x32,
+       timm_kwargs=dict(global_pool="avg"))
+# No class token (average pooling), no qkv bias.
+family("no_cls", None,
+       small("vit_tiny_patch16_224", 32, 8, 48, 2, 3, 7, class_token=False, global_pool="avg",
+             qkv_bias=False),
+       x32, make=lambda **kw: perturb(VisionTransformer(class_token=False, global_pool="avg",
+                                                        qkv_bias=False, **kw)))
+x28 = torch.randn(2, 3, 28, 28)
+family("dinov2", "vit_small_patch14_dinov2", small("vit_small_patch14_dinov2", 28, 14, 24, 2, 2, 5), x28)
+# DINOv2 with registers: trained at 70 (a 5x5 grid), loaded at 42 (3x3)
+# with the position embedding resampled as timm does (DINOv2 at 224 from
+# 518, in small); and the same weights with a dynamic image size, fed 56.
+x42 = torch.randn(2, 3, 42, 42)
+reg_big = family("reg4_70", "vit_base_patch14_reg4_dinov2",
+                 small("vit_base_patch14_reg4_dinov2", 70, 14, 24, 2, 2, 5), torch.randn(2, 3, 70, 70))
+reg_small = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=42, patch_size=14,
+                              embed_dim=24, depth=2, num_heads=2, num_classes=5).eval()
+reg_small.load_state_dict(checkpoint_filter_fn(reg_big.state_dict(), reg_small))
+case("reg4_at_42", "reg4_70/model.safetensors", None, reg_small, x42)
+cases[-1]["model"] = small("vit_base_patch14_reg4_dinov2", 42, 14, 24, 2, 2, 5)
+del cases[-1]["shape"]
+reg_dyn = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=False, img_size=70, patch_size=14,
+                            embed_dim=24, depth=2, num_heads=2, num_classes=5, dynamic_img_size=True).eval()
+reg_dyn.load_state_dict(reg_big.state_dict())
+case("reg4_dynamic", "reg4_70/model.safetensors", None, reg_dyn, torch.randn(2, 3, 56, 56))
+cases[-1]["model"] = small("vit_base_patch14_reg4_dinov2", 70, 14, 24, 2, 2, 5, dynamic_img_size=True)
+del cases[-1]["shape"]
+
+# Hugging Face Dinov2Model (no classifier): its pooled output is the
+# class token after the final LayerNorm, the feature our head sees.
+from transformers import Dinov2Config, Dinov2Model  # noqa: E402
+
+d2 = perturb(Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=96, image_size=28, patch_size=14,
+                                      layer_norm_eps=1e-6)))
+d2.save_pretrained(f"{OUT}/hf_dinov2", safe_serialization=True)
+with torch.no_grad():
+    tensors["hf_dinov2.input"] = x28.clone().contiguous()
+    tensors["hf_dinov2.features"] = d2(pixel_values=x28).pooler_output.contiguous()
+cases.append(dict(name="hf_dinov2", file="hf_dinov2/model.safetensors",
+                  model=small("vit_small_patch14_dinov2", 28, 14, 24, 2, 2, 5)))
+
 save_file(tensors, f"{OUT}/tensors.safetensors")
 with open(f"{OUT}/cases.json", "w") as f:
     json.dump(cases, f, indent=1)

@@ -77,7 +77,8 @@ pub struct VitConfig {
     #[serde(default)]
     pub fc_norm: Option<bool>,
     /// A LayerNorm after the embedding, before the blocks (timm
-    /// `pre_norm`, the `norm_pre` module; OpenAI CLIP).
+    /// `pre_norm`, the `norm_pre` module; OpenAI CLIP); the patch embedding
+    /// then has no bias, as in timm.
     #[serde(default)]
     pub pre_norm: bool,
     /// MLP activation: `"gelu"` (exact) or `"quick_gelu"` (`x *
@@ -274,7 +275,7 @@ impl VitConfig {
             + d
             + if self.init_values.is_some() { 2 * d } else { 0 };
         let embed = d * self.channels * self.patch * self.patch
-            + d
+            + if self.pre_norm { 0 } else { d }
             + self.prefix_tokens() * d
             + self.pos_embed_len() * d
             + if self.pre_norm { norm } else { 0 };
@@ -601,6 +602,8 @@ impl Vit {
     pub fn new(p: &nn::Path, cfg: &VitConfig) -> Self {
         let conv = nn::ConvConfig {
             stride: cfg.patch,
+            // As timm: no patch-embedding bias when a norm follows (CLIP).
+            bias: !cfg.pre_norm,
             ..Default::default()
         };
         let init = nn::Init::Randn {
