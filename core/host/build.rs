@@ -7,7 +7,8 @@
 //!
 //! For the `simfreeze` crate itself it also compiles two small C++ shims
 //! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
-//! offers float16) and `csrc/sgd.cpp` (libtorch's fused SGD step).
+//! offers float16), `csrc/sgd.cpp` and `csrc/adamw.cpp` (libtorch's fused
+//! SGD and AdamW steps).
 fn main() {
     if let (Ok(lib), Ok("simfreeze")) = (
         std::env::var("DEP_TCH_LIBTORCH_LIB"),
@@ -21,12 +22,14 @@ fn main() {
             .cpp(true)
             .file("csrc/autocast.cpp")
             .file("csrc/sgd.cpp")
+            .file("csrc/adamw.cpp")
             .include(torch.join("include"))
             .flag("-std=c++17")
             .warnings(false)
             .compile("simfreeze_shim");
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
         println!("cargo:rerun-if-changed=csrc/sgd.cpp");
+        println!("cargo:rerun-if-changed=csrc/adamw.cpp");
     }
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -90,6 +90,56 @@ fn resumed_run_ends_with_exactly_the_metrics_of_an_uninterrupted_one() {
     assert!(b.join("model.safetensors").is_file());
 }
 
+/// The fine-tuning recipe of DINOv2-style backbones: AdamW, layer-wise lr
+/// decay, clipping and label smoothing on a LayerScale model, with a
+/// policy that freezes. A run stopped mid-epoch and resumed ends with a
+/// byte-identical model, the same metrics and the same events.
+#[test]
+fn resumed_adamw_run_is_byte_identical_to_an_uninterrupted_one() {
+    let d = tempfile::tempdir().unwrap();
+    let train = "optimizer: AdamW, adamw: (lr: 0.003, weight_decay: 0.05, warmup_steps: 2), \
+                 layer_decay: 0.75, clip_grad_norm: 1.0, label_smoothing: 0.1, checkpoint_every: 3";
+    let cfg = simfreeze_tests::tiny_run_config(d.path(), "r", train, ATSF);
+    let text_cfg = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("mlp_ratio: 2.0)", "mlp_ratio: 2.0, init_values: 0.1)");
+    fs::write(&cfg, text_cfg).unwrap();
+    let cfg = cfg.to_str().unwrap();
+
+    let full = simfreeze(&["run", "--config", cfg]);
+    assert!(full.status.success(), "{}", text(&full).1);
+    let a = d.path().join("runs/r-001");
+    let stopped = simfreeze(&["run", "--config", cfg, "--stop-after", "5"]);
+    assert_eq!(stopped.status.code(), Some(130), "{}", text(&stopped).1);
+    let b = d.path().join("runs/r-002");
+    // The checkpoint holds the Adam moments and step counts.
+    let ck = json(&b.join("checkpoint.json"));
+    let tensors = b.join(ck["weights"].as_str().unwrap());
+    let names = tch::Tensor::read_safetensors(&tensors).unwrap();
+    for kind in ["adamw.exp_avg/", "adamw.exp_avg_sq/", "adamw.step/"] {
+        assert!(
+            names.iter().any(|(n, _)| n.starts_with(kind)),
+            "no {kind} in {}",
+            tensors.display()
+        );
+    }
+    let resumed = simfreeze(&["run", "--resume", b.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed).1);
+
+    assert_eq!(metrics_without_time(&a), metrics_without_time(&b));
+    assert_eq!(
+        fs::read_to_string(a.join("events.jsonl")).unwrap(),
+        fs::read_to_string(b.join("events.jsonl")).unwrap()
+    );
+    let (ma, mb) = (
+        fs::read(a.join("model.safetensors")).unwrap(),
+        fs::read(b.join("model.safetensors")).unwrap(),
+    );
+    assert!(ma == mb, "the resumed model differs from the uninterrupted one");
+    let freezes = fs::read_to_string(a.join("events.jsonl")).unwrap();
+    assert!(freezes.contains("\"freeze\""), "the policy froze nothing:\n{freezes}");
+}
+
 #[test]
 fn sigint_finishes_the_step_checkpoints_and_says_how_to_resume() {
     let d = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@ use simfreeze_runtime::driver::PolicyDriver;
 use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::optim::Recipe;
 use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepError, StepPlan};
 use crate::memory;
 use crate::model::precision::Precision;
@@ -61,7 +62,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     let mcfg = spec.model;
     let (device, batch) = (spec.device, spec.batch);
     tch::manual_seed(0);
-    let mut engine = SingleEngine::new(mcfg, spec.precision, Default::default(), device)?;
+    let mut engine = SingleEngine::new(mcfg, spec.precision, Recipe::sgd(Default::default()), device)?;
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),

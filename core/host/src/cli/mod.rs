@@ -300,8 +300,8 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let eval = plan::load_splits(&cfg, false)?.eval;
     let model_cfg = cfg.model.resolve(eval.classes)?;
     let ck = crate::model::weights::Checkpoint::read(&a.weights)?;
-    let (precision, sgd) = (cfg.train.precision, cfg.train.sgd.clone());
-    let mut engine = SingleEngine::new(&model_cfg, precision, sgd, device)?;
+    let (precision, recipe) = (cfg.train.precision, cfg.train.recipe());
+    let mut engine = SingleEngine::new(&model_cfg, precision, recipe, device)?;
     let report = engine.import_weights(ck, cfg.model.head)?;
     eprintln!("weights: {}: {report}", a.weights.display());
     let (top1, loss) = engine.evaluate(&eval)?;

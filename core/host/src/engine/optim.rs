@@ -1,23 +1,39 @@
-//! SGD with momentum (optionally Nesterov) and L2 weight decay, with
-//! PyTorch's update rule; one parameter group per block plus the head, and a cosine learning-rate schedule with optional linear warm-up.
+//! The optimizers: SGD with momentum (optionally Nesterov) and L2 weight
+//! decay, or AdamW (decoupled weight decay, bias correction), each with
+//! PyTorch's update rule run by libtorch's fused kernel; one learning rate
+//! per block (the policies' factors times timm's layer-wise decay), a
+//! cosine schedule with optional linear warm-up, and optional
+//! gradient-norm clipping.
 //!
-//! The momentum buffers are our own tensors (tch cannot save its optimizer
-//! state; checkpoints need them). Invariant: a group that is frozen for a
-//! step is not touched at all: no gradient is computed for it, and it gets
-//! no update, no weight decay and no momentum update, so frozen parameters
-//! stay bit-identical.
+//! The optimizer state (momentum buffers, Adam moments and step counts) is
+//! our own tensors (tch cannot save its optimizer state; checkpoints need
+//! them). Invariant: a group that is frozen for a step is not touched at
+//! all: no gradient is computed for it, and it gets no update, no weight
+//! decay and no state update (AdamW's step count included, as PyTorch
+//! skips a parameter without gradient), so frozen parameters stay
+//! bit-identical.
 
 use std::os::raw::{c_char, c_int};
 
 use serde::{Deserialize, Serialize};
-use tch::{nn::VarStore, Tensor};
+use tch::{nn::VarStore, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::TorchPanic;
 use crate::model::{Group, PrefixModel};
 
-/// Optimizer settings (the paper's recipe by default: SGD, momentum 0.9,
-/// lr 0.003, cosine).
+/// Which update rule.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OptimizerKind {
+    /// `train.sgd` (the paper's recipe).
+    #[default]
+    Sgd,
+    /// `train.adamw` (the BEiT / MAE / DINOv2 fine-tuning recipe).
+    AdamW,
+}
+
+/// SGD settings (the paper's recipe by default: momentum 0.9, lr 0.003,
+/// cosine).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SgdConfig {
@@ -27,7 +43,8 @@ pub struct SgdConfig {
     pub momentum: f64,
     /// Nesterov momentum.
     pub nesterov: bool,
-    /// L2 weight decay added to the gradient.
+    /// L2 weight decay added to the gradient (of every parameter, as
+    /// `torch.optim.SGD(model.parameters())`).
     pub weight_decay: f64,
     /// Linear warm-up steps before the cosine decay.
     pub warmup_steps: u64,
@@ -45,40 +62,170 @@ impl Default for SgdConfig {
     }
 }
 
-impl SgdConfig {
-    /// Checks the values; `at` names the section in the message
-    /// (`train.sgd`).
+/// AdamW settings (defaults: timm's fine-tuning values, lr 1e-4, betas
+/// 0.9 / 0.999, eps 1e-8, weight decay 0.05).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay, skipped (as timm does) on one-dimensional
+    /// parameters (norms, biases, LayerScale), the position embedding and
+    /// the class and register tokens.
+    pub weight_decay: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup_steps: u64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.05,
+            warmup_steps: 0,
+        }
+    }
+}
+
+/// Everything that decides an update: the rule, its settings, the
+/// layer-wise decay, clipping and label smoothing.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Recipe {
+    /// The rule.
+    pub kind: OptimizerKind,
+    /// Its settings when SGD.
+    pub sgd: SgdConfig,
+    /// Its settings when AdamW.
+    pub adamw: AdamWConfig,
+    /// Layer-wise learning-rate decay (1: none): a parameter of timm's layer
+    /// `id` gets `layer_decay^(depth + 1 - id)` (block `i`: `^(depth - i)`,
+    /// the embedding `^(depth + 1)`, the head 1).
+    pub layer_decay: f64,
+    /// Gradient-norm clipping over all trainable parameters (0: none).
+    pub clip_grad_norm: f64,
+    /// Label smoothing of the training loss (0: none).
+    pub label_smoothing: f64,
+}
+
+impl Recipe {
+    /// Plain SGD with these settings, nothing else.
+    pub fn sgd(sgd: SgdConfig) -> Self {
+        Recipe {
+            sgd,
+            layer_decay: 1.0,
+            ..Default::default()
+        }
+    }
+
+    /// Plain AdamW with these settings, nothing else.
+    pub fn adamw(adamw: AdamWConfig) -> Self {
+        Recipe {
+            kind: OptimizerKind::AdamW,
+            adamw,
+            layer_decay: 1.0,
+            ..Default::default()
+        }
+    }
+
+    /// Checks the values; `at` names the section in messages (`train`).
     pub fn validate(&self, at: &str) -> Result<(), String> {
-        if !self.lr.is_finite() || self.lr < 0.0 {
+        let finite_at_least = |key: &str, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                Err(format!("{at}.{key} is {v}: it must be finite and >= {min}"))
+            }
+        };
+        match self.kind {
+            OptimizerKind::Sgd => {
+                let s = &self.sgd;
+                finite_at_least("sgd.lr", s.lr, 0.0)?;
+                if !(0.0..1.0).contains(&s.momentum) {
+                    return Err(format!(
+                        "{at}.sgd.momentum is {}: momentum must be in [0, 1)",
+                        s.momentum
+                    ));
+                }
+                finite_at_least("sgd.weight_decay", s.weight_decay, 0.0)?;
+            }
+            OptimizerKind::AdamW => {
+                let a = &self.adamw;
+                finite_at_least("adamw.lr", a.lr, 0.0)?;
+                for (key, b) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+                    if !(0.0..1.0).contains(&b) {
+                        return Err(format!("{at}.adamw.{key} is {b}: it must be in [0, 1)"));
+                    }
+                }
+                if !(a.eps.is_finite() && a.eps > 0.0) {
+                    return Err(format!("{at}.adamw.eps is {}: it must be > 0", a.eps));
+                }
+                finite_at_least("adamw.weight_decay", a.weight_decay, 0.0)?;
+            }
+        }
+        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             return Err(format!(
-                "{at}.lr is {}: the learning rate must be finite and >= 0",
-                self.lr
+                "{at}.layer_decay is {}: it must be in (0, 1] (1: no decay; timm's fine-tuning \
+                 recipes use 0.65 to 0.75)",
+                self.layer_decay
             ));
         }
-        if !(0.0..1.0).contains(&self.momentum) {
+        finite_at_least("clip_grad_norm", self.clip_grad_norm, 0.0)?;
+        if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(format!(
-                "{at}.momentum is {}: momentum must be in [0, 1)",
-                self.momentum
-            ));
-        }
-        if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
-            return Err(format!(
-                "{at}.weight_decay is {}: weight decay must be finite and >= 0",
-                self.weight_decay
+                "{at}.label_smoothing is {}: it must be in [0, 1)",
+                self.label_smoothing
             ));
         }
         Ok(())
     }
 
+    /// Peak learning rate and warm-up of the chosen rule.
+    fn schedule(&self) -> (f64, u64) {
+        match self.kind {
+            OptimizerKind::Sgd => (self.sgd.lr, self.sgd.warmup_steps),
+            OptimizerKind::AdamW => (self.adamw.lr, self.adamw.warmup_steps),
+        }
+    }
+
     /// Learning rate at `step` of `total`: linear warm-up, then cosine to 0.
     pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        if step < self.warmup_steps {
-            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let span = total.saturating_sub(self.warmup_steps).max(1) as f64;
-        let t = (step - self.warmup_steps) as f64 / span;
-        0.5 * self.lr * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+        let (lr, warmup) = self.schedule();
+        cosine_lr(lr, warmup, step, total)
     }
+}
+
+impl SgdConfig {
+    /// Checks the values; `at` names the section in the message
+    /// (`train.sgd`).
+    pub fn validate(&self, at: &str) -> Result<(), String> {
+        let at = at.strip_suffix(".sgd").unwrap_or(at);
+        Recipe::sgd(self.clone()).validate(at)
+    }
+
+    /// Learning rate at `step` of `total`: linear warm-up, then cosine to 0.
+    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
+        cosine_lr(self.lr, self.warmup_steps, step, total)
+    }
+}
+
+/// `peak` after a linear warm-up of `warmup` steps, then cosine to 0 at
+/// `total`.
+pub fn cosine_lr(peak: f64, warmup: u64, step: u64, total: u64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let t = (step - warmup) as f64 / span;
+    0.5 * peak * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
 }
 
 extern "C" {
@@ -97,81 +244,199 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+
+    // csrc/adamw.cpp
+    fn simfreeze_fused_adamw(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        steps: *const *const C_tensor,
+        n: usize,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        found_inf: *const C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
+
+/// A parameter's optimizer state, created at its first update.
+enum State {
+    Momentum(Tensor),
+    Adam {
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        step: Tensor,
+    },
+}
+
+/// Checkpoint names of the state tensors, `<prefix>/<parameter>`.
+const MOMENTUM: &str = "momentum";
+const EXP_AVG: &str = "adamw.exp_avg";
+const EXP_AVG_SQ: &str = "adamw.exp_avg_sq";
+const STEP: &str = "adamw.step";
 
 struct Param {
     name: String,
     group: Group,
+    /// Layer-wise learning-rate scale.
+    scale: f64,
+    /// Whether weight decay applies.
+    decays: bool,
     value: Tensor,
-    momentum: Option<Tensor>,
+    state: Option<State>,
 }
 
-/// SGD over a `VarStore`'s variables, grouped by block.
-pub struct Sgd {
-    cfg: SgdConfig,
+/// One of the two optimizers over a `VarStore`'s variables, grouped by
+/// block.
+pub struct Optimizer {
+    recipe: Recipe,
     params: Vec<Param>,
 }
 
-impl Sgd {
-    /// Every variable of `vs`, in the block the model says it belongs to.
-    pub fn new(vs: &VarStore, model: &dyn PrefixModel, cfg: SgdConfig) -> Self {
-        Self::with_groups(vs, cfg, |name| model.group_of(name))
+impl Optimizer {
+    /// Every variable of `vs`, in the block the model says it belongs to,
+    /// with the model's layer-wise decay and weight-decay exemptions.
+    pub fn new(vs: &VarStore, model: &dyn PrefixModel, recipe: Recipe) -> Self {
+        let top = model.depth() + 1;
+        let decay = recipe.layer_decay;
+        Self::build(vs, recipe, |name, value| {
+            let scale = decay.powi((top - model.layer_id(name).min(top)) as i32);
+            let exempt = value.dim() <= 1 || name.ends_with(".bias") || model.no_weight_decay(name);
+            (model.group_of(name), scale, !exempt)
+        })
     }
 
-    /// Every variable of `vs`, grouped by `group`.
-    pub fn with_groups(vs: &VarStore, cfg: SgdConfig, group: impl Fn(&str) -> Group) -> Self {
+    /// Every variable of `vs`, grouped by `group`, no layer-wise decay,
+    /// weight decay everywhere.
+    pub fn with_groups(vs: &VarStore, recipe: Recipe, group: impl Fn(&str) -> Group) -> Self {
+        Self::build(vs, recipe, |name, _| (group(name), 1.0, true))
+    }
+
+    fn build(
+        vs: &VarStore,
+        recipe: Recipe,
+        info: impl Fn(&str, &Tensor) -> (Group, f64, bool),
+    ) -> Self {
+        let sgd = recipe.kind == OptimizerKind::Sgd;
         let mut params: Vec<Param> = vs
             .variables()
             .into_iter()
-            .map(|(name, value)| Param {
-                group: group(&name),
-                name,
-                value,
-                momentum: None,
+            .map(|(name, value)| {
+                let (group, scale, decays) = info(&name, &value);
+                Param {
+                    group,
+                    scale,
+                    // SGD decays every parameter, as the paper's recipe does.
+                    decays: decays || sgd,
+                    name,
+                    value,
+                    state: None,
+                }
             })
             .collect();
         // Deterministic order (HashMap order is not).
         params.sort_by(|a, b| a.name.cmp(&b.name));
-        Sgd { cfg, params }
+        Optimizer { recipe, params }
     }
 
     /// The settings.
-    pub fn config(&self) -> &SgdConfig {
-        &self.cfg
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
     }
 
-    /// The momentum buffers that exist, by parameter name (checkpoints).
-    pub fn momentum_state(&self) -> Vec<(String, Tensor)> {
+    /// The learning-rate scale and whether weight decay applies, by
+    /// parameter name (for tests and reports).
+    pub fn param_settings(&self) -> Vec<(String, f64, bool)> {
         self.params
             .iter()
-            .filter_map(|p| {
-                p.momentum
-                    .as_ref()
-                    .map(|m| (p.name.clone(), m.shallow_clone()))
-            })
+            .map(|p| (p.name.clone(), p.scale, p.decays))
             .collect()
     }
 
-    /// Restores momentum buffers saved by [`Self::momentum_state`];
-    /// parameters not named keep none.
-    pub fn load_momentum(&mut self, state: Vec<(String, Tensor)>) -> Result<(), String> {
-        let mut by_name: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
-        for p in &mut self.params {
-            p.momentum = match by_name.remove(&p.name) {
-                Some(m) if m.size() == p.value.size() => Some(m.to_device(p.value.device())),
-                Some(m) => {
-                    return Err(format!(
-                        "momentum of {} has shape {:?}, the parameter {:?}",
-                        p.name,
-                        m.size(),
-                        p.value.size()
-                    ))
+    /// The optimizer state that exists, as `<kind>/<parameter>` tensors
+    /// (checkpoints).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            match &p.state {
+                None => {}
+                Some(State::Momentum(m)) => {
+                    out.push((format!("{MOMENTUM}/{}", p.name), m.shallow_clone()))
                 }
-                None => None,
+                Some(State::Adam {
+                    exp_avg,
+                    exp_avg_sq,
+                    step,
+                }) => {
+                    for (kind, t) in [(EXP_AVG, exp_avg), (EXP_AVG_SQ, exp_avg_sq), (STEP, step)] {
+                        out.push((format!("{kind}/{}", p.name), t.shallow_clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Restores state saved by [`Self::state`]; parameters not named keep
+    /// none. State of the other optimizer is an error that says so.
+    pub fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<(), String> {
+        let mut by_name: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
+        let sgd = self.recipe.kind == OptimizerKind::Sgd;
+        if let Some(other) = by_name.keys().find(|k| {
+            let momentum = k.starts_with(&format!("{MOMENTUM}/"));
+            if sgd {
+                !momentum
+            } else {
+                momentum
+            }
+        }) {
+            return Err(format!(
+                "the checkpoint holds {} state ({other}), the run trains with {:?}: resume with \
+                 the optimizer it was started with",
+                if sgd { "AdamW" } else { "SGD" },
+                self.recipe.kind
+            ));
+        }
+        for p in &mut self.params {
+            let mut take = |kind: &str| -> Result<Option<Tensor>, String> {
+                let Some(t) = by_name.remove(&format!("{kind}/{}", p.name)) else {
+                    return Ok(None);
+                };
+                let want = if kind == STEP {
+                    Vec::new()
+                } else {
+                    p.value.size()
+                };
+                if t.size() != want {
+                    return Err(format!(
+                        "{kind} of {} has shape {:?}, expected {want:?}",
+                        p.name,
+                        t.size()
+                    ));
+                }
+                Ok(Some(t.to_device(p.value.device())))
+            };
+            p.state = if sgd {
+                take(MOMENTUM)?.map(State::Momentum)
+            } else {
+                match (take(EXP_AVG)?, take(EXP_AVG_SQ)?, take(STEP)?) {
+                    (Some(exp_avg), Some(exp_avg_sq), Some(step)) => Some(State::Adam {
+                        exp_avg,
+                        exp_avg_sq,
+                        step,
+                    }),
+                    (None, None, None) => None,
+                    _ => return Err(format!("incomplete AdamW state for {}", p.name)),
+                }
             };
         }
         match by_name.keys().next() {
-            Some(extra) => Err(format!("momentum for unknown parameter {extra}")),
+            Some(extra) => Err(format!("optimizer state for unknown parameter {extra}")),
             None => Ok(()),
         }
     }
@@ -181,28 +446,76 @@ impl Sgd {
     /// accumulates in `.grad`, so there is nothing to zero, and frozen
     /// parameters are not even asked for a gradient.
     pub fn backward(&self, loss: &Tensor, frozen: usize) -> Grads {
-        let index: Vec<usize> = (0..self.params.len())
-            .filter(|&i| !matches!(self.params[i].group, Group::Block(b) if b < frozen))
-            .collect();
+        let index = self.trainable(frozen);
         let inputs: Vec<&Tensor> = index.iter().map(|&i| &self.params[i].value).collect();
         let grads = Tensor::run_backward(&[loss], &inputs, false, false);
         Grads { index, grads }
     }
 
+    fn trainable(&self, frozen: usize) -> Vec<usize> {
+        (0..self.params.len())
+            .filter(|&i| !matches!(self.params[i].group, Group::Block(b) if b < frozen))
+            .collect()
+    }
+
+    /// Gradients from elsewhere (a reference implementation, another
+    /// process), by parameter name, for the parameters trainable with
+    /// `frozen` blocks frozen; a trainable parameter without one is an
+    /// error.
+    pub fn grads_from(
+        &self,
+        named: &std::collections::HashMap<String, Tensor>,
+        frozen: usize,
+    ) -> Result<Grads, String> {
+        let index = self.trainable(frozen);
+        let grads = index
+            .iter()
+            .map(|&i| {
+                let name = &self.params[i].name;
+                named
+                    .get(name)
+                    .map(Tensor::shallow_clone)
+                    .ok_or_else(|| format!("no gradient for {name}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Grads { index, grads })
+    }
+
+    /// Scales the gradients so that their global L2 norm is at most
+    /// `recipe.clip_grad_norm`, as `torch.nn.utils.clip_grad_norm_`
+    /// (on the device, without a host synchronisation).
+    pub fn clip(&self, grads: &mut Grads) {
+        let max = self.recipe.clip_grad_norm;
+        if max <= 0.0 || grads.grads.is_empty() {
+            return;
+        }
+        let norms: Vec<Tensor> = grads
+            .grads
+            .iter()
+            .map(|g| g.norm().to_kind(Kind::Float))
+            .collect();
+        let total = Tensor::stack(&norms, 0).norm();
+        let coef = (total + 1e-6).reciprocal().g_mul_scalar(max).clamp_max(1.0);
+        for g in &mut grads.grads {
+            let _ = g.g_mul_(&coef);
+        }
+    }
+
     /// One update at learning rate `lr` of the parameters in `grads`;
     /// `factors[i]` scales block `i`'s learning rate (empty: all 1).
-    ///
-    /// PyTorch's rule, run by libtorch's fused SGD kernel: one call per
-    /// distinct learning rate (and per first step of a momentum buffer)
-    /// instead of five to eight tensor operations per parameter.
     pub fn step(&mut self, grads: &Grads, lr: f64, factors: &[f32]) {
         self.step_unless(grads, lr, factors, None);
     }
 
-    /// [`Sgd::step`], skipped inside the kernel when `found_inf` (a scalar
-    /// float tensor on the parameters' device) holds 1: nothing moves, no
-    /// weight, no momentum. A GPU can then queue the step before the loss
-    /// is known to be finite.
+    /// [`Optimizer::step`], skipped inside the kernel when `found_inf` (a
+    /// scalar float tensor on the parameters' device) holds 1: nothing
+    /// moves, no weight, no state. A GPU can then queue the step before
+    /// the loss is known to be finite.
+    ///
+    /// PyTorch's rules, run by libtorch's fused kernels: one call per
+    /// distinct (learning rate, weight decay) and, for SGD, per first step
+    /// of a momentum buffer, instead of several tensor operations per
+    /// parameter.
     pub fn step_unless(
         &mut self,
         grads: &Grads,
@@ -210,66 +523,142 @@ impl Sgd {
         factors: &[f32],
         found_inf: Option<&Tensor>,
     ) {
-        let cfg = &self.cfg;
-        // (learning rate, first step of its momentum buffer) -> parameters.
-        let mut groups: Vec<((f64, bool), Vec<usize>)> = Vec::new();
+        let recipe = &self.recipe;
+        let (momentum, wd) = match recipe.kind {
+            OptimizerKind::Sgd => (recipe.sgd.momentum, recipe.sgd.weight_decay),
+            OptimizerKind::AdamW => (0.0, recipe.adamw.weight_decay),
+        };
+        // (learning rate, weight decay, first step of a momentum buffer)
+        // -> positions in `grads`.
+        let mut groups: Vec<((u64, u64, bool), Vec<usize>)> = Vec::new();
         for (k, &i) in grads.index.iter().enumerate() {
             let p = &mut self.params[i];
             let factor = match p.group {
                 Group::Block(b) => f64::from(factors.get(b).copied().unwrap_or(1.0)),
                 Group::Head => 1.0,
             };
-            let first = cfg.momentum != 0.0 && p.momentum.is_none();
-            if first {
-                p.momentum = Some(p.value.zeros_like());
+            let first = p.state.is_none();
+            match recipe.kind {
+                OptimizerKind::Sgd if first && momentum != 0.0 => {
+                    p.state = Some(State::Momentum(p.value.zeros_like()))
+                }
+                OptimizerKind::AdamW if first => {
+                    p.state = Some(State::Adam {
+                        exp_avg: p.value.zeros_like(),
+                        exp_avg_sq: p.value.zeros_like(),
+                        step: Tensor::zeros([], (Kind::Float, p.value.device())),
+                    })
+                }
+                _ => {}
             }
-            let key = (lr * factor, first);
+            let first = first && recipe.kind == OptimizerKind::Sgd && momentum != 0.0;
+            let decay = if p.decays { wd } else { 0.0 };
+            let key = ((lr * factor * p.scale).to_bits(), decay.to_bits(), first);
             match groups.iter_mut().find(|(g, _)| *g == key) {
                 Some((_, members)) => members.push(k),
                 None => groups.push((key, vec![k])),
             }
         }
-        for ((lr, first), members) in groups {
-            let mut params = Vec::with_capacity(members.len());
-            let mut bufs = Vec::with_capacity(members.len());
-            let mut grad_ptrs = Vec::with_capacity(members.len());
-            for &k in &members {
-                let p = &self.params[grads.index[k]];
-                params.push(p.value.as_ptr());
-                bufs.push(p.momentum.as_ref().map_or(p.value.as_ptr(), Tensor::as_ptr));
-                grad_ptrs.push(grads.grads[k].as_ptr());
-            }
-            let mut err = [0 as c_char; 512];
-            // SAFETY: every pointer is a live tensor handle owned by `self`
-            // or `grads` for the duration of the call; the shim catches C++
-            // exceptions and writes a NUL-terminated message into `err`.
-            let rc = unsafe {
-                simfreeze_fused_sgd(
-                    params.as_ptr(),
-                    grad_ptrs.as_ptr(),
-                    bufs.as_ptr(),
-                    params.len(),
-                    cfg.weight_decay,
-                    cfg.momentum,
-                    lr,
-                    c_int::from(cfg.nesterov),
-                    c_int::from(first),
-                    found_inf.map_or(std::ptr::null(), Tensor::as_ptr),
-                    err.as_mut_ptr(),
-                    err.len(),
-                )
-            };
-            if rc != 0 {
-                // SAFETY: the shim NUL-terminated `err`.
-                let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        for ((lr, decay, first), members) in groups {
+            let (lr, decay) = (f64::from_bits(lr), f64::from_bits(decay));
+            let rc = self.fused(grads, &members, lr, decay, first, found_inf);
+            if let Err(msg) = rc {
                 // libtorch refused the update (a device error, say): raised
                 // like tch's own errors, so the run's guard reports it.
-                std::panic::panic_any(TorchPanic(format!(
-                    "fused SGD step: {}",
-                    msg.to_string_lossy()
-                )));
+                std::panic::panic_any(TorchPanic(msg));
             }
         }
+    }
+
+    /// One fused kernel call over `members` (positions in `grads`).
+    fn fused(
+        &self,
+        grads: &Grads,
+        members: &[usize],
+        lr: f64,
+        decay: f64,
+        first: bool,
+        found_inf: Option<&Tensor>,
+    ) -> Result<(), String> {
+        let n = members.len();
+        let (mut params, mut grad_ptrs) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut s1, mut s2, mut s3) = (Vec::new(), Vec::new(), Vec::new());
+        for &k in members {
+            let p = &self.params[grads.index[k]];
+            params.push(p.value.as_ptr());
+            grad_ptrs.push(grads.grads[k].as_ptr());
+            match &p.state {
+                Some(State::Momentum(m)) => s1.push(m.as_ptr()),
+                Some(State::Adam {
+                    exp_avg,
+                    exp_avg_sq,
+                    step,
+                }) => {
+                    s1.push(exp_avg.as_ptr());
+                    s2.push(exp_avg_sq.as_ptr());
+                    s3.push(step.as_ptr());
+                }
+                // SGD without momentum: the buffers are ignored.
+                None => s1.push(p.value.as_ptr()),
+            }
+        }
+        let skip = found_inf.map_or(std::ptr::null(), Tensor::as_ptr);
+        let mut err = [0 as c_char; 512];
+        let (what, rc) = match self.recipe.kind {
+            OptimizerKind::Sgd => {
+                let s = &self.recipe.sgd;
+                // SAFETY: every pointer is a live tensor handle owned by
+                // `self` or `grads` for the duration of the call; the shim
+                // catches C++ exceptions and writes a NUL-terminated message
+                // into `err`.
+                let rc = unsafe {
+                    simfreeze_fused_sgd(
+                        params.as_ptr(),
+                        grad_ptrs.as_ptr(),
+                        s1.as_ptr(),
+                        n,
+                        decay,
+                        s.momentum,
+                        lr,
+                        c_int::from(s.nesterov),
+                        c_int::from(first),
+                        skip,
+                        err.as_mut_ptr(),
+                        err.len(),
+                    )
+                };
+                ("SGD", rc)
+            }
+            OptimizerKind::AdamW => {
+                let a = &self.recipe.adamw;
+                // SAFETY: as above; every parameter has its Adam state.
+                let rc = unsafe {
+                    simfreeze_fused_adamw(
+                        params.as_ptr(),
+                        grad_ptrs.as_ptr(),
+                        s1.as_ptr(),
+                        s2.as_ptr(),
+                        s3.as_ptr(),
+                        n,
+                        lr,
+                        a.beta1,
+                        a.beta2,
+                        decay,
+                        a.eps,
+                        skip,
+                        err.as_mut_ptr(),
+                        err.len(),
+                    )
+                };
+                ("AdamW", rc)
+            }
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the shim NUL-terminated `err`.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        Err(format!("fused {what} step: {}", msg.to_string_lossy()))
     }
 
     /// L2 norm of the gradient of each block `0..layers` (0 for a block
@@ -279,7 +668,7 @@ impl Sgd {
         for (&i, g) in grads.index.iter().zip(&grads.grads) {
             if let Group::Block(b) = self.params[i].group {
                 if b < layers {
-                    let s = g.square().sum(tch::Kind::Float);
+                    let s = g.square().sum(Kind::Float);
                     sq[b] = Some(match sq[b].take() {
                         None => s,
                         Some(acc) => acc + s,
@@ -291,7 +680,7 @@ impl Sgd {
         let Some(device) = grads.grads.first().map(Tensor::device) else {
             return vec![0.0; layers];
         };
-        let zero = Tensor::zeros([], (tch::Kind::Float, device));
+        let zero = Tensor::zeros([], (Kind::Float, device));
         let all: Vec<Tensor> = sq
             .into_iter()
             .map(|s| s.unwrap_or_else(|| zero.shallow_clone()))
@@ -386,7 +775,7 @@ mod tests {
                 .collect();
             let mut shadow: Vec<Tensor> = vars.iter().map(|v| v.detach().copy()).collect();
             let mut bufs: Vec<Option<Tensor>> = vec![None, None, None];
-            let mut opt = Sgd::with_groups(&vs, cfg.clone(), group_of);
+            let mut opt = Optimizer::with_groups(&vs, Recipe::sgd(cfg.clone()), group_of);
             let factors = [0.5f32, 2.0];
             for step in 0..4 {
                 // Block 0 is frozen for the first two steps, then trains.
@@ -430,12 +819,12 @@ mod tests {
             .root()
             .sub("head")
             .var("weight", &[1], tch::nn::Init::Const(1.0));
-        let mut opt = Sgd::with_groups(
+        let mut opt = Optimizer::with_groups(
             &vs,
-            SgdConfig {
+            Recipe::sgd(SgdConfig {
                 momentum: 0.9,
                 ..Default::default()
-            },
+            }),
             group_of,
         );
         for _ in 0..2 {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::Dataset;
-use crate::engine::optim::{Sgd, SgdConfig};
+use crate::engine::optim::{Optimizer, Recipe};
 use crate::engine::{Batch, Engine, StepError, StepOut, StepPlan};
 use crate::error::{torch_guard, TorchError};
 use crate::model::precision::Precision;
@@ -28,7 +28,7 @@ pub const MODEL_INFO_FILE: &str = "model.json";
 pub struct SingleEngine {
     vs: nn::VarStore,
     model: Vit,
-    opt: Sgd,
+    opt: Optimizer,
     device: Device,
 }
 
@@ -38,7 +38,7 @@ impl SingleEngine {
     pub fn new(
         cfg: &VitConfig,
         precision: Precision,
-        sgd: SgdConfig,
+        recipe: Recipe,
         device: Device,
     ) -> Result<Self, TorchError> {
         torch_guard(
@@ -46,7 +46,7 @@ impl SingleEngine {
             || {
                 let vs = nn::VarStore::new(device);
                 let model = Vit::build(&vs, cfg, precision);
-                let opt = Sgd::new(&vs, &model, sgd);
+                let opt = Optimizer::new(&vs, &model, recipe);
                 SingleEngine {
                     vs,
                     model,
@@ -72,7 +72,7 @@ impl Engine for SingleEngine {
     }
 
     fn lr_at(&self, step: u64, total: u64) -> f64 {
-        self.opt.config().lr_at(step, total)
+        self.opt.recipe().lr_at(step, total)
     }
 
     fn step(
@@ -99,22 +99,19 @@ impl Engine for SingleEngine {
 
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        tensors.extend(
-            self.opt
-                .momentum_state()
-                .into_iter()
-                .map(|(n, t)| (format!("momentum/{n}"), t)),
-        );
+        // Optimizer state is named `<kind>/<parameter>`; no variable name
+        // has a `/`.
+        tensors.extend(self.opt.state());
         tensors
     }
 
     fn load_state_tensors(&mut self, path: &Path, loaded: Vec<(String, Tensor)>) -> Result<()> {
         let mut vars = self.vs.variables();
-        let mut momentum = Vec::new();
+        let mut state = Vec::new();
         tch::no_grad(|| -> Result<()> {
             for (name, t) in loaded {
-                if let Some(m) = name.strip_prefix("momentum/") {
-                    momentum.push((m.to_string(), t));
+                if name.contains('/') {
+                    state.push((name, t));
                 } else if let Some(mut v) = vars.remove(&name) {
                     if v.size() != t.size() {
                         bail!(
@@ -135,7 +132,7 @@ impl Engine for SingleEngine {
             bail!("{}: no tensor for {missing}", path.display());
         }
         self.opt
-            .load_momentum(momentum)
+            .load_state(state)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
@@ -158,7 +155,7 @@ impl Engine for SingleEngine {
 /// step never reaches the weights.
 pub fn train_step(
     model: &dyn PrefixModel,
-    opt: &mut Sgd,
+    opt: &mut Optimizer,
     batch: Batch,
     y: &Tensor,
     plan: &StepPlan<'_>,
@@ -174,7 +171,7 @@ pub fn train_step(
 /// loss first costs nothing and skips a wasted backward.
 fn train_step_checked(
     model: &dyn PrefixModel,
-    opt: &mut Sgd,
+    opt: &mut Optimizer,
     batch: Batch,
     y: &Tensor,
     plan: &StepPlan<'_>,
@@ -184,7 +181,13 @@ fn train_step_checked(
         Batch::Images(x) => model.forward_frozen(&x, plan.frozen),
         Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
     };
-    let loss_t = out.logits.cross_entropy_for_logits(y);
+    let smoothing = opt.recipe().label_smoothing;
+    let loss_t = if smoothing > 0.0 {
+        out.logits
+            .cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, smoothing)
+    } else {
+        out.logits.cross_entropy_for_logits(y)
+    };
     // The feature copy is queued right behind the forward, before the loss
     // is read: reading the loss waits for it too, and the backward is not
     // held up by a second synchronisation after it. Non-blocking
@@ -202,12 +205,15 @@ fn train_step_checked(
             return Err(loss);
         }
     }
-    let grads = opt.backward(&loss_t, plan.frozen);
+    let mut grads = opt.backward(&loss_t, plan.frozen);
+    // The policy observes the gradients before clipping, as a clipped
+    // PyTorch loop's hooks would.
     let grad_norms = if plan.grad_norms {
         opt.grad_norms(&grads, model.depth())
     } else {
         Vec::new()
     };
+    opt.clip(&mut grads);
     let found_inf = defer_check.then(|| {
         loss_t
             .detach()
@@ -277,7 +283,7 @@ mod tests {
 
     /// The tiny model with Nesterov momentum and weight decay: every way a
     /// parameter could move without a gradient.
-    fn with_momentum_and_decay() -> (nn::VarStore, Vit, Sgd) {
+    fn with_momentum_and_decay() -> (nn::VarStore, Vit, Optimizer) {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Vit::new(&vs.root(), &tiny());
         let cfg = crate::engine::optim::SgdConfig {
@@ -287,13 +293,13 @@ mod tests {
             weight_decay: 0.05,
             warmup_steps: 0,
         };
-        let opt = Sgd::new(&vs, &model, cfg);
+        let opt = Optimizer::new(&vs, &model, Recipe::sgd(cfg));
         (vs, model, opt)
     }
 
     /// `n` steps at lr 0.1 with `frozen` blocks frozen, on the whole of
     /// `data`.
-    fn plain_steps(model: &Vit, opt: &mut Sgd, data: &Dataset, frozen: usize, n: usize) {
+    fn plain_steps(model: &Vit, opt: &mut Optimizer, data: &Dataset, frozen: usize, n: usize) {
         for _ in 0..n {
             let batch = Batch::Images(data.images.shallow_clone());
             let plan = StepPlan::simple(0.1, frozen);
@@ -339,7 +345,7 @@ mod tests {
         tch::manual_seed(2);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Vit::new(&vs.root(), &tiny());
-        let mut opt = Sgd::new(&vs, &model, Default::default());
+        let mut opt = Optimizer::new(&vs, &model, Recipe::sgd(Default::default()));
         let data = Dataset::synthetic(8, 4, 1, 8, 1);
         let before = snapshot(&vs);
         let plan = StepPlan {
@@ -370,7 +376,7 @@ mod tests {
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Vit::new(&vs.root(), &tiny());
-        let mut opt = Sgd::new(&vs, &model, Default::default());
+        let mut opt = Optimizer::new(&vs, &model, Recipe::sgd(Default::default()));
         let data = Dataset::synthetic(8, 4, 1, 8, 2);
         let plan = StepPlan {
             grad_norms: true,
@@ -446,7 +452,7 @@ mod tests {
             let mut vs = nn::VarStore::new(Device::Cpu);
             let model = Vit::new(&vs.root(), &tiny());
             vs.copy(&first).unwrap();
-            let mut opt = Sgd::new(&vs, &model, Default::default());
+            let mut opt = Optimizer::new(&vs, &model, Recipe::sgd(Default::default()));
             let data = Dataset::synthetic(8, 4, 1, 8, 4);
             for _ in 0..3 {
                 let plan = StepPlan::simple(0.05, 1);

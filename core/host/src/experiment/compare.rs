@@ -168,14 +168,14 @@ impl CompareConfig {
         check_classes("finetune.classes", self.finetune.classes.as_deref())?;
         self.finetune
             .train
-            .sgd
-            .validate("finetune.train.sgd")
+            .recipe()
+            .validate("finetune.train")
             .map_err(UsageError)?;
         if let Some(pre) = &self.pretrain {
             check_classes("pretrain.classes", pre.classes.as_deref())?;
             pre.train
-                .sgd
-                .validate("pretrain.train.sgd")
+                .recipe()
+                .validate("pretrain.train")
                 .map_err(UsageError)?;
         }
         if let Some(e) = self

@@ -1,8 +1,10 @@
 //! Checkpoints: everything needed to continue a run exactly where it was.
 //!
-//! A checkpoint is two files in the run directory: `checkpoint-<step>.safetensors`
-//! (model weights under their timm names, momentum buffers under
-//! `momentum/<name>`) and `checkpoint.json` (step, epoch accumulators, freeze
+//! A checkpoint is two files in the run directory:
+//! `checkpoint-<step>.safetensors` (model weights under their timm names,
+//! the optimizer state under `momentum/<name>` for SGD, or
+//! `adamw.exp_avg/<name>`, `adamw.exp_avg_sq/<name>` and
+//! `adamw.step/<name>`) and `checkpoint.json` (step, epoch accumulators, freeze
 //! state, timeline, the policy's state, and how long `metrics.csv` and
 //! `events.jsonl` were). Each is written to a temporary file and renamed;
 //! the rename of `checkpoint.json` is the commit point, so a crash leaves

@@ -221,9 +221,9 @@ impl Trainer {
             augment,
         } = plan;
         tch::manual_seed(config.train.seed as i64);
-        let (precision, sgd) = (config.train.precision, config.train.sgd.clone());
+        let (precision, recipe) = (config.train.precision, config.train.recipe());
         let mut engine: Box<dyn Engine> =
-            Box::new(SingleEngine::new(&model, precision, sgd, device)?);
+            Box::new(SingleEngine::new(&model, precision, recipe, device)?);
         if let (Some(ck), None) = (weights, &start) {
             let from = ck.path.display().to_string();
             let report = engine.import_weights(ck, config.model.head)?;
