@@ -401,8 +401,34 @@ fn config_holes_are_refused_naming_the_field() {
             "data.classes=Some([1, 1, 2])",
             "data.classes lists class 1 twice",
         ),
+        ("train.layer_decay=1.5", "train.layer_decay is 1.5"),
+        ("train.layer_decay=0.0", "train.layer_decay is 0"),
+        ("train.clip_grad_norm=-1.0", "train.clip_grad_norm is -1"),
+        ("train.label_smoothing=1.0", "train.label_smoothing is 1"),
+        (r#"model.global_pool="max""#, "model.global_pool"),
+        ("model.class_token=false", "needs the class token"),
     ] {
         let out = simfreeze(&["run", "--config", cfg, "--set", set]);
+        let err = text(&out).1;
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(expected), "{set}: {err}");
+    }
+    // AdamW's own settings, checked when it is the optimizer.
+    for (set, expected) in [
+        ("train.adamw.lr=-1.0", "train.adamw.lr is -1"),
+        ("train.adamw.beta2=1.0", "train.adamw.beta2 is 1"),
+        ("train.adamw.eps=0.0", "train.adamw.eps is 0"),
+        ("train.adamw.weight_decay=-0.1", "train.adamw.weight_decay is -0.1"),
+    ] {
+        let out = simfreeze(&[
+            "run",
+            "--config",
+            cfg,
+            "--set",
+            "train.optimizer=AdamW",
+            "--set",
+            set,
+        ]);
         let err = text(&out).1;
         assert_eq!(out.status.code(), Some(2), "{set}: {err}");
         assert!(err.contains(expected), "{set}: {err}");

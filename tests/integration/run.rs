@@ -195,6 +195,52 @@ fn activation_cache_trains_like_recomputing_the_prefix() {
     }
 }
 
+/// A pooled model without class token, with registers and LayerScale
+/// (MAE / DINOv2-style options): ATSF observes the pooled features and
+/// freezes, and the activation cache (whose boundaries now hold the
+/// registers) trains like recomputing the prefix.
+#[test]
+fn atsf_freezes_a_pooled_model_with_registers_and_the_cache_agrees() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        d.path(),
+        r#"policy: (plugin: "atsf", options: "(record_steps: 2, compare_steps: 2)"),"#,
+    );
+    let text_cfg = fs::read_to_string(&cfg).unwrap().replace(
+        "mlp_ratio: 2.0)",
+        r#"mlp_ratio: 2.0, class_token: false, global_pool: "avg", reg_tokens: 2, init_values: 0.1)"#,
+    );
+    fs::write(&cfg, text_cfg).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let plain = simfreeze(&["run", "--config", cfg]);
+    assert!(plain.status.success(), "{}", text(&plain).1);
+    let summary: serde_json::Value = serde_json::from_str(&text(&plain).0).unwrap();
+    let freezes = summary["freeze_step"].as_array().unwrap();
+    assert!(
+        freezes.iter().any(|s| s.is_u64()),
+        "ATSF froze nothing on pooled features: {summary}"
+    );
+    let cached = simfreeze(&["run", "--config", cfg, "--set", "train.cache_frozen=true"]);
+    let (_, err) = text(&cached);
+    assert!(cached.status.success(), "{err}");
+    let rows = |run: &str| -> Vec<String> {
+        fs::read_to_string(d.path().join("runs").join(run).join("metrics.csv"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(',').take(4).collect::<Vec<_>>().join(","))
+            .collect()
+    };
+    let (a, b) = (rows("t-001"), rows("t-002"));
+    assert_eq!(a.len(), b.len());
+    for (ra, rb) in a.iter().zip(&b).skip(1) {
+        let (la, lb): (f64, f64) = (
+            ra.split(',').nth(1).unwrap().parse().unwrap(),
+            rb.split(',').nth(1).unwrap().parse().unwrap(),
+        );
+        assert!((la - lb).abs() < 1e-4 * la.abs().max(1.0), "{ra} vs {rb}");
+    }
+}
+
 #[test]
 fn activation_cache_over_its_cap_is_refused() {
     let d = tempfile::tempdir().unwrap();

@@ -120,7 +120,10 @@ pub struct Needs(pub u64);
 impl Needs {
     /// Nothing beyond the step counters and the loss.
     pub const NONE: Needs = Needs(0);
-    /// The batch's final class-token features (after the final norm), B×D.
+    /// The batch's features as the classifier head sees them, B×D: the
+    /// class token after the final norm, or, for a model that pools (MAE
+    /// style `global_pool: "avg"`, no class token), the mean of the patch
+    /// tokens after `fc_norm`.
     pub const CLS_FEATURES: Needs = Needs(1);
     /// The batch's labels and the number of classes.
     pub const LABELS: Needs = Needs(1 << 1);
@@ -184,8 +187,8 @@ pub struct Observation<'a> {
     pub batch: u32,
     /// Feature width D (0 unless [`Needs::CLS_FEATURES`]).
     pub feature_dim: u32,
-    /// Final class-token features, B×D row-major (empty unless
-    /// [`Needs::CLS_FEATURES`]).
+    /// The features the head sees (class token, or pooled patch tokens),
+    /// B×D row-major (empty unless [`Needs::CLS_FEATURES`]).
     pub features: RSlice<'a, f32>,
     /// Labels of the batch, B entries (empty unless [`Needs::LABELS`]).
     pub labels: RSlice<'a, i64>,

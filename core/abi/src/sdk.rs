@@ -258,9 +258,11 @@ impl<'a> Step<'a> {
         })
     }
 
-    /// The features the head saw after the final norm, B×D (the class
-    /// token, or the pooled feature of models without one); `None` when
-    /// the host had none for this step. Needs [`Needs::CLS_FEATURES`].
+    /// The features the head saw, B×D: the class token after the final
+    /// norm, or for a model that pools (`global_pool: "avg"`, with or
+    /// without class token) the mean of the patch tokens after `fc_norm`;
+    /// `None` when the host had none for this step. Needs
+    /// [`Needs::CLS_FEATURES`].
     pub fn features(&self) -> Result<Option<Matrix<'a>>, PolicyError> {
         match self.needs.contains(Needs::CLS_FEATURES) {
             true => Ok(self.features),

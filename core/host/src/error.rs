@@ -234,7 +234,8 @@ impl Stop {
             Stop::Interrupted { step, total } => format!("stopped after step {step} of {total}"),
             Stop::Diverged { step, epoch, loss } => format!(
                 "training loss is {loss} at step {step} (epoch {epoch}); the weights were not \
-                 updated by that step. Lower train.sgd.lr or check the data."
+                 updated by that step. Lower the learning rate (train.sgd.lr or train.adamw.lr) \
+                 or check the data."
             ),
             Stop::Policy(e) => e.to_string(),
             Stop::Torch { error, hint } => format!("{error}{hint}"),

@@ -138,28 +138,28 @@ impl Recipe {
 
     /// Checks the values; `at` names the section in messages (`train`).
     pub fn validate(&self, at: &str) -> Result<(), String> {
-        let finite_at_least = |key: &str, v: f64, min: f64| {
-            if v.is_finite() && v >= min {
+        let non_negative = |key: &str, v: f64, what: &str| {
+            if v.is_finite() && v >= 0.0 {
                 Ok(())
             } else {
-                Err(format!("{at}.{key} is {v}: it must be finite and >= {min}"))
+                Err(format!("{at}.{key} is {v}: {what} must be finite and >= 0"))
             }
         };
         match self.kind {
             OptimizerKind::Sgd => {
                 let s = &self.sgd;
-                finite_at_least("sgd.lr", s.lr, 0.0)?;
+                non_negative("sgd.lr", s.lr, "the learning rate")?;
                 if !(0.0..1.0).contains(&s.momentum) {
                     return Err(format!(
                         "{at}.sgd.momentum is {}: momentum must be in [0, 1)",
                         s.momentum
                     ));
                 }
-                finite_at_least("sgd.weight_decay", s.weight_decay, 0.0)?;
+                non_negative("sgd.weight_decay", s.weight_decay, "weight decay")?;
             }
             OptimizerKind::AdamW => {
                 let a = &self.adamw;
-                finite_at_least("adamw.lr", a.lr, 0.0)?;
+                non_negative("adamw.lr", a.lr, "the learning rate")?;
                 for (key, b) in [("beta1", a.beta1), ("beta2", a.beta2)] {
                     if !(0.0..1.0).contains(&b) {
                         return Err(format!("{at}.adamw.{key} is {b}: it must be in [0, 1)"));
@@ -168,7 +168,7 @@ impl Recipe {
                 if !(a.eps.is_finite() && a.eps > 0.0) {
                     return Err(format!("{at}.adamw.eps is {}: it must be > 0", a.eps));
                 }
-                finite_at_least("adamw.weight_decay", a.weight_decay, 0.0)?;
+                non_negative("adamw.weight_decay", a.weight_decay, "weight decay")?;
             }
         }
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
@@ -178,7 +178,7 @@ impl Recipe {
                 self.layer_decay
             ));
         }
-        finite_at_least("clip_grad_norm", self.clip_grad_norm, 0.0)?;
+        non_negative("clip_grad_norm", self.clip_grad_norm, "the clipping norm")?;
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(format!(
                 "{at}.label_smoothing is {}: it must be in [0, 1)",
