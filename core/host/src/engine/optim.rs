@@ -834,4 +834,96 @@ mod tests {
         // p1 = 1 - 0.1*3 = 0.7; buf2 = 0.9*3 + 3 = 5.7; p2 = 0.7 - 0.57 = 0.13
         assert_relative_eq!(w.double_value(&[0]), 0.13, epsilon = 1e-6);
     }
+
+    fn one_var(vs: &VarStore, name: &str, shape: &[i64]) -> Tensor {
+        let mut path = vs.root();
+        let parts: Vec<&str> = name.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            path = path.sub(*part);
+        }
+        path.var(
+            parts[parts.len() - 1],
+            shape,
+            tch::nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )
+    }
+
+    #[test]
+    fn adamw_step_skipped_on_found_inf_leaves_weights_moments_and_step_count() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let w = one_var(&vs, "blocks.0.mlp.fc1.weight", &[3, 4]);
+        let mut opt = Optimizer::with_groups(&vs, Recipe::adamw(Default::default()), group_of);
+        let loss = |w: &Tensor| (w * w).sum(tch::Kind::Float);
+        let grads = opt.backward(&loss(&w), 0);
+        opt.step(&grads, 0.01, &[]);
+        let before: Vec<(String, Tensor)> =
+            opt.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let w_before = w.detach().copy();
+        assert_eq!(before.len(), 3);
+        let grads = opt.backward(&loss(&w), 0);
+        let inf = Tensor::ones([], (tch::Kind::Float, tch::Device::Cpu));
+        opt.step_unless(&grads, 0.01, &[], Some(&inf));
+        assert!(w.detach().equal(&w_before), "weights moved");
+        for ((n, a), (_, b)) in before.iter().zip(opt.state()) {
+            assert!(a.equal(&b), "{n} changed");
+        }
+        let step = &opt.state()[2].1;
+        assert_eq!(step.double_value(&[]), 1.0);
+        let fine = Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu));
+        opt.step_unless(&grads, 0.01, &[], Some(&fine));
+        assert!(!w.detach().equal(&w_before));
+        assert_eq!(opt.state()[2].1.double_value(&[]), 2.0);
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm_down_to_the_limit_only() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let a = one_var(&vs, "blocks.0.attn.qkv.weight", &[4, 4]);
+        let b = one_var(&vs, "head.weight", &[2, 4]);
+        for (limit, scale) in [(1.0, 30.0), (1e6, 1.0)] {
+            let recipe = Recipe {
+                clip_grad_norm: limit,
+                ..Recipe::sgd(Default::default())
+            };
+            let opt = Optimizer::with_groups(&vs, recipe, group_of);
+            let loss = (&a * scale).sum(tch::Kind::Float) + (&b * scale).sum(tch::Kind::Float);
+            let mut grads = opt.backward(&loss, 0);
+            let norm = |g: &Grads| {
+                g.grads
+                    .iter()
+                    .map(|t| t.square().sum(tch::Kind::Float).double_value(&[]))
+                    .sum::<f64>()
+                    .sqrt()
+            };
+            let raw = norm(&grads);
+            opt.clip(&mut grads);
+            let clipped = norm(&grads);
+            if raw > limit {
+                assert!((clipped - limit).abs() < 1e-4 * limit, "{raw} -> {clipped}");
+            } else {
+                assert_eq!(clipped, raw);
+            }
+        }
+    }
+
+    #[test]
+    fn state_of_the_other_optimizer_is_refused_naming_both() {
+        let vs = VarStore::new(tch::Device::Cpu);
+        let w = one_var(&vs, "head.weight", &[2, 2]);
+        let mut adamw = Optimizer::with_groups(&vs, Recipe::adamw(Default::default()), group_of);
+        let grads = adamw.backward(&w.sum(tch::Kind::Float), 0);
+        adamw.step(&grads, 0.1, &[]);
+        let mut sgd = Optimizer::with_groups(&vs, Recipe::sgd(Default::default()), group_of);
+        let e = sgd.load_state(adamw.state()).unwrap_err();
+        assert!(e.contains("AdamW state") && e.contains("Sgd"), "{e}");
+        let mut again = Optimizer::with_groups(&vs, Recipe::adamw(Default::default()), group_of);
+        again.load_state(adamw.state()).unwrap();
+        assert_eq!(again.state().len(), 3);
+        let partial: Vec<_> = adamw.state().into_iter().take(2).collect();
+        let e = again.load_state(partial).unwrap_err();
+        assert!(e.contains("incomplete"), "{e}");
+    }
 }

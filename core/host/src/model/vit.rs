@@ -1003,6 +1003,72 @@ mod tests {
         assert_eq!(group_of("blocks.11.attn.qkv.bias"), Group::Block(11));
         assert_eq!(group_of("norm.weight"), Group::Head);
         assert_eq!(group_of("head.weight"), Group::Head);
+        assert_eq!(group_of("reg_token"), Group::Block(0));
+        assert_eq!(group_of("norm_pre.bias"), Group::Block(0));
+        assert_eq!(group_of("blocks.3.ls2.gamma"), Group::Block(3));
+        assert_eq!(group_of("fc_norm.weight"), Group::Head);
+        // timm's layer ids for layer-wise decay with 12 blocks.
+        assert_eq!(layer_id("cls_token", 12), 0);
+        assert_eq!(layer_id("norm_pre.weight", 12), 0);
+        assert_eq!(layer_id("blocks.0.norm1.weight", 12), 1);
+        assert_eq!(layer_id("blocks.11.mlp.fc2.bias", 12), 12);
+        assert_eq!(layer_id("norm.weight", 12), 12);
+        assert_eq!(layer_id("fc_norm.weight", 12), 13);
+        assert_eq!(layer_id("head.weight", 12), 13);
+    }
+
+    #[test]
+    fn every_option_builds_runs_and_freezes_like_the_plain_model() {
+        let variants = [
+            VitConfig {
+                init_values: Some(0.1),
+                reg_tokens: 2,
+                no_embed_class: true,
+                ..tiny()
+            },
+            VitConfig {
+                class_token: false,
+                global_pool: "avg".into(),
+                qkv_bias: false,
+                ..tiny()
+            },
+            VitConfig {
+                pre_norm: true,
+                act_layer: "quick_gelu".into(),
+                reg_tokens: 1,
+                ..tiny()
+            },
+        ];
+        for cfg in variants {
+            cfg.validate().unwrap();
+            let vs = nn::VarStore::new(Device::Cpu);
+            let m = Vit::new(&vs.root(), &cfg);
+            let n: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+            assert_eq!(n, cfg.parameter_count(), "{cfg:?}");
+            let x = Tensor::randn([2, 1, 8, 8], (Kind::Float, Device::Cpu));
+            let full = m.forward_frozen(&x, 0);
+            let frozen = m.forward_frozen(&x, 2);
+            assert!(full.logits.allclose(&frozen.logits, 1e-6, 1e-6, false));
+            assert_eq!(m.frozen_prefix(&x, 1).size()[1], cfg.tokens());
+            let cached = m.forward_from(m.frozen_prefix(&x, 1), 1, 2).logits;
+            assert!(cached.allclose(&full.logits, 1e-6, 1e-6, false));
+        }
+        // A fixed-size model refuses another input size; a dynamic one
+        // resamples its position embedding.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let fixed = Vit::new(&vs.root(), &tiny());
+        let big = Tensor::randn([1, 1, 12, 12], (Kind::Float, Device::Cpu));
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fixed.forward_frozen(&big, 0)
+        }));
+        assert!(e.is_err());
+        let dynamic = VitConfig {
+            dynamic_img_size: true,
+            ..tiny()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = Vit::new(&vs.root(), &dynamic);
+        assert_eq!(m.forward_frozen(&big, 0).logits.size(), [1, 5]);
     }
 
     #[test]
