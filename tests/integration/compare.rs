@@ -274,7 +274,10 @@ fn per_stage_keys_in_data_and_unknown_keys_are_refused_with_what_is_valid() {
             "train_limit=12",
             "the top level has data, finetune, head_only",
         ),
-        ("finetune.train.epoks=1", "`finetune.train` has batch"),
+        (
+            "finetune.train.epoks=1",
+            "`finetune.train` has adamw, batch",
+        ),
     ] {
         let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);
         let (_, stderr) = text(&out);

@@ -228,7 +228,10 @@ fn adamw_with_layer_decay_matches_timm_groups_and_torch_fused_adamw() {
         for (name, scale, decays) in &ours {
             let t = &timm[name.as_str()];
             let (t_scale, t_wd) = (t[0].as_f64().unwrap(), t[1].as_f64().unwrap());
-            assert!((scale - t_scale).abs() < 1e-12, "{which} {name}: {scale} vs timm {t_scale}");
+            assert!(
+                (scale - t_scale).abs() < 1e-12,
+                "{which} {name}: {scale} vs timm {t_scale}"
+            );
             assert_eq!(*decays, t_wd > 0.0, "{which} {name}: weight decay");
         }
         if which == "a" {
@@ -267,7 +270,10 @@ fn adamw_with_layer_decay_matches_timm_groups_and_torch_fused_adamw() {
             let want = &tensors[&format!("after.{s}.{name}")];
             let diff = (v - want).abs().max().double_value(&[]);
             worst = worst.max(diff);
-            assert!(diff <= 1e-6, "step {s} {name}: differs from torch by {diff:e}");
+            assert!(
+                diff <= 1e-6,
+                "step {s} {name}: differs from torch by {diff:e}"
+            );
             if let Group::Block(b) = model.group_of(name) {
                 if b < frozen {
                     assert!(v.equal(&before[name]), "step {s}: frozen {name} moved");

@@ -135,9 +135,15 @@ fn resumed_adamw_run_is_byte_identical_to_an_uninterrupted_one() {
         fs::read(a.join("model.safetensors")).unwrap(),
         fs::read(b.join("model.safetensors")).unwrap(),
     );
-    assert!(ma == mb, "the resumed model differs from the uninterrupted one");
+    assert!(
+        ma == mb,
+        "the resumed model differs from the uninterrupted one"
+    );
     let freezes = fs::read_to_string(a.join("events.jsonl")).unwrap();
-    assert!(freezes.contains("\"freeze\""), "the policy froze nothing:\n{freezes}");
+    assert!(
+        freezes.contains("\"freeze\""),
+        "the policy froze nothing:\n{freezes}"
+    );
 }
 
 #[test]
@@ -418,7 +424,10 @@ fn config_holes_are_refused_naming_the_field() {
         ("train.adamw.lr=-1.0", "train.adamw.lr is -1"),
         ("train.adamw.beta2=1.0", "train.adamw.beta2 is 1"),
         ("train.adamw.eps=0.0", "train.adamw.eps is 0"),
-        ("train.adamw.weight_decay=-0.1", "train.adamw.weight_decay is -0.1"),
+        (
+            "train.adamw.weight_decay=-0.1",
+            "train.adamw.weight_decay is -0.1",
+        ),
     ] {
         let out = simfreeze(&[
             "run",

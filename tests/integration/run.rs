@@ -204,7 +204,7 @@ fn atsf_freezes_a_pooled_model_with_registers_and_the_cache_agrees() {
     let d = tempfile::tempdir().unwrap();
     let cfg = write_config(
         d.path(),
-        r#"policy: (plugin: "atsf", options: "(record_steps: 2, compare_steps: 2)"),"#,
+        r#"policy: (plugin: "atsf", options: "(record_steps: 2, compare_steps: 2, tolerance: 0.01)"),"#,
     );
     let text_cfg = fs::read_to_string(&cfg).unwrap().replace(
         "mlp_ratio: 2.0)",
@@ -256,4 +256,46 @@ fn activation_cache_over_its_cap_is_refused() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).1.contains("cache_max_mib"), "{}", text(&out).1);
+}
+
+/// `simfreeze models` lists every preset with its shape and the
+/// normalisation its weights expect, as text and as JSON.
+#[test]
+fn models_lists_the_presets_with_shapes_and_normalisation() {
+    let out = simfreeze(&["models", "--json"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let v: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
+    let presets = v["presets"].as_array().unwrap();
+    let find = |name: &str| {
+        presets
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed"))
+    };
+    let dino = find("vit_base_patch14_reg4_dinov2");
+    assert_eq!(dino["config"]["patch"], 14);
+    assert_eq!(dino["config"]["image_size"], 518);
+    assert_eq!(dino["config"]["reg_tokens"], 4);
+    assert_eq!(dino["tokens"], 37 * 37 + 5);
+    assert_eq!(dino["normalisation"]["name"], "imagenet");
+    assert_eq!(
+        find("vit_base_patch16_clip_224")["normalisation"]["name"],
+        "clip"
+    );
+    assert_eq!(
+        find("vit_base_patch16_224.mae")["config"]["global_pool"],
+        "avg"
+    );
+    // timm's count for ViT-B/16 with a 1000-class head: 86,567,656.
+    assert_eq!(find("vit_base_patch16_224")["parameters"], 86_567_656);
+    for name in [
+        "deit3_base_patch16_224",
+        "vit_small_patch14_dinov2",
+        "tiny_fmnist",
+    ] {
+        find(name);
+    }
+    let out = simfreeze(&["models"]);
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("vit_base_patch14_dinov2") && stdout.contains("imagenet"));
 }

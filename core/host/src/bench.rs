@@ -62,7 +62,12 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     let mcfg = spec.model;
     let (device, batch) = (spec.device, spec.batch);
     tch::manual_seed(0);
-    let mut engine = SingleEngine::new(mcfg, spec.precision, Recipe::sgd(Default::default()), device)?;
+    let mut engine = SingleEngine::new(
+        mcfg,
+        spec.precision,
+        Recipe::sgd(Default::default()),
+        device,
+    )?;
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),

@@ -712,7 +712,10 @@ mod tests {
         assert_eq!(norm, Some(Normalisation::CLIP));
         let mean = c.data.mean.per_channel(3, "mean", norm).unwrap();
         assert_eq!(mean, Normalisation::CLIP.mean);
-        assert_eq!(c.data.std.per_channel(3, "std", None).unwrap(), Normalisation::CLIP.std);
+        assert_eq!(
+            c.data.std.per_channel(3, "std", None).unwrap(),
+            Normalisation::CLIP.std
+        );
         assert!(c.data.mean.per_channel(3, "mean", None).is_err());
     }
 
@@ -723,7 +726,11 @@ mod tests {
             qkv_bias: false, init_values: 0.1, class_token: false, reg_tokens: 2,
             no_embed_class: true, global_pool: "avg", fc_norm: false, pre_norm: true,
             act_layer: "quick_gelu", dynamic_img_size: true))"#;
-        let c = RunConfig::parse(text, "c").unwrap().model.resolve(10).unwrap();
+        let c = RunConfig::parse(text, "c")
+            .unwrap()
+            .model
+            .resolve(10)
+            .unwrap();
         let want = VitConfig {
             image_size: 224,
             channels: 3,
@@ -752,10 +759,16 @@ mod tests {
         let model = serde_json::to_value(VitConfig::tiny_fmnist()).unwrap();
         for key in section.as_object().unwrap().keys() {
             if !["preset", "weights", "head"].contains(&key.as_str()) {
-                assert!(model.get(key).is_some(), "model.{key} is not a VitConfig field");
+                assert!(
+                    model.get(key).is_some(),
+                    "model.{key} is not a VitConfig field"
+                );
             }
         }
-        assert_eq!(section.as_object().unwrap().len(), model.as_object().unwrap().len() + 3);
+        assert_eq!(
+            section.as_object().unwrap().len(),
+            model.as_object().unwrap().len() + 3
+        );
         // Bad values are refused with the field's name.
         for (set, says) in [
             (r#"(model: (global_pool: "max"))"#, "global_pool"),
@@ -763,7 +776,11 @@ mod tests {
             (r#"(model: (class_token: false))"#, "class token"),
             (r#"(model: (reg_tokens: -1))"#, "reg_tokens"),
         ] {
-            let e = RunConfig::parse(set, "c").unwrap().model.resolve(10).unwrap_err();
+            let e = RunConfig::parse(set, "c")
+                .unwrap()
+                .model
+                .resolve(10)
+                .unwrap_err();
             assert!(e.0.contains(says), "{set}: {e}");
         }
     }

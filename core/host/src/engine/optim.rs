@@ -859,8 +859,11 @@ mod tests {
         let loss = |w: &Tensor| (w * w).sum(tch::Kind::Float);
         let grads = opt.backward(&loss(&w), 0);
         opt.step(&grads, 0.01, &[]);
-        let before: Vec<(String, Tensor)> =
-            opt.state().into_iter().map(|(n, t)| (n, t.copy())).collect();
+        let before: Vec<(String, Tensor)> = opt
+            .state()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
         let w_before = w.detach().copy();
         assert_eq!(before.len(), 3);
         let grads = opt.backward(&loss(&w), 0);

@@ -432,7 +432,9 @@ impl Preset {
 
     /// A preset by name.
     pub fn find(name: &str) -> Option<&'static Preset> {
-        inventory::iter::<Preset>.into_iter().find(|p| p.name == name)
+        inventory::iter::<Preset>
+            .into_iter()
+            .find(|p| p.name == name)
     }
 }
 
@@ -449,18 +451,78 @@ macro_rules! preset {
     };
 }
 
-preset!("tiny_fmnist", tiny_fmnist, FASHION_MNIST, "the CPU proxy (28x28 grey, 8 blocks)");
-preset!("vit_tiny_patch16_224", vit_tiny_patch16_224, INCEPTION, "ViT-Ti/16, augreg ImageNet-21k");
-preset!("vit_small_patch16_224", vit_small_patch16_224, INCEPTION, "ViT-S/16, augreg ImageNet-21k");
-preset!("vit_base_patch16_224", vit_base_patch16_224, INCEPTION, "ViT-B/16, augreg ImageNet-21k (the paper's)");
-preset!("vit_large_patch16_224", vit_large_patch16_224, INCEPTION, "ViT-L/16, augreg ImageNet-21k (the paper's)");
-preset!("deit3_base_patch16_224", deit3_base_patch16_224, IMAGENET, "DeiT-III B/16 (LayerScale)");
-preset!("vit_small_patch14_dinov2", vit_small_patch14_dinov2, IMAGENET, "DINOv2 ViT-S/14 at 518 (LayerScale)");
-preset!("vit_base_patch14_dinov2", vit_base_patch14_dinov2, IMAGENET, "DINOv2 ViT-B/14 at 518 (LayerScale)");
-preset!("vit_base_patch14_reg4_dinov2", vit_base_patch14_reg4_dinov2, IMAGENET, "DINOv2 ViT-B/14 with 4 registers");
-preset!("vit_base_patch16_clip_224", vit_base_patch16_clip_224, CLIP, "CLIP ViT-B/16 image tower (pre-norm, GELU)");
-preset!("vit_base_patch16_clip_quickgelu_224", vit_base_patch16_clip_quickgelu_224, CLIP, "OpenAI CLIP ViT-B/16 (pre-norm, QuickGELU)");
-preset!("vit_base_patch16_224.mae", vit_base_patch16_224_mae, IMAGENET, "MAE ViT-B/16, avg pool + fc_norm");
+preset!(
+    "tiny_fmnist",
+    tiny_fmnist,
+    FASHION_MNIST,
+    "the CPU proxy (28x28 grey, 8 blocks)"
+);
+preset!(
+    "vit_tiny_patch16_224",
+    vit_tiny_patch16_224,
+    INCEPTION,
+    "ViT-Ti/16, augreg ImageNet-21k"
+);
+preset!(
+    "vit_small_patch16_224",
+    vit_small_patch16_224,
+    INCEPTION,
+    "ViT-S/16, augreg ImageNet-21k"
+);
+preset!(
+    "vit_base_patch16_224",
+    vit_base_patch16_224,
+    INCEPTION,
+    "ViT-B/16, augreg ImageNet-21k (the paper's)"
+);
+preset!(
+    "vit_large_patch16_224",
+    vit_large_patch16_224,
+    INCEPTION,
+    "ViT-L/16, augreg ImageNet-21k (the paper's)"
+);
+preset!(
+    "deit3_base_patch16_224",
+    deit3_base_patch16_224,
+    IMAGENET,
+    "DeiT-III B/16 (LayerScale)"
+);
+preset!(
+    "vit_small_patch14_dinov2",
+    vit_small_patch14_dinov2,
+    IMAGENET,
+    "DINOv2 ViT-S/14 at 518 (LayerScale)"
+);
+preset!(
+    "vit_base_patch14_dinov2",
+    vit_base_patch14_dinov2,
+    IMAGENET,
+    "DINOv2 ViT-B/14 at 518 (LayerScale)"
+);
+preset!(
+    "vit_base_patch14_reg4_dinov2",
+    vit_base_patch14_reg4_dinov2,
+    IMAGENET,
+    "DINOv2 ViT-B/14 with 4 registers"
+);
+preset!(
+    "vit_base_patch16_clip_224",
+    vit_base_patch16_clip_224,
+    CLIP,
+    "CLIP ViT-B/16 image tower (pre-norm, GELU)"
+);
+preset!(
+    "vit_base_patch16_clip_quickgelu_224",
+    vit_base_patch16_clip_quickgelu_224,
+    CLIP,
+    "OpenAI CLIP ViT-B/16 (pre-norm, QuickGELU)"
+);
+preset!(
+    "vit_base_patch16_224.mae",
+    vit_base_patch16_224_mae,
+    IMAGENET,
+    "MAE ViT-B/16, avg pool + fc_norm"
+);
 
 fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
     // tch defaults to 1e-5; timm's ViT uses 1e-6.
@@ -679,9 +741,7 @@ impl Vit {
             self.cfg.dynamic_img_size,
             "input of {}x{} patches, the model's position embedding is for {own}x{own} \
              (resize the images to model.image_size {}, or set model.dynamic_img_size)",
-            grid.0,
-            grid.1,
-            self.cfg.image_size
+            grid.0, grid.1, self.cfg.image_size
         );
         let prefix = if self.cfg.no_embed_class {
             0
@@ -849,14 +909,24 @@ impl PrefixModel for Vit {
 }
 
 /// The parameters timm's `group_matcher` puts in the stem.
-const STEM: [&str; 5] = ["cls_token", "reg_token", "pos_embed", "patch_embed", "norm_pre"];
+const STEM: [&str; 5] = [
+    "cls_token",
+    "reg_token",
+    "pos_embed",
+    "patch_embed",
+    "norm_pre",
+];
 
 fn in_stem(name: &str) -> bool {
     STEM.iter().any(|s| name.starts_with(s))
 }
 
 fn block_index(name: &str) -> Option<usize> {
-    name.strip_prefix("blocks.")?.split('.').next()?.parse().ok()
+    name.strip_prefix("blocks.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// The group of a timm-named variable: `blocks.<i>.*` is block `i`, the

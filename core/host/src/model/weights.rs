@@ -268,7 +268,8 @@ pub fn load_into(
             // As timm: bicubic with antialiasing for its own checkpoints,
             // bilinear without for Google's .npz (`_load_weights`).
             let g = cfg.grid();
-            let new = resample_pos_embed(pe, prefix, (grid, grid), (g, g), ck.format != Format::Npz);
+            let new =
+                resample_pos_embed(pe, prefix, (grid, grid), (g, g), ck.format != Format::Npz);
             ck.tensors.insert("pos_embed".into(), new);
             resized = Some(grid);
         }
@@ -278,7 +279,10 @@ pub fn load_into(
             let Some(v) = vars.get_mut(name) else {
                 return Err(err(
                     &path,
-                    format!("tensor `{name}` has no place in a timm ViT (another architecture?)"),
+                    format!(
+                        "tensor `{name}` has no place in the model{}",
+                        option_hint(name, true)
+                    ),
                 ));
             };
             if v.size() != t.size() {
@@ -291,19 +295,21 @@ pub fn load_into(
         }
         Ok(())
     })?;
-    let missing: Vec<&String> = vars
+    let mut missing: Vec<&String> = vars
         .keys()
         .filter(|k| !ck.tensors.contains_key(*k))
         .collect();
-    if !missing.is_empty() {
+    missing.sort();
+    if let Some(first) = missing.first() {
         let shown: Vec<&str> = missing.iter().take(5).map(|s| s.as_str()).collect();
         return Err(err(
             &path,
             format!(
-                "no tensor for {} of the model's parameters: {}{}",
+                "no tensor for {} of the model's parameters: {}{}{}",
                 missing.len(),
                 shown.join(", "),
-                if missing.len() > 5 { ", ..." } else { "" }
+                if missing.len() > 5 { ", ..." } else { "" },
+                option_hint(first, false)
             ),
         ));
     }
@@ -313,6 +319,50 @@ pub fn load_into(
         pos_embed_resized_from: resized,
         ignored: ck.ignored,
     })
+}
+
+/// What a tensor the checkpoint has (`extra`) or lacks says about the
+/// model options to pick, for the error message.
+fn option_hint(name: &str, extra: bool) -> &'static str {
+    match (name, extra) {
+        (n, true) if n.contains(".ls1.") || n.contains(".ls2.") => {
+            ": the checkpoint has LayerScale; pick a preset with it (deit3_base_patch16_224, \
+             vit_base_patch14_dinov2, ...: `simfreeze models`) or set model.init_values"
+        }
+        (n, false) if n.contains(".ls1.") || n.contains(".ls2.") => {
+            ": the model has LayerScale (model.init_values) and the checkpoint has none; \
+             pick the checkpoint's preset (`simfreeze models`)"
+        }
+        ("reg_token", true) => {
+            ": the checkpoint has register tokens; use vit_base_patch14_reg4_dinov2 or set \
+             model.reg_tokens and model.no_embed_class"
+        }
+        ("reg_token", false) => {
+            ": the model has register tokens (model.reg_tokens), the checkpoint none"
+        }
+        (n, true) if n.starts_with("norm_pre.") => {
+            ": the checkpoint normalises before the blocks (CLIP); set model.pre_norm: true \
+             or use a CLIP preset"
+        }
+        (n, true) if n.starts_with("fc_norm.") => {
+            ": the checkpoint pools with fc_norm (MAE / BEiT fine-tuning); set \
+             model.global_pool: \"avg\" (vit_base_patch16_224.mae)"
+        }
+        (n, true) if n.starts_with("norm.") => {
+            ": the checkpoint normalises the tokens before pooling; set model.fc_norm: false \
+             or global_pool: \"token\""
+        }
+        ("cls_token", true) => ": the checkpoint has a class token; set model.class_token: true",
+        (n, true) if n.ends_with("qkv.bias") => {
+            ": the checkpoint has qkv biases; set model.qkv_bias: true"
+        }
+        ("patch_embed.proj.bias", true) => {
+            ": the checkpoint's patch embedding has a bias, so it has no norm_pre; set \
+             model.pre_norm: false"
+        }
+        (_, true) => " (another architecture? `simfreeze models` lists the presets)",
+        _ => " (pick the checkpoint's preset: `simfreeze models`)",
+    }
 }
 
 /// timm's `resample_abs_pos_embed`: the first `prefix` entries kept, the
@@ -770,6 +820,48 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_of_another_family_names_the_option_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ls.safetensors");
+        let with_ls = VitConfig {
+            init_values: Some(1e-5),
+            ..test_config(5)
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let _ = Vit::new(&vs.root(), &with_ls);
+        vs.save(&file).unwrap();
+        let plain = test_config(5);
+        let vs2 = VarStore::new(Device::Cpu);
+        let _ = Vit::new(&vs2.root(), &plain);
+        let e = load_into(
+            &vs2,
+            &plain,
+            Checkpoint::read(&file).unwrap(),
+            HeadInit::Auto,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ls1.gamma") && e.contains("init_values"), "{e}");
+        // The other way round: the model wants LayerScale the file lacks.
+        let file2 = dir.path().join("plain.safetensors");
+        vs2.save(&file2).unwrap();
+        let vs3 = VarStore::new(Device::Cpu);
+        let _ = Vit::new(&vs3.root(), &with_ls);
+        let e = load_into(
+            &vs3,
+            &with_ls,
+            Checkpoint::read(&file2).unwrap(),
+            HeadInit::Auto,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("blocks.0.ls1.gamma") && e.contains("LayerScale"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn position_embedding_resamples_to_another_grid() {
         let pe = Tensor::randn([1, 1 + 4 * 4, 6], (Kind::Float, Device::Cpu));
         let up = resample_pos_embed(&pe, 1, (4, 4), (8, 8), true);
@@ -777,6 +869,9 @@ mod tests {
         assert_eq!(up.narrow(1, 0, 1), pe.narrow(1, 0, 1));
         let same = resample_pos_embed(&pe, 1, (4, 4), (4, 4), true);
         assert!(same.allclose(&pe, 1e-5, 1e-5, false));
-        assert_eq!(resample_pos_embed(&pe, 1, (4, 4), (6, 6), false).size(), [1, 37, 6]);
+        assert_eq!(
+            resample_pos_embed(&pe, 1, (4, 4), (6, 6), false).size(),
+            [1, 37, 6]
+        );
     }
 }
