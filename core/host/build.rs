@@ -8,7 +8,8 @@
 //! For the `simfreeze` crate itself it also compiles two small C++ shims
 //! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
 //! offers float16), `csrc/sgd.cpp` and `csrc/adamw.cpp` (libtorch's fused
-//! SGD and AdamW steps).
+//! SGD and AdamW steps) and `csrc/dist.cpp` (c10d's TCPStore and
+//! ProcessGroupGloo for data-parallel runs).
 fn main() {
     if let (Ok(lib), Ok("simfreeze")) = (
         std::env::var("DEP_TCH_LIBTORCH_LIB"),
@@ -23,13 +24,22 @@ fn main() {
             .file("csrc/autocast.cpp")
             .file("csrc/sgd.cpp")
             .file("csrc/adamw.cpp")
+            .file("csrc/dist.cpp")
             .include(torch.join("include"))
+            .include(torch.join("include/torch/csrc/api/include"))
+            // ProcessGroupGloo.hpp is compiled only with USE_C10D_GLOO and
+            // needs gloo's headers, which the wheel does not ship:
+            // csrc/gloo-decl declares the few types it names.
+            .include("csrc/gloo-decl")
+            .define("USE_C10D_GLOO", None)
             .flag("-std=c++17")
             .warnings(false)
             .compile("simfreeze_shim");
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
         println!("cargo:rerun-if-changed=csrc/sgd.cpp");
         println!("cargo:rerun-if-changed=csrc/adamw.cpp");
+        println!("cargo:rerun-if-changed=csrc/dist.cpp");
+        println!("cargo:rerun-if-changed=csrc/gloo-decl");
     }
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");

@@ -4,6 +4,7 @@
 mod compare;
 mod configs;
 mod conformance;
+mod distributed;
 mod formulas;
 mod loader;
 mod parity;

@@ -2,7 +2,8 @@
 //! through the same [`Engine`] step and the same policy loop
 //! ([`observe`]) as a run, so what it times is what a run does.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -11,8 +12,11 @@ use simfreeze_runtime::driver::PolicyDriver;
 use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
+use crate::engine::dist::{DistEnv, ProcessGroup};
 use crate::engine::optim::Recipe;
-use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepError, StepPlan};
+use crate::engine::{
+    observe, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
+};
 use crate::memory;
 use crate::model::precision::Precision;
 use crate::model::VitConfig;
@@ -29,6 +33,22 @@ pub struct BenchResult {
     /// Share of step time spent in the policy loop (feature and label copy,
     /// policy call, decision check), when a policy is given.
     pub policy_overhead: Option<f64>,
+    /// Data-parallel (under torchrun): share of step time spent in
+    /// collectives, in the best round.
+    pub comm_share: Option<f64>,
+    /// Data-parallel: bytes of gradients all-reduced per step.
+    pub allreduce_bytes: Option<u64>,
+}
+
+/// What a bench measured, and where (under torchrun, every rank measures;
+/// rank 0 reports).
+pub struct BenchRun {
+    /// This process's rank.
+    pub rank: usize,
+    /// Ranks (1 in one process); `images_per_sec` counts all of them.
+    pub world: usize,
+    /// One result per frozen prefix.
+    pub results: Vec<BenchResult>,
 }
 
 /// What `bench` measures.
@@ -49,6 +69,10 @@ pub struct BenchSpec<'a> {
     pub rounds: u32,
     /// Forward precision.
     pub precision: Precision,
+    /// Data-parallel: collective timeout (`train.dist_timeout_s`).
+    pub dist_timeout_s: u64,
+    /// Data-parallel: gradient bucket size (`train.bucket_mib`).
+    pub bucket_mib: u64,
 }
 
 /// Times training steps per frozen prefix on random inputs of the model's
@@ -58,16 +82,36 @@ pub struct BenchSpec<'a> {
 /// round (the least disturbed). With a policy, every step also runs the
 /// policy loop exactly as `run` does (its decisions are checked but the
 /// prefix stays fixed), and its share of the step time is reported.
-pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<BenchResult>> {
+///
+/// Under torchrun every rank runs the same steps through the data-parallel
+/// engine (each on `batch` images, `--frozen` blocks kept out of the
+/// all-reduce); throughput counts every rank's images, and the share of
+/// step time in collectives is reported.
+pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<BenchRun> {
     let mcfg = spec.model;
-    let (device, batch) = (spec.device, spec.batch);
+    let (mut device, batch) = (spec.device, spec.batch);
     tch::manual_seed(0);
-    let mut engine = SingleEngine::new(
+    let group = match DistEnv::from_env()? {
+        Some(env) => Some(Arc::new(ProcessGroup::join(
+            &env,
+            Duration::from_secs(spec.dist_timeout_s.max(1)),
+        )?)),
+        None => None,
+    };
+    if let (Some(g), Device::Cuda(_)) = (&group, device) {
+        device = Device::Cuda(g.local_rank);
+    }
+    let (rank, world) = group.as_deref().map_or((0, 1), |g| (g.rank, g.world));
+    let single = SingleEngine::new(
         mcfg,
         spec.precision,
         Recipe::sgd(Default::default()),
         device,
     )?;
+    let mut engine: Box<dyn Engine> = match &group {
+        Some(g) => Box::new(ParallelEngine::new(single, g.clone(), spec.bucket_mib)?),
+        None => Box::new(single),
+    };
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),
@@ -81,9 +125,10 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
     let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
         + spec.warmup * spec.frozen.len() as u64;
     let mut step = 0u64;
-    // Returns seconds spent in the policy loop.
-    let mut run = |k: usize, n: u64| -> Result<f64> {
-        let mut in_policy = 0.0;
+    // Returns seconds spent in the policy loop and in collectives, and the
+    // bytes all-reduced per step.
+    let mut run = |k: usize, n: u64| -> Result<(f64, f64, u64)> {
+        let (mut in_policy, mut in_comm, mut bytes) = (0.0, 0.0, 0);
         for _ in 0..n {
             // Random data at a tiny lr cannot diverge; an Err would only
             // mean that step updated nothing. The step reads the loss, so
@@ -96,7 +141,12 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
                 Ok(out) => out,
                 Err(StepError::Diverged(_)) => continue,
                 Err(StepError::Torch(e)) => return Err(e.into()),
+                Err(StepError::Comm(e)) => return Err(e.into()),
             };
+            if let Some(c) = out.comm {
+                in_comm += c.seconds;
+                bytes = c.bytes;
+            }
             if has_policy {
                 let t = Instant::now();
                 let at = StepAt {
@@ -112,7 +162,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
             }
             step += 1;
         }
-        Ok(in_policy)
+        Ok((in_policy, in_comm, bytes))
     };
     let n = spec.frozen.len();
     let (mut best, mut overhead, mut peak) = (
@@ -120,6 +170,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
         vec![f64::INFINITY; n],
         vec![None::<f64>; n],
     );
+    let (mut comm_share, mut comm_bytes) = (vec![0.0f64; n], vec![0u64; n]);
     for &k in spec.frozen {
         run(k, spec.warmup)?;
     }
@@ -129,10 +180,15 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
             // queued kernels do not count against this one.
             synchronize(device);
             let t = Instant::now();
-            let in_policy = run(k, spec.steps)?;
+            let (in_policy, in_comm, bytes) = run(k, spec.steps)?;
             synchronize(device);
             let secs = t.elapsed().as_secs_f64();
-            best[i] = best[i].max(spec.steps as f64 * batch as f64 / secs);
+            let ips = spec.steps as f64 * (batch * world as i64) as f64 / secs;
+            if ips > best[i] {
+                best[i] = ips;
+                comm_share[i] = in_comm / secs;
+            }
+            comm_bytes[i] = bytes;
             overhead[i] = overhead[i].min(in_policy / secs);
         }
     }
@@ -145,14 +201,21 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Vec<B
         run(k, 2)?;
         peak[i] = memory::peak_rss_mib();
     }
-    Ok((0..n)
+    let results = (0..n)
         .map(|i| BenchResult {
             frozen: spec.frozen[i],
             images_per_sec: best[i],
             peak_rss_mib: peak[i],
             policy_overhead: has_policy.then_some(overhead[i]),
+            comm_share: group.is_some().then_some(comm_share[i]),
+            allreduce_bytes: group.is_some().then_some(comm_bytes[i]),
         })
-        .collect())
+        .collect();
+    Ok(BenchRun {
+        rank,
+        world,
+        results,
+    })
 }
 
 /// Waits for the GPU's queued work (nothing to wait for on the CPU).

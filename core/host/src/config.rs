@@ -354,6 +354,13 @@ pub struct TrainSection {
     /// more: every block, so only the final norm and the head train, which
     /// is linear probing of the features: `compare`'s head-only row).
     pub frozen_from_start: u32,
+    /// Data-parallel runs (under torchrun): how long a collective or the
+    /// rendezvous waits for the other ranks before the run fails (a rank
+    /// that died or hangs).
+    pub dist_timeout_s: u64,
+    /// Data-parallel runs: the largest bucket of gradients all-reduced in
+    /// one call, in MiB.
+    pub bucket_mib: u64,
 }
 
 impl TrainSection {
@@ -391,6 +398,8 @@ impl Default for TrainSection {
             precision: Precision::F32,
             tensorboard: true,
             frozen_from_start: 0,
+            dist_timeout_s: 300,
+            bucket_mib: 25,
         }
     }
 }

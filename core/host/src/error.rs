@@ -9,8 +9,9 @@
 //! decision that breaks the freezing contract); 5 a dataset or weights file
 //! is missing, corrupt or does not fit; 6 the training loss became NaN or
 //! infinite; 7 libtorch refused an operation (CUDA out of memory, a device
-//! error); 130 the run was interrupted (signal or `--stop-after`) and can
-//! be resumed.
+//! error); 8 a data-parallel group failed (a rank exited, hung past the
+//! timeout or never joined, or the ranks disagreed); 130 the run was
+//! interrupted (signal or `--stop-after`) and can be resumed.
 //!
 //! tch's tensor methods panic when libtorch throws; [`torch_guard`] turns
 //! such a panic into a [`TorchError`] (one paragraph, no C++ stack frames
@@ -26,6 +27,16 @@ use simfreeze_runtime::conformance::ConformanceFailure;
 use simfreeze_runtime::contract::ContractViolation;
 use simfreeze_runtime::driver::DriverError;
 use simfreeze_runtime::loader::{LoadError, PolicyCallError};
+
+/// A collective or the store of a data-parallel group failed: a peer
+/// exited, hung past the timeout or never joined, or the ranks disagreed.
+/// The group is unusable afterwards (exit code 8).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct CommError {
+    /// What failed, naming the lost rank when that is known.
+    pub message: String,
+}
 
 /// A bad command line or configuration (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +228,10 @@ pub enum Stop {
         /// What to try (for out of memory: the model, batch, precision).
         hint: String,
     },
+    /// A data-parallel collective failed or the ranks disagreed: stopped
+    /// at once, the last checkpoint kept (a new one would not be
+    /// consistent across ranks).
+    Peer(CommError),
 }
 
 impl Stop {
@@ -224,7 +239,9 @@ impl Stop {
     pub fn status(&self) -> Status {
         match self {
             Stop::Interrupted { .. } => Status::Interrupted,
-            Stop::Diverged { .. } | Stop::Policy(_) | Stop::Torch { .. } => Status::Failed,
+            Stop::Diverged { .. } | Stop::Policy(_) | Stop::Torch { .. } | Stop::Peer(_) => {
+                Status::Failed
+            }
         }
     }
 
@@ -239,6 +256,7 @@ impl Stop {
             ),
             Stop::Policy(e) => e.to_string(),
             Stop::Torch { error, hint } => format!("{error}{hint}"),
+            Stop::Peer(e) => e.to_string(),
         }
     }
 
@@ -249,6 +267,7 @@ impl Stop {
             Stop::Diverged { .. } => 6,
             Stop::Policy(_) => 4,
             Stop::Torch { .. } => 7,
+            Stop::Peer(_) => 8,
         }
     }
 }
@@ -294,6 +313,9 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         }
         if cause.is::<TorchError>() {
             return 7;
+        }
+        if cause.is::<CommError>() {
+            return 8;
         }
         if cause.is::<UsageError>() {
             return 2;

@@ -240,14 +240,35 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// Installs SIGINT/SIGTERM handling: the first signal asks the run to
 /// finish its step, checkpoint and stop; a second one exits at once.
+///
+/// Under a launcher (`WORLD_SIZE` set) only a second SIGINT exits at once:
+/// on Ctrl-C torchrun's agent follows the terminal's SIGINT with a SIGTERM
+/// of its own, which must not cut the agreed stop and its checkpoint short.
 fn interrupt_flag() -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let flag = Arc::new(AtomicBool::new(false));
+    if std::env::var_os("WORLD_SIZE").is_some() {
+        let sigint = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, sigint.clone())?;
+        signal_hook::flag::register(SIGINT, sigint)?;
+        for sig in [SIGINT, SIGTERM] {
+            signal_hook::flag::register(sig, flag.clone())?;
+        }
+        return Ok(flag);
+    }
     for sig in [SIGINT, SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
         signal_hook::flag::register(sig, flag.clone())?;
     }
     Ok(flag)
+}
+
+/// Whether this process prints results: not a data-parallel rank other
+/// than 0 (rank 0 speaks for the group).
+fn speaks() -> bool {
+    std::env::var("RANK").map_or(true, |r| r.trim() == "0")
 }
 
 fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
@@ -257,7 +278,11 @@ fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
     };
     if let Some(dir) = &a.resume {
         let summary = run::resume(dir, search, a.policy.as_deref(), &control)?;
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        if speaks() {
+            if speaks() {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
+        }
         return Ok(());
     }
     let config = a.config.expect("clap requires --config without --resume");
@@ -285,7 +310,9 @@ fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
     }
     let cfg = cfg.with_overrides(&a.sets)?;
     let summary = run::run(Plan::resolve(cfg, search)?, &control)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if speaks() {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
     Ok(())
 }
 
@@ -370,8 +397,14 @@ fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
         warmup: a.warmup,
         rounds: a.rounds,
         precision: cfg.train.precision,
+        dist_timeout_s: cfg.train.dist_timeout_s,
+        bucket_mib: cfg.train.bucket_mib,
     };
-    let results = bench(&spec, policy)?;
+    let run = bench(&spec, policy)?;
+    if run.rank != 0 {
+        // Rank 0 reports for the group.
+        return Ok(());
+    }
     let what = print::BenchHeader {
         preset: &cfg.model.preset,
         depth,
@@ -381,8 +414,9 @@ fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
         device,
         rounds: a.rounds,
         steps: a.steps,
+        world: run.world,
     };
-    print::bench(&what, &results, a.json)
+    print::bench(&what, &run.results, a.json)
 }
 
 fn check_cmd(a: CheckArgs, search: &SearchPath) -> Result<()> {

@@ -29,6 +29,8 @@ pub struct BenchHeader<'a> {
     pub rounds: u32,
     /// Timed steps per K and round.
     pub steps: u64,
+    /// Ranks (1 in one process).
+    pub world: usize,
 }
 
 /// `simfreeze bench`'s table or JSON object.
@@ -46,14 +48,19 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
             "device": crate::plan::device_name(h.device),
             "rounds": h.rounds,
             "steps": h.steps,
+            "world_size": h.world,
             "results": results,
         });
         writeln!(out, "{obj}")?;
         return Ok(());
     }
+    let ranks = match h.world {
+        1 => String::new(),
+        n => format!(" per rank, {n} ranks (img/s counts all)"),
+    };
     writeln!(
         out,
-        "{} (depth {}), batch {}, {threads} threads, {}, best of {} rounds of {} steps",
+        "{} (depth {}), batch {}{ranks}, {threads} threads, {}, best of {} rounds of {} steps",
         h.preset,
         h.depth,
         h.batch,
@@ -63,7 +70,7 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
     )?;
     writeln!(
         out,
-        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share"
+        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share  comm share  all-reduced/step"
     )?;
     let base = results
         .iter()
@@ -81,9 +88,15 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
         let share = r
             .policy_overhead
             .map_or(String::from("-"), |f| format!("{:.2} %", 100.0 * f));
+        let comm = r
+            .comm_share
+            .map_or(String::from("-"), |f| format!("{:.1} %", 100.0 * f));
+        let bytes = r.allreduce_bytes.map_or(String::from("-"), |b| {
+            format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+        });
         writeln!(
             out,
-            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}",
+            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}  {comm:>10}  {bytes:>16}",
             r.frozen, r.images_per_sec
         )?;
     }

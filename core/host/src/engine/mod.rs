@@ -15,7 +15,9 @@
 //! finite updates nothing.
 
 pub mod cache;
+pub mod dist;
 pub mod optim;
+pub mod parallel;
 pub mod single;
 
 use std::path::Path;
@@ -30,6 +32,7 @@ use crate::error::TorchError;
 use crate::model::weights::{Checkpoint, HeadInit};
 use crate::model::PrefixModel;
 
+pub use parallel::ParallelEngine;
 pub use single::SingleEngine;
 
 /// How to take one step.
@@ -45,6 +48,13 @@ pub struct StepPlan<'a> {
     pub grad_norms: bool,
     /// Copy the features the head sees to host memory for the policy.
     pub features: bool,
+    /// This process asks to stop after the step (a signal or
+    /// `--stop-after`); a data-parallel engine agrees on it with the other
+    /// ranks in the step's first collective.
+    pub stop_vote: bool,
+    /// A digest of the freeze state the step runs under (the policy's last
+    /// decision); a data-parallel engine checks every rank runs the same.
+    pub decision: u64,
 }
 
 impl StepPlan<'_> {
@@ -56,8 +66,21 @@ impl StepPlan<'_> {
             lr_factors: &[],
             grad_norms: false,
             features: false,
+            stop_vote: false,
+            decision: 0,
         }
     }
+}
+
+/// Communication of one data-parallel step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Comm {
+    /// Bytes of gradients all-reduced (the trainable parameters only).
+    pub bytes: u64,
+    /// Trainable parameters communicated.
+    pub params: u64,
+    /// Seconds spent in collectives (gradients, loss, features).
+    pub seconds: f64,
 }
 
 /// What one step produced.
@@ -70,6 +93,13 @@ pub struct StepOut {
     pub cls_host: Option<Tensor>,
     /// Per-block gradient norms, if asked for.
     pub grad_norms: Vec<f32>,
+    /// The labels of the features in `cls_host` when they are not the
+    /// step's own batch (a data-parallel step's global batch).
+    pub labels_host: Option<Tensor>,
+    /// Whether the run stops after this step (every rank agreed).
+    pub stop: bool,
+    /// What a data-parallel step communicated.
+    pub comm: Option<Comm>,
 }
 
 /// What a step starts from.
@@ -92,6 +122,9 @@ pub enum StepError {
     Diverged(f64),
     /// libtorch refused an operation of the step.
     Torch(TorchError),
+    /// A collective failed (a rank exited or hung) or the ranks disagree;
+    /// the group cannot continue.
+    Comm(dist::CommError),
 }
 
 /// Trains a [`PrefixModel`] with an optimizer on some device(s). Every
@@ -128,6 +161,60 @@ pub trait Engine {
     /// Writes the final weights (timm names) and the model's shape beside
     /// them.
     fn save_model(&self, path: &Path) -> Result<()>;
+
+    /// This process's rank and the number of ranks (1 for one process).
+    fn shard(&self) -> (usize, usize) {
+        (0, 1)
+    }
+
+    /// A digest of the weights on every rank, in rank order (all equal
+    /// when the ranks stayed in step).
+    fn weight_digests(&self) -> Result<Vec<u64>, dist::CommError> {
+        Ok(vec![weights_digest(self.model_tensors())])
+    }
+
+    /// The model's parameters (for digests).
+    fn model_tensors(&self) -> Vec<(String, Tensor)>;
+}
+
+/// FNV-1a over the parameters' names and bytes, in name order, cut to 62
+/// bits (so a sum of one digest and zeros, how ranks gather them, never
+/// overflows).
+pub fn weights_digest(mut tensors: Vec<(String, Tensor)>) -> u64 {
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = Fnv::default();
+    for (name, t) in &tensors {
+        h.write(name.as_bytes());
+        let t = t
+            .to_device(Device::Cpu)
+            .contiguous()
+            .to_kind(tch::Kind::Float);
+        let v: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap_or_default();
+        for x in v {
+            h.write(&x.to_bits().to_le_bytes());
+        }
+    }
+    h.0 >> 2
+}
+
+/// FNV-1a, 64 bits.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Mixes in `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 /// Where a step sits in the run, as the policy observes it.
@@ -162,6 +249,9 @@ pub fn observe(
         Some(c) if needs.contains(Needs::CLS_FEATURES) => Vec::try_from(c.flatten(0, -1))?,
         _ => Vec::new(),
     };
+    // A data-parallel step observes the global batch: its labels come
+    // with the gathered features.
+    let y_host = out.labels_host.as_ref().unwrap_or(y_host);
     let labels = if needs.contains(Needs::LABELS) {
         Vec::try_from(y_host)?
     } else {

@@ -695,6 +695,14 @@ pub struct Grads {
     grads: Vec<Tensor>,
 }
 
+impl Grads {
+    /// The gradients, in the optimizer's parameter order (the same on
+    /// every rank).
+    pub fn tensors(&self) -> &[Tensor] {
+        &self.grads
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use crate::engine::{Batch, Engine, StepError, StepOut, StepPlan};
 use crate::error::{torch_guard, TorchError};
 use crate::model::precision::Precision;
 use crate::model::weights::{self, Checkpoint, HeadInit};
-use crate::model::{PrefixModel, Vit, VitConfig};
+use crate::model::{Forward, PrefixModel, Vit, VitConfig};
 
 /// The model's shape as JSON beside the final weights (its LayerNorm
 /// epsilon is read back when the weights are loaded).
@@ -26,10 +26,10 @@ pub const MODEL_INFO_FILE: &str = "model.json";
 
 /// A ViT, its variables and its optimizer on one device.
 pub struct SingleEngine {
-    vs: nn::VarStore,
-    model: Vit,
-    opt: Optimizer,
-    device: Device,
+    pub(crate) vs: nn::VarStore,
+    pub(crate) model: Vit,
+    pub(crate) opt: Optimizer,
+    pub(crate) device: Device,
 }
 
 impl SingleEngine {
@@ -136,6 +136,10 @@ impl Engine for SingleEngine {
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        self.vs.variables().into_iter().collect()
+    }
+
     fn save_model(&self, path: &Path) -> Result<()> {
         let (vs, cfg) = (&self.vs, &self.model.cfg);
         let info = path.with_file_name(MODEL_INFO_FILE);
@@ -177,28 +181,14 @@ fn train_step_checked(
     plan: &StepPlan<'_>,
     defer_check: bool,
 ) -> Result<StepOut, f64> {
-    let out = match batch {
-        Batch::Images(x) => model.forward_frozen(&x, plan.frozen),
-        Batch::Boundary { h, after } => model.forward_from(h, after, plan.frozen),
-    };
-    let smoothing = opt.recipe().label_smoothing;
-    let loss_t = if smoothing > 0.0 {
-        out.logits
-            .cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, smoothing)
-    } else {
-        out.logits.cross_entropy_for_logits(y)
-    };
+    let out = forward(model, batch, plan.frozen);
+    let loss_t = loss_of(&out.logits, y, opt.recipe().label_smoothing);
     // The feature copy is queued right behind the forward, before the loss
     // is read: reading the loss waits for it too, and the backward is not
     // held up by a second synchronisation after it. Non-blocking
     // device-to-host copies land in pinned memory; on the CPU this is the
     // tensor itself.
-    let cls_host = plan.features.then(|| {
-        out.cls
-            .detach()
-            .to_kind(Kind::Float)
-            .to_device_(Device::Cpu, Kind::Float, true, false)
-    });
+    let cls_host = plan.features.then(|| to_host(&out.cls));
     if !defer_check {
         let loss = loss_t.double_value(&[]);
         if !loss.is_finite() {
@@ -231,16 +221,56 @@ fn train_step_checked(
         cls: out.cls,
         cls_host,
         grad_norms,
+        labels_host: None,
+        stop: plan.stop_vote,
+        comm: None,
     })
+}
+
+/// The forward pass of a step under `frozen`.
+pub(crate) fn forward(model: &dyn PrefixModel, batch: Batch, frozen: usize) -> Forward {
+    match batch {
+        Batch::Images(x) => model.forward_frozen(&x, frozen),
+        Batch::Boundary { h, after } => model.forward_from(h, after, frozen),
+    }
+}
+
+/// The mean training loss: cross-entropy, label-smoothed when asked.
+pub(crate) fn loss_of(logits: &Tensor, y: &Tensor, smoothing: f64) -> Tensor {
+    if smoothing > 0.0 {
+        logits.cross_entropy_loss::<Tensor>(y, None, tch::Reduction::Mean, -100, smoothing)
+    } else {
+        logits.cross_entropy_for_logits(y)
+    }
+}
+
+/// Features copied to host memory, float32: non-blocking into pinned
+/// memory from a GPU, the tensor itself on the CPU.
+pub(crate) fn to_host(cls: &Tensor) -> Tensor {
+    cls.detach()
+        .to_kind(Kind::Float)
+        .to_device_(Device::Cpu, Kind::Float, true, false)
 }
 
 /// Top-1 accuracy (%) and mean loss on `data`.
 pub fn evaluate(model: &dyn PrefixModel, data: &Dataset, device: Device) -> (f64, f64) {
+    let (correct, loss_sum, n) = evaluate_counts(model, data, 0..data.len(), device);
+    let n = n.max(1) as f64;
+    (100.0 * correct as f64 / n, loss_sum / n)
+}
+
+/// Correct predictions, summed loss and count over the samples `rows` of
+/// `data` (a data-parallel rank's share).
+pub(crate) fn evaluate_counts(
+    model: &dyn PrefixModel,
+    data: &Dataset,
+    rows: std::ops::Range<i64>,
+    device: Device,
+) -> (i64, f64, i64) {
     tch::no_grad(|| {
-        let n = data.len();
         let (mut correct, mut loss_sum) = (0i64, 0f64);
         let bs = 256;
-        let mut start = 0;
+        let (mut start, n) = (rows.start, rows.end);
         while start < n {
             let len = bs.min(n - start);
             let x = data.images.narrow(0, start, len).to_device(device);
@@ -258,8 +288,7 @@ pub fn evaluate(model: &dyn PrefixModel, data: &Dataset, device: Device) -> (f64
                 .int64_value(&[]);
             start += len;
         }
-        let n = n.max(1) as f64;
-        (100.0 * correct as f64 / n, loss_sum / n)
+        (correct, loss_sum, rows.end - rows.start)
     })
 }
 

@@ -52,6 +52,24 @@ pub struct CheckpointMeta {
     /// Bytes of the TensorBoard event file at this point (when written).
     #[serde(default)]
     pub tensorboard_len: Option<u64>,
+    /// Ranks of the run that wrote it (a resume must have as many).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Bytes all-reduced so far.
+    #[serde(default)]
+    pub allreduce_bytes: u64,
+    /// Seconds in collectives so far.
+    #[serde(default)]
+    pub comm_seconds: f64,
+    /// Bytes all-reduced in the current (partial) epoch.
+    #[serde(default)]
+    pub epoch_allreduce_bytes: u64,
+    /// Seconds in collectives in the current (partial) epoch.
+    #[serde(default)]
+    pub epoch_comm_seconds: f64,
+    /// Bytes per step of the last `allreduce` event.
+    #[serde(default)]
+    pub last_allreduce_bytes: Option<u64>,
 }
 
 const FORMAT: u32 = 1;
@@ -78,6 +96,10 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).context("bad hex digit"))
         .collect()
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Writes a checkpoint into `dir` (the engine's named tensors: weights and

@@ -104,6 +104,12 @@ impl RunDir {
 /// The files a run appends to while it trains: metrics, events and, unless
 /// `train.tensorboard` is off, TensorBoard's event file.
 pub struct RunLog {
+    /// `None`: a log that writes nothing (data-parallel ranks other than
+    /// 0; rank 0 writes the run directory).
+    files: Option<LogFiles>,
+}
+
+struct LogFiles {
     metrics: BufWriter<File>,
     events: BufWriter<File>,
     tensorboard: Option<EventWriter>,
@@ -132,19 +138,26 @@ impl RunLog {
             false => None,
         };
         Ok(RunLog {
-            metrics: open_truncated(
-                &dir.file(METRICS_FILE),
-                at.map(|l| l.metrics),
-                Some(MetricsRow::HEADER),
-            )?,
-            events: open_truncated(&dir.file(EVENTS_FILE), at.map(|l| l.events), None)?,
-            tensorboard,
+            files: Some(LogFiles {
+                metrics: open_truncated(
+                    &dir.file(METRICS_FILE),
+                    at.map(|l| l.metrics),
+                    Some(MetricsRow::HEADER),
+                )?,
+                events: open_truncated(&dir.file(EVENTS_FILE), at.map(|l| l.events), None)?,
+                tensorboard,
+            }),
         })
+    }
+
+    /// A log that writes nothing.
+    pub fn muted() -> RunLog {
+        RunLog { files: None }
     }
 
     /// TensorBoard scalars at `step` (nothing when TensorBoard is off).
     pub fn scalars(&mut self, step: u64, values: &[(String, f64)]) -> Result<()> {
-        match self.tensorboard.as_mut() {
+        match self.files.as_mut().and_then(|f| f.tensorboard.as_mut()) {
             Some(tb) => tb.scalars(step, values),
             None => Ok(()),
         }
@@ -152,29 +165,40 @@ impl RunLog {
 
     /// Appends an epoch's row.
     pub fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
-        writeln!(self.metrics, "{}", row.csv())?;
+        if let Some(f) = self.files.as_mut() {
+            writeln!(f.metrics, "{}", row.csv())?;
+        }
         Ok(())
     }
 
     /// Appends events.
     pub fn events(&mut self, events: &[Event]) -> Result<()> {
-        for e in events {
-            writeln!(self.events, "{}", serde_json::to_string(e)?)?;
+        if let Some(f) = self.files.as_mut() {
+            for e in events {
+                writeln!(f.events, "{}", serde_json::to_string(e)?)?;
+            }
         }
         Ok(())
     }
 
     /// Flushes every file and returns their lengths.
     pub fn flush(&mut self) -> Result<LogLengths> {
-        self.metrics.flush()?;
-        self.events.flush()?;
-        let tensorboard = match self.tensorboard.as_mut() {
+        let Some(f) = self.files.as_mut() else {
+            return Ok(LogLengths {
+                metrics: 0,
+                events: 0,
+                tensorboard: None,
+            });
+        };
+        f.metrics.flush()?;
+        f.events.flush()?;
+        let tensorboard = match f.tensorboard.as_mut() {
             Some(tb) => Some(tb.flush()?),
             None => None,
         };
         Ok(LogLengths {
-            metrics: self.metrics.get_ref().metadata()?.len(),
-            events: self.events.get_ref().metadata()?.len(),
+            metrics: f.metrics.get_ref().metadata()?.len(),
+            events: f.events.get_ref().metadata()?.len(),
             tensorboard,
         })
     }

@@ -23,7 +23,7 @@ pub mod tensorboard;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use simfreeze_abi::Needs;
@@ -34,7 +34,10 @@ use tch::{Device, Tensor};
 use crate::config::RunConfig;
 use crate::data::{images, Dataset};
 use crate::engine::cache::PrefixCache;
-use crate::engine::{observe, Batch, Engine, SingleEngine, StepAt, StepError, StepPlan};
+use crate::engine::dist::{DistEnv, ProcessGroup};
+use crate::engine::{
+    observe, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
+};
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
 use crate::plan::{device_name, Plan};
 use checkpoint::CheckpointMeta;
@@ -61,12 +64,54 @@ impl RunControl {
     }
 }
 
-/// Starts the plan in a fresh run directory.
+/// Starts the plan in a fresh run directory. Under a launcher (torchrun:
+/// `WORLD_SIZE` and friends set) every rank joins the data-parallel group
+/// first; rank 0 creates the directory and writes every file.
 pub fn run(plan: Plan, control: &RunControl) -> Result<Summary> {
-    let dir = RunDir::create(&plan.config.output, &plan.config.name)?;
-    dir.write_config(&plan.config)?;
-    dir.write_json(POLICY_FILE, &PolicyIdentity::of(plan.policy.as_ref())?)?;
-    train_in(plan, dir, None, control)
+    let group = join_group(&plan.config)?;
+    let dir = match group.as_deref() {
+        Some(g) if g.rank != 0 => shared_dir(g, None)?,
+        _ => {
+            let dir = RunDir::create(&plan.config.output, &plan.config.name)?;
+            dir.write_config(&plan.config)?;
+            dir.write_json(POLICY_FILE, &PolicyIdentity::of(plan.policy.as_ref())?)?;
+            if let Some(g) = group.as_deref() {
+                shared_dir(g, Some(&dir))?;
+            }
+            dir
+        }
+    };
+    train_in(plan, dir, None, control, group)
+}
+
+/// Joins the data-parallel group the launcher's variables describe, if
+/// any (see [`crate::engine::dist`]).
+fn join_group(config: &RunConfig) -> Result<Option<Arc<ProcessGroup>>> {
+    let Some(env) = DistEnv::from_env()? else {
+        return Ok(None);
+    };
+    let timeout = Duration::from_secs(config.train.dist_timeout_s.max(1));
+    Ok(Some(Arc::new(ProcessGroup::join(&env, timeout)?)))
+}
+
+/// Rank 0's run directory on every rank: rank 0 publishes `dir` in the
+/// group's store, the others read it after a barrier.
+fn shared_dir(g: &ProcessGroup, dir: Option<&RunDir>) -> Result<RunDir> {
+    if let Some(d) = dir {
+        g.store_set("run_dir", d.path.to_string_lossy().as_bytes())?;
+    }
+    g.allreduce_sum(&[&Tensor::zeros([1], (tch::Kind::Float, Device::Cpu))])?;
+    match dir {
+        Some(d) => Ok(d.clone()),
+        None => {
+            let path = g
+                .store_get("run_dir")?
+                .ok_or_else(|| anyhow::anyhow!("rank 0 did not publish its run directory"))?;
+            Ok(RunDir::existing(Path::new(
+                &String::from_utf8_lossy(&path).into_owned(),
+            )))
+        }
+    }
 }
 
 /// Continues the run in `path` from its checkpoint, with the configuration
@@ -80,6 +125,8 @@ pub fn resume(
 ) -> Result<Summary> {
     let dir = RunDir::existing(path);
     let mut config = RunConfig::load(&dir.file(CONFIG_FILE))?;
+    let group = join_group(&config)?;
+    let writes = group.as_deref().is_none_or(|g| g.rank == 0);
     if let Some(spec) = policy {
         let Some(p) = config.policy.as_mut() else {
             return Err(UsageError(format!(
@@ -89,7 +136,9 @@ pub fn resume(
             .into());
         };
         p.plugin = crate::plan::absolute_plugin(spec);
-        dir.write_config(&config)?;
+        if writes {
+            dir.write_config(&config)?;
+        }
     }
     let meta = checkpoint::load_meta(path)?.ok_or_else(|| {
         UsageError(format!(
@@ -97,10 +146,21 @@ pub fn resume(
             path.display()
         ))
     })?;
+    let world = group.as_deref().map_or(1, |g| g.world);
+    if meta.world_size != world {
+        return Err(UsageError(format!(
+            "{} was checkpointed by {} rank(s), this resume has {world}: resume with the same \
+             number (torchrun --nproc-per-node ...); the per-rank batch and the data shares \
+             depend on it",
+            path.display(),
+            meta.world_size
+        ))
+        .into());
+    }
     let plan = Plan::resolve(config, search)?;
     let saved: PolicyIdentity = dir.read_json(POLICY_FILE)?;
     let now = PolicyIdentity::of(plan.policy.as_ref())?;
-    if saved.sha256 != now.sha256 {
+    if saved.sha256 != now.sha256 && writes {
         eprintln!(
             "warning: the policy library changed since the run started (sha256 {} now {}); \
              resuming with the new one",
@@ -108,7 +168,7 @@ pub fn resume(
             now.sha256.as_deref().unwrap_or("none")
         );
     }
-    train_in(plan, dir, Some(meta), control)
+    train_in(plan, dir, Some(meta), control, group)
 }
 
 fn train_in(
@@ -116,14 +176,17 @@ fn train_in(
     dir: RunDir,
     start: Option<CheckpointMeta>,
     control: &RunControl,
+    group: Option<Arc<ProcessGroup>>,
 ) -> Result<Summary> {
     let identity = PolicyIdentity::of(plan.policy.as_ref())?;
     let device = device_name(plan.device);
     let layers = plan.model.depth as u32;
     let run_dir = dir.clone();
-    let mut trainer = match Trainer::open(plan, dir, start) {
+    let writes = group.as_deref().is_none_or(|g| g.rank == 0);
+    let mut trainer = match Trainer::open(plan, dir, start, group) {
         Ok(t) => t,
-        Err(e) => return Err(failed_to_start(e, &run_dir, identity, device, layers)),
+        Err(e) if writes => return Err(failed_to_start(e, &run_dir, identity, device, layers)),
+        Err(e) => return Err(e),
     };
     let stop = trainer.train(control)?;
     trainer.finish(stop, identity)
@@ -169,6 +232,8 @@ struct Data {
     eval: Dataset,
     /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
     fault_at: Option<u64>,
+    /// The step at which this rank kills itself ([`KILL_VAR`]).
+    kill_at: Option<u64>,
     augment: Option<Arc<images::Augmenter>>,
     cache: Option<PrefixCache>,
 }
@@ -189,6 +254,12 @@ struct Trainer {
     carried_seconds: f64,
     steps_per_epoch: u64,
     total: u64,
+    /// This process writes the run directory (rank 0, or one process).
+    writes: bool,
+    /// Communication of the current epoch so far.
+    epoch_comm: Comm,
+    /// Bytes per step of the last all-reduce event.
+    last_allreduce: Option<u64>,
 }
 
 /// How an epoch ended.
@@ -209,7 +280,12 @@ enum EpochEnd {
 impl Trainer {
     /// Builds the engine, imports weights or restores the checkpoint, and
     /// opens the run's files.
-    fn open(plan: Plan, dir: RunDir, start: Option<CheckpointMeta>) -> Result<Trainer> {
+    fn open(
+        plan: Plan,
+        dir: RunDir,
+        start: Option<CheckpointMeta>,
+        group: Option<Arc<ProcessGroup>>,
+    ) -> Result<Trainer> {
         let Plan {
             config,
             model,
@@ -222,8 +298,22 @@ impl Trainer {
         } = plan;
         tch::manual_seed(config.train.seed as i64);
         let (precision, recipe) = (config.train.precision, config.train.recipe());
-        let mut engine: Box<dyn Engine> =
-            Box::new(SingleEngine::new(&model, precision, recipe, device)?);
+        // Each rank of a data-parallel run on GPUs takes its own.
+        let device = match (&group, device) {
+            (Some(g), Device::Cuda(_)) => Device::Cuda(g.local_rank),
+            (_, d) => d,
+        };
+        let (rank, world) = group.as_deref().map_or((0, 1), |g| (g.rank, g.world));
+        let writes = rank == 0;
+        let single = SingleEngine::new(&model, precision, recipe, device)?;
+        let mut engine: Box<dyn Engine> = match &group {
+            Some(g) => Box::new(ParallelEngine::new(
+                single,
+                g.clone(),
+                config.train.bucket_mib,
+            )?),
+            None => Box::new(single),
+        };
         if let (Some(ck), None) = (weights, &start) {
             let from = ck.path.display().to_string();
             let report = engine.import_weights(ck, config.model.head)?;
@@ -233,14 +323,19 @@ impl Trainer {
         if start.is_none() && config.train.frozen_from_start > 0 {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
-        let steps_per_epoch = (train.len() / config.train.batch) as u64;
+        // Each step takes `train.batch` images on every rank.
+        let global_batch = config.train.batch * world as i64;
+        let steps_per_epoch = (train.len() / global_batch) as u64;
         let total = steps_per_epoch * config.train.epochs;
         let lengths = start.as_ref().map(|m| LogLengths {
             metrics: m.metrics_len,
             events: m.events_len,
             tensorboard: m.tensorboard_len,
         });
-        let log = RunLog::open(&dir, lengths, config.train.tensorboard)?;
+        let log = match writes {
+            true => RunLog::open(&dir, lengths, config.train.tensorboard)?,
+            false => RunLog::muted(),
+        };
         let cache = match config.train.cache_frozen {
             true => Some(torch_guard(
                 || "allocating the activation cache".into(),
@@ -265,6 +360,10 @@ impl Trainer {
                 fault_at: std::env::var(FAULT_STEP_VAR)
                     .ok()
                     .and_then(|v| v.parse().ok()),
+                kill_at: std::env::var(KILL_VAR).ok().and_then(|v| {
+                    let (r, s) = v.split_once(':')?;
+                    (r.parse::<usize>().ok()? == rank).then(|| s.parse().ok())?
+                }),
                 cache,
             },
             config,
@@ -272,17 +371,27 @@ impl Trainer {
             driver,
             dir,
             log,
-            progress: Progress::new(total, steps_per_epoch, start.as_ref().map_or(0, |m| m.step)),
-            totals: Totals::default(),
+            progress: match writes {
+                true => Progress::new(total, steps_per_epoch, start.as_ref().map_or(0, |m| m.step)),
+                false => Progress::quiet(total, steps_per_epoch),
+            },
+            totals: Totals {
+                world_size: world,
+                global_batch,
+                ..Totals::default()
+            },
             epoch_loss: 0.0,
             carried_seconds: 0.0,
             steps_per_epoch,
             total,
+            writes,
+            epoch_comm: Comm::default(),
+            last_allreduce: None,
         };
         match start {
             Some(meta) => trainer.restore(meta)?,
             None => trainer.progress.println(&format!(
-                "run {}: {} train / {} eval images, {} steps, policy {}, device {}",
+                "run {}: {} train / {} eval images, {} steps, policy {}, device {}{}",
                 trainer.dir.path.display(),
                 trainer.data.train.len(),
                 trainer.data.eval.len(),
@@ -291,7 +400,14 @@ impl Trainer {
                     .driver
                     .policy()
                     .map_or("none", |p| p.meta.name.as_str()),
-                device_name(device)
+                device_name(device),
+                match world {
+                    1 => String::new(),
+                    w => format!(
+                        ", {w} ranks of batch {} (global batch {global_batch})",
+                        trainer.config.train.batch
+                    ),
+                }
             )),
         }
         Ok(trainer)
@@ -317,6 +433,11 @@ impl Trainer {
         let epoch = self.totals.step / spe;
         let started = Instant::now();
         let order_vec = self.data.train.order(self.config.train.seed, epoch);
+        // Data-parallel: each step's global batch (the one-process order's
+        // next `batch * world` samples) is split into one contiguous share
+        // per rank, in rank order.
+        let (rank, world) = self.engine.shard();
+        let order_vec = local_share(order_vec, spe, batch as usize, rank, world);
         // Augmented batches are built ahead on a background thread.
         let prefetch = self.data.augment.as_ref().map(|a| {
             images::Prefetch::start(
@@ -334,6 +455,10 @@ impl Trainer {
         let mut lr = 0.0;
         while self.totals.step < self.total && self.totals.step / spe == epoch {
             let step = self.totals.step;
+            if self.data.kill_at == Some(step) {
+                // SAFETY: sends SIGKILL to this process, as `kill -9` would.
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let y_host = self.data.train.labels.index_select(0, &idx);
             let state = self.driver.state().clone();
@@ -350,6 +475,8 @@ impl Trainer {
                 lr_factors: &state.lr_factors,
                 grad_norms: needs.contains(Needs::GRAD_NORMS),
                 features: needs.contains(Needs::CLS_FEATURES),
+                stop_vote: control.should_stop(step + 1),
+                decision: state_digest(&state),
             };
             let out = match self.engine.step(input, &y, &plan) {
                 Ok(out) => out,
@@ -361,8 +488,12 @@ impl Trainer {
                     let error = TorchError { during, ..e };
                     return Ok(EpochEnd::Stopped(self.torch_stop(error)));
                 }
+                Err(StepError::Comm(e)) => return Ok(EpochEnd::Stopped(Stop::Peer(e))),
             };
             self.epoch_loss += out.loss;
+            if let Some(c) = out.comm {
+                self.record_comm(step, c)?;
+            }
             let at = StepAt {
                 step,
                 epoch,
@@ -377,12 +508,23 @@ impl Trainer {
                 Err(e) => return policy_failure(e),
             };
             self.log.events(&Event::of_step(step, &outcome))?;
-            let scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
+            let mut scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
+            if let Some(c) = out.comm {
+                scalars.push(("comm/allreduce_bytes".into(), c.bytes as f64));
+                scalars.push(("comm/seconds".into(), c.seconds));
+            }
             self.log.scalars(step, &scalars)?;
             self.totals.step += 1;
             let frontier = self.driver.state().frontier;
-            self.progress.tick(step + 1, out.loss, batch, frontier);
-            let stopping = control.should_stop(step + 1) && step + 1 < self.total;
+            self.progress
+                .tick(step + 1, out.loss, batch * world as i64, frontier);
+            // Data-parallel ranks stop where they all agreed to (the votes
+            // travel with the step's first collective).
+            let asked = match world {
+                1 => control.should_stop(step + 1),
+                _ => out.stop,
+            };
+            let stopping = asked && step + 1 < self.total;
             let every = self.config.train.checkpoint_every;
             let due = every > 0 && (step + 1) % every == 0 && (step + 1) % spe != 0;
             if stopping || due {
@@ -419,9 +561,12 @@ impl Trainer {
             eval_top1: top1,
             lr,
             frozen_blocks: frontier,
+            allreduce_bytes: self.epoch_comm.bytes,
+            comm_seconds: self.epoch_comm.seconds,
             epoch_seconds: seconds,
         })?;
-        let images = (self.steps_per_epoch * self.config.train.batch as u64) as f64;
+        self.epoch_comm = Comm::default();
+        let images = (self.steps_per_epoch * self.totals.global_batch as u64) as f64;
         let mut scalars = vec![
             ("eval/top1".to_string(), top1),
             ("eval/loss".to_string(), eval_loss),
@@ -481,6 +626,10 @@ impl Trainer {
     /// current step; `epoch_loss` and `epoch_seconds` are the current
     /// epoch's so far.
     fn checkpoint(&mut self, epoch_loss: f64, epoch_seconds: f64) -> Result<()> {
+        if !self.writes {
+            // Rank 0 writes it; every rank holds the same state.
+            return Ok(());
+        }
         let lengths = self.log.flush()?;
         let step = self.totals.step;
         let policy_state = match self.driver.policy() {
@@ -502,6 +651,12 @@ impl Trainer {
             metrics_len: lengths.metrics,
             events_len: lengths.events,
             tensorboard_len: lengths.tensorboard,
+            world_size: self.totals.world_size,
+            allreduce_bytes: self.totals.allreduce_bytes,
+            comm_seconds: self.totals.comm_seconds,
+            epoch_allreduce_bytes: self.epoch_comm.bytes,
+            epoch_comm_seconds: self.epoch_comm.seconds,
+            last_allreduce_bytes: self.last_allreduce,
         };
         checkpoint::save(&self.dir.path, meta, self.engine.state_tensors())
     }
@@ -522,7 +677,16 @@ impl Trainer {
             last_top1: m.last_top1,
             best_top1: m.best_top1,
             train_seconds: m.train_seconds,
+            allreduce_bytes: m.allreduce_bytes,
+            comm_seconds: m.comm_seconds,
+            ..self.totals.clone()
         };
+        self.epoch_comm = Comm {
+            bytes: m.epoch_allreduce_bytes,
+            seconds: m.epoch_comm_seconds,
+            params: 0,
+        };
+        self.last_allreduce = m.last_allreduce_bytes;
         self.epoch_loss = m.epoch_loss_sum;
         self.carried_seconds = m.epoch_seconds;
         self.progress.println(&format!(
@@ -539,20 +703,44 @@ impl Trainer {
     fn finish(mut self, stop: Option<Stop>, identity: PolicyIdentity) -> Result<Summary> {
         self.progress.finish_line();
         self.log.flush()?;
+        let world = self.totals.world_size;
+        let (stop, digests) = match stop {
+            // The ranks' final weights must agree: a digest of each.
+            None if world > 1 => match self.engine.weight_digests() {
+                Ok(d) => (None, d),
+                Err(e) => (Some(Stop::Peer(e)), Vec::new()),
+            },
+            stop => (stop, Vec::new()),
+        };
         let Some(stop) = stop else {
-            self.engine.save_model(&self.dir.file(MODEL_FILE))?;
+            if self.writes {
+                self.engine.save_model(&self.dir.file(MODEL_FILE))?;
+            }
+            if digests.iter().any(|d| *d != digests[0]) {
+                eprintln!(
+                    "warning: the ranks' final weights differ (digests {digests:x?}); the run \
+                     lost its invariant, please report it"
+                );
+            }
             let ended = (Status::Completed, None);
-            return self.summary(ended, identity);
+            let mut summary = self.summary_of(ended, identity);
+            summary.weight_digests = digests.iter().map(|d| format!("{d:016x}")).collect();
+            return self.write_summary(summary);
         };
         let reason = stop.reason();
-        self.summary((stop.status(), Some(reason.clone())), identity)?;
+        let summary = self.summary_of((stop.status(), Some(reason.clone())), identity);
+        self.write_summary(summary)?;
         let has_checkpoint = checkpoint::load_meta(&self.dir.path)?.is_some();
+        let launcher = match world {
+            1 => String::new(),
+            n => format!("torchrun --nproc-per-node {n} --no-python "),
+        };
         Err(RunStopped {
             status: stop.status(),
             reason,
             resume: if has_checkpoint {
                 format!(
-                    "\nresume with: {} run --resume {}",
+                    "\nresume with: {launcher}{} run --resume {}",
                     crate::error::command_name(),
                     self.dir.path.display()
                 )
@@ -565,17 +753,67 @@ impl Trainer {
         .into())
     }
 
-    fn summary(
-        &self,
-        ended: (Status, Option<String>),
-        identity: PolicyIdentity,
-    ) -> Result<Summary> {
+    fn summary_of(&self, ended: (Status, Option<String>), identity: PolicyIdentity) -> Summary {
         let t = self.driver.timeline();
         let at = (self.dir.path.clone(), device_name(self.engine.device()));
-        let summary = Summary::new(ended, &self.totals, t, identity, at);
-        self.dir.write_json(SUMMARY_FILE, &summary)?;
+        Summary::new(ended, &self.totals, t, identity, at)
+    }
+
+    /// Writes `summary.json` (rank 0 only) and returns the summary.
+    fn write_summary(&self, summary: Summary) -> Result<Summary> {
+        if self.writes {
+            self.dir.write_json(SUMMARY_FILE, &summary)?;
+        }
         Ok(summary)
     }
+
+    /// Adds a data-parallel step's communication to the totals; logs an
+    /// `allreduce` event when its size changed (the first step, and after
+    /// each freeze).
+    fn record_comm(&mut self, step: u64, c: Comm) -> Result<()> {
+        self.epoch_comm.bytes += c.bytes;
+        self.epoch_comm.seconds += c.seconds;
+        self.totals.allreduce_bytes += c.bytes;
+        self.totals.comm_seconds += c.seconds;
+        if self.last_allreduce != Some(c.bytes) {
+            self.last_allreduce = Some(c.bytes);
+            self.log.events(&[Event {
+                step,
+                kind: records::EventKind::Allreduce {
+                    bytes: c.bytes,
+                    params: c.params,
+                },
+            }])?;
+        }
+        Ok(())
+    }
+}
+
+/// This rank's samples of an epoch's `order`: of every step's global
+/// batch (`batch * world` consecutive samples), the `rank`-th contiguous
+/// share of `batch`; the order itself in one process.
+fn local_share(order: Vec<i64>, steps: u64, batch: usize, rank: usize, world: usize) -> Vec<i64> {
+    if world == 1 {
+        return order;
+    }
+    (0..steps as usize)
+        .flat_map(|s| {
+            let from = s * batch * world + rank * batch;
+            order[from..from + batch].iter().copied()
+        })
+        .collect()
+}
+
+/// A digest of the freeze state a step runs under (frontier, probe,
+/// learning-rate factors): the ranks of a data-parallel run compare it.
+fn state_digest(s: &simfreeze_runtime::contract::FreezeState) -> u64 {
+    let mut h = Fnv::default();
+    h.write(&s.frontier.to_le_bytes());
+    h.write(&s.probe.map_or(u32::MAX, |p| p).to_le_bytes());
+    for f in &s.lr_factors {
+        h.write(&f.to_bits().to_le_bytes());
+    }
+    h.0
 }
 
 /// A policy failure ends the run as a typed stop; any other error (I/O)
@@ -638,6 +876,11 @@ fn upload(t: &Tensor, device: Device) -> Tensor {
 /// libtorch refuses: the failure path of a run, end to end (tests; see
 /// docs/errors.md).
 pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
+
+/// `RANK:STEP`: that rank of a data-parallel run kills itself (SIGKILL)
+/// when it reaches that step: a lost rank, end to end (tests; see
+/// docs/distributed.md).
+pub const KILL_VAR: &str = "SIMFREEZE_KILL_RANK_AT_STEP";
 
 /// An operation libtorch refuses (mismatched matrix shapes).
 fn refused_operation() {

@@ -15,6 +15,8 @@ pub struct Progress {
     started: Instant,
     start: u64,
     last_print: u64,
+    /// Prints nothing (a data-parallel rank other than 0).
+    quiet: bool,
 }
 
 impl Progress {
@@ -39,11 +41,29 @@ impl Progress {
             started: Instant::now(),
             start,
             last_print: start,
+            quiet: false,
+        }
+    }
+
+    /// A display that shows nothing (ranks other than 0 of a
+    /// data-parallel run: rank 0 speaks for the group).
+    pub fn quiet(total: u64, steps_per_epoch: u64) -> Self {
+        Progress {
+            total,
+            steps_per_epoch: steps_per_epoch.max(1),
+            bar: None,
+            started: Instant::now(),
+            start: 0,
+            last_print: 0,
+            quiet: true,
         }
     }
 
     /// After `step` steps: the loss of the last, batch size, frontier.
     pub fn tick(&mut self, step: u64, loss: f64, batch: i64, frozen: u32) {
+        if self.quiet {
+            return;
+        }
         let secs = self.started.elapsed().as_secs_f64().max(1e-9);
         let ips = (step - self.start) as f64 * batch as f64 / secs;
         let epoch = (step.saturating_sub(1)) / self.steps_per_epoch;
@@ -67,6 +87,9 @@ impl Progress {
 
     /// Prints a line above the bar (or as a plain line).
     pub fn println(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(line),
             None => eprintln!("{line}"),

@@ -69,6 +69,14 @@ pub struct Totals {
     pub best_top1: Option<f64>,
     /// Training seconds of completed epochs, evaluation excluded.
     pub train_seconds: f64,
+    /// Ranks (1 in one process).
+    pub world_size: usize,
+    /// Images per step over all ranks (`train.batch` times the ranks).
+    pub global_batch: i64,
+    /// Bytes of gradients all-reduced so far (data-parallel runs).
+    pub allreduce_bytes: u64,
+    /// Seconds spent in collectives so far.
+    pub comm_seconds: f64,
 }
 
 /// What `summary.json` holds.
@@ -104,6 +112,27 @@ pub struct Summary {
     pub policy: PolicyIdentity,
     /// The run directory.
     pub run_dir: PathBuf,
+    /// Ranks that trained (1: one process; more under torchrun).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Images per optimizer step over all ranks.
+    #[serde(default)]
+    pub global_batch: i64,
+    /// Bytes of gradients all-reduced (data-parallel runs; frozen blocks
+    /// are not communicated).
+    #[serde(default)]
+    pub allreduce_bytes: u64,
+    /// Seconds spent in collectives.
+    #[serde(default)]
+    pub comm_seconds: f64,
+    /// Data-parallel runs that completed: a digest of each rank's final
+    /// weights, in rank order (all equal when the ranks stayed in step).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weight_digests: Vec<String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Summary {
@@ -132,6 +161,11 @@ impl Summary {
             probe_steps: t.probe_steps,
             policy,
             run_dir,
+            world_size: totals.world_size.max(1),
+            global_batch: totals.global_batch,
+            allreduce_bytes: totals.allreduce_bytes,
+            comm_seconds: totals.comm_seconds,
+            weight_digests: Vec::new(),
         }
     }
 }
@@ -170,6 +204,14 @@ pub enum EventKind {
         /// `null` and read back as NaN.
         #[serde(deserialize_with = "null_as_nan")]
         value: f64,
+    },
+    /// A data-parallel run's gradient all-reduce changed size (its first
+    /// step, and after each freeze): bytes and parameters per step.
+    Allreduce {
+        /// Bytes all-reduced per step from now on.
+        bytes: u64,
+        /// Trainable parameters communicated.
+        params: u64,
     },
 }
 
@@ -223,6 +265,10 @@ pub struct MetricsRow {
     pub lr: f64,
     /// Frontier at its end.
     pub frozen_blocks: u32,
+    /// Bytes of gradients all-reduced over the epoch (0 in one process).
+    pub allreduce_bytes: u64,
+    /// Seconds spent in collectives over the epoch.
+    pub comm_seconds: f64,
     /// Its training seconds, evaluation excluded.
     pub epoch_seconds: f64,
 }
@@ -230,18 +276,20 @@ pub struct MetricsRow {
 impl MetricsRow {
     /// The CSV header.
     pub const HEADER: &'static str =
-        "epoch,train_loss,eval_loss,eval_top1,lr,frozen_blocks,epoch_seconds";
+        "epoch,train_loss,eval_loss,eval_top1,lr,frozen_blocks,allreduce_bytes,comm_seconds,epoch_seconds";
 
     /// The CSV line (no newline).
     pub fn csv(&self) -> String {
         format!(
-            "{},{:.6},{:.6},{:.4},{:.6e},{},{:.3}",
+            "{},{:.6},{:.6},{:.4},{:.6e},{},{},{:.3},{:.3}",
             self.epoch,
             self.train_loss,
             self.eval_loss,
             self.eval_top1,
             self.lr,
             self.frozen_blocks,
+            self.allreduce_bytes,
+            self.comm_seconds,
             self.epoch_seconds
         )
     }
@@ -303,12 +351,14 @@ mod tests {
             eval_top1: 93.5,
             lr: 0.01,
             frozen_blocks: 3,
+            allreduce_bytes: 4096,
+            comm_seconds: 0.25,
             epoch_seconds: 12.0,
         };
         assert_eq!(
             row.csv(),
-            "1,0.500000,0.250000,93.5000,1.000000e-2,3,12.000"
+            "1,0.500000,0.250000,93.5000,1.000000e-2,3,4096,0.250,12.000"
         );
-        assert_eq!(MetricsRow::HEADER.split(',').count(), 7);
+        assert_eq!(MetricsRow::HEADER.split(',').count(), 9);
     }
 }

@@ -1,0 +1,2 @@
+// Declaration stub: see README.md.
+#pragma once

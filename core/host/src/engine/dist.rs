@@ -1,0 +1,381 @@
+//! The process group of a data-parallel run: PyTorch's c10d (a TCPStore
+//! for rendezvous, ProcessGroupGloo for the collectives) through the small
+//! C++ shim `csrc/dist.cpp`, and the launcher's environment contract.
+//!
+//! A run is data-parallel when it is started by `torchrun` (or anything
+//! that sets the same variables): `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `MASTER_ADDR`, `MASTER_PORT`. Under torchrun the agent already serves
+//! the store (`TORCHELASTIC_USE_AGENT_STORE=True`), so every rank connects
+//! as a client; otherwise rank 0 serves it. Keys live under a prefix per
+//! restart attempt (`TORCHELASTIC_RESTART_COUNT`), as PyTorch's own
+//! `env://` rendezvous does, so a restarted group never reads a dead
+//! attempt's keys. Without these variables a run is single-process and
+//! unchanged.
+
+use std::ffi::{c_void, CStr, CString};
+use std::os::raw::{c_char, c_int, c_longlong};
+use std::time::Duration;
+
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+use crate::error::UsageError;
+
+extern "C" {
+    // csrc/dist.cpp
+    fn simfreeze_dist_init(
+        host: *const c_char,
+        port: c_int,
+        serve: c_int,
+        prefix: *const c_char,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: c_longlong,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut c_void;
+    fn simfreeze_dist_allreduce_sum(
+        group: *mut c_void,
+        tensors: *const *const C_tensor,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn simfreeze_dist_store_set(
+        group: *mut c_void,
+        key: *const c_char,
+        value: *const u8,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn simfreeze_dist_store_get(
+        group: *mut c_void,
+        key: *const c_char,
+        out: *mut u8,
+        cap: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_longlong;
+    fn simfreeze_dist_free(group: *mut c_void);
+}
+
+/// What the launcher says about this process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistEnv {
+    /// Global rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Rank on this machine (the GPU it uses).
+    pub local_rank: usize,
+    /// Where the store is.
+    pub master_addr: String,
+    /// Its port.
+    pub master_port: u16,
+    /// The launcher's agent serves the store (torchrun): connect as a
+    /// client even on rank 0.
+    pub agent_store: bool,
+    /// Restart attempt (torchrun `--max-restarts`).
+    pub attempt: u64,
+}
+
+impl DistEnv {
+    /// The launcher's variables, `None` when `WORLD_SIZE` is not set (a
+    /// plain single-process run). A partial or malformed set is an error
+    /// naming the variable.
+    pub fn from_env() -> Result<Option<DistEnv>, UsageError> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`DistEnv::from_env`] over any variable lookup (tests).
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<DistEnv>, UsageError> {
+        if var("WORLD_SIZE").is_none() {
+            return Ok(None);
+        }
+        let num = |k: &str, default: Option<u64>| -> Result<u64, UsageError> {
+            match (var(k), default) {
+                (Some(v), _) => v.trim().parse().map_err(|_| {
+                    UsageError(format!("{k}={v:?} is not a number (set by the launcher)"))
+                }),
+                (None, Some(d)) => Ok(d),
+                (None, None) => Err(UsageError(format!(
+                    "WORLD_SIZE is set but {k} is not: launch with torchrun, which sets RANK, \
+                     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+                ))),
+            }
+        };
+        let world = num("WORLD_SIZE", None)? as usize;
+        let rank = num("RANK", None)? as usize;
+        if world == 0 || rank >= world {
+            return Err(UsageError(format!(
+                "RANK {rank} with WORLD_SIZE {world}: the rank must be below the world size"
+            )));
+        }
+        let port = num("MASTER_PORT", None)?;
+        let port = u16::try_from(port)
+            .map_err(|_| UsageError(format!("MASTER_PORT={port} is not a port")))?;
+        Ok(Some(DistEnv {
+            rank,
+            world,
+            local_rank: num("LOCAL_RANK", Some(0))? as usize,
+            master_addr: var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            master_port: port,
+            agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
+                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            attempt: num("TORCHELASTIC_RESTART_COUNT", Some(0))?,
+        }))
+    }
+}
+
+pub use crate::error::CommError;
+
+/// A Gloo process group (CPU tensors; CUDA tensors are staged through
+/// host memory by the caller).
+pub struct ProcessGroup {
+    ptr: *mut c_void,
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+    /// Rank on this machine (its GPU).
+    pub local_rank: usize,
+    /// Collective and store timeout.
+    pub timeout: Duration,
+}
+
+// SAFETY: the group is only used from the thread that runs the loop; the
+// handle is moved, not shared, across threads.
+unsafe impl Send for ProcessGroup {}
+
+fn err_text(buf: &[c_char]) -> String {
+    // SAFETY: the shim NUL-terminates every message it writes; `buf` starts
+    // zeroed, so it is terminated even when nothing was written.
+    unsafe { CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn c_string(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).expect("no interior NUL")
+}
+
+impl ProcessGroup {
+    /// Joins the group `env` describes; waits for every rank at most
+    /// `timeout`.
+    pub fn join(env: &DistEnv, timeout: Duration) -> Result<ProcessGroup, CommError> {
+        let host = c_string(&env.master_addr);
+        let prefix = c_string(&format!("/simfreeze/attempt_{}", env.attempt));
+        let serve = !env.agent_store && env.rank == 0;
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: the strings outlive the call; the shim catches C++
+        // exceptions and reports them in `err`.
+        let ptr = unsafe {
+            simfreeze_dist_init(
+                host.as_ptr(),
+                c_int::from(env.master_port),
+                c_int::from(serve),
+                prefix.as_ptr(),
+                env.rank as c_int,
+                env.world as c_int,
+                timeout.as_millis() as c_longlong,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if ptr.is_null() {
+            return Err(CommError {
+                message: format!(
+                    "rank {} of {} could not join the group at {}:{} within {} s: {}",
+                    env.rank,
+                    env.world,
+                    env.master_addr,
+                    env.master_port,
+                    timeout.as_secs(),
+                    err_text(&err)
+                ),
+            });
+        }
+        Ok(ProcessGroup {
+            ptr,
+            rank: env.rank,
+            world: env.world,
+            local_rank: env.local_rank,
+            timeout,
+        })
+    }
+
+    /// Sums each tensor over the ranks, in place (contiguous CPU tensors;
+    /// every all-reduce is in flight before the first is waited for).
+    pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), CommError> {
+        let ptrs: Vec<*const C_tensor> = tensors.iter().map(|t| t.as_ptr()).collect();
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: the tensors are live for the call; errors come back in
+        // `err`.
+        let rc = unsafe {
+            simfreeze_dist_allreduce_sum(
+                self.ptr,
+                ptrs.as_ptr(),
+                ptrs.len(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            _ => Err(CommError {
+                message: err_text(&err),
+            }),
+        }
+    }
+
+    /// Sets `key` in the group's store.
+    pub fn store_set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
+        let k = c_string(key);
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: as above.
+        let rc = unsafe {
+            simfreeze_dist_store_set(
+                self.ptr,
+                k.as_ptr(),
+                value.as_ptr(),
+                value.len(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            _ => Err(CommError {
+                message: err_text(&err),
+            }),
+        }
+    }
+
+    /// The value of `key` in the group's store, `None` when it is not set.
+    pub fn store_get(&self, key: &str) -> Result<Option<Vec<u8>>, CommError> {
+        let k = c_string(key);
+        let mut out = vec![0u8; 4096];
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: `out` has `out.len()` writable bytes.
+        let n = unsafe {
+            simfreeze_dist_store_get(
+                self.ptr,
+                k.as_ptr(),
+                out.as_mut_ptr(),
+                out.len(),
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        match n {
+            -1 => Ok(None),
+            n if n < 0 => Err(CommError {
+                message: err_text(&err),
+            }),
+            n => {
+                out.truncate((n as usize).min(4096));
+                Ok(Some(out))
+            }
+        }
+    }
+
+    /// Rank 0's `value` on every rank (an all-reduce of zeros elsewhere:
+    /// `x + 0` is exact, so every rank gets rank 0's bits).
+    pub fn broadcast_from_zero(&self, tensors: &[Tensor]) -> Result<(), CommError> {
+        if self.rank != 0 {
+            for t in tensors {
+                let _ = t.shallow_clone().zero_();
+            }
+        }
+        let refs: Vec<&Tensor> = tensors.iter().collect();
+        self.allreduce_sum(&refs)
+    }
+
+    /// Every rank's `local` (same shape and kind on every rank) stacked in
+    /// rank order: `[world, ...]`, bit-exact (an all-reduce of zero-padded
+    /// slots).
+    pub fn gather(&self, local: &Tensor) -> Result<Tensor, CommError> {
+        let mut shape = vec![self.world as i64];
+        shape.extend(local.size());
+        let all = Tensor::zeros(shape.as_slice(), (local.kind(), tch::Device::Cpu));
+        all.get(self.rank as i64).copy_(local);
+        self.allreduce_sum(&[&all])?;
+        Ok(all)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `simfreeze_dist_init` and is freed once.
+        unsafe { simfreeze_dist_free(self.ptr) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> Result<Option<DistEnv>, UsageError> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        DistEnv::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn the_launchers_contract() {
+        assert_eq!(env(&[]).unwrap(), None);
+        let torchrun = env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(torchrun.rank, 1);
+        assert_eq!(torchrun.world, 2);
+        assert!(torchrun.agent_store);
+        assert_eq!(torchrun.attempt, 2);
+        let e = env(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).unwrap_err();
+        assert!(e.0.contains("RANK is not"), "{e}");
+        let e = env(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")]).unwrap_err();
+        assert!(e.0.contains("below the world size"), "{e}");
+        let e = env(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "99999")]).unwrap_err();
+        assert!(e.0.contains("not a port"), "{e}");
+    }
+
+    /// A one-rank group (its own store) sums, gathers and keeps keys.
+    #[test]
+    fn a_one_rank_group_works_end_to_end() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = DistEnv {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            agent_store: false,
+            attempt: 0,
+        };
+        let g = ProcessGroup::join(&e, Duration::from_secs(20)).unwrap();
+        let t = Tensor::from_slice(&[1.5f32, -2.0]);
+        g.allreduce_sum(&[&t]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.5, -2.0]);
+        let all = g.gather(&Tensor::from_slice(&[7i64, 8])).unwrap();
+        assert_eq!(all.size(), [1, 2]);
+        g.store_set("k", b"v1").unwrap();
+        assert_eq!(g.store_get("k").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert_eq!(g.store_get("absent").unwrap(), None);
+    }
+}

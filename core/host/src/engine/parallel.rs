@@ -1,0 +1,344 @@
+//! Data-parallel training: every rank runs the [`SingleEngine`] step on its
+//! share of the global batch, and the ranks meet in three collectives per
+//! step (the Gloo process group of [`dist`](crate::engine::dist)):
+//!
+//! 1. before the backward, the loss, the stop votes and a digest of the
+//!    freeze state each rank runs under: every rank sees the same global
+//!    loss (so a non-finite loss stops all of them at the same step), the
+//!    same stop decision, and a rank whose policy decided otherwise stops
+//!    the group;
+//! 2. after it, the gradients of the trainable parameters only, flattened
+//!    into buckets of `train.bucket_mib` and averaged; frozen blocks have
+//!    no gradient and are not communicated at all;
+//! 3. when the policy asks for them, the features and labels of the global
+//!    batch, gathered in rank order (the batch a one-process run with the
+//!    global batch would have seen).
+//!
+//! Invariant: every rank holds the same weights and optimizer state after
+//! every step (the averaged gradients are bit-identical on every rank, and
+//! so is the update); `weight_digests` checks it at the end of a run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::Dataset;
+use crate::engine::dist::{CommError, ProcessGroup};
+use crate::engine::single::{evaluate_counts, forward, loss_of, to_host};
+use crate::engine::{
+    weights_digest, Batch, Comm, Engine, SingleEngine, StepError, StepOut, StepPlan,
+};
+use crate::error::{torch_guard, TorchError};
+use crate::model::weights::{Checkpoint, HeadInit};
+use crate::model::PrefixModel;
+
+/// One rank of a data-parallel run.
+pub struct ParallelEngine {
+    inner: SingleEngine,
+    group: Arc<ProcessGroup>,
+    /// Largest gradient bucket, in elements.
+    bucket: i64,
+    /// Steps taken by this process (the heartbeat that names a lost rank).
+    steps: u64,
+}
+
+impl ParallelEngine {
+    /// Wraps `inner` and makes every rank start from rank 0's weights.
+    pub fn new(
+        inner: SingleEngine,
+        group: Arc<ProcessGroup>,
+        bucket_mib: u64,
+    ) -> Result<Self, CommError> {
+        let engine = ParallelEngine {
+            inner,
+            group,
+            bucket: (bucket_mib.max(1) * (1 << 20) / 4) as i64,
+            steps: 0,
+        };
+        engine.sync_weights()?;
+        Ok(engine)
+    }
+
+    /// Rank 0's parameters on every rank (also after a weight import).
+    fn sync_weights(&self) -> Result<(), CommError> {
+        let mut vars: Vec<(String, Tensor)> = self.inner.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let host: Vec<Tensor> = vars
+            .iter()
+            .map(|(_, v)| v.detach().to_device(Device::Cpu).contiguous())
+            .collect();
+        self.group
+            .broadcast_from_zero(&host)
+            .map_err(|e| explain(&self.group, self.steps, e))?;
+        tch::no_grad(|| {
+            for ((_, v), h) in vars.iter().zip(&host) {
+                v.shallow_clone().copy_(h);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// `e` with the rank most likely lost: the one whose heartbeat (steps
+/// taken, in the store) is behind `steps`.
+fn explain(g: &ProcessGroup, steps: u64, e: CommError) -> CommError {
+    let seen: Vec<(usize, Option<u64>)> = (0..g.world)
+        .filter(|&r| r != g.rank)
+        .map(|r| {
+            let v = g
+                .store_get(&format!("heartbeat/{r}"))
+                .ok()
+                .flatten()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.parse().ok());
+            (r, v)
+        })
+        .collect();
+    let behind: Vec<String> = seen
+        .iter()
+        .filter(|(_, s)| s.is_none_or(|s| s < steps))
+        .map(|(r, s)| match s {
+            Some(s) => format!("rank {r} (last seen at its step {s})"),
+            None => format!("rank {r}"),
+        })
+        .collect();
+    let who = match behind.as_slice() {
+        [] => {
+            let others: Vec<String> = seen.iter().map(|(r, _)| r.to_string()).collect();
+            format!("one of ranks {}", others.join(", "))
+        }
+        list => list.join(", "),
+    };
+    CommError {
+        message: format!(
+            "rank {} of {}: lost {who} during step {steps}: {} (a rank exited, was killed, or \
+             hung past train.dist_timeout_s, {} s)",
+            g.rank,
+            g.world,
+            e.message.trim(),
+            g.timeout.as_secs()
+        ),
+    }
+}
+
+/// Averages `grads` over the ranks, in buckets of at most `bucket`
+/// elements; returns the parameters communicated.
+fn reduce_grads(
+    g: &ProcessGroup,
+    bucket: i64,
+    device: Device,
+    grads: &[Tensor],
+) -> Result<u64, CommError> {
+    let world = g.world as f64;
+    let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
+    let mut filled = 0i64;
+    for t in grads {
+        let n = t.numel() as i64;
+        if buckets.is_empty() || (filled > 0 && filled + n > bucket) {
+            buckets.push(Vec::new());
+            filled = 0;
+        }
+        buckets.last_mut().expect("a bucket").push(t);
+        filled += n;
+    }
+    let flat: Vec<Tensor> = buckets
+        .iter()
+        .map(|b| {
+            let parts: Vec<Tensor> = b.iter().map(|t| t.reshape([-1])).collect();
+            // Gloo reduces host memory: a GPU's gradients are staged.
+            Tensor::cat(&parts, 0).to_device(Device::Cpu)
+        })
+        .collect();
+    let refs: Vec<&Tensor> = flat.iter().collect();
+    g.allreduce_sum(&refs)?;
+    let mut params = 0u64;
+    tch::no_grad(|| {
+        for (b, f) in buckets.iter().zip(&flat) {
+            let f = (f / world).to_device(device);
+            let mut at = 0i64;
+            for t in b {
+                let n = t.numel() as i64;
+                t.shallow_clone().copy_(&f.narrow(0, at, n).view_as(t));
+                at += n;
+                params += n as u64;
+            }
+        }
+    });
+    Ok(params)
+}
+
+/// One data-parallel step (see the module documentation).
+fn parallel_step(
+    inner: &mut SingleEngine,
+    g: &ProcessGroup,
+    (bucket, steps): (i64, u64),
+    batch: Batch,
+    y: &Tensor,
+    plan: &StepPlan<'_>,
+) -> Result<StepOut, StepError> {
+    let (rank, world) = (g.rank, g.world);
+    let SingleEngine {
+        model, opt, device, ..
+    } = inner;
+    let lost = |e: CommError| StepError::Comm(explain(g, steps, e));
+    let mut comm = Comm::default();
+    let out = forward(model, batch, plan.frozen);
+    let loss_t = loss_of(&out.logits, y, opt.recipe().label_smoothing);
+    let cls_host = plan.features.then(|| to_host(&out.cls));
+    // 1. Loss, stop votes and freeze-state digests (62 bits, so the sum
+    // of one digest and zeros never overflows).
+    let control = Tensor::from_slice(&[
+        loss_t.double_value(&[]),
+        f64::from(u8::from(plan.stop_vote)),
+    ]);
+    let digests = Tensor::zeros([world as i64], (Kind::Int64, Device::Cpu));
+    let _ = digests.get(rank as i64).fill_((plan.decision >> 2) as i64);
+    let t = Instant::now();
+    g.allreduce_sum(&[&control, &digests]).map_err(lost)?;
+    comm.seconds += t.elapsed().as_secs_f64();
+    let control: Vec<f64> = Vec::try_from(&control).unwrap_or_default();
+    let loss = control[0] / world as f64;
+    let stop = control[1] > 0.0;
+    let all: Vec<i64> = Vec::try_from(&digests).unwrap_or_default();
+    if all.iter().any(|d| *d != all[0]) {
+        return Err(StepError::Comm(CommError {
+            message: format!(
+                "rank {rank}: the ranks run under different freeze states (decision digests \
+                 {all:x?}); a policy must decide the same from the same observations"
+            ),
+        }));
+    }
+    if !loss.is_finite() {
+        return Err(StepError::Diverged(loss));
+    }
+    // 2. The trainable parameters' gradients.
+    let mut grads = opt.backward(&loss_t, plan.frozen);
+    let t = Instant::now();
+    let params = reduce_grads(g, bucket, *device, grads.tensors()).map_err(lost)?;
+    comm.seconds += t.elapsed().as_secs_f64();
+    comm.params = params;
+    comm.bytes = params * 4;
+    let grad_norms = if plan.grad_norms {
+        opt.grad_norms(&grads, model.depth())
+    } else {
+        Vec::new()
+    };
+    opt.clip(&mut grads);
+    opt.step(&grads, plan.lr, plan.lr_factors);
+    // 3. The global batch's features and labels, in rank order.
+    let (cls_host, labels_host) = match cls_host {
+        Some(local) => {
+            let t = Instant::now();
+            let f = g.gather(&local).map_err(lost)?;
+            let l = g.gather(&y.to_device(Device::Cpu)).map_err(lost)?;
+            comm.seconds += t.elapsed().as_secs_f64();
+            (Some(f.flatten(0, 1)), Some(l.flatten(0, 1)))
+        }
+        None => (None, None),
+    };
+    Ok(StepOut {
+        loss,
+        cls: out.cls,
+        cls_host,
+        grad_norms,
+        labels_host,
+        stop,
+        comm: Some(comm),
+    })
+}
+
+impl Engine for ParallelEngine {
+    fn model(&self) -> &dyn PrefixModel {
+        self.inner.model()
+    }
+
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+
+    fn import_weights(&mut self, ck: Checkpoint, head: HeadInit) -> Result<String> {
+        let report = self.inner.import_weights(ck, head)?;
+        // A new head is drawn from each rank's generator: rank 0's wins.
+        self.sync_weights()?;
+        Ok(report)
+    }
+
+    fn lr_at(&self, step: u64, total: u64) -> f64 {
+        self.inner.lr_at(step, total)
+    }
+
+    fn step(
+        &mut self,
+        batch: Batch,
+        y: &Tensor,
+        plan: &StepPlan<'_>,
+    ) -> Result<StepOut, StepError> {
+        self.steps += 1;
+        let g = self.group.clone();
+        // The heartbeat that names this rank if it is lost.
+        let _ = g.store_set(
+            &format!("heartbeat/{}", g.rank),
+            self.steps.to_string().as_bytes(),
+        );
+        let at = (self.bucket, self.steps);
+        let inner = &mut self.inner;
+        torch_guard(
+            || "in a data-parallel training step".into(),
+            || parallel_step(inner, &g, at, batch, y, plan),
+        )
+        .map_err(StepError::Torch)?
+    }
+
+    /// Each rank evaluates its contiguous share; the counts are summed, so
+    /// every rank gets the same top-1.
+    fn evaluate(&self, data: &Dataset) -> Result<(f64, f64), TorchError> {
+        let (rank, world) = (self.group.rank as i64, self.group.world as i64);
+        let n = data.len();
+        let rows = (n * rank / world)..(n * (rank + 1) / world);
+        let (correct, loss_sum, _) = torch_guard(
+            || "evaluating".into(),
+            || evaluate_counts(self.model(), data, rows, self.inner.device),
+        )?;
+        let sums = Tensor::from_slice(&[correct as f64, loss_sum]);
+        self.group.allreduce_sum(&[&sums]).map_err(|e| TorchError {
+            during: "evaluating".into(),
+            message: explain(&self.group, self.steps, e).message,
+        })?;
+        let sums: Vec<f64> = Vec::try_from(&sums).unwrap_or_default();
+        let n = n.max(1) as f64;
+        Ok((100.0 * sums[0] / n, sums[1] / n))
+    }
+
+    fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.inner.state_tensors()
+    }
+
+    fn load_state_tensors(&mut self, path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
+        self.inner.load_state_tensors(path, tensors)
+    }
+
+    fn save_model(&self, path: &Path) -> Result<()> {
+        self.inner.save_model(path)
+    }
+
+    fn shard(&self) -> (usize, usize) {
+        (self.group.rank, self.group.world)
+    }
+
+    fn weight_digests(&self) -> Result<Vec<u64>, CommError> {
+        let own = weights_digest(self.model_tensors());
+        let all = self
+            .group
+            .gather(&Tensor::from_slice(&[own as i64]))
+            .map_err(|e| explain(&self.group, self.steps, e))?;
+        let v: Vec<i64> = Vec::try_from(all.flatten(0, -1)).unwrap_or_default();
+        Ok(v.into_iter().map(|d| d as u64).collect())
+    }
+
+    fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        self.inner.model_tensors()
+    }
+}
