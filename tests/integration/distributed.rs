@@ -245,3 +245,85 @@ fn a_killed_rank_fails_the_run_naming_it_and_two_ranks_resume_it() {
     assert_eq!(summary["status"], "completed");
     assert_eq!(summary["steps"], 16);
 }
+
+/// ATSF asks for features and labels: every rank observes the global
+/// batch (gathered in rank order), so two ranks freeze at the steps one
+/// process with the global batch does.
+#[test]
+fn atsf_on_two_ranks_observes_the_global_batch_and_freezes_alike() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let text_cfg = fs::read_to_string(&cfg).unwrap().replace(
+        r#"(plugin: "template", options: "(every: 3)")"#,
+        r#"(plugin: "atsf", options: "(record_steps: 2, compare_steps: 2, tolerance: 0.01)")"#,
+    );
+    fs::write(&cfg, text_cfg.replace("train: 64", "train: 128")).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let two = torchrun(2, &["run", "--config", cfg], &[]);
+    assert!(two.status.success(), "{}", text(&two).1);
+    let one = simfreeze(&["run", "--config", cfg, "--set", "train.batch=8"]);
+    assert!(one.status.success(), "{}", text(&one).1);
+    let (a, b) = (d.path().join("runs/d-001"), d.path().join("runs/d-002"));
+    let (sa, sb) = (json(&a.join("summary.json")), json(&b.join("summary.json")));
+    assert!(sa["freeze_step"][0].is_u64(), "ATSF froze nothing: {sa}");
+    assert_eq!(sa["freeze_step"], sb["freeze_step"]);
+    assert_eq!(sa["probe_steps"], sb["probe_steps"]);
+    assert_eq!(events(&a, "freeze"), events(&b, "freeze"));
+}
+
+/// Without torchrun (rank 0 serves the store): a rank that stays alive but
+/// never answers makes the other fail after `train.dist_timeout_s`, naming
+/// it, instead of waiting forever.
+#[test]
+fn a_hung_rank_fails_the_other_within_the_timeout() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let text_cfg = fs::read_to_string(&cfg).unwrap();
+    fs::write(
+        &cfg,
+        text_cfg.replace("dist_timeout_s: 30", "dist_timeout_s: 3"),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let spawn = |rank: &str| {
+        Command::new(simfreeze_bin())
+            .args(["run", "--config", cfg.to_str().unwrap()])
+            .envs([
+                ("RANK", rank),
+                ("LOCAL_RANK", rank),
+                ("WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("MASTER_PORT", port.as_str()),
+                ("SIMFREEZE_KILL_RANK_AT_STEP", "1:5:hang"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let started = Instant::now();
+    let zero = spawn("0");
+    let mut one = spawn("1");
+    let out = zero.wait_with_output().unwrap();
+    let took = started.elapsed();
+    one.kill().unwrap();
+    let _ = one.wait();
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("lost rank 1"), "{stderr}");
+    assert!(
+        stderr.contains("Timed out") || stderr.contains("timed out"),
+        "{stderr}"
+    );
+    assert!(
+        took < Duration::from_secs(25),
+        "took {took:?} with a 3 s timeout"
+    );
+    let summary = json(&d.path().join("runs/d-001/summary.json"));
+    assert_eq!(summary["status"], "failed");
+}

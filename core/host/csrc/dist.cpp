@@ -36,19 +36,23 @@ void fail(const std::exception& e, char* err, size_t err_len) {
 extern "C" {
 
 // Joins the group: connects to (or, with `serve`, serves) the TCPStore at
-// host:port, keys under `prefix`, and creates a Gloo process group of
-// `world` ranks with collectives timing out after `timeout_ms`. Returns the
-// group, or null with the error message in err.
+// host:port, waiting at most `rendezvous_ms` for the ranks, keys under
+// `prefix`, and creates a Gloo process group of `world` ranks with
+// collectives timing out after `timeout_ms`. Returns the group, or null
+// with the error message in err.
 void* simfreeze_dist_init(const char* host, int port, int serve, const char* prefix, int rank,
-                          int world, long long timeout_ms, char* err, size_t err_len) {
+                          int world, long long timeout_ms, long long rendezvous_ms, char* err,
+                          size_t err_len) {
     try {
         const std::chrono::milliseconds timeout(timeout_ms);
         c10d::TCPStoreOptions opts;
         opts.port = static_cast<std::uint16_t>(port);
         opts.isServer = serve != 0;
         opts.numWorkers = static_cast<std::size_t>(world);
-        opts.waitWorkers = serve != 0;
-        opts.timeout = timeout;
+        // Every rank checks in (a client only counts itself; the server
+        // waits for all of them).
+        opts.waitWorkers = true;
+        opts.timeout = std::chrono::milliseconds(rendezvous_ms);
         auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
         auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
         auto options = c10d::ProcessGroupGloo::Options::create(timeout);

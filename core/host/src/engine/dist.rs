@@ -31,6 +31,7 @@ extern "C" {
         rank: c_int,
         world: c_int,
         timeout_ms: c_longlong,
+        rendezvous_ms: c_longlong,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut c_void;
@@ -59,6 +60,9 @@ extern "C" {
     ) -> c_longlong;
     fn simfreeze_dist_free(group: *mut c_void);
 }
+
+/// The least time the rendezvous waits for every rank to join.
+const RENDEZVOUS_MIN: Duration = Duration::from_secs(60);
 
 /// What the launcher says about this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,12 +152,13 @@ pub struct ProcessGroup {
 // handle is moved, not shared, across threads.
 unsafe impl Send for ProcessGroup {}
 
+/// The shim's message, without the C++ stack frames c10 appends.
 fn err_text(buf: &[c_char]) -> String {
     // SAFETY: the shim NUL-terminates every message it writes; `buf` starts
     // zeroed, so it is terminated even when nothing was written.
-    unsafe { CStr::from_ptr(buf.as_ptr()) }
-        .to_string_lossy()
-        .into_owned()
+    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    let text = text.split("\nException raised from").next().unwrap_or("");
+    text.trim().to_string()
 }
 
 fn c_string(s: &str) -> CString {
@@ -161,8 +166,9 @@ fn c_string(s: &str) -> CString {
 }
 
 impl ProcessGroup {
-    /// Joins the group `env` describes; waits for every rank at most
-    /// `timeout`.
+    /// Joins the group `env` describes. Collectives time out after
+    /// `timeout`; the rendezvous waits at least a minute for the other
+    /// ranks to start (they load data and plugins first).
     pub fn join(env: &DistEnv, timeout: Duration) -> Result<ProcessGroup, CommError> {
         let host = c_string(&env.master_addr);
         let prefix = c_string(&format!("/simfreeze/attempt_{}", env.attempt));
@@ -179,6 +185,7 @@ impl ProcessGroup {
                 env.rank as c_int,
                 env.world as c_int,
                 timeout.as_millis() as c_longlong,
+                timeout.max(RENDEZVOUS_MIN).as_millis() as c_longlong,
                 err.as_mut_ptr(),
                 err.len(),
             )
@@ -191,7 +198,7 @@ impl ProcessGroup {
                     env.world,
                     env.master_addr,
                     env.master_port,
-                    timeout.as_secs(),
+                    timeout.max(RENDEZVOUS_MIN).as_secs(),
                     err_text(&err)
                 ),
             });

@@ -232,8 +232,8 @@ struct Data {
     eval: Dataset,
     /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
     fault_at: Option<u64>,
-    /// The step at which this rank kills itself ([`KILL_VAR`]).
-    kill_at: Option<u64>,
+    /// The step at which this rank kills or stops itself ([`KILL_VAR`]).
+    kill_at: Option<(u64, i32)>,
     augment: Option<Arc<images::Augmenter>>,
     cache: Option<PrefixCache>,
 }
@@ -361,8 +361,13 @@ impl Trainer {
                     .ok()
                     .and_then(|v| v.parse().ok()),
                 kill_at: std::env::var(KILL_VAR).ok().and_then(|v| {
-                    let (r, s) = v.split_once(':')?;
-                    (r.parse::<usize>().ok()? == rank).then(|| s.parse().ok())?
+                    let mut parts = v.split(':');
+                    let (r, s) = (parts.next()?, parts.next()?);
+                    let signal = match parts.next() {
+                        Some("hang") => libc::SIGSTOP,
+                        _ => libc::SIGKILL,
+                    };
+                    (r.parse::<usize>().ok()? == rank).then(|| Some((s.parse().ok()?, signal)))?
                 }),
                 cache,
             },
@@ -455,9 +460,12 @@ impl Trainer {
         let mut lr = 0.0;
         while self.totals.step < self.total && self.totals.step / spe == epoch {
             let step = self.totals.step;
-            if self.data.kill_at == Some(step) {
-                // SAFETY: sends SIGKILL to this process, as `kill -9` would.
-                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            if let Some((at, signal)) = self.data.kill_at {
+                if at == step {
+                    // SAFETY: signals this process, as `kill -9` (or
+                    // `kill -STOP`: alive, never answering) would.
+                    unsafe { libc::kill(libc::getpid(), signal) };
+                }
             }
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let y_host = self.data.train.labels.index_select(0, &idx);
@@ -878,8 +886,9 @@ fn upload(t: &Tensor, device: Device) -> Tensor {
 pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
 
 /// `RANK:STEP`: that rank of a data-parallel run kills itself (SIGKILL)
-/// when it reaches that step: a lost rank, end to end (tests; see
-/// docs/distributed.md).
+/// when it reaches that step; `RANK:STEP:hang` stops itself instead
+/// (SIGSTOP: alive, never answering). A lost or hung rank, end to end
+/// (tests; see docs/distributed.md).
 pub const KILL_VAR: &str = "SIMFREEZE_KILL_RANK_AT_STEP";
 
 /// An operation libtorch refuses (mismatched matrix shapes).
