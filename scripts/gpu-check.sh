@@ -18,6 +18,9 @@
 #   machine.txt         GPU, driver, torch's view of CUDA
 #   bench-F32.json      img/s at frozen K = 0, 6, 12, batch 16, float32, with
 #   bench-Bf16.json     ATSF's share of the step; the same under bf16
+#   bench-dp1.json      the bf16 bench through the data-parallel engine, one
+#                       rank under torchrun: img/s and the share of the step
+#                       in collectives at each K
 #   run-summary.json    a short ATSF run (128 steps, bf16): its summary.json
 #   errors.txt          what a user sees for a CUDA device beyond the count
 #                       and for ViT-L/16 at a batch that does not fit
@@ -88,6 +91,11 @@ check() {
         fi
         cat "$out/bench-$precision.json"
     done
+    say "data-parallel bench, 1 rank under torchrun (Gloo, gradients staged through host memory), bf16"
+    "$py" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
+        "$bin" bench --config "$cfg" --frozen "$frozen" --steps 10 --rounds 2 --batch 16 \
+        --set train.precision=Bf16 --json > "$out/bench-dp1.json"
+    cat "$out/bench-dp1.json"
     say "short ATSF run (bf16)"
     "$bin" run --config "$cfg" --set train.precision=Bf16 --set "output=\"$runs\"" > /dev/null
     cp "$runs"/gpu-check-001/summary.json "$out/run-summary.json" 2>/dev/null && cat "$out/run-summary.json"

@@ -457,7 +457,14 @@ impl RunConfig {
     pub fn validate(&self) -> Result<(), UsageError> {
         check_name("name", &self.name)?;
         check_classes("data.classes", self.data.classes.as_deref())?;
-        self.train.recipe().validate("train").map_err(UsageError)
+        self.train.recipe().validate("train").map_err(UsageError)?;
+        if self.train.dist_timeout_s == 0 || self.train.bucket_mib == 0 {
+            return Err(UsageError(format!(
+                "train.dist_timeout_s is {} and train.bucket_mib {}: both must be at least 1",
+                self.train.dist_timeout_s, self.train.bucket_mib
+            )));
+        }
+        Ok(())
     }
 
     /// Applies `key=value` overrides (`train.epochs=3`,

@@ -91,8 +91,9 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
         let comm = r
             .comm_share
             .map_or(String::from("-"), |f| format!("{:.1} %", 100.0 * f));
-        let bytes = r.allreduce_bytes.map_or(String::from("-"), |b| {
-            format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+        let bytes = r.allreduce_bytes.map_or(String::from("-"), |b| match b {
+            b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+            b => format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64),
         });
         writeln!(
             out,
