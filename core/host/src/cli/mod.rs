@@ -279,9 +279,7 @@ fn run_cmd(a: RunArgs, search: &SearchPath) -> Result<()> {
     if let Some(dir) = &a.resume {
         let summary = run::resume(dir, search, a.policy.as_deref(), &control)?;
         if speaks() {
-            if speaks() {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
-            }
+            println!("{}", serde_json::to_string_pretty(&summary)?);
         }
         return Ok(());
     }

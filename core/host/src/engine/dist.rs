@@ -148,9 +148,12 @@ pub struct ProcessGroup {
     pub timeout: Duration,
 }
 
-// SAFETY: the group is only used from the thread that runs the loop; the
-// handle is moved, not shared, across threads.
+// SAFETY: the handle owns a c10d Store and Backend, which PyTorch calls
+// from several threads itself (its Python bindings release the GIL around
+// every collective); the loop uses the group from one thread.
 unsafe impl Send for ProcessGroup {}
+// SAFETY: as above: c10d's Store and Backend methods are thread-safe.
+unsafe impl Sync for ProcessGroup {}
 
 /// The shim's message, without the C++ stack frames c10 appends.
 fn err_text(buf: &[c_char]) -> String {

@@ -99,7 +99,7 @@ fn explain(g: &ProcessGroup, steps: u64, e: CommError) -> CommError {
         .collect();
     let behind: Vec<String> = seen
         .iter()
-        .filter(|(_, s)| s.is_none_or(|s| s < steps))
+        .filter(|(_, s)| s.map_or(true, |s| s < steps))
         .map(|(r, s)| match s {
             Some(s) => format!("rank {r} (last seen at its step {s})"),
             None => format!("rank {r}"),

@@ -126,7 +126,7 @@ pub fn resume(
     let dir = RunDir::existing(path);
     let mut config = RunConfig::load(&dir.file(CONFIG_FILE))?;
     let group = join_group(&config)?;
-    let writes = group.as_deref().is_none_or(|g| g.rank == 0);
+    let writes = group.as_deref().map_or(true, |g| g.rank == 0);
     if let Some(spec) = policy {
         let Some(p) = config.policy.as_mut() else {
             return Err(UsageError(format!(
@@ -182,7 +182,7 @@ fn train_in(
     let device = device_name(plan.device);
     let layers = plan.model.depth as u32;
     let run_dir = dir.clone();
-    let writes = group.as_deref().is_none_or(|g| g.rank == 0);
+    let writes = group.as_deref().map_or(true, |g| g.rank == 0);
     let mut trainer = match Trainer::open(plan, dir, start, group) {
         Ok(t) => t,
         Err(e) if writes => return Err(failed_to_start(e, &run_dir, identity, device, layers)),
