@@ -738,6 +738,18 @@ impl Trainer {
         let reason = stop.reason();
         let summary = self.summary_of((stop.status(), Some(reason.clone())), identity);
         self.write_summary(summary)?;
+        if !self.writes {
+            // Rank 0 writes (or is writing) the checkpoint and says how to
+            // resume; this rank may look before it is there.
+            return Err(RunStopped {
+                status: stop.status(),
+                reason,
+                resume: "\n(rank 0 reports the checkpoint and how to resume)".into(),
+                dir: self.dir.path.clone(),
+                exit_code: stop.exit_code(),
+            }
+            .into());
+        }
         let has_checkpoint = checkpoint::load_meta(&self.dir.path)?.is_some();
         let launcher = match world {
             1 => String::new(),
