@@ -19,8 +19,8 @@
 #   bench-F32.json      img/s at frozen K = 0, 6, 12, batch 16, float32, with
 #   bench-Bf16.json     ATSF's share of the step; the same under bf16
 #   bench-dp1.json      the bf16 bench through the data-parallel engine, one
-#                       rank under torchrun: img/s and the share of the step
-#                       in collectives at each K
+#                       rank under torchrun (NCCL): img/s and the share of
+#                       the step in collectives at each K
 #   run-summary.json    a short ATSF run (128 steps, bf16): its summary.json
 #   errors.txt          what a user sees for a CUDA device beyond the count
 #                       and for ViT-L/16 at a batch that does not fit
@@ -91,7 +91,7 @@ check() {
         fi
         cat "$out/bench-$precision.json"
     done
-    say "data-parallel bench, 1 rank under torchrun (Gloo, gradients staged through host memory), bf16"
+    say "data-parallel bench, 1 rank under torchrun (NCCL when built, else Gloo), bf16"
     "$py" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
         "$bin" bench --config "$cfg" --frozen "$frozen" --steps 10 --rounds 2 --batch 16 \
         --set train.precision=Bf16 --json > "$out/bench-dp1.json"

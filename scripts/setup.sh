@@ -84,6 +84,17 @@ if ! .venv/bin/python -W ignore -c 'import timm, torchvision, transformers, scip
     .venv/bin/pip install -q --disable-pip-version-check timm transformers scipy tensorboard "torchvision==0.26.0"
 fi
 
+# ProcessGroupNCCL's header needs two CUDA header packages the torch wheel
+# does not ship (it has NCCL's and the CUDA runtime's); with them the build
+# includes NCCL for data-parallel runs on GPUs, without them it leaves NCCL
+# out (GPUs then communicate through Gloo).
+if [ ! -f "$torch_dir/../nvidia/cu13/include/crt/host_config.h" ] \
+    || [ ! -d "$torch_dir/../nvidia/cu13/include/nv" ]; then
+    say "installing the CUDA headers ProcessGroupNCCL needs (nvidia-cuda-crt, nvidia-cuda-cccl)"
+    .venv/bin/pip install -q --disable-pip-version-check --no-deps \
+        "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85"
+fi
+
 # 3. build ---------------------------------------------------------------------
 if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
     say "building the release workspace"

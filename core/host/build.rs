@@ -8,22 +8,49 @@
 //! For the `simfreeze` crate itself it also compiles two small C++ shims
 //! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
 //! offers float16), `csrc/sgd.cpp` and `csrc/adamw.cpp` (libtorch's fused
-//! SGD and AdamW steps) and `csrc/dist.cpp` (c10d's TCPStore and
-//! ProcessGroupGloo for data-parallel runs).
+//! SGD and AdamW steps) and `csrc/dist.cpp` (c10d's TCPStore,
+//! ProcessGroupGloo and, when the CUDA headers are there, ProcessGroupNCCL
+//! for data-parallel runs).
+use std::path::Path;
+
 fn main() {
     if let (Ok(lib), Ok("simfreeze")) = (
         std::env::var("DEP_TCH_LIBTORCH_LIB"),
         std::env::var("CARGO_PKG_NAME").as_deref(),
     ) {
-        let torch = std::path::Path::new(&lib)
+        let torch = Path::new(&lib)
             .parent()
             .expect("libtorch lib has a parent")
             .to_owned();
+        // NCCL needs the CUDA headers of the torch environment (the wheel's
+        // nvidia/ packages; scripts/setup.sh adds the two it lacks) and
+        // libtorch_cuda; without them the shim is built with Gloo only.
+        let nvidia = torch.join("../nvidia");
+        let cuda_include = nvidia.join("cu13/include");
+        let nccl = Path::new(&lib).join("libtorch_cuda.so").exists()
+            && nvidia.join("nccl/include/nccl.h").exists()
+            && cuda_include.join("crt/host_config.h").exists()
+            && cuda_include.join("nv/target").exists();
+        println!("cargo:rustc-check-cfg=cfg(simfreeze_nccl)");
+        println!("cargo:rerun-if-changed={}", cuda_include.display());
         cc::Build::new()
             .cpp(true)
             .file("csrc/autocast.cpp")
             .file("csrc/sgd.cpp")
             .file("csrc/adamw.cpp")
+            .include(torch.join("include"))
+            .flag("-std=c++17")
+            .warnings(false)
+            .compile("simfreeze_shim");
+        let mut dist = cc::Build::new();
+        if nccl {
+            dist.define("USE_C10D_NCCL", None)
+                .define("USE_CUDA", None)
+                .include(&cuda_include)
+                .include(nvidia.join("nccl/include"));
+            println!("cargo:rustc-cfg=simfreeze_nccl");
+        }
+        dist.cpp(true)
             .file("csrc/dist.cpp")
             .include(torch.join("include"))
             .include(torch.join("include/torch/csrc/api/include"))
@@ -34,7 +61,7 @@ fn main() {
             .define("USE_C10D_GLOO", None)
             .flag("-std=c++17")
             .warnings(false)
-            .compile("simfreeze_shim");
+            .compile("simfreeze_dist");
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
         println!("cargo:rerun-if-changed=csrc/sgd.cpp");
         println!("cargo:rerun-if-changed=csrc/adamw.cpp");
@@ -43,7 +70,7 @@ fn main() {
     }
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+        if Path::new(&lib).join("libtorch_cuda.so").exists() {
             println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }

@@ -1,6 +1,7 @@
 // Data-parallel communication through PyTorch's own c10d: a TCPStore for
 // rendezvous (a client of torchrun's agent store, or served by rank 0) and
-// ProcessGroupGloo for the collectives, from the libtorch the project links.
+// ProcessGroupGloo (CPU) or ProcessGroupNCCL (CUDA, when built with
+// USE_C10D_NCCL) for the collectives, from the libtorch the project links.
 // The torch wheel ships c10d's headers but not gloo's; `gloo-decl/` declares
 // the few gloo types ProcessGroupGloo.hpp names (see its README).
 //
@@ -10,10 +11,14 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <chrono>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -35,14 +40,23 @@ void fail(const std::exception& e, char* err, size_t err_len) {
 
 extern "C" {
 
+// Whether this build has ProcessGroupNCCL.
+int simfreeze_dist_has_nccl() {
+#ifdef USE_C10D_NCCL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 // Joins the group: connects to (or, with `serve`, serves) the TCPStore at
 // host:port, waiting at most `rendezvous_ms` for the ranks, keys under
-// `prefix`, and creates a Gloo process group of `world` ranks with
-// collectives timing out after `timeout_ms`. Returns the group, or null
-// with the error message in err.
+// `prefix`, and creates a process group of `world` ranks (NCCL with `nccl`,
+// else Gloo) with collectives timing out after `timeout_ms`. Returns the
+// group, or null with the error message in err.
 void* simfreeze_dist_init(const char* host, int port, int serve, const char* prefix, int rank,
-                          int world, long long timeout_ms, long long rendezvous_ms, char* err,
-                          size_t err_len) {
+                          int world, long long timeout_ms, long long rendezvous_ms, int nccl,
+                          char* err, size_t err_len) {
     try {
         const std::chrono::milliseconds timeout(timeout_ms);
         c10d::TCPStoreOptions opts;
@@ -55,6 +69,16 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
         opts.timeout = std::chrono::milliseconds(rendezvous_ms);
         auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
         auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+        if (nccl) {
+#ifdef USE_C10D_NCCL
+            auto options = c10d::ProcessGroupNCCL::Options::create();
+            options->timeout = timeout;
+            auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+            return new Group{store, backend};
+#else
+            throw std::runtime_error("this build has no NCCL (its CUDA headers were missing)");
+#endif
+        }
         auto options = c10d::ProcessGroupGloo::Options::create(timeout);
         // Bind where the peers reach us: the loopback for a local group,
         // this host's address otherwise.

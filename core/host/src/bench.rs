@@ -12,7 +12,7 @@ use simfreeze_runtime::driver::PolicyDriver;
 use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::dist::{DistEnv, ProcessGroup};
+use crate::engine::dist::{Backend, DistEnv, ProcessGroup};
 use crate::engine::optim::Recipe;
 use crate::engine::{
     observe, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
@@ -73,6 +73,8 @@ pub struct BenchSpec<'a> {
     pub dist_timeout_s: u64,
     /// Data-parallel: gradient bucket size (`train.bucket_mib`).
     pub bucket_mib: u64,
+    /// Data-parallel: the backend (`train.dist_backend`).
+    pub dist_backend: Backend,
 }
 
 /// Times training steps per frozen prefix on random inputs of the model's
@@ -95,6 +97,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
         Some(env) => Some(Arc::new(ProcessGroup::join(
             &env,
             Duration::from_secs(spec.dist_timeout_s.max(1)),
+            spec.dist_backend.resolve(device)?,
         )?)),
         None => None,
     };

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::dist::Backend;
 use crate::engine::optim::{AdamWConfig, OptimizerKind, Recipe, SgdConfig};
 use crate::error::UsageError;
 use crate::model::precision::Precision;
@@ -361,6 +362,9 @@ pub struct TrainSection {
     /// Data-parallel runs: the largest bucket of gradients all-reduced in
     /// one call, in MiB.
     pub bucket_mib: u64,
+    /// Data-parallel runs: `Auto` (NCCL on GPUs when this build has it,
+    /// else Gloo), `Gloo` or `Nccl`.
+    pub dist_backend: Backend,
 }
 
 impl TrainSection {
@@ -400,6 +404,7 @@ impl Default for TrainSection {
             frozen_from_start: 0,
             dist_timeout_s: 300,
             bucket_mib: 25,
+            dist_backend: Backend::Auto,
         }
     }
 }

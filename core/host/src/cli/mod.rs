@@ -397,6 +397,7 @@ fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
         precision: cfg.train.precision,
         dist_timeout_s: cfg.train.dist_timeout_s,
         bucket_mib: cfg.train.bucket_mib,
+        dist_backend: cfg.train.dist_backend,
     };
     let run = bench(&spec, policy)?;
     if run.rank != 0 {

@@ -16,7 +16,7 @@ use std::ffi::{c_void, CStr, CString};
 use std::os::raw::{c_char, c_int, c_longlong};
 use std::time::Duration;
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::UsageError;
@@ -32,9 +32,11 @@ extern "C" {
         world: c_int,
         timeout_ms: c_longlong,
         rendezvous_ms: c_longlong,
+        nccl: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut c_void;
+    fn simfreeze_dist_has_nccl() -> c_int;
     fn simfreeze_dist_allreduce_sum(
         group: *mut c_void,
         tensors: *const *const C_tensor,
@@ -59,6 +61,46 @@ extern "C" {
         err_len: usize,
     ) -> c_longlong;
     fn simfreeze_dist_free(group: *mut c_void);
+}
+
+/// Which c10d backend carries the collectives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Backend {
+    /// NCCL when the device is a GPU and this build has it, else Gloo.
+    #[default]
+    Auto,
+    /// ProcessGroupGloo (a GPU's tensors are staged through host memory).
+    Gloo,
+    /// ProcessGroupNCCL, on `cuda:LOCAL_RANK`.
+    Nccl,
+}
+
+impl Backend {
+    /// The backend for training on `device`: `Auto` resolved, `Nccl`
+    /// checked.
+    pub fn resolve(self, device: Device) -> Result<Backend, UsageError> {
+        match self {
+            Backend::Auto if device.is_cuda() && nccl_available() => Ok(Backend::Nccl),
+            Backend::Auto | Backend::Gloo => Ok(Backend::Gloo),
+            Backend::Nccl if !nccl_available() => Err(UsageError(
+                "train.dist_backend is Nccl but this build has no NCCL: run scripts/setup.sh \
+                 (it installs the CUDA headers NCCL needs) and rebuild, or use Gloo"
+                    .into(),
+            )),
+            Backend::Nccl if !device.is_cuda() => Err(UsageError(
+                "train.dist_backend is Nccl but the device is the CPU: NCCL needs GPUs; use \
+                 Gloo (or Auto)"
+                    .into(),
+            )),
+            Backend::Nccl => Ok(Backend::Nccl),
+        }
+    }
+}
+
+/// Whether this build includes ProcessGroupNCCL.
+pub fn nccl_available() -> bool {
+    // SAFETY: a constant query of the shim.
+    unsafe { simfreeze_dist_has_nccl() != 0 }
 }
 
 /// The least time the rendezvous waits for every rank to join.
@@ -144,6 +186,9 @@ pub struct ProcessGroup {
     pub world: usize,
     /// Rank on this machine (its GPU).
     pub local_rank: usize,
+    /// Where the tensors of a collective must be: the CPU for Gloo, this
+    /// rank's GPU for NCCL.
+    pub device: Device,
     /// Collective and store timeout.
     pub timeout: Duration,
 }
@@ -169,10 +214,16 @@ fn c_string(s: &str) -> CString {
 }
 
 impl ProcessGroup {
-    /// Joins the group `env` describes. Collectives time out after
-    /// `timeout`; the rendezvous waits at least a minute for the other
-    /// ranks to start (they load data and plugins first).
-    pub fn join(env: &DistEnv, timeout: Duration) -> Result<ProcessGroup, CommError> {
+    /// Joins the group `env` describes, over `backend` (resolved: Gloo or
+    /// Nccl). Collectives time out after `timeout`; the rendezvous waits at
+    /// least a minute for the other ranks to start (they load data and
+    /// plugins first).
+    pub fn join(
+        env: &DistEnv,
+        timeout: Duration,
+        backend: Backend,
+    ) -> Result<ProcessGroup, CommError> {
+        let nccl = backend == Backend::Nccl;
         let host = c_string(&env.master_addr);
         let prefix = c_string(&format!("/simfreeze/attempt_{}", env.attempt));
         let serve = !env.agent_store && env.rank == 0;
@@ -189,6 +240,7 @@ impl ProcessGroup {
                 env.world as c_int,
                 timeout.as_millis() as c_longlong,
                 timeout.max(RENDEZVOUS_MIN).as_millis() as c_longlong,
+                c_int::from(nccl),
                 err.as_mut_ptr(),
                 err.len(),
             )
@@ -196,7 +248,7 @@ impl ProcessGroup {
         if ptr.is_null() {
             return Err(CommError {
                 message: format!(
-                    "rank {} of {} could not join the group at {}:{} within {} s: {}",
+                    "rank {} of {} could not join the group at {}:{} (the rendezvous waits {} s): {}",
                     env.rank,
                     env.world,
                     env.master_addr,
@@ -211,12 +263,17 @@ impl ProcessGroup {
             rank: env.rank,
             world: env.world,
             local_rank: env.local_rank,
+            device: match nccl {
+                true => Device::Cuda(env.local_rank),
+                false => Device::Cpu,
+            },
             timeout,
         })
     }
 
-    /// Sums each tensor over the ranks, in place (contiguous CPU tensors;
-    /// every all-reduce is in flight before the first is waited for).
+    /// Sums each tensor over the ranks, in place (contiguous tensors on
+    /// [`ProcessGroup::device`]; every all-reduce is in flight before the
+    /// first is waited for).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), CommError> {
         let ptrs: Vec<*const C_tensor> = tensors.iter().map(|t| t.as_ptr()).collect();
         let mut err = [0 as c_char; 1024];
@@ -290,8 +347,9 @@ impl ProcessGroup {
         }
     }
 
-    /// Rank 0's `value` on every rank (an all-reduce of zeros elsewhere:
-    /// `x + 0` is exact, so every rank gets rank 0's bits).
+    /// Rank 0's `tensors` on every rank (on [`ProcessGroup::device`]; an
+    /// all-reduce of zeros elsewhere: `x + 0` is exact, so every rank gets
+    /// rank 0's bits).
     pub fn broadcast_from_zero(&self, tensors: &[Tensor]) -> Result<(), CommError> {
         if self.rank != 0 {
             for t in tensors {
@@ -303,15 +361,20 @@ impl ProcessGroup {
     }
 
     /// Every rank's `local` (same shape and kind on every rank) stacked in
-    /// rank order: `[world, ...]`, bit-exact (an all-reduce of zero-padded
-    /// slots).
+    /// rank order, `[world, ...]`, in host memory; bit-exact (an all-reduce
+    /// of zero-padded slots).
     pub fn gather(&self, local: &Tensor) -> Result<Tensor, CommError> {
         let mut shape = vec![self.world as i64];
         shape.extend(local.size());
-        let all = Tensor::zeros(shape.as_slice(), (local.kind(), tch::Device::Cpu));
+        let all = Tensor::zeros(shape.as_slice(), (local.kind(), self.device));
         all.get(self.rank as i64).copy_(local);
         self.allreduce_sum(&[&all])?;
-        Ok(all)
+        Ok(all.to_device(Device::Cpu))
+    }
+
+    /// Waits until every rank got here.
+    pub fn barrier(&self) -> Result<(), CommError> {
+        self.allreduce_sum(&[&Tensor::zeros([1], (tch::Kind::Float, self.device))])
     }
 }
 
@@ -378,7 +441,7 @@ mod tests {
             agent_store: false,
             attempt: 0,
         };
-        let g = ProcessGroup::join(&e, Duration::from_secs(20)).unwrap();
+        let g = ProcessGroup::join(&e, Duration::from_secs(20), Backend::Gloo).unwrap();
         let t = Tensor::from_slice(&[1.5f32, -2.0]);
         g.allreduce_sum(&[&t]).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.5, -2.0]);
@@ -387,5 +450,44 @@ mod tests {
         g.store_set("k", b"v1").unwrap();
         assert_eq!(g.store_get("k").unwrap().as_deref(), Some(&b"v1"[..]));
         assert_eq!(g.store_get("absent").unwrap(), None);
+        g.barrier().unwrap();
+    }
+
+    /// NCCL is refused where it cannot run, and when this build has it, a
+    /// group on a machine without a GPU stops with c10d's own message.
+    #[test]
+    fn nccl_only_where_it_can_run() {
+        assert_eq!(Backend::Auto.resolve(Device::Cpu).unwrap(), Backend::Gloo);
+        assert!(Backend::Nccl.resolve(Device::Cpu).is_err());
+        assert_eq!(
+            Backend::Auto.resolve(Device::Cuda(0)).unwrap(),
+            if nccl_available() {
+                Backend::Nccl
+            } else {
+                Backend::Gloo
+            }
+        );
+        if !nccl_available() || tch::Cuda::is_available() {
+            return;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = DistEnv {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            agent_store: false,
+            attempt: 0,
+        };
+        let err = ProcessGroup::join(&e, Duration::from_secs(20), Backend::Nccl)
+            .err()
+            .expect("no GPU here");
+        assert!(err.message.contains("GPU"), "{}", err.message);
+        eprintln!("NCCL without a GPU: {}", err.message);
     }
 }

@@ -8,8 +8,9 @@
 //!    same stop decision, and a rank whose policy decided otherwise stops
 //!    the group;
 //! 2. after it, the gradients of the trainable parameters only, flattened
-//!    into buckets of `train.bucket_mib` and averaged; frozen blocks have
-//!    no gradient and are not communicated at all;
+//!    into buckets of `train.bucket_mib` and averaged (NCCL on the GPU, or
+//!    Gloo through host memory); frozen blocks have no gradient and are not
+//!    communicated at all;
 //! 3. when the policy asks for them, the features and labels of the global
 //!    batch, gathered in rank order (the batch a one-process run with the
 //!    global batch would have seen).
@@ -68,7 +69,7 @@ impl ParallelEngine {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let host: Vec<Tensor> = vars
             .iter()
-            .map(|(_, v)| v.detach().to_device(Device::Cpu).contiguous())
+            .map(|(_, v)| v.detach().to_device(self.group.device).contiguous())
             .collect();
         self.group
             .broadcast_from_zero(&host)
@@ -148,8 +149,9 @@ fn reduce_grads(
         .iter()
         .map(|b| {
             let parts: Vec<Tensor> = b.iter().map(|t| t.reshape([-1])).collect();
-            // Gloo reduces host memory: a GPU's gradients are staged.
-            Tensor::cat(&parts, 0).to_device(Device::Cpu)
+            // Gloo reduces host memory: a GPU's gradients are staged (NCCL
+            // reduces them where they are).
+            Tensor::cat(&parts, 0).to_device(g.device)
         })
         .collect();
     let refs: Vec<&Tensor> = flat.iter().collect();
@@ -193,16 +195,17 @@ fn parallel_step(
     let control = Tensor::from_slice(&[
         loss_t.double_value(&[]),
         f64::from(u8::from(plan.stop_vote)),
-    ]);
-    let digests = Tensor::zeros([world as i64], (Kind::Int64, Device::Cpu));
+    ])
+    .to_device(g.device);
+    let digests = Tensor::zeros([world as i64], (Kind::Int64, g.device));
     let _ = digests.get(rank as i64).fill_((plan.decision >> 2) as i64);
     let t = Instant::now();
     g.allreduce_sum(&[&control, &digests]).map_err(lost)?;
     comm.seconds += t.elapsed().as_secs_f64();
-    let control: Vec<f64> = Vec::try_from(&control).unwrap_or_default();
+    let control: Vec<f64> = Vec::try_from(control.to_device(Device::Cpu)).unwrap_or_default();
     let loss = control[0] / world as f64;
     let stop = control[1] > 0.0;
-    let all: Vec<i64> = Vec::try_from(&digests).unwrap_or_default();
+    let all: Vec<i64> = Vec::try_from(digests.to_device(Device::Cpu)).unwrap_or_default();
     if all.iter().any(|d| *d != all[0]) {
         return Err(StepError::Comm(CommError {
             message: format!(
@@ -233,7 +236,7 @@ fn parallel_step(
         Some(local) => {
             let t = Instant::now();
             let f = g.gather(&local).map_err(lost)?;
-            let l = g.gather(&y.to_device(Device::Cpu)).map_err(lost)?;
+            let l = g.gather(y).map_err(lost)?;
             comm.seconds += t.elapsed().as_secs_f64();
             (Some(f.flatten(0, 1)), Some(l.flatten(0, 1)))
         }
@@ -307,7 +310,7 @@ impl Engine for ParallelEngine {
             during: "evaluating".into(),
             message: explain(&self.group, self.steps, e).message,
         })?;
-        let sums: Vec<f64> = Vec::try_from(&sums).unwrap_or_default();
+        let sums: Vec<f64> = Vec::try_from(sums.to_device(Device::Cpu)).unwrap_or_default();
         let n = n.max(1) as f64;
         Ok((100.0 * sums[0] / n, sums[1] / n))
     }
@@ -332,7 +335,7 @@ impl Engine for ParallelEngine {
         let own = weights_digest(self.model_tensors());
         let all = self
             .group
-            .gather(&Tensor::from_slice(&[own as i64]))
+            .gather(&Tensor::from_slice(&[own as i64]).to_device(self.group.device))
             .map_err(|e| explain(&self.group, self.steps, e))?;
         let v: Vec<i64> = Vec::try_from(all.flatten(0, -1)).unwrap_or_default();
         Ok(v.into_iter().map(|d| d as u64).collect())

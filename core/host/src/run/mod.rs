@@ -68,7 +68,7 @@ impl RunControl {
 /// `WORLD_SIZE` and friends set) every rank joins the data-parallel group
 /// first; rank 0 creates the directory and writes every file.
 pub fn run(plan: Plan, control: &RunControl) -> Result<Summary> {
-    let group = join_group(&plan.config)?;
+    let group = join_group(&plan.config, plan.device)?;
     let dir = match group.as_deref() {
         Some(g) if g.rank != 0 => shared_dir(g, None)?,
         _ => {
@@ -85,13 +85,14 @@ pub fn run(plan: Plan, control: &RunControl) -> Result<Summary> {
 }
 
 /// Joins the data-parallel group the launcher's variables describe, if
-/// any (see [`crate::engine::dist`]).
-fn join_group(config: &RunConfig) -> Result<Option<Arc<ProcessGroup>>> {
+/// any (see [`crate::engine::dist`]), over the backend for `device`.
+fn join_group(config: &RunConfig, device: Device) -> Result<Option<Arc<ProcessGroup>>> {
     let Some(env) = DistEnv::from_env()? else {
         return Ok(None);
     };
     let timeout = Duration::from_secs(config.train.dist_timeout_s.max(1));
-    Ok(Some(Arc::new(ProcessGroup::join(&env, timeout)?)))
+    let backend = config.train.dist_backend.resolve(device)?;
+    Ok(Some(Arc::new(ProcessGroup::join(&env, timeout, backend)?)))
 }
 
 /// Rank 0's run directory on every rank: rank 0 publishes `dir` in the
@@ -100,7 +101,7 @@ fn shared_dir(g: &ProcessGroup, dir: Option<&RunDir>) -> Result<RunDir> {
     if let Some(d) = dir {
         g.store_set("run_dir", d.path.to_string_lossy().as_bytes())?;
     }
-    g.allreduce_sum(&[&Tensor::zeros([1], (tch::Kind::Float, Device::Cpu))])?;
+    g.barrier()?;
     match dir {
         Some(d) => Ok(d.clone()),
         None => {
@@ -125,8 +126,7 @@ pub fn resume(
 ) -> Result<Summary> {
     let dir = RunDir::existing(path);
     let mut config = RunConfig::load(&dir.file(CONFIG_FILE))?;
-    let group = join_group(&config)?;
-    let writes = group.as_deref().map_or(true, |g| g.rank == 0);
+    let writes = DistEnv::from_env()?.map_or(true, |e| e.rank == 0);
     if let Some(spec) = policy {
         let Some(p) = config.policy.as_mut() else {
             return Err(UsageError(format!(
@@ -146,7 +146,7 @@ pub fn resume(
             path.display()
         ))
     })?;
-    let world = group.as_deref().map_or(1, |g| g.world);
+    let world = DistEnv::from_env()?.map_or(1, |e| e.world);
     if meta.world_size != world {
         return Err(UsageError(format!(
             "{} was checkpointed by {} rank(s), this resume has {world}: resume with the same \
@@ -158,6 +158,7 @@ pub fn resume(
         .into());
     }
     let plan = Plan::resolve(config, search)?;
+    let group = join_group(&plan.config, plan.device)?;
     let saved: PolicyIdentity = dir.read_json(POLICY_FILE)?;
     let now = PolicyIdentity::of(plan.policy.as_ref())?;
     if saved.sha256 != now.sha256 && writes {
