@@ -521,7 +521,15 @@ fn from_hf(
     if let Some(k) = unknown.first() {
         return Err(err(
             path,
-            format!("tensor `{k}` is not part of a Hugging Face ViT or Dinov2 model"),
+            format!(
+                "tensor `{k}` is not part of a Hugging Face ViT or Dinov2 model{}",
+                if k.contains("register_tokens") {
+                    " (Dinov2WithRegistersModel is not read: use timm's \
+                     vit_base_patch14_reg4_dinov2 weights with that preset)"
+                } else {
+                    ""
+                }
+            ),
         ));
     }
     Ok((out, ignored))
