@@ -15,7 +15,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <stdexcept>
@@ -80,17 +82,24 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
 #endif
         }
         auto options = c10d::ProcessGroupGloo::Options::create(timeout);
-        // Bind where the peers reach us: the loopback for a local group,
-        // this host's address otherwise.
+        // Bind where the peers reach us: the interface GLOO_SOCKET_IFNAME
+        // names (as PyTorch honours it), the loopback for a local group,
+        // else this host's address.
         const std::string h(host);
+        const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
         options->devices.push_back(
-            (h == "127.0.0.1" || h == "localhost")
+            (ifname && *ifname)
+                ? c10d::ProcessGroupGloo::createDeviceForInterface(std::string(ifname))
+            : (h == "127.0.0.1" || h == "localhost")
                 ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                 : c10d::ProcessGroupGloo::createDefaultDevice());
         auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
         return new Group{store, backend};
     } catch (const std::exception& e) {
         fail(e, err, err_len);
+        return nullptr;
+    } catch (...) {
+        fail(std::runtime_error("unknown C++ exception"), err, err_len);
         return nullptr;
     }
 }
@@ -118,6 +127,9 @@ int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t
     } catch (const std::exception& e) {
         fail(e, err, err_len);
         return 1;
+    } catch (...) {
+        fail(std::runtime_error("unknown C++ exception"), err, err_len);
+        return 1;
     }
 }
 
@@ -130,6 +142,9 @@ int simfreeze_dist_store_set(void* group, const char* key, const unsigned char* 
         return 0;
     } catch (const std::exception& e) {
         fail(e, err, err_len);
+        return 1;
+    } catch (...) {
+        fail(std::runtime_error("unknown C++ exception"), err, err_len);
         return 1;
     }
 }
@@ -150,18 +165,21 @@ long long simfreeze_dist_store_get(void* group, const char* key, unsigned char* 
     } catch (const std::exception& e) {
         fail(e, err, err_len);
         return -2;
+    } catch (...) {
+        fail(std::runtime_error("unknown C++ exception"), err, err_len);
+        return -2;
     }
 }
 
 // Leaves the group (closes its connections).
 void simfreeze_dist_free(void* group) {
-    try {
-        auto* g = static_cast<Group*>(group);
-        if (g) {
+    auto* g = static_cast<Group*>(group);
+    if (g) {
+        try {
             g->backend->shutdown();
+        } catch (...) {
         }
-        delete g;
-    } catch (...) {
     }
+    delete g;
 }
 }

@@ -175,6 +175,11 @@ pub trait Engine {
 
     /// The model's parameters (for digests).
     fn model_tensors(&self) -> Vec<(String, Tensor)>;
+
+    /// Waits for every rank (nothing to wait for in one process).
+    fn barrier(&self) -> Result<(), dist::CommError> {
+        Ok(())
+    }
 }
 
 /// FNV-1a over the parameters' names and bytes, in name order, cut to 62

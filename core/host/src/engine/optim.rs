@@ -496,8 +496,11 @@ impl Optimizer {
             .collect();
         let total = Tensor::stack(&norms, 0).norm();
         let coef = (total + 1e-6).reciprocal().g_mul_scalar(max).clamp_max(1.0);
+        // Out of place: autograd may hand back gradients that share memory
+        // (with one image, the class token's is a view of the position
+        // embedding's), which an in-place product would scale twice.
         for g in &mut grads.grads {
-            let _ = g.g_mul_(&coef);
+            *g = &*g * &coef;
         }
     }
 

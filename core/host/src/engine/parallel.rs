@@ -2,18 +2,18 @@
 //! share of the global batch, and the ranks meet in three collectives per
 //! step (the Gloo process group of [`dist`](crate::engine::dist)):
 //!
-//! 1. before the backward, the loss, the stop votes and a digest of the
-//!    freeze state each rank runs under: every rank sees the same global
-//!    loss (so a non-finite loss stops all of them at the same step), the
-//!    same stop decision, and a rank whose policy decided otherwise stops
-//!    the group;
+//! 1. before the backward, the loss, the stop votes, a digest of the
+//!    freeze state each rank runs under and the labels: every rank sees the
+//!    same global loss (so a non-finite loss stops all of them at the same
+//!    step), the same stop decision and the global batch's labels, and a
+//!    rank whose policy decided otherwise stops the group;
 //! 2. after it, the gradients of the trainable parameters only, flattened
 //!    into buckets of `train.bucket_mib` and averaged (NCCL on the GPU, or
 //!    Gloo through host memory); frozen blocks have no gradient and are not
 //!    communicated at all;
-//! 3. when the policy asks for them, the features and labels of the global
-//!    batch, gathered in rank order (the batch a one-process run with the
-//!    global batch would have seen).
+//! 3. when the policy asks for them, the features of the global batch,
+//!    gathered in rank order (the batch a one-process run with the global
+//!    batch would have seen).
 //!
 //! Invariant: every rank holds the same weights and optimizer state after
 //! every step (the averaged gradients are bit-identical on every rank, and
@@ -199,8 +199,13 @@ fn parallel_step(
     .to_device(g.device);
     let digests = Tensor::zeros([world as i64], (Kind::Int64, g.device));
     let _ = digests.get(rank as i64).fill_((plan.decision >> 2) as i64);
+    // The global batch's labels, in rank order: every policy observes the
+    // global batch (its size, and its labels when it asks for them).
+    let labels = Tensor::zeros([world as i64, y.size()[0]], (Kind::Int64, g.device));
+    labels.get(rank as i64).copy_(y);
     let t = Instant::now();
-    g.allreduce_sum(&[&control, &digests]).map_err(lost)?;
+    g.allreduce_sum(&[&control, &digests, &labels])
+        .map_err(lost)?;
     comm.seconds += t.elapsed().as_secs_f64();
     let control: Vec<f64> = Vec::try_from(control.to_device(Device::Cpu)).unwrap_or_default();
     let loss = control[0] / world as f64;
@@ -231,17 +236,17 @@ fn parallel_step(
     };
     opt.clip(&mut grads);
     opt.step(&grads, plan.lr, plan.lr_factors);
-    // 3. The global batch's features and labels, in rank order.
-    let (cls_host, labels_host) = match cls_host {
+    // 3. The global batch's features, in rank order, when asked for.
+    let cls_host = match cls_host {
         Some(local) => {
             let t = Instant::now();
             let f = g.gather(&local).map_err(lost)?;
-            let l = g.gather(y).map_err(lost)?;
             comm.seconds += t.elapsed().as_secs_f64();
-            (Some(f.flatten(0, 1)), Some(l.flatten(0, 1)))
+            Some(f.flatten(0, 1))
         }
-        None => (None, None),
+        None => None,
     };
+    let labels_host = Some(labels.flatten(0, 1).to_device(Device::Cpu));
     Ok(StepOut {
         loss,
         cls: out.cls,
@@ -305,7 +310,7 @@ impl Engine for ParallelEngine {
             || "evaluating".into(),
             || evaluate_counts(self.model(), data, rows, self.inner.device),
         )?;
-        let sums = Tensor::from_slice(&[correct as f64, loss_sum]);
+        let sums = Tensor::from_slice(&[correct as f64, loss_sum]).to_device(self.group.device);
         self.group.allreduce_sum(&[&sums]).map_err(|e| TorchError {
             during: "evaluating".into(),
             message: explain(&self.group, self.steps, e).message,
@@ -343,5 +348,11 @@ impl Engine for ParallelEngine {
 
     fn model_tensors(&self) -> Vec<(String, Tensor)> {
         self.inner.model_tensors()
+    }
+
+    fn barrier(&self) -> Result<(), CommError> {
+        self.group
+            .barrier()
+            .map_err(|e| explain(&self.group, self.steps, e))
     }
 }

@@ -185,6 +185,10 @@ pub struct LoadReport {
     pub pos_embed_resized_from: Option<i64>,
     /// Tensors of the file not used.
     pub ignored: Vec<String>,
+    /// `fc_norm` starts fresh: a token-pooled checkpoint (with a final
+    /// `norm`) was loaded into an average-pooled model, whose final norm
+    /// is dropped, as MAE and BEiT fine-tuning do.
+    pub fc_norm_new: bool,
 }
 
 impl std::fmt::Display for LoadReport {
@@ -195,6 +199,9 @@ impl std::fmt::Display for LoadReport {
             self.format,
             if self.head_loaded { "loaded" } else { "new" }
         )?;
+        if self.fc_norm_new {
+            write!(f, ", fc_norm new (the checkpoint's final norm dropped)")?;
+        }
         if let Some(g) = self.pos_embed_resized_from {
             write!(f, ", position embedding resampled from a {g}x{g} grid")?;
         }
@@ -237,6 +244,20 @@ pub fn load_into(
         ck.tensors.remove("head.bias");
         vars.remove("head.weight");
         vars.remove("head.bias");
+    }
+    // MAE / BEiT fine-tuning: a pretrained, token-pooled checkpoint (`norm`)
+    // into an average-pooled model (`fc_norm`): the final norm is dropped
+    // and `fc_norm` starts fresh, as their fine-tuning recipes do.
+    let fc_norm_new = cfg.use_fc_norm()
+        && !ck.tensors.contains_key("fc_norm.weight")
+        && ck.tensors.contains_key("norm.weight");
+    if fc_norm_new {
+        for wb in ["weight", "bias"] {
+            if ck.tensors.remove(&format!("norm.{wb}")).is_some() {
+                ck.ignored.push(format!("norm.{wb}"));
+            }
+            vars.remove(&format!("fc_norm.{wb}"));
+        }
     }
     let mut resized = None;
     if let Some(pe) = ck.tensors.get("pos_embed") {
@@ -318,6 +339,7 @@ pub fn load_into(
         head_loaded,
         pos_embed_resized_from: resized,
         ignored: ck.ignored,
+        fc_norm_new,
     })
 }
 
@@ -432,11 +454,16 @@ fn from_hf(
 ) -> Result<(BTreeMap<String, Tensor>, Vec<String>), WeightsError> {
     // `ViTForImageClassification` prefixes the encoder with `vit.`;
     // `ViTModel` does not.
-    let pre = if raw.contains_key("vit.embeddings.cls_token") {
-        "vit."
-    } else {
-        ""
-    };
+    // `ViTForImageClassification` and `Dinov2ForImageClassification`
+    // prefix the encoder; the bare models do not.
+    let pre = ["vit.", "dinov2."]
+        .into_iter()
+        .find(|p| raw.contains_key(&format!("{p}embeddings.cls_token")))
+        .unwrap_or("");
+    let width = raw
+        .get(&format!("{pre}embeddings.cls_token"))
+        .map_or(0, |t| *t.size().last().unwrap_or(&0));
+    let mut unused = Vec::new();
     let mut out = BTreeMap::new();
     let mut put = |ours: &str, t: Tensor| {
         out.insert(ours.to_string(), t);
@@ -461,7 +488,14 @@ fn from_hf(
             take(path, &mut raw, &format!("{pre}layernorm.{wb}"))?,
         );
         if let Some(t) = raw.remove(&format!("classifier.{wb}")) {
-            put(&format!("head.{wb}"), t);
+            // Dinov2ForImageClassification's classifier reads the class
+            // token and the mean patch token side by side (2 x width): not
+            // our head's input, so it is not loaded.
+            if wb == "weight" && t.size().get(1) != Some(&width) || !unused.is_empty() {
+                unused.push(format!("classifier.{wb}"));
+            } else {
+                put(&format!("head.{wb}"), t);
+            }
         }
     }
     // ViT's and Dinov2's layers differ in their norms' and MLP's names,
@@ -515,9 +549,10 @@ fn from_hf(
     }
     // The pooler and Dinov2's mask token (for masked pre-training) have
     // no place in a classifier.
-    let (ignored, unknown): (Vec<String>, Vec<String>) = raw.into_keys().partition(|k| {
+    let (mut ignored, unknown): (Vec<String>, Vec<String>) = raw.into_keys().partition(|k| {
         k.starts_with(&format!("{pre}pooler.")) || *k == format!("{pre}embeddings.mask_token")
     });
+    ignored.extend(unused);
     if let Some(k) = unknown.first() {
         return Err(err(
             path,
@@ -825,6 +860,29 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("junk.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn a_token_pooled_checkpoint_loads_into_an_mae_style_model_with_a_fresh_fc_norm() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pre.safetensors");
+        let (vs, _) = model(5, 1);
+        vs.save(&file).unwrap();
+        let mae = VitConfig {
+            global_pool: "avg".into(),
+            ..test_config(5)
+        };
+        let vs2 = VarStore::new(Device::Cpu);
+        let _ = Vit::new(&vs2.root(), &mae);
+        let before = vs2.variables()["fc_norm.weight"].copy();
+        let report =
+            load_into(&vs2, &mae, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        assert!(report.fc_norm_new, "{report}");
+        assert!(report.ignored.contains(&"norm.weight".to_string()));
+        assert!(report.to_string().contains("fc_norm new"), "{report}");
+        assert!(vs2.variables()["fc_norm.weight"].equal(&before));
+        let a = &vs.variables()["blocks.0.attn.qkv.weight"];
+        assert!(vs2.variables()["blocks.0.attn.qkv.weight"].equal(a));
     }
 
     #[test]

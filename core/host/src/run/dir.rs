@@ -95,9 +95,14 @@ impl RunDir {
         Event::parse_all(&text).with_context(|| format!("{} is corrupt", path.display()))
     }
 
+    /// Writes through a temporary file and a rename, so a reader (another
+    /// rank, a resume) never sees half a file.
     fn write(&self, name: &str, contents: &str) -> Result<()> {
-        fs::write(self.file(name), contents)
-            .with_context(|| format!("cannot write {}", self.file(name).display()))
+        let path = self.file(name);
+        let tmp = self.file(&format!(".{name}.tmp"));
+        fs::write(&tmp, contents)
+            .and_then(|()| fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))
     }
 }
 

@@ -541,6 +541,11 @@ impl Trainer {
                 self.checkpoint(self.epoch_loss, seconds)?;
             }
             if stopping {
+                // The other ranks wait for rank 0's checkpoint: none exits
+                // (and has torchrun stop the group) before it is written.
+                if let Err(e) = self.engine.barrier() {
+                    return Ok(EpochEnd::Stopped(Stop::Peer(e)));
+                }
                 let (step, total) = (step + 1, self.total);
                 return Ok(EpochEnd::Stopped(Stop::Interrupted { step, total }));
             }
@@ -739,6 +744,10 @@ impl Trainer {
         let reason = stop.reason();
         let summary = self.summary_of((stop.status(), Some(reason.clone())), identity);
         self.write_summary(summary)?;
+        if matches!(stop, Stop::Interrupted { .. }) {
+            // As above, for the summary (a failed group cannot meet).
+            let _ = self.engine.barrier();
+        }
         if !self.writes {
             // Rank 0 writes (or is writing) the checkpoint and says how to
             // resume; this rank may look before it is there.
