@@ -62,6 +62,7 @@ fn main() {
             .flag("-std=c++17")
             .warnings(false)
             .compile("simfreeze_dist");
+        println!("cargo:rerun-if-changed=csrc/shim.h");
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
         println!("cargo:rerun-if-changed=csrc/sgd.cpp");
         println!("cargo:rerun-if-changed=csrc/adamw.cpp");

@@ -8,21 +8,11 @@
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
 
-#include <cstring>
-#include <exception>
 #include <optional>
-#include <vector>
 
-namespace {
-std::vector<at::Tensor> gather(at::Tensor* const* ts, size_t n, bool contiguous) {
-    std::vector<at::Tensor> out;
-    out.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-        out.push_back(contiguous ? ts[i]->contiguous() : *ts[i]);
-    }
-    return out;
-}
-}  // namespace
+#include "shim.h"
+
+using simfreeze::gather;
 
 extern "C" {
 
@@ -38,7 +28,7 @@ int simfreeze_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
                           at::Tensor* const* steps, size_t n, double lr, double beta1,
                           double beta2, double weight_decay, double eps,
                           const at::Tensor* found_inf, char* err, size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, 1, [&] {
         c10::AutoGradMode no_grad(false);
         const auto p = gather(params, n, false);
         const auto g = gather(grads, n, true);
@@ -56,12 +46,6 @@ int simfreeze_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
             }
         }
         return 0;
-    } catch (const std::exception& e) {
-        if (err_len > 0) {
-            std::strncpy(err, e.what(), err_len - 1);
-            err[err_len - 1] = '\0';
-        }
-        return 1;
-    }
+    });
 }
 }

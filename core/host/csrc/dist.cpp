@@ -19,10 +19,11 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "shim.h"
 
 namespace {
 
@@ -30,13 +31,6 @@ struct Group {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::Backend> backend;
 };
-
-void fail(const std::exception& e, char* err, size_t err_len) {
-    if (err_len > 0) {
-        std::strncpy(err, e.what(), err_len - 1);
-        err[err_len - 1] = '\0';
-    }
-}
 
 }  // namespace
 
@@ -59,7 +53,7 @@ int simfreeze_dist_has_nccl() {
 void* simfreeze_dist_init(const char* host, int port, int serve, const char* prefix, int rank,
                           int world, long long timeout_ms, long long rendezvous_ms, int nccl,
                           char* err, size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, static_cast<void*>(nullptr), [&]() -> void* {
         const std::chrono::milliseconds timeout(timeout_ms);
         c10d::TCPStoreOptions opts;
         opts.port = static_cast<std::uint16_t>(port);
@@ -95,13 +89,7 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
                 : c10d::ProcessGroupGloo::createDefaultDevice());
         auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
         return new Group{store, backend};
-    } catch (const std::exception& e) {
-        fail(e, err, err_len);
-        return nullptr;
-    } catch (...) {
-        fail(std::runtime_error("unknown C++ exception"), err, err_len);
-        return nullptr;
-    }
+    });
 }
 
 // Sums each of the n tensors over the ranks, in place: every all-reduce is
@@ -109,7 +97,7 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
 // 1 with the error message in err.
 int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t n, char* err,
                                  size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, 1, [&]() -> int {
         auto* g = static_cast<Group*>(group);
         std::vector<c10::intrusive_ptr<c10d::Work>> works;
         std::vector<std::vector<at::Tensor>> lists(n);
@@ -124,36 +112,24 @@ int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t
             w->wait();
         }
         return 0;
-    } catch (const std::exception& e) {
-        fail(e, err, err_len);
-        return 1;
-    } catch (...) {
-        fail(std::runtime_error("unknown C++ exception"), err, err_len);
-        return 1;
-    }
+    });
 }
 
 // Sets `key` to `value` (n bytes) in the group's store.
 int simfreeze_dist_store_set(void* group, const char* key, const unsigned char* value, size_t n,
                              char* err, size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, 1, [&]() -> int {
         auto* g = static_cast<Group*>(group);
         g->store->set(std::string(key), std::vector<uint8_t>(value, value + n));
         return 0;
-    } catch (const std::exception& e) {
-        fail(e, err, err_len);
-        return 1;
-    } catch (...) {
-        fail(std::runtime_error("unknown C++ exception"), err, err_len);
-        return 1;
-    }
+    });
 }
 
 // Reads `key` into out (at most cap bytes) if it exists: returns its length,
 // -1 when it does not exist, -2 with the error message in err.
 long long simfreeze_dist_store_get(void* group, const char* key, unsigned char* out, size_t cap,
                                    char* err, size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, -2LL, [&]() -> long long {
         auto* g = static_cast<Group*>(group);
         const std::string k(key);
         if (!g->store->check({k})) {
@@ -162,13 +138,7 @@ long long simfreeze_dist_store_get(void* group, const char* key, unsigned char* 
         const auto v = g->store->get(k);
         std::memcpy(out, v.data(), std::min(cap, v.size()));
         return static_cast<long long>(v.size());
-    } catch (const std::exception& e) {
-        fail(e, err, err_len);
-        return -2;
-    } catch (...) {
-        fail(std::runtime_error("unknown C++ exception"), err, err_len);
-        return -2;
-    }
+    });
 }
 
 // Leaves the group (closes its connections).

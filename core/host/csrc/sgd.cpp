@@ -9,21 +9,11 @@
 #include <ATen/ops/_fused_sgd.h>
 #include <c10/core/GradMode.h>
 
-#include <cstring>
 #include <optional>
-#include <exception>
-#include <vector>
 
-namespace {
-std::vector<at::Tensor> gather(at::Tensor* const* ts, size_t n, bool contiguous) {
-    std::vector<at::Tensor> out;
-    out.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-        out.push_back(contiguous ? ts[i]->contiguous() : *ts[i]);
-    }
-    return out;
-}
-}  // namespace
+#include "shim.h"
+
+using simfreeze::gather;
 
 extern "C" {
 
@@ -37,7 +27,7 @@ int simfreeze_fused_sgd(at::Tensor* const* params, at::Tensor* const* grads,
                         at::Tensor* const* bufs, size_t n, double weight_decay,
                         double momentum, double lr, int nesterov, int first_step,
                         const at::Tensor* found_inf, char* err, size_t err_len) {
-    try {
+    return simfreeze::guarded(err, err_len, 1, [&] {
         c10::AutoGradMode no_grad(false);
         const auto p = gather(params, n, false);
         const auto g = gather(grads, n, true);
@@ -47,12 +37,6 @@ int simfreeze_fused_sgd(at::Tensor* const* params, at::Tensor* const* grads,
         at::_fused_sgd_(p, g, b, weight_decay, momentum, lr, 0.0, nesterov != 0,
                         false, first_step != 0, std::nullopt, skip);
         return 0;
-    } catch (const std::exception& e) {
-        if (err_len > 0) {
-            std::strncpy(err, e.what(), err_len - 1);
-            err[err_len - 1] = '\0';
-        }
-        return 1;
-    }
+    });
 }
 }

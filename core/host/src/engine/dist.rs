@@ -424,15 +424,14 @@ mod tests {
         assert!(e.0.contains("not a port"), "{e}");
     }
 
-    /// A one-rank group (its own store) sums, gathers and keeps keys.
-    #[test]
-    fn a_one_rank_group_works_end_to_end() {
+    /// A group of one rank that serves its own store on a free port.
+    fn alone() -> DistEnv {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let e = DistEnv {
+        DistEnv {
             rank: 0,
             world: 1,
             local_rank: 0,
@@ -440,8 +439,13 @@ mod tests {
             master_port: port,
             agent_store: false,
             attempt: 0,
-        };
-        let g = ProcessGroup::join(&e, Duration::from_secs(20), Backend::Gloo).unwrap();
+        }
+    }
+
+    /// A one-rank group (its own store) sums, gathers and keeps keys.
+    #[test]
+    fn a_one_rank_group_works_end_to_end() {
+        let g = ProcessGroup::join(&alone(), Duration::from_secs(20), Backend::Gloo).unwrap();
         let t = Tensor::from_slice(&[1.5f32, -2.0]);
         g.allreduce_sum(&[&t]).unwrap();
         assert_eq!(Vec::<f32>::try_from(&t).unwrap(), [1.5, -2.0]);
@@ -470,21 +474,7 @@ mod tests {
         if !nccl_available() || tch::Cuda::is_available() {
             return;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let e = DistEnv {
-            rank: 0,
-            world: 1,
-            local_rank: 0,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-            agent_store: false,
-            attempt: 0,
-        };
-        let err = ProcessGroup::join(&e, Duration::from_secs(20), Backend::Nccl)
+        let err = ProcessGroup::join(&alone(), Duration::from_secs(20), Backend::Nccl)
             .err()
             .expect("no GPU here");
         assert!(err.message.contains("GPU"), "{}", err.message);

@@ -203,20 +203,6 @@ impl Recipe {
     }
 }
 
-impl SgdConfig {
-    /// Checks the values; `at` names the section in the message
-    /// (`train.sgd`).
-    pub fn validate(&self, at: &str) -> Result<(), String> {
-        let at = at.strip_suffix(".sgd").unwrap_or(at);
-        Recipe::sgd(self.clone()).validate(at)
-    }
-
-    /// Learning rate at `step` of `total`: linear warm-up, then cosine to 0.
-    pub fn lr_at(&self, step: u64, total: u64) -> f64 {
-        cosine_lr(self.lr, self.warmup_steps, step, total)
-    }
-}
-
 /// `peak` after a linear warm-up of `warmup` steps, then cosine to 0 at
 /// `total`.
 pub fn cosine_lr(peak: f64, warmup: u64, step: u64, total: u64) -> f64 {
@@ -714,11 +700,11 @@ mod tests {
 
     #[test]
     fn cosine_schedule_with_warmup() {
-        let c = SgdConfig {
+        let c = Recipe::sgd(SgdConfig {
             lr: 1.0,
             warmup_steps: 10,
             ..Default::default()
-        };
+        });
         assert_relative_eq!(c.lr_at(0, 110), 0.1);
         assert_relative_eq!(c.lr_at(9, 110), 1.0);
         assert_relative_eq!(c.lr_at(10, 110), 1.0);

@@ -159,7 +159,8 @@ fn reduce_grads(
     let mut params = 0u64;
     tch::no_grad(|| {
         for (b, f) in buckets.iter().zip(&flat) {
-            let f = (f / world).to_device(device);
+            // In place: the bucket is ours, no second gradient-sized buffer.
+            let f = f.shallow_clone().g_div_scalar_(world).to_device(device);
             let mut at = 0i64;
             for t in b {
                 let n = t.numel() as i64;
@@ -337,17 +338,13 @@ impl Engine for ParallelEngine {
     }
 
     fn weight_digests(&self) -> Result<Vec<u64>, CommError> {
-        let own = weights_digest(self.model_tensors());
+        let own = weights_digest(self.inner.model_tensors());
         let all = self
             .group
             .gather(&Tensor::from_slice(&[own as i64]).to_device(self.group.device))
             .map_err(|e| explain(&self.group, self.steps, e))?;
         let v: Vec<i64> = Vec::try_from(all.flatten(0, -1)).unwrap_or_default();
         Ok(v.into_iter().map(|d| d as u64).collect())
-    }
-
-    fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        self.inner.model_tensors()
     }
 
     fn barrier(&self) -> Result<(), CommError> {

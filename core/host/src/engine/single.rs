@@ -58,6 +58,13 @@ impl SingleEngine {
     }
 }
 
+impl SingleEngine {
+    /// The model's parameters by name.
+    pub(crate) fn model_tensors(&self) -> Vec<(String, Tensor)> {
+        self.vs.variables().into_iter().collect()
+    }
+}
+
 impl Engine for SingleEngine {
     fn model(&self) -> &dyn PrefixModel {
         &self.model
@@ -134,10 +141,6 @@ impl Engine for SingleEngine {
         self.opt
             .load_state(state)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-    }
-
-    fn model_tensors(&self) -> Vec<(String, Tensor)> {
-        self.vs.variables().into_iter().collect()
     }
 
     fn save_model(&self, path: &Path) -> Result<()> {

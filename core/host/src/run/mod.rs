@@ -719,8 +719,9 @@ impl Trainer {
         self.log.flush()?;
         let world = self.totals.world_size;
         let (stop, digests) = match stop {
-            // The ranks' final weights must agree: a digest of each.
-            None if world > 1 => match self.engine.weight_digests() {
+            // The ranks' final weights must agree: a digest of each (none
+            // in one process).
+            None => match self.engine.weight_digests() {
                 Ok(d) => (None, d),
                 Err(e) => (Some(Stop::Peer(e)), Vec::new()),
             },
