@@ -129,8 +129,42 @@ impl Needs {
     pub const LABELS: Needs = Needs(1 << 1);
     /// One gradient L2 norm per block for this step (0 for frozen blocks).
     pub const GRAD_NORMS: Needs = Needs(1 << 2);
+
+    // Contract 2 (ABI 0.1.1): the on-demand observations. Declaring one of
+    // these in `needs()` lets the policy *ask* for it; the host computes it
+    // only at the steps the policy asks for it in its decision
+    // ([`DecisionV2::observe`]), except [`Needs::ACC_GRAD_NORMS`], whose
+    // accumulation runs every step once declared.
+
+    /// Per block, the token of the batch's output of that block the head
+    /// would pool (the class token, or the mean of the patch tokens for a
+    /// model without one), `L × B × D`: [`ObservationV2::batch`]`.tokens`.
+    pub const BLOCK_TOKENS: Needs = Needs(1 << 3);
+    /// Per block, the `B × B` similarity matrix of the batch's flattened
+    /// block outputs (Gram matrix, rows L2-normalised: what the SP loss
+    /// compares), `L × B × B`: [`ObservationV2::batch`]`.grams`.
+    pub const BLOCK_GRAMS: Needs = Needs(1 << 4);
+    /// The same per-block reductions from the reference snapshot the policy
+    /// asked the host to take ([`DecisionV2::reference`]), on the same
+    /// samples: [`ObservationV2::batch_reference`] and
+    /// [`ObservationV2::probe_reference`].
+    pub const REFERENCE: Needs = Needs(1 << 5);
+    /// The per-block reductions (tokens and/or grams, as asked) of a fixed,
+    /// deterministic probe batch of training samples:
+    /// [`ObservationV2::probe`].
+    pub const PROBE_BATCH: Needs = Needs(1 << 6);
+    /// Per block, the values of its weights at fixed indices:
+    /// [`ObservationV2::sampled_weights`].
+    pub const SAMPLED_WEIGHTS: Needs = Needs(1 << 7);
+    /// Per block, the L1 and L2 norms of the gradient accumulated (summed)
+    /// since the policy last read them: [`ObservationV2::acc_grad_l1`],
+    /// [`ObservationV2::acc_grad_l2`].
+    pub const ACC_GRAD_NORMS: Needs = Needs(1 << 8);
+    /// The bits a policy asks for step by step in
+    /// [`DecisionV2::observe`] (all but the contract-1 bits).
+    pub const ON_DEMAND: Needs = Needs(0b1_1111_1000);
     /// Every bit this ABI version defines.
-    pub const ALL: Needs = Needs(0b111);
+    pub const ALL: Needs = Needs(0b1_1111_1111);
 
     /// Whether every capability in `other` is requested.
     pub const fn contains(self, other: Needs) -> bool {
@@ -140,6 +174,44 @@ impl Needs {
     /// Both sets together.
     pub const fn union(self, other: Needs) -> Needs {
         Needs(self.0 | other.0)
+    }
+
+    /// The bits of both sets.
+    pub const fn intersection(self, other: Needs) -> Needs {
+        Needs(self.0 & other.0)
+    }
+
+    /// The bits of `self` that are not in `other`.
+    pub const fn difference(self, other: Needs) -> Needs {
+        Needs(self.0 & !other.0)
+    }
+
+    /// Whether no bit is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The names of the bits set, as in `Needs::NAME` (unknown bits as
+    /// `bit N`).
+    pub fn names(self) -> Vec<String> {
+        const NAMES: [&str; 9] = [
+            "CLS_FEATURES",
+            "LABELS",
+            "GRAD_NORMS",
+            "BLOCK_TOKENS",
+            "BLOCK_GRAMS",
+            "REFERENCE",
+            "PROBE_BATCH",
+            "SAMPLED_WEIGHTS",
+            "ACC_GRAD_NORMS",
+        ];
+        (0..64)
+            .filter(|i| self.0 & (1u64 << i) != 0)
+            .map(|i| match NAMES.get(i) {
+                Some(n) => n.to_string(),
+                None => format!("bit {i}"),
+            })
+            .collect()
     }
 }
 
@@ -240,6 +312,140 @@ pub struct Decision {
     pub extra: RVec<OwnedNamedValues>,
 }
 
+/// Per-block reductions of one set of samples through one model (contract
+/// 2): blocks `first .. first + blocks`, `rows` samples, width `dim`. Each
+/// buffer is empty unless its [`Needs`] bit was asked for at this step.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct BlockObservations<'a> {
+    /// First block observed.
+    pub first: u32,
+    /// Blocks observed (0: nothing this step).
+    pub blocks: u32,
+    /// Samples B.
+    pub rows: u32,
+    /// Token width D.
+    pub dim: u32,
+    /// `blocks × rows × dim`, row-major: the pooled token of each block's
+    /// output ([`Needs::BLOCK_TOKENS`]).
+    pub tokens: RSlice<'a, f32>,
+    /// `blocks × rows × rows`, row-major: each block's row-normalised Gram
+    /// matrix of the flattened outputs ([`Needs::BLOCK_GRAMS`]).
+    pub grams: RSlice<'a, f32>,
+}
+
+impl BlockObservations<'_> {
+    /// Nothing observed.
+    pub const EMPTY: BlockObservations<'static> = BlockObservations {
+        first: 0,
+        blocks: 0,
+        rows: 0,
+        dim: 0,
+        tokens: RSlice::from_slice(&[]),
+        grams: RSlice::from_slice(&[]),
+    };
+}
+
+/// What a contract-2 host adds to the [`Observation`] of a step: the
+/// on-demand observations the policy asked for at the previous step (empty
+/// buffers for the rest). Handed to [`FfiPolicy::decide_v2`].
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct ObservationV2<'a> {
+    /// The observations this step carries: what the policy asked for in its
+    /// last decision, within what its `needs()` declared.
+    pub provided: Needs,
+    /// The step's batch (the global batch under data parallelism) through
+    /// the model as the step ran it (the weights before its update).
+    pub batch: BlockObservations<'a>,
+    /// The same samples through the reference snapshot.
+    pub batch_reference: BlockObservations<'a>,
+    /// The fixed probe batch through the model (weights before the update).
+    pub probe: BlockObservations<'a>,
+    /// The probe batch through the reference snapshot.
+    pub probe_reference: BlockObservations<'a>,
+    /// The step after which the reference snapshot was taken (its weights
+    /// are those the next step started from); none before the first one.
+    pub reference_step: ROption<u64>,
+    /// Weights sampled per block, `layers × samples_per_block`, at indices
+    /// fixed for the run (weights before the update).
+    pub sampled_weights: RSlice<'a, f32>,
+    /// Samples per block in [`ObservationV2::sampled_weights`].
+    pub samples_per_block: u32,
+    /// Per block, the L1 norm of the sum of its gradients since the last
+    /// read (0 for a block frozen at the read).
+    pub acc_grad_l1: RSlice<'a, f64>,
+    /// Per block, the L2 norm of the same sum.
+    pub acc_grad_l2: RSlice<'a, f64>,
+    /// Steps whose gradients that sum holds.
+    pub acc_grad_steps: u64,
+    /// Extension slot: named values later hosts may add.
+    pub extra: RSlice<'a, NamedValues<'a>>,
+}
+
+impl ObservationV2<'_> {
+    /// Nothing provided (a contract-1 host, or a step without requests).
+    pub const EMPTY: ObservationV2<'static> = ObservationV2 {
+        provided: Needs::NONE,
+        batch: BlockObservations::EMPTY,
+        batch_reference: BlockObservations::EMPTY,
+        probe: BlockObservations::EMPTY,
+        probe_reference: BlockObservations::EMPTY,
+        reference_step: ROption::RNone,
+        sampled_weights: RSlice::from_slice(&[]),
+        samples_per_block: 0,
+        acc_grad_l1: RSlice::from_slice(&[]),
+        acc_grad_l2: RSlice::from_slice(&[]),
+        acc_grad_steps: 0,
+        extra: RSlice::from_slice(&[]),
+    };
+}
+
+/// What the host should do with the reference snapshot (contract 2).
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReferenceRequest {
+    /// Keep the snapshot as it is (or have none).
+    #[default]
+    Keep = 0,
+    /// Take (or replace) the snapshot from the weights after this step,
+    /// kept in float32.
+    TakeF32 = 1,
+    /// The same, kept and run in bfloat16.
+    TakeBf16 = 2,
+    /// The same, weight matrices quantized to int8 (per output row,
+    /// symmetric).
+    TakeInt8 = 3,
+}
+
+/// A contract-2 decision: the contract-1 [`Decision`] plus what the policy
+/// wants the host to observe at the next step.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq)]
+pub struct DecisionV2 {
+    /// Frontier, probe, learning-rate factors, scalars.
+    pub decision: Decision,
+    /// On-demand observations to compute at the next step (bits of
+    /// [`Needs::ON_DEMAND`] declared in `needs()`).
+    pub observe: Needs,
+    /// Take or refresh the reference snapshot.
+    pub reference: ReferenceRequest,
+    /// Extension slot: named values later hosts may understand.
+    pub extra: RVec<OwnedNamedValues>,
+}
+
+impl DecisionV2 {
+    /// A contract-1 decision that asks for nothing more.
+    pub fn from_v1(decision: Decision) -> Self {
+        DecisionV2 {
+            decision,
+            observe: Needs::NONE,
+            reference: ReferenceRequest::Keep,
+            extra: RVec::new(),
+        }
+    }
+}
+
 /// A freezing policy instance, as the host sees it.
 #[sabi_trait]
 pub trait FfiPolicy: Send {
@@ -259,6 +465,67 @@ pub trait FfiPolicy: Send {
 
 /// A boxed policy trait object, owned by the host.
 pub type PolicyBox = FfiPolicy_TO<'static, RBox<()>>;
+
+/// A contract-2 freezing policy instance, as the host sees it: the same
+/// calls as [`FfiPolicy`], with the on-demand observations and requests.
+///
+/// Why a second trait and module instead of a method appended to
+/// [`FfiPolicy`]: abi_stable accepts a library whose prefix types have
+/// *more* fields than the loader's, never fewer, so a host whose vtable
+/// gained a method would refuse every plugin built before it. Each contract
+/// version is therefore a module of its own, found through its own symbol
+/// ([`CONTRACT_2_SYMBOL`]); a host uses the newest one a plugin exports,
+/// and a plugin keeps exporting the older ones for older hosts.
+#[sabi_trait]
+pub trait FfiPolicyV2: Send {
+    /// Capabilities this instance needs from the host (contract-1 bits and
+    /// the on-demand bits it may ask for).
+    fn needs(&self) -> Needs;
+
+    /// Called after every training step.
+    fn decide(
+        &mut self,
+        obs: &Observation<'_>,
+        more: &ObservationV2<'_>,
+    ) -> RResult<DecisionV2, PluginError>;
+
+    /// Serialises the policy's state (for checkpoints).
+    fn save_state(&self) -> RResult<RVec<u8>, PluginError>;
+
+    /// Restores state written by `save_state`.
+    #[sabi(last_prefix_field)]
+    fn load_state(&mut self, state: RSlice<'_, u8>) -> RResult<(), PluginError>;
+}
+
+/// A boxed contract-2 policy, owned by the host.
+pub type PolicyV2Box = FfiPolicyV2_TO<'static, RBox<()>>;
+
+/// The contract-2 module of a policy plugin.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PolicyModuleV2Ref)))]
+#[sabi(missing_field(panic))]
+pub struct PolicyModuleV2 {
+    /// Constructs a contract-2 policy from RON options.
+    #[sabi(last_prefix_field)]
+    pub new_policy:
+        extern "C" fn(options: RStr<'_>, host: HostRef) -> RResult<PolicyV2Box, PluginError>,
+}
+
+/// The symbol a contract-2 policy plugin exports: an `extern "C" fn() ->`
+/// [`ContractRoot`].
+pub const CONTRACT_2_SYMBOL: &[u8] = b"simfreeze_contract_2\0";
+
+/// What the contract-2 symbol returns: the module and its layout, which
+/// the host checks against its own before using the module.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ContractV2Root {
+    /// `<PolicyModuleV2Ref as StableAbi>::LAYOUT` of the plugin's build.
+    pub layout: &'static abi_stable::type_layout::TypeLayout,
+    /// The module.
+    pub module: PolicyModuleV2Ref,
+}
 
 /// A similarity metric instance.
 #[sabi_trait]

@@ -20,8 +20,10 @@ use abi_stable::{
 };
 
 use crate::ffi::{
-    self, ErrorKind, FfiMetric, FfiMetric_TO, FfiPolicy, FfiPolicy_TO, HostRef, MetricBox,
-    OptionInfo, PluginError, PluginInfo, PluginKind, PluginModule, PluginModuleRef, PolicyBox,
+    self, ContractV2Root, ErrorKind, FfiMetric, FfiMetric_TO, FfiPolicy, FfiPolicyV2,
+    FfiPolicyV2_TO, FfiPolicy_TO, HostRef, MetricBox, OptionInfo, PluginError, PluginInfo,
+    PluginKind, PluginModule, PluginModuleRef, PolicyBox, PolicyModuleV2, PolicyModuleV2Ref,
+    PolicyV2Box, ReferenceRequest,
 };
 
 pub use crate::ffi::Needs;
@@ -30,8 +32,9 @@ pub use crate::ffi::Needs;
 /// `use simfreeze_abi::sdk::prelude::*;`.
 pub mod prelude {
     pub use super::{
-        Decision, HostServices, Info, Matrix, Metric, MetricHandle, MetricPlugin, Needs, OptionDoc,
-        Policy, PolicyError, PolicyPlugin, Step,
+        sp_loss, AccGradNorms, Blocks, Decision, HostServices, Info, Matrix, Metric, MetricHandle,
+        MetricPlugin, Needs, OptionDoc, PluginModules, Policy, PolicyError, PolicyPlugin,
+        ReferenceDtype, Step,
     };
     pub use crate::{export_metric, export_policy};
 }
@@ -177,6 +180,128 @@ pub struct Step<'a> {
     /// also in [`Step::lr`]).
     pub extra: &'a [ffi::NamedValues<'a>],
     needs: Needs,
+    more: ffi::ObservationV2<'a>,
+}
+
+/// The observation v2 of a contract-1 host (or a test): nothing provided.
+const NO_MORE: ffi::ObservationV2<'static> = ffi::ObservationV2::EMPTY;
+
+/// Per-block reductions of one set of samples (the batch or the probe
+/// batch) through one model (the model or the reference snapshot), as the
+/// host handed them: [`Blocks::tokens`] and [`Blocks::gram`] per block.
+#[derive(Debug, Clone, Copy)]
+pub struct Blocks<'a> {
+    first: usize,
+    blocks: usize,
+    rows: usize,
+    dim: usize,
+    tokens: &'a [f32],
+    grams: &'a [f32],
+}
+
+impl<'a> Blocks<'a> {
+    fn from_ffi(b: &ffi::BlockObservations<'a>) -> Result<Self, PolicyError> {
+        let (first, blocks) = (b.first as usize, b.blocks as usize);
+        let (rows, dim) = (b.rows as usize, b.dim as usize);
+        let ok = |len: usize, per: usize| len == 0 || Some(len) == blocks.checked_mul(per);
+        if !ok(b.tokens.len(), rows * dim) || !ok(b.grams.len(), rows * rows) {
+            return Err(PolicyError::invalid(format!(
+                "block observations of {blocks} blocks x {rows} rows x {dim} with {} token and \
+                 {} gram values",
+                b.tokens.len(),
+                b.grams.len()
+            )));
+        }
+        Ok(Blocks {
+            first,
+            blocks,
+            rows,
+            dim,
+            tokens: b.tokens.as_slice(),
+            grams: b.grams.as_slice(),
+        })
+    }
+
+    /// The blocks observed, `first..first + count`.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.blocks
+    }
+
+    /// Samples observed (B).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn index(&self, block: usize) -> Result<usize, PolicyError> {
+        if self.range().contains(&block) {
+            Ok(block - self.first)
+        } else {
+            Err(PolicyError::invalid(format!(
+                "block {block} was not observed (blocks {:?} were)",
+                self.range()
+            )))
+        }
+    }
+
+    /// Block `block`'s pooled output token per sample, `B × D` (the class
+    /// token, or the mean of the patch tokens for a model without one;
+    /// before the final norm). Needs [`Needs::BLOCK_TOKENS`] asked for.
+    pub fn tokens(&self, block: usize) -> Result<Matrix<'a>, PolicyError> {
+        let i = self.index(block)?;
+        if self.tokens.is_empty() {
+            return Err(not_asked("block tokens", "BLOCK_TOKENS"));
+        }
+        let n = self.rows * self.dim;
+        Matrix::new(&self.tokens[i * n..(i + 1) * n], self.rows, self.dim)
+            .ok_or_else(|| PolicyError::invalid("token buffer of the wrong size"))
+    }
+
+    /// Block `block`'s `B × B` similarity matrix: `G = A Aᵀ` of the
+    /// flattened outputs `A` (`B × T·D`), each row divided by its L2 norm
+    /// (Tung & Mori's SP loss compares two of these). Needs
+    /// [`Needs::BLOCK_GRAMS`] asked for.
+    pub fn gram(&self, block: usize) -> Result<Matrix<'a>, PolicyError> {
+        let i = self.index(block)?;
+        if self.grams.is_empty() {
+            return Err(not_asked("block Gram matrices", "BLOCK_GRAMS"));
+        }
+        let n = self.rows * self.rows;
+        Matrix::new(&self.grams[i * n..(i + 1) * n], self.rows, self.rows)
+            .ok_or_else(|| PolicyError::invalid("gram buffer of the wrong size"))
+    }
+}
+
+/// Per-block norms of the gradient accumulated since the last read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AccGradNorms<'a> {
+    /// L1 norm of each block's summed gradient.
+    pub l1: &'a [f64],
+    /// L2 norm of each block's summed gradient.
+    pub l2: &'a [f64],
+    /// Steps the sum covers.
+    pub steps: u64,
+}
+
+/// SP loss (Tung & Mori 2019) of two row-normalised `B × B` similarity
+/// matrices ([`Blocks::gram`]): `‖a − b‖²_F / B²`.
+pub fn sp_loss(a: Matrix<'_>, b: Matrix<'_>) -> Result<f64, PolicyError> {
+    if a.rows() != b.rows() || a.cols() != b.cols() || a.rows() != a.cols() {
+        return Err(PolicyError::invalid(format!(
+            "SP loss of a {}x{} and a {}x{} matrix (two B x B matrices expected)",
+            a.rows(),
+            a.cols(),
+            b.rows(),
+            b.cols()
+        )));
+    }
+    let sum: f64 = a
+        .as_slice()
+        .iter()
+        .zip(b.as_slice())
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let n = a.rows().max(1) as f64;
+    Ok(sum / (n * n))
 }
 
 /// The error for reading what [`Policy::needs`] did not ask for.
@@ -232,6 +357,159 @@ impl<'a> Step<'a> {
             grad_norms: obs.grad_norms.as_slice(),
             extra,
             needs,
+            more: NO_MORE,
+        })
+    }
+
+    /// Converts the observation of a contract-2 host: the contract-1 part
+    /// and the on-demand observations.
+    pub fn from_ffi_v2(
+        obs: &'a ffi::Observation<'a>,
+        more: &'a ffi::ObservationV2<'a>,
+        needs: Needs,
+    ) -> Result<Self, PolicyError> {
+        let mut step = Self::from_ffi(obs, needs)?;
+        step.more = *more;
+        Ok(step)
+    }
+
+    /// Whether this step carries the on-demand observations `what` (the
+    /// policy asked for them in its previous decision).
+    pub fn has(&self, what: Needs) -> bool {
+        self.more.provided.contains(what)
+    }
+
+    /// Checks `bit` was declared in `needs()` and asked for at the previous
+    /// step.
+    fn provided(&self, what: &str, bit: &str, flag: Needs) -> Result<(), PolicyError> {
+        if !self.needs.contains(flag) {
+            return Err(not_asked(what, bit));
+        }
+        if !self.more.provided.contains(flag) {
+            return Err(PolicyError::invalid(format!(
+                "the policy read {what} at step {} without asking for them at the step before: \
+                 return a decision with `.observe_next(Needs::{bit})` first (check \
+                 `step.has(Needs::{bit})` before reading)",
+                self.step
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a reduction was declared and asked for (and `extra`, the
+    /// reference or the probe batch, when given), then reads `b`.
+    fn blocks_of(
+        &self,
+        b: &ffi::BlockObservations<'a>,
+        what: &str,
+        extra: Option<(&str, Needs)>,
+    ) -> Result<Blocks<'a>, PolicyError> {
+        let reductions = Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS;
+        if self.needs.intersection(reductions).is_empty() {
+            return Err(not_asked(what, "BLOCK_TOKENS (or Needs::BLOCK_GRAMS)"));
+        }
+        if let Some((bit, flag)) = extra {
+            self.provided(what, bit, flag)?;
+        }
+        if self.more.provided.intersection(reductions).is_empty() {
+            let bit = if self.needs.contains(Needs::BLOCK_TOKENS) {
+                "BLOCK_TOKENS"
+            } else {
+                "BLOCK_GRAMS"
+            };
+            self.provided(what, bit, self.needs.intersection(reductions))?;
+        }
+        Blocks::from_ffi(b)
+    }
+
+    /// The step's batch through the model, per block (the global batch
+    /// under data parallelism; the weights the step trained with). Needs
+    /// [`Needs::BLOCK_TOKENS`] or [`Needs::BLOCK_GRAMS`], asked for at the
+    /// previous step.
+    pub fn batch_blocks(&self) -> Result<Blocks<'a>, PolicyError> {
+        let b = self.more.batch;
+        self.blocks_of(&b, "the batch's block observations", None)
+    }
+
+    /// The same samples through the reference snapshot. Also needs
+    /// [`Needs::REFERENCE`]; `Ok(None)` before the first snapshot.
+    pub fn batch_reference_blocks(&self) -> Result<Option<Blocks<'a>>, PolicyError> {
+        let b = self.more.batch_reference;
+        let what = "the reference's block observations";
+        let blocks = self.blocks_of(&b, what, Some(("REFERENCE", Needs::REFERENCE)))?;
+        Ok(self.reference_step().map(|_| blocks))
+    }
+
+    /// The fixed probe batch through the model, per block. Needs
+    /// [`Needs::PROBE_BATCH`] and a reduction bit, asked for.
+    pub fn probe_blocks(&self) -> Result<Blocks<'a>, PolicyError> {
+        let b = self.more.probe;
+        self.blocks_of(
+            &b,
+            "the probe batch",
+            Some(("PROBE_BATCH", Needs::PROBE_BATCH)),
+        )
+    }
+
+    /// The probe batch through the reference snapshot (`Ok(None)` before
+    /// the first snapshot). Needs [`Needs::PROBE_BATCH`] and
+    /// [`Needs::REFERENCE`].
+    pub fn probe_reference_blocks(&self) -> Result<Option<Blocks<'a>>, PolicyError> {
+        let b = self.more.probe_reference;
+        let what = "the probe batch through the reference";
+        self.provided(what, "REFERENCE", Needs::REFERENCE)?;
+        let blocks = self.blocks_of(&b, what, Some(("PROBE_BATCH", Needs::PROBE_BATCH)))?;
+        Ok(self.reference_step().map(|_| blocks))
+    }
+
+    /// The step after which the reference snapshot was taken, if there is
+    /// one.
+    pub fn reference_step(&self) -> Option<u64> {
+        self.more.reference_step.into_option()
+    }
+
+    /// Each block's weights at fixed indices, `L × S` (the same indices
+    /// every time in a run). Needs [`Needs::SAMPLED_WEIGHTS`], asked for.
+    pub fn sampled_weights(&self) -> Result<Matrix<'a>, PolicyError> {
+        self.provided("sampled weights", "SAMPLED_WEIGHTS", Needs::SAMPLED_WEIGHTS)?;
+        let w = self.more.sampled_weights.as_slice();
+        let per = self.more.samples_per_block as usize;
+        Matrix::new(w, w.len().checked_div(per).unwrap_or(0), per)
+            .filter(|m| m.rows() == self.layers || w.is_empty())
+            .ok_or_else(|| {
+                PolicyError::invalid(format!(
+                    "{} sampled weights for {} blocks of {per}",
+                    w.len(),
+                    self.layers
+                ))
+            })
+    }
+
+    /// The L1 and L2 norms of each block's gradient summed since the last
+    /// read (this read resets the sum). Needs [`Needs::ACC_GRAD_NORMS`],
+    /// asked for.
+    pub fn acc_grad_norms(&self) -> Result<AccGradNorms<'a>, PolicyError> {
+        self.provided(
+            "accumulated gradient norms",
+            "ACC_GRAD_NORMS",
+            Needs::ACC_GRAD_NORMS,
+        )?;
+        let (l1, l2) = (
+            self.more.acc_grad_l1.as_slice(),
+            self.more.acc_grad_l2.as_slice(),
+        );
+        if l1.len() != self.layers || l2.len() != self.layers {
+            return Err(PolicyError::invalid(format!(
+                "{} and {} accumulated gradient norms for {} blocks",
+                l1.len(),
+                l2.len(),
+                self.layers
+            )));
+        }
+        Ok(AccGradNorms {
+            l1,
+            l2,
+            steps: self.more.acc_grad_steps,
         })
     }
 
@@ -255,6 +533,7 @@ impl<'a> Step<'a> {
             grad_norms: &[],
             extra: &[],
             needs: Needs::NONE,
+            more: NO_MORE,
         })
     }
 
@@ -364,10 +643,34 @@ impl<'a> StepBuilder<'a> {
         self.0.needs = self.0.needs | Needs::GRAD_NORMS;
         self
     }
+    /// Declares `needs` as the policy's (e.g. to test the accessors'
+    /// errors); the builder's other setters add their own bits.
+    pub fn needs(mut self, needs: Needs) -> Self {
+        self.0.needs = self.0.needs | needs;
+        self
+    }
+    /// The on-demand observations of a contract-2 host (what `provided`
+    /// says is marked as asked for, and declared).
+    pub fn more(mut self, more: ffi::ObservationV2<'a>) -> Self {
+        self.0.needs = self.0.needs | more.provided;
+        self.0.more = more;
+        self
+    }
     /// The step.
     pub fn build(self) -> Step<'a> {
         self.0
     }
+}
+
+/// How the host keeps the reference snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReferenceDtype {
+    /// float32, as the model.
+    F32,
+    /// bfloat16, run in bfloat16.
+    Bf16,
+    /// Weight matrices as int8 per output row (symmetric), the rest bf16.
+    Int8,
 }
 
 /// What a policy wants from the next step on, with std types.
@@ -383,6 +686,12 @@ pub struct Decision {
     pub lr_factors: Option<Vec<f32>>,
     /// Scalars to log at this step.
     pub scalars: Vec<(String, f64)>,
+    /// On-demand observations to compute at the next step (contract 2):
+    /// bits of [`Needs::ON_DEMAND`] that `needs()` declared.
+    pub observe: Needs,
+    /// Take or refresh the reference snapshot from the weights after this
+    /// step (contract 2).
+    pub take_reference: Option<ReferenceDtype>,
 }
 
 impl Decision {
@@ -408,8 +717,37 @@ impl Decision {
         self.scalars.push((name.into(), value));
         self
     }
+    /// Also ask for the on-demand observations `what` at the next step.
+    pub fn observe_next(mut self, what: Needs) -> Self {
+        self.observe = self.observe | what;
+        self
+    }
+    /// Also take (or refresh) the reference snapshot from the weights after
+    /// this step, kept as `dtype`.
+    pub fn take_reference(mut self, dtype: ReferenceDtype) -> Self {
+        self.take_reference = Some(dtype);
+        self
+    }
 
-    /// The stable form.
+    /// The stable form of contract 2.
+    pub fn into_ffi_v2(mut self) -> ffi::DecisionV2 {
+        let observe = std::mem::take(&mut self.observe);
+        let reference = match self.take_reference.take() {
+            None => ReferenceRequest::Keep,
+            Some(ReferenceDtype::F32) => ReferenceRequest::TakeF32,
+            Some(ReferenceDtype::Bf16) => ReferenceRequest::TakeBf16,
+            Some(ReferenceDtype::Int8) => ReferenceRequest::TakeInt8,
+        };
+        ffi::DecisionV2 {
+            decision: self.into_ffi(),
+            observe,
+            reference,
+            extra: RVec::new(),
+        }
+    }
+
+    /// The stable form of contract 1 (what an ABI 0.1.0 host reads; the
+    /// observation requests are dropped).
     pub fn into_ffi(self) -> ffi::Decision {
         ffi::Decision {
             frontier: clamp_u32(self.frontier),
@@ -697,6 +1035,32 @@ impl<P: Policy> FfiPolicy for PolicyAdapter<P> {
     }
 }
 
+impl<P: Policy> FfiPolicyV2 for PolicyAdapter<P> {
+    fn needs(&self) -> Needs {
+        FfiPolicy::needs(self)
+    }
+
+    fn decide(
+        &mut self,
+        obs: &ffi::Observation<'_>,
+        more: &ffi::ObservationV2<'_>,
+    ) -> RResult<ffi::DecisionV2, PluginError> {
+        let policy = &mut self.0;
+        guard("decide", || {
+            let step = Step::from_ffi_v2(obs, more, policy.needs())?;
+            policy.decide(&step).map(Decision::into_ffi_v2)
+        })
+    }
+
+    fn save_state(&self) -> RResult<RVec<u8>, PluginError> {
+        FfiPolicy::save_state(self)
+    }
+
+    fn load_state(&mut self, state: RSlice<'_, u8>) -> RResult<(), PluginError> {
+        FfiPolicy::load_state(self, state)
+    }
+}
+
 struct MetricAdapter<M>(M);
 
 impl<M: Metric> FfiMetric for MetricAdapter<M> {
@@ -724,6 +1088,11 @@ pub fn policy_box<P: Policy>(policy: P) -> PolicyBox {
     FfiPolicy_TO::from_value(PolicyAdapter(policy), TD_Opaque)
 }
 
+/// Wraps a policy as a contract-2 trait object.
+pub fn policy_v2_box<P: Policy>(policy: P) -> PolicyV2Box {
+    FfiPolicyV2_TO::from_value(PolicyAdapter(policy), TD_Opaque)
+}
+
 /// Wraps a metric as a stable trait object.
 pub fn metric_box<M: Metric>(metric: M) -> MetricBox {
     FfiMetric_TO::from_value(MetricAdapter(metric), TD_Opaque)
@@ -747,6 +1116,16 @@ extern "C" fn new_policy<P: PolicyPlugin>(
     })
 }
 
+extern "C" fn new_policy_v2<P: PolicyPlugin>(
+    options: RStr<'_>,
+    host: HostRef,
+) -> RResult<PolicyV2Box, PluginError> {
+    guard("new", || {
+        let host = HostServices::from_ffi(host);
+        P::new(options.as_str(), &host).map(policy_v2_box)
+    })
+}
+
 extern "C" fn new_metric<M: MetricPlugin>(options: RStr<'_>) -> RResult<MetricBox, PluginError> {
     guard("new", || M::new(options.as_str()).map(metric_box))
 }
@@ -765,24 +1144,63 @@ extern "C" fn no_metric(_: RStr<'_>) -> RResult<MetricBox, PluginError> {
     })
 }
 
-/// The root module of a policy plugin (used by [`crate::export_policy!`]).
-pub fn policy_module<P: PolicyPlugin>() -> PluginModuleRef {
-    PluginModule {
+/// A plugin's modules, for static (in-process) use: the contract-1 root
+/// module every plugin exports and, for a policy, its contract-2 module.
+#[derive(Clone, Copy)]
+pub struct PluginModules {
+    /// The abi_stable root module (contract 1).
+    pub v1: PluginModuleRef,
+    /// The contract-2 policy module, if the plugin has one.
+    pub v2: Option<PolicyModuleV2Ref>,
+}
+
+impl From<PluginModuleRef> for PluginModules {
+    fn from(v1: PluginModuleRef) -> Self {
+        PluginModules { v1, v2: None }
+    }
+}
+
+/// The modules of a policy plugin (used by [`crate::export_policy!`]).
+pub fn policy_module<P: PolicyPlugin>() -> PluginModules {
+    let v1 = PluginModule {
         info: policy_info::<P>,
         new_policy: new_policy::<P>,
         new_metric: no_metric,
     }
+    .leak_into_prefix();
+    PluginModules {
+        v1,
+        v2: Some(policy_module_v2::<P>()),
+    }
+}
+
+/// The contract-2 module of a policy plugin.
+pub fn policy_module_v2<P: PolicyPlugin>() -> PolicyModuleV2Ref {
+    PolicyModuleV2 {
+        new_policy: new_policy_v2::<P>,
+    }
     .leak_into_prefix()
 }
 
-/// The root module of a metric plugin (used by [`crate::export_metric!`]).
-pub fn metric_module<M: MetricPlugin>() -> PluginModuleRef {
+/// What the contract-2 symbol of a policy plugin returns (used by
+/// [`crate::export_policy!`]).
+pub fn contract_v2_root<P: PolicyPlugin>() -> ContractV2Root {
+    use abi_stable::StableAbi;
+    ContractV2Root {
+        layout: <PolicyModuleV2Ref as StableAbi>::LAYOUT,
+        module: policy_module_v2::<P>(),
+    }
+}
+
+/// The modules of a metric plugin (used by [`crate::export_metric!`]).
+pub fn metric_module<M: MetricPlugin>() -> PluginModules {
     PluginModule {
         info: metric_info::<M>,
         new_policy: no_policy,
         new_metric: new_metric::<M>,
     }
     .leak_into_prefix()
+    .into()
 }
 
 /// Exports a [`PolicyPlugin`] type as this library's simfreeze plugin.
@@ -791,18 +1209,29 @@ pub fn metric_module<M: MetricPlugin>() -> PluginModuleRef {
 /// `crate-type = ["cdylib", "rlib"]` and `abi_stable` as a dependency (the
 /// generated symbol refers to it by name). Also defines
 /// `pub fn plugin_module()` for tests that link the plugin statically.
+///
+/// It exports two symbols: the abi_stable root module (contract 1, which
+/// every simfreeze host reads) and `simfreeze_contract_2` (the on-demand
+/// observations, read by hosts from ABI 0.1.1 on). Link at most one policy
+/// plugin crate into one binary (the symbol names are fixed).
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
-        /// This plugin's root module, for static (non-dlopen) use in tests.
-        pub fn plugin_module() -> $crate::ffi::PluginModuleRef {
+        /// This plugin's modules, for static (non-dlopen) use in tests.
+        pub fn plugin_module() -> $crate::sdk::PluginModules {
             $crate::sdk::policy_module::<$policy>()
         }
 
         /// The symbol the simfreeze host looks up when it loads this library.
         #[::abi_stable::export_root_module]
         pub fn simfreeze_plugin_root() -> $crate::ffi::PluginModuleRef {
-            plugin_module()
+            plugin_module().v1
+        }
+
+        /// The contract-2 module, looked up by hosts that speak contract 2.
+        #[no_mangle]
+        pub extern "C" fn simfreeze_contract_2() -> $crate::ffi::ContractV2Root {
+            $crate::sdk::contract_v2_root::<$policy>()
         }
     };
 }
@@ -812,15 +1241,15 @@ macro_rules! export_policy {
 #[macro_export]
 macro_rules! export_metric {
     ($metric:ty) => {
-        /// This plugin's root module, for static (non-dlopen) use in tests.
-        pub fn plugin_module() -> $crate::ffi::PluginModuleRef {
+        /// This plugin's modules, for static (non-dlopen) use in tests.
+        pub fn plugin_module() -> $crate::sdk::PluginModules {
             $crate::sdk::metric_module::<$metric>()
         }
 
         /// The symbol the simfreeze host looks up when it loads this library.
         #[::abi_stable::export_root_module]
         pub fn simfreeze_plugin_root() -> $crate::ffi::PluginModuleRef {
-            plugin_module()
+            plugin_module().v1
         }
     };
 }

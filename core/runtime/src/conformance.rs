@@ -21,8 +21,11 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 
+use simfreeze_abi::ffi::Needs;
+
 use crate::driver::{PolicyDriver, StepInput};
 use crate::loader::PolicyHandle;
+use crate::more::{spoil, synthetic_blocks, MoreData};
 use crate::rng::Rng;
 
 /// The shape of one hostile run.
@@ -144,6 +147,7 @@ struct Data {
     labels: Vec<i64>,
     norms: Vec<f32>,
     loss: f32,
+    more: MoreData,
 }
 
 fn weird(rng: &mut Rng) -> f32 {
@@ -156,8 +160,58 @@ fn weird(rng: &mut Rng) -> f32 {
     }
 }
 
-fn data(r: &HostileRun, rng: &mut Rng) -> Data {
+/// The on-demand observations `asked` for, with hostile values (NaN,
+/// infinities and zeros in every buffer; no reference on some steps). No
+/// draw at all when nothing is asked, so a contract-1 policy sees the same
+/// runs as before.
+fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs) -> MoreData {
+    let mut more = MoreData {
+        provided: asked,
+        ..MoreData::default()
+    };
+    if asked.is_empty() {
+        return more;
+    }
+    let l = r.layers as usize;
+    let shape = (r.batch, r.dim);
+    let reductions = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+    let base: Vec<f32> = (0..r.batch * r.dim).map(|_| weird(rng)).collect();
+    let blocks = |rng: &mut Rng| {
+        let mut b = synthetic_blocks(reductions, l, &base, shape, 1.0, rng);
+        spoil(&mut b.tokens, 10, rng);
+        spoil(&mut b.grams, 10, rng);
+        b
+    };
+    if !reductions.is_empty() {
+        more.batch = blocks(rng);
+        if asked.contains(Needs::PROBE_BATCH) {
+            more.probe = blocks(rng);
+        }
+        if asked.contains(Needs::REFERENCE) && rng.below(3) > 0 {
+            more.reference_step = Some(rng.below(r.steps as usize) as u64);
+            more.batch_reference = blocks(rng);
+            if asked.contains(Needs::PROBE_BATCH) {
+                more.probe_reference = blocks(rng);
+            }
+        }
+    }
+    if asked.contains(Needs::SAMPLED_WEIGHTS) {
+        more.samples_per_block = 1 + rng.below(4);
+        more.sampled_weights = (0..l * more.samples_per_block)
+            .map(|_| weird(rng))
+            .collect();
+    }
+    if asked.contains(Needs::ACC_GRAD_NORMS) {
+        more.acc_grad_l2 = (0..l).map(|_| f64::from(weird(rng)).abs()).collect();
+        more.acc_grad_l1 = (0..l).map(|_| f64::from(weird(rng)).abs()).collect();
+        more.acc_grad_steps = rng.below(5) as u64;
+    }
+    more
+}
+
+fn data(r: &HostileRun, rng: &mut Rng, asked: Needs) -> Data {
     Data {
+        more: hostile_more(r, rng, asked),
         features: (0..r.batch * r.dim).map(|_| weird(rng)).collect(),
         // Classes never seen (>= classes) and invalid (-1) included.
         labels: (0..r.batch)
@@ -182,6 +236,7 @@ fn input<'a>(r: &HostileRun, step: u64, d: &'a Data) -> StepInput<'a> {
         num_classes: r.classes,
         grad_norms: &d.norms,
         lr: Some(0.01),
+        more: d.more.view(),
     }
 }
 
@@ -192,7 +247,7 @@ fn contract_holds(
     let mut driver = PolicyDriver::new(Some(make()?), r.layers);
     let mut rng = Rng::new(r.seed);
     for step in 0..r.steps {
-        let d = data(r, &mut rng);
+        let d = data(r, &mut rng, driver.state().observe());
         driver
             .after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;
@@ -207,7 +262,7 @@ fn continues_identically(
     let mut a = PolicyDriver::new(Some(make()?), r.layers);
     let mut rng = Rng::new(r.seed);
     for step in 0..r.cut {
-        let d = data(r, &mut rng);
+        let d = data(r, &mut rng, a.state().observe());
         a.after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;
     }
@@ -222,7 +277,7 @@ fn continues_identically(
     let mut b = PolicyDriver::new(Some(restored), r.layers);
     b.restore_state(a.state().clone());
     for step in r.cut..r.steps {
-        let d = data(r, &mut rng);
+        let d = data(r, &mut rng, a.state().observe());
         let oa = a
             .after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;

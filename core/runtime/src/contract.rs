@@ -11,7 +11,7 @@
 use std::fmt;
 use std::ops::Range;
 
-use simfreeze_abi::ffi::Decision;
+use simfreeze_abi::ffi::{Decision, DecisionV2, Needs, ReferenceRequest};
 
 /// The freeze state during a step.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -24,6 +24,10 @@ pub struct FreezeState {
     pub probe: Option<u32>,
     /// Learning-rate factor per block (all 1 unless a policy sets them).
     pub lr_factors: Vec<f32>,
+    /// The on-demand observations (contract 2, [`Needs`] bits) the host
+    /// computes at this step: what the policy asked for after the last one.
+    #[serde(default)]
+    pub observe: u64,
 }
 
 impl FreezeState {
@@ -34,7 +38,13 @@ impl FreezeState {
             frontier: 0,
             probe: None,
             lr_factors: vec![1.0; layers as usize],
+            observe: 0,
         }
+    }
+
+    /// The on-demand observations of this step.
+    pub fn observe(&self) -> Needs {
+        Needs(self.observe)
     }
 
     /// Blocks frozen during this step, the probe included: `[0, frozen)`.
@@ -93,6 +103,14 @@ pub enum Violation {
         /// The value.
         value: f32,
     },
+    /// Observations asked for that `needs()` did not declare (or that are
+    /// not asked step by step).
+    ObserveUndeclared {
+        /// The bits asked for but not declared.
+        missing: Needs,
+    },
+    /// A reference snapshot asked for without declaring `Needs::REFERENCE`.
+    ReferenceUndeclared,
 }
 
 impl fmt::Display for Violation {
@@ -125,6 +143,23 @@ impl fmt::Display for Violation {
             Violation::LrFactorInvalid { block, value } => write!(
                 f,
                 "learning-rate factor {value} for block {block} (must be finite and >= 0)"
+            ),
+            Violation::ObserveUndeclared { missing } => {
+                let names: Vec<String> = missing
+                    .names()
+                    .into_iter()
+                    .map(|n| format!("Needs::{n}"))
+                    .collect();
+                write!(
+                    f,
+                    "asked to observe {} at the next step without declaring it in `fn needs` \
+                     (only the on-demand bits a policy declares can be asked for)",
+                    names.join(" | ")
+                )
+            }
+            Violation::ReferenceUndeclared => write!(
+                f,
+                "asked for a reference snapshot without declaring Needs::REFERENCE in `fn needs`"
             ),
         }
     }
@@ -192,6 +227,19 @@ pub fn check(state: &FreezeState, d: &Decision) -> Result<(), Violation> {
     Ok(())
 }
 
+/// Checks the contract-2 part of `d` against what the policy declared.
+pub fn check_v2(declared: Needs, d: &DecisionV2) -> Result<(), Violation> {
+    let allowed = declared.intersection(Needs::ON_DEMAND);
+    let missing = d.observe.difference(allowed);
+    if !missing.is_empty() {
+        return Err(Violation::ObserveUndeclared { missing });
+    }
+    if d.reference != ReferenceRequest::Keep && !declared.contains(Needs::REFERENCE) {
+        return Err(Violation::ReferenceUndeclared);
+    }
+    Ok(())
+}
+
 /// What an accepted decision changed.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Change {
@@ -199,6 +247,8 @@ pub struct Change {
     pub committed: Range<u32>,
     /// Probe before and after, when it changed.
     pub probe: Option<(Option<u32>, Option<u32>)>,
+    /// The reference snapshot to take after this step (contract 2).
+    pub reference: ReferenceRequest,
 }
 
 /// Owns the freeze state of a run and applies checked decisions.
@@ -229,17 +279,33 @@ impl FreezeController {
 
     /// Applies the decision made after `step`, or refuses it unchanged.
     pub fn apply(&mut self, step: u64, d: &Decision) -> Result<Change, ContractViolation> {
-        check(&self.state, d).map_err(|violation| ContractViolation {
-            policy: self.policy.clone(),
-            step,
-            decision: describe(d),
-            violation,
-        })?;
+        self.apply_v2(step, &DecisionV2::from_v1(d.clone()), Needs::ALL)
+    }
+
+    /// Applies a contract-2 decision made after `step` by a policy that
+    /// declared `declared`, or refuses it unchanged.
+    pub fn apply_v2(
+        &mut self,
+        step: u64,
+        d2: &DecisionV2,
+        declared: Needs,
+    ) -> Result<Change, ContractViolation> {
+        let d = &d2.decision;
+        check(&self.state, d)
+            .and_then(|()| check_v2(declared, d2))
+            .map_err(|violation| ContractViolation {
+                policy: self.policy.clone(),
+                step,
+                decision: describe_v2(d2),
+                violation,
+            })?;
         let probe = d.probe.into_option();
         let change = Change {
             committed: self.state.frontier..d.frontier,
             probe: (probe != self.state.probe).then_some((self.state.probe, probe)),
+            reference: d2.reference,
         };
+        self.state.observe = d2.observe.0;
         self.state.frontier = d.frontier;
         self.state.probe = probe;
         if d.lr_factors.is_empty() {
@@ -249,6 +315,18 @@ impl FreezeController {
         }
         Ok(change)
     }
+}
+
+/// A contract-2 decision in one line, for errors and logs.
+pub fn describe_v2(d: &DecisionV2) -> String {
+    let mut s = describe(&d.decision);
+    if !d.observe.is_empty() {
+        s.push_str(&format!(" observe={}", d.observe.names().join("|")));
+    }
+    if d.reference != ReferenceRequest::Keep {
+        s.push_str(&format!(" reference={:?}", d.reference));
+    }
+    s
 }
 
 /// A decision in one line, for errors and logs.

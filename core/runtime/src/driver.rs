@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use abi_stable::std_types::{ROption, RSlice, RStr};
 use serde::Serialize;
-use simfreeze_abi::ffi::{NamedValues, Needs, Observation};
+use simfreeze_abi::ffi::{NamedValues, Needs, Observation, ObservationV2, ReferenceRequest};
 
 use crate::contract::{Change, ContractViolation, FreezeController, FreezeState};
 use crate::loader::{PolicyCallError, PolicyHandle};
@@ -45,6 +45,10 @@ pub struct StepInput<'a> {
     /// The step's base learning rate, when there is one (runs; not the
     /// simulator).
     pub lr: Option<f64>,
+    /// The on-demand observations (contract 2) the host computed for this
+    /// step: what [`PolicyDriver::state`]`().observe()` asked for (the
+    /// driver hands the policy only those).
+    pub more: ObservationV2<'a>,
 }
 
 /// The freeze timeline of a run.
@@ -96,6 +100,14 @@ pub struct StepOutcome {
     pub change: Change,
     /// Scalars the policy logged.
     pub scalars: Vec<(String, f64)>,
+}
+
+impl StepOutcome {
+    /// The reference snapshot the host takes now, from the weights after
+    /// the step (contract 2).
+    pub fn reference(&self) -> ReferenceRequest {
+        self.change.reference
+    }
 }
 
 /// Runs the policy (or none: the full fine-tuning baseline) step by step.
@@ -232,8 +244,13 @@ impl PolicyDriver {
             }),
             extra: RSlice::from_slice(extra),
         };
-        let decision = policy.decide(&obs)?;
-        let change = self.controller.apply(input.step, &decision)?;
+        // Only what the policy asked for after the previous step reaches it
+        // (a host may have computed more for another purpose).
+        let mut more = input.more;
+        more.provided = more.provided.intersection(state.observe());
+        let decision = policy.decide_v2(&obs, &more)?;
+        let change = self.controller.apply_v2(input.step, &decision, needs)?;
+        let decision = decision.decision;
         for block in change.committed.clone() {
             self.timeline.freeze_step[block as usize] = Some(input.step + 1);
         }

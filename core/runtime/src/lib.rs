@@ -10,6 +10,8 @@
 //! - [`testkit`]: the same, in-process, for a plugin crate's `cargo test`;
 //! - [`conformance`]: the property suite every policy is held to
 //!   (`simfreeze check`);
+//! - [`more`]: the owned buffers behind the on-demand observations
+//!   (contract 2) and their synthetic values;
 //! - [`rng`]: the deterministic generator of the simulator and the data order.
 //!
 //! Layers and seams: docs/architecture.md.
@@ -18,6 +20,7 @@ pub mod conformance;
 pub mod contract;
 pub mod driver;
 pub mod loader;
+pub mod more;
 pub mod rng;
 pub mod simulate;
 pub mod testkit;

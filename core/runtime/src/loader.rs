@@ -23,14 +23,17 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use abi_stable::{
-    library::{lib_header_from_path, LibraryError, RootModule},
+    abi_stability::abi_checking::check_layout_compatibility,
+    library::{lib_header_from_path, LibraryError, RawLibrary, RootModule},
     prefix_type::PrefixTypeTrait,
     std_types::{RResult, RSlice, RStr},
+    StableAbi,
 };
 use simfreeze_abi::ffi::{
-    self, ErrorKind, Host, HostRef, MetricBox, Needs, PluginError, PluginKind, PluginModuleRef,
-    PolicyBox,
+    self, ContractV2Root, ErrorKind, Host, HostRef, MetricBox, Needs, PluginError, PluginKind,
+    PluginModuleRef, PolicyBox, PolicyModuleV2Ref, PolicyV2Box, CONTRACT_2_SYMBOL,
 };
+use simfreeze_abi::sdk::PluginModules;
 
 /// Environment variable with extra plugin directories (`:`-separated),
 /// searched before the build's output directory.
@@ -143,6 +146,11 @@ pub struct PluginMeta {
     pub version: String,
     /// ABI version it was built against.
     pub abi_version: String,
+    /// The plugin contract it speaks: 1 (features, labels, gradient norms)
+    /// or 2 (also the on-demand observations: block tokens and Gram
+    /// matrices, the reference snapshot, the probe batch, sampled weights,
+    /// accumulated gradient norms), from the modules it exports.
+    pub contract: u32,
     /// One paragraph.
     pub description: String,
     /// `(name, default, doc)` of each option.
@@ -166,6 +174,8 @@ impl From<ffi::PluginInfo> for PluginMeta {
             name: i.name.into(),
             kind: i.kind.as_str(),
             version: i.version.into(),
+            // Set from the modules the plugin exports (`Plugin::from_module`).
+            contract: 1,
             abi_version: i.abi_version.into(),
             description: i.description.into(),
             options: i
@@ -190,6 +200,8 @@ pub struct Plugin {
     pub meta: PluginMeta,
     kind: PluginKind,
     module: PluginModuleRef,
+    /// The contract-2 module, when the plugin exports one.
+    module_v2: Option<PolicyModuleV2Ref>,
     /// Where the metrics its policies ask for are looked up.
     search: SearchPath,
 }
@@ -247,7 +259,11 @@ impl Plugin {
         let module = header
             .init_root_module::<PluginModuleRef>()
             .map_err(|e| map_library_error(path, e))?;
-        Ok(Self::from_module(module, path.to_owned())?.with_search_path(search))
+        let modules = PluginModules {
+            v1: module,
+            v2: contract_v2_module(path)?,
+        };
+        Ok(Self::from_module(modules, path.to_owned())?.with_search_path(search))
     }
 
     /// Looks up the metrics its policies load on `search` instead.
@@ -259,7 +275,14 @@ impl Plugin {
     /// Wraps a root module linked into this binary (tests, static plugins);
     /// metrics its policies load are looked up on [`SearchPath::from_env`]
     /// unless [`Plugin::with_search_path`] says otherwise.
-    pub fn from_module(module: PluginModuleRef, path: PathBuf) -> Result<Plugin, LoadError> {
+    pub fn from_module(
+        modules: impl Into<PluginModules>,
+        path: PathBuf,
+    ) -> Result<Plugin, LoadError> {
+        let PluginModules {
+            v1: module,
+            v2: module_v2,
+        } = modules.into();
         let unnamed = || {
             path.file_name()
                 .map_or_else(String::new, |n| n.to_string_lossy().into())
@@ -273,11 +296,15 @@ impl Plugin {
             .into_result()
             .map_err(|e| plugin_error(unnamed(), &path, e))?;
         let kind = info.kind;
+        let mut meta: PluginMeta = info.into();
+        // The contract is what the plugin exports, whatever its ABI string.
+        meta.contract = if module_v2.is_some() { 2 } else { 1 };
         Ok(Plugin {
-            meta: info.into(),
+            meta,
             kind,
             path,
             module,
+            module_v2: module_v2.filter(|_| kind == PluginKind::Policy),
             search: SearchPath::from_env(),
         })
     }
@@ -290,15 +317,30 @@ impl Plugin {
         // services by reference only), so this plugin's search path is in
         // scope exactly while it runs.
         let _scope = MetricScope::enter(self.search.clone());
-        let policy = call_guarded(|| (self.module.new_policy())(RStr::from(options), host))
-            .map_err(|message| LoadError::Panic {
-                name: self.meta.name.clone(),
-                path: self.path.clone(),
-                message,
-            })?
-            .into_result()
-            .map_err(|e| plugin_error(self.meta.name.clone(), &self.path, e))?;
-        let needs = policy.needs();
+        let panicked = |message| LoadError::Panic {
+            name: self.meta.name.clone(),
+            path: self.path.clone(),
+            message,
+        };
+        let failed = |e| plugin_error(self.meta.name.clone(), &self.path, e);
+        let policy = match self.module_v2 {
+            Some(m) => Inner::V2(
+                call_guarded(|| (m.new_policy())(RStr::from(options), host))
+                    .map_err(panicked)?
+                    .into_result()
+                    .map_err(failed)?,
+            ),
+            None => Inner::V1(
+                call_guarded(|| (self.module.new_policy())(RStr::from(options), host))
+                    .map_err(panicked)?
+                    .into_result()
+                    .map_err(failed)?,
+            ),
+        };
+        let needs = match &policy {
+            Inner::V1(p) => p.needs().intersection(CONTRACT_1_NEEDS),
+            Inner::V2(p) => p.needs(),
+        };
         Ok(PolicyHandle {
             meta: self.meta.clone(),
             path: self.path.clone(),
@@ -361,6 +403,34 @@ fn call_guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
             .unwrap_or_else(|| "non-string panic payload".into())
     })
 }
+
+/// The contract-2 module of the plugin at `path`, if it exports one: the
+/// symbol's layout is checked against this host's as abi_stable checks
+/// the root module.
+fn contract_v2_module(path: &Path) -> Result<Option<PolicyModuleV2Ref>, LoadError> {
+    let lib = RawLibrary::load_at(path).map_err(|e| map_library_error(path, e))?;
+    // SAFETY: the symbol is the `extern "C" fn() -> ContractV2Root` that
+    // `export_policy!` defines; its layout is checked before any use.
+    let root = unsafe {
+        match lib.get::<extern "C" fn() -> ContractV2Root>(CONTRACT_2_SYMBOL) {
+            Ok(f) => f(),
+            Err(_) => return Ok(None),
+        }
+    };
+    // Plugins are never unloaded (the module points into the library).
+    std::mem::forget(lib);
+    let ours = <PolicyModuleV2Ref as StableAbi>::LAYOUT;
+    check_layout_compatibility(ours, root.layout).map_err(|e| LoadError::AbiLayout {
+        path: path.to_owned(),
+        plugin: format!("{HOST_ABI} (contract 2)"),
+        detail: summarize_layout_report(&e.to_string()),
+    })?;
+    Ok(Some(root.module))
+}
+
+/// The needs a contract-1 policy can have (a bit it sets beyond them means
+/// nothing to it).
+const CONTRACT_1_NEEDS: Needs = Needs(0b111);
 
 /// Same major version, and for 0.x the same minor (semver).
 pub fn abi_compatible(plugin: &str, host: &str) -> bool {
@@ -695,7 +765,13 @@ pub struct PolicyHandle {
     /// The RON options it was built with.
     pub options: String,
     needs: Needs,
-    inner: PolicyBox,
+    inner: Inner,
+}
+
+/// A policy of either contract.
+enum Inner {
+    V1(PolicyBox),
+    V2(PolicyV2Box),
 }
 
 impl PolicyHandle {
@@ -706,20 +782,50 @@ impl PolicyHandle {
 
     /// Asks the policy for its decision after `obs.step`.
     pub fn decide(&mut self, obs: &ffi::Observation<'_>) -> Result<ffi::Decision, PolicyCallError> {
+        self.decide_v2(obs, &ffi::ObservationV2::EMPTY)
+            .map(|d| d.decision)
+    }
+
+    /// Asks the policy for its contract-2 decision after `obs.step`, with
+    /// the on-demand observations. A plugin built against ABI 0.1.0 has no
+    /// such method: its `decide` answers, through the trait's default.
+    pub fn decide_v2(
+        &mut self,
+        obs: &ffi::Observation<'_>,
+        more: &ffi::ObservationV2<'_>,
+    ) -> Result<ffi::DecisionV2, PolicyCallError> {
         let step = obs.step;
-        let result = call_guarded(|| self.inner.decide(obs));
+        let result = call_guarded(|| match &mut self.inner {
+            Inner::V1(p) => match p.decide(obs) {
+                RResult::ROk(d) => RResult::ROk(ffi::DecisionV2::from_v1(d)),
+                RResult::RErr(e) => RResult::RErr(e),
+            },
+            Inner::V2(p) => p.decide(obs, more),
+        });
         self.finish(step, result)
+    }
+
+    /// The plugin contract the policy speaks ([`PluginMeta::contract`]).
+    pub fn contract(&self) -> u32 {
+        self.meta.contract
     }
 
     /// The policy's serialized state.
     pub fn save_state(&self, step: u64) -> Result<Vec<u8>, PolicyCallError> {
-        let result = call_guarded(|| self.inner.save_state());
+        let result = call_guarded(|| match &self.inner {
+            Inner::V1(p) => p.save_state(),
+            Inner::V2(p) => p.save_state(),
+        });
         self.finish(step, result).map(|v| v.into_vec())
     }
 
     /// Restores state from `save_state`.
     pub fn load_state(&mut self, step: u64, state: &[u8]) -> Result<(), PolicyCallError> {
-        let result = call_guarded(|| self.inner.load_state(RSlice::from_slice(state)));
+        let state = RSlice::from_slice(state);
+        let result = call_guarded(|| match &mut self.inner {
+            Inner::V1(p) => p.load_state(state),
+            Inner::V2(p) => p.load_state(state),
+        });
         self.finish(step, result)
     }
 

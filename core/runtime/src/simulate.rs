@@ -14,11 +14,24 @@
 //! `s ~ LogNormal(0, 0.5)`; gradient norms are proportional to the
 //! residuals (0 for frozen blocks); the loss falls with `sigma`.
 //! Everything is a deterministic function of the seed.
+//!
+//! The on-demand observations of contract 2 come from a second generator
+//! (so asking for them leaves the world above unchanged): block `i`'s
+//! tokens are the features scaled by `1 + i / L` plus noise of
+//! `0.1 sigma_i` (`sigma_i` from block `i`'s own residual); the reference's
+//! are the same at the residuals of the step it was taken; the probe batch
+//! is one sample of each class in turn, drawn once; 8 weights per block
+//! random-walk with steps proportional to its gradient norm; the
+//! accumulated L2 norm is the sum of the per-step norms (perfectly aligned
+//! gradients) and the L1 norm 16 times it.
 
 use serde::Serialize;
 
-use crate::driver::{DriverError, PolicyDriver, StepInput, Timeline};
+use simfreeze_abi::ffi::{Needs, ReferenceRequest};
+
+use crate::driver::{DriverError, PolicyDriver, StepInput, StepOutcome, Timeline};
 use crate::loader::PolicyHandle;
+use crate::more::{synthetic_blocks, MoreData};
 pub use crate::rng::Rng;
 
 /// Shape of a simulated run.
@@ -109,7 +122,22 @@ pub struct SyntheticWorld {
     features: Vec<f32>,
     labels: Vec<i64>,
     grad_norms: Vec<f32>,
+    more: MoreWorld,
 }
+
+/// The synthetic world's contract-2 state: its own generator, the
+/// reference, the probe batch, the sampled weights and the gradient sums.
+struct MoreWorld {
+    rng: Rng,
+    reference: Option<(u64, Vec<f64>)>,
+    probe: Vec<f32>,
+    weights: Vec<f32>,
+    acc: Vec<f64>,
+    acc_steps: u64,
+}
+
+/// Weights sampled per block in the synthetic world.
+const SAMPLES: usize = 8;
 
 const SIGMA_MIN: f64 = 0.25;
 const SIGMA_START: f64 = 2.0;
@@ -137,6 +165,25 @@ impl SyntheticWorld {
             .map(|i| (-1.0 / (tau * (1.0 + i as f64 / l as f64))).exp())
             .collect();
         let initial = vec![(SIGMA_START - SIGMA_MIN) / l as f64; l];
+        let mut more_rng = Rng::new(cfg.seed ^ 0x5eed_0b5e_7a1e_u64);
+        let probe = (0..cfg.batch)
+            .flat_map(|b| {
+                let c = b % cfg.classes;
+                means[c * d..(c + 1) * d].to_vec()
+            })
+            .map(|m| m + (0.2 * more_rng.normal()) as f32 / (d as f32).sqrt())
+            .collect();
+        let weights = (0..l * SAMPLES)
+            .map(|_| (0.02 * more_rng.normal()) as f32)
+            .collect();
+        let more = MoreWorld {
+            rng: more_rng,
+            reference: None,
+            probe,
+            weights,
+            acc: vec![0.0; l],
+            acc_steps: 0,
+        };
         SyntheticWorld {
             cfg: cfg.clone(),
             rng,
@@ -147,6 +194,7 @@ impl SyntheticWorld {
             features: vec![0.0; cfg.batch * d],
             labels: vec![0; cfg.batch],
             grad_norms: vec![0.0; l],
+            more,
         }
     }
 
@@ -180,8 +228,89 @@ impl SyntheticWorld {
                 self.features[b * d + j] = self.means[c * d + j] + noise as f32;
             }
         }
+        let m = &mut self.more;
+        for (i, g) in self.grad_norms.iter().enumerate() {
+            m.acc[i] += f64::from(*g);
+            for w in &mut m.weights[i * SAMPLES..(i + 1) * SAMPLES] {
+                *w += (0.01 * f64::from(*g) * m.rng.normal()) as f32;
+            }
+        }
+        m.acc_steps += 1;
         let base = (self.cfg.classes.max(2) as f64).ln();
         (base * sigma / SIGMA_START * (1.0 + 0.05 * self.rng.normal())).max(0.0) as f32
+    }
+
+    /// The on-demand observations `asked` of the last step (contract 2);
+    /// reading the accumulated gradient norms resets their sums.
+    pub fn more(&mut self, asked: Needs) -> MoreData {
+        let l = self.cfg.layers as usize;
+        let (rows, dim) = (self.cfg.batch, self.cfg.dim);
+        let mut out = MoreData {
+            provided: asked,
+            reference_step: self.more.reference.as_ref().map(|r| r.0),
+            ..MoreData::default()
+        };
+        let reductions = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+        if !reductions.is_empty() {
+            let noise = 0.1 * self.sigma() / (dim as f64).sqrt();
+            let rng = &mut self.more.rng;
+            out.batch = synthetic_blocks(reductions, l, &self.features, (rows, dim), noise, rng);
+            let probe = &self.more.probe;
+            if asked.contains(Needs::PROBE_BATCH) {
+                out.probe = synthetic_blocks(reductions, l, probe, (rows, dim), noise, rng);
+            }
+            if let Some((_, residual)) = &self.more.reference {
+                if asked.contains(Needs::REFERENCE) {
+                    let sigma = SIGMA_MIN + residual.iter().sum::<f64>();
+                    let noise = 0.1 * sigma / (dim as f64).sqrt();
+                    let f = &self.features;
+                    out.batch_reference =
+                        synthetic_blocks(reductions, l, f, (rows, dim), noise, rng);
+                    if asked.contains(Needs::PROBE_BATCH) {
+                        out.probe_reference =
+                            synthetic_blocks(reductions, l, probe, (rows, dim), noise, rng);
+                    }
+                }
+            }
+        }
+        if asked.contains(Needs::SAMPLED_WEIGHTS) {
+            out.sampled_weights = self.more.weights.clone();
+            out.samples_per_block = SAMPLES;
+        }
+        if asked.contains(Needs::ACC_GRAD_NORMS) {
+            out.acc_grad_l2 = self.more.acc.clone();
+            out.acc_grad_l1 = self.more.acc.iter().map(|v| 16.0 * v).collect();
+            out.acc_grad_steps = self.more.acc_steps;
+            self.more.acc.fill(0.0);
+            self.more.acc_steps = 0;
+        }
+        out
+    }
+
+    /// Takes the reference snapshot after `step` (as the trainer does when
+    /// a decision asks for it).
+    pub fn take_reference(&mut self, step: u64) {
+        self.more.reference = Some((step, self.residual.clone()));
+    }
+
+    /// One whole step with `driver`: the world steps under the driver's
+    /// freeze state, the policy observes what it asked for and decides,
+    /// and a reference it asks for is taken.
+    pub fn drive(
+        &mut self,
+        driver: &mut PolicyDriver,
+        step: u64,
+    ) -> Result<StepOutcome, DriverError> {
+        let asked = driver.state().observe();
+        let loss = self.step(driver.state().frozen_prefix() as usize);
+        let more = self.more(asked);
+        let mut input = self.input(step, loss);
+        input.more = more.view();
+        let outcome = driver.after_step(&input)?;
+        if outcome.reference() != ReferenceRequest::Keep {
+            self.take_reference(step);
+        }
+        Ok(outcome)
     }
 
     /// The last step's data.
@@ -199,6 +328,7 @@ impl SyntheticWorld {
             num_classes: self.cfg.classes,
             grad_norms: &self.grad_norms,
             lr: None,
+            more: simfreeze_abi::ffi::ObservationV2::EMPTY,
         }
     }
 }
@@ -215,9 +345,7 @@ pub fn simulate(
     let mut driver = PolicyDriver::new(Some(policy), cfg.layers);
     let mut world = SyntheticWorld::new(cfg);
     for step in 0..cfg.steps {
-        let frozen = driver.state().frozen_prefix() as usize;
-        let loss = world.step(frozen);
-        driver.after_step(&world.input(step, loss))?;
+        world.drive(&mut driver, step)?;
         on_step(driver.timeline());
     }
     let t = driver.timeline();

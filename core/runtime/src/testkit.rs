@@ -19,7 +19,7 @@
 //! [`crate::contract`] check; a decision the trainer would refuse fails the
 //! test with the trainer's message.
 
-use simfreeze_abi::ffi::PluginModuleRef;
+use simfreeze_abi::sdk::PluginModules;
 
 use crate::conformance::{self, ConformanceFailure};
 use crate::contract::FreezeState;
@@ -80,7 +80,7 @@ pub struct PolicyTest {
 impl PolicyTest {
     /// Wraps the root module a plugin crate exports (`export_policy!`
     /// generates `plugin_module()`), exactly as the host wraps a `.so`.
-    pub fn new(module: PluginModuleRef) -> Result<PolicyTest, TestKitError> {
+    pub fn new(module: impl Into<PluginModules>) -> Result<PolicyTest, TestKitError> {
         let plugin = Plugin::from_module(module, "in-process".into())?;
         Ok(PolicyTest {
             plugin,
@@ -156,6 +156,7 @@ impl PolicyTest {
                 num_classes: o.num_classes,
                 grad_norms: &o.grad_norms,
                 lr: o.lr,
+                more: simfreeze_abi::ffi::ObservationV2::EMPTY,
             })?;
             states.push(driver.state().clone());
         }
@@ -170,8 +171,7 @@ impl PolicyTest {
         let mut world = SyntheticWorld::new(cfg);
         let mut a = PolicyDriver::new(Some(self.policy()?), cfg.layers);
         for step in 0..at.min(cfg.steps) {
-            let loss = world.step(a.state().frozen_prefix() as usize);
-            a.after_step(&world.input(step, loss))?;
+            world.drive(&mut a, step)?;
         }
         let saved = a.policy().map_or(Ok(Vec::new()), |p| p.save_state(at))?;
         let mut restored = self.policy()?;
@@ -179,10 +179,16 @@ impl PolicyTest {
         let mut b = PolicyDriver::new(Some(restored), cfg.layers);
         b.restore_state(a.state().clone());
         for step in at..cfg.steps {
+            let asked = a.state().observe();
             let loss = world.step(a.state().frozen_prefix() as usize);
-            let input = world.input(step, loss);
+            let more = world.more(asked);
+            let mut input = world.input(step, loss);
+            input.more = more.view();
             let oa = a.after_step(&input)?;
             let ob = b.after_step(&input)?;
+            if oa.reference() != simfreeze_abi::ffi::ReferenceRequest::Keep {
+                world.take_reference(step);
+            }
             let diverged = |detail: String| TestKitError::Diverged {
                 saved: at,
                 step,

@@ -249,8 +249,8 @@ fn print_plugin(out: &mut impl Write, p: &Plugin) -> Result<()> {
     let m = &p.meta;
     writeln!(
         out,
-        "{} ({} {}, ABI {})",
-        m.name, m.kind, m.version, m.abi_version
+        "{} ({} {}, ABI {}, contract {})",
+        m.name, m.kind, m.version, m.abi_version, m.contract
     )?;
     writeln!(out, "    path: {}", p.path.display())?;
     writeln!(out, "    {}", m.description)?;

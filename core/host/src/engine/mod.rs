@@ -16,6 +16,7 @@
 
 pub mod cache;
 pub mod dist;
+pub mod observer;
 pub mod optim;
 pub mod parallel;
 pub mod single;
@@ -25,6 +26,7 @@ use std::path::Path;
 use anyhow::Result;
 use simfreeze_abi::Needs;
 use simfreeze_runtime::driver::{PolicyDriver, StepInput, StepOutcome};
+use simfreeze_runtime::more::MoreData;
 use tch::{Device, Tensor};
 
 use crate::data::Dataset;
@@ -48,6 +50,9 @@ pub struct StepPlan<'a> {
     pub grad_norms: bool,
     /// Copy the features the head sees to host memory for the policy.
     pub features: bool,
+    /// Add the step's gradients to the sums the policy reads as
+    /// accumulated gradient norms (`Needs::ACC_GRAD_NORMS`).
+    pub accumulate: bool,
     /// This process asks to stop after the step (a signal or
     /// `--stop-after`); a data-parallel engine agrees on it with the other
     /// ranks in the step's first collective.
@@ -66,6 +71,7 @@ impl StepPlan<'_> {
             lr_factors: &[],
             grad_norms: false,
             features: false,
+            accumulate: false,
             stop_vote: false,
             decision: 0,
         }
@@ -178,6 +184,17 @@ pub trait Engine {
     fn barrier(&self) -> Result<(), dist::CommError> {
         Ok(())
     }
+
+    /// Every rank's rows of `local` in rank order, `[world * B, ...]`, in
+    /// host memory (the global batch a data-parallel policy observes; in
+    /// one process, `local` itself).
+    fn gather_rows(&self, local: &Tensor) -> Result<Tensor, dist::CommError> {
+        Ok(local.shallow_clone())
+    }
+
+    /// Per block, the L1 and L2 norms of the gradients summed since the
+    /// last read, and the steps summed (blocks `[0, frozen)` read 0).
+    fn read_grad_sums(&mut self, frozen: usize) -> (Vec<f64>, Vec<f64>, u64);
 }
 
 /// FNV-1a over the parameters' names and bytes, in name order, cut to 62
@@ -247,6 +264,19 @@ pub fn observe(
     feature_dim: i64,
     at: StepAt,
 ) -> Result<StepOutcome> {
+    observe_with(driver, out, y_host, feature_dim, at, &MoreData::default())
+}
+
+/// [`observe`], with the on-demand observations of contract 2 the host
+/// computed for this step.
+pub fn observe_with(
+    driver: &mut PolicyDriver,
+    out: &StepOut,
+    y_host: &Tensor,
+    feature_dim: i64,
+    at: StepAt,
+    more: &MoreData,
+) -> Result<StepOutcome> {
     let needs = driver.needs();
     let features = match &out.cls_host {
         Some(c) if needs.contains(Needs::CLS_FEATURES) => Vec::try_from(c.flatten(0, -1))?,
@@ -273,5 +303,6 @@ pub fn observe(
         num_classes: at.num_classes,
         grad_norms: &out.grad_norms,
         lr: Some(at.lr),
+        more: more.view(),
     })?)
 }

@@ -282,7 +282,16 @@ struct Param {
 pub struct Optimizer {
     recipe: Recipe,
     params: Vec<Param>,
+    /// Per parameter, the sum of its gradients since the policy last read
+    /// them (`Needs::ACC_GRAD_NORMS`), and the steps summed.
+    grad_sum: Vec<Option<Tensor>>,
+    sum_steps: u64,
 }
+
+/// Checkpoint names of the gradient sums: `grad_sum/<parameter>`, and the
+/// step count as a one-element tensor.
+const GRAD_SUM: &str = "grad_sum";
+const GRAD_SUM_STEPS: &str = "grad_sum/#steps";
 
 impl Optimizer {
     /// Every variable of `vs`, in the block the model says it belongs to,
@@ -327,7 +336,91 @@ impl Optimizer {
             .collect();
         // Deterministic order (HashMap order is not).
         params.sort_by(|a, b| a.name.cmp(&b.name));
-        Optimizer { recipe, params }
+        let grad_sum = params.iter().map(|_| None).collect();
+        Optimizer {
+            recipe,
+            params,
+            grad_sum,
+            sum_steps: 0,
+        }
+    }
+
+    /// Adds this step's gradients (before clipping) to the sums a policy
+    /// reads with [`Self::read_grad_sums`].
+    pub fn accumulate(&mut self, grads: &Grads) {
+        tch::no_grad(|| {
+            for (&i, g) in grads.index.iter().zip(&grads.grads) {
+                match &mut self.grad_sum[i] {
+                    Some(sum) => {
+                        let _ = sum.g_add_(g);
+                    }
+                    slot => *slot = Some(g.detach().copy()),
+                }
+            }
+        });
+        self.sum_steps += 1;
+    }
+
+    /// Per block (of `layers`), the L1 and L2 norms of the summed
+    /// gradients and the steps summed; the sums start again from zero.
+    /// Blocks `[0, frozen)` read 0 (a frozen block has no gradient to
+    /// sum; what it summed before it froze is dropped).
+    pub fn read_grad_sums(&mut self, layers: usize, frozen: usize) -> (Vec<f64>, Vec<f64>, u64) {
+        let (mut l1, mut l2) = (vec![0f64; layers], vec![0f64; layers]);
+        let mut parts: Vec<(usize, Tensor, Tensor)> = Vec::new();
+        for (p, sum) in self.params.iter().zip(&mut self.grad_sum) {
+            let Some(sum) = sum.take() else { continue };
+            if let Group::Block(b) = p.group {
+                if b < layers && b >= frozen {
+                    let s = sum.to_kind(Kind::Double);
+                    parts.push((b, s.abs().sum(Kind::Double), s.square().sum(Kind::Double)));
+                }
+            }
+        }
+        for (b, a, q) in parts {
+            l1[b] += a.double_value(&[]);
+            l2[b] += q.double_value(&[]);
+        }
+        let steps = std::mem::take(&mut self.sum_steps);
+        (l1, l2.into_iter().map(f64::sqrt).collect(), steps)
+    }
+
+    /// The gradient sums as checkpoint tensors.
+    pub fn grad_sum_state(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = self
+            .params
+            .iter()
+            .zip(&self.grad_sum)
+            .filter_map(|(p, s)| {
+                let s = s.as_ref()?;
+                Some((format!("{GRAD_SUM}/{}", p.name), s.shallow_clone()))
+            })
+            .collect();
+        if self.sum_steps > 0 || !out.is_empty() {
+            let steps = Tensor::from_slice(&[self.sum_steps as i64]);
+            out.push((GRAD_SUM_STEPS.to_string(), steps));
+        }
+        out
+    }
+
+    /// Splits the gradient sums off checkpoint state and restores them.
+    fn load_grad_sums(&mut self, state: &mut Vec<(String, Tensor)>) -> Result<(), String> {
+        let prefix = format!("{GRAD_SUM}/");
+        for (name, t) in std::mem::take(state) {
+            if name == GRAD_SUM_STEPS {
+                self.sum_steps = t.int64_value(&[0]) as u64;
+            } else if let Some(param) = name.strip_prefix(&prefix) {
+                let i = self
+                    .params
+                    .iter()
+                    .position(|p| p.name == param)
+                    .ok_or_else(|| format!("gradient sum of unknown parameter {param}"))?;
+                self.grad_sum[i] = Some(t.to_device(self.params[i].value.device()));
+            } else {
+                state.push((name, t));
+            }
+        }
+        Ok(())
     }
 
     /// The settings.
@@ -370,7 +463,8 @@ impl Optimizer {
 
     /// Restores state saved by [`Self::state`]; parameters not named keep
     /// none. State of the other optimizer is an error that says so.
-    pub fn load_state(&mut self, state: Vec<(String, Tensor)>) -> Result<(), String> {
+    pub fn load_state(&mut self, mut state: Vec<(String, Tensor)>) -> Result<(), String> {
+        self.load_grad_sums(&mut state)?;
         let mut by_name: std::collections::HashMap<String, Tensor> = state.into_iter().collect();
         let sgd = self.recipe.kind == OptimizerKind::Sgd;
         if let Some(other) = by_name.keys().find(|k| {

@@ -230,6 +230,10 @@ fn parallel_step(
     comm.seconds += t.elapsed().as_secs_f64();
     comm.params = params;
     comm.bytes = params * 4;
+    // The averaged gradients: every rank sums the same.
+    if plan.accumulate {
+        opt.accumulate(&grads);
+    }
     let grad_norms = if plan.grad_norms {
         opt.grad_norms(&grads, model.depth())
     } else {
@@ -327,6 +331,14 @@ impl Engine for ParallelEngine {
 
     fn load_state_tensors(&mut self, path: &Path, tensors: Vec<(String, Tensor)>) -> Result<()> {
         self.inner.load_state_tensors(path, tensors)
+    }
+
+    fn gather_rows(&self, local: &Tensor) -> Result<Tensor, CommError> {
+        Ok(self.group.gather(local)?.flatten(0, 1))
+    }
+
+    fn read_grad_sums(&mut self, frozen: usize) -> (Vec<f64>, Vec<f64>, u64) {
+        self.inner.read_grad_sums(frozen)
     }
 
     fn save_model(&self, path: &Path) -> Result<()> {

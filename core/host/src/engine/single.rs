@@ -109,6 +109,7 @@ impl Engine for SingleEngine {
         // Optimizer state is named `<kind>/<parameter>`; no variable name
         // has a `/`.
         tensors.extend(self.opt.state());
+        tensors.extend(self.opt.grad_sum_state());
         tensors
     }
 
@@ -141,6 +142,11 @@ impl Engine for SingleEngine {
         self.opt
             .load_state(state)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    fn read_grad_sums(&mut self, frozen: usize) -> (Vec<f64>, Vec<f64>, u64) {
+        let layers = self.model.depth();
+        self.opt.read_grad_sums(layers, frozen)
     }
 
     fn save_model(&self, path: &Path) -> Result<()> {
@@ -199,6 +205,9 @@ fn train_step_checked(
         }
     }
     let mut grads = opt.backward(&loss_t, plan.frozen);
+    if plan.accumulate {
+        opt.accumulate(&grads);
+    }
     // The policy observes the gradients before clipping, as a clipped
     // PyTorch loop's hooks would.
     let grad_norms = if plan.grad_norms {

@@ -83,6 +83,17 @@ pub trait PrefixModel {
     /// Continues from `h`, the output of blocks `[0, start)`: blocks
     /// `[start, frozen)` without autograd, the rest with it, then the head.
     fn forward_from(&self, h: Tensor, start: usize, frozen: usize) -> Forward;
+
+    /// Runs the embedding and every block on images `x` without autograd,
+    /// handing each block's output `[B, T, D]` to `each(block, output)` in
+    /// order (the policies' per-block observations).
+    fn walk_blocks(&self, x: &Tensor, each: &mut dyn FnMut(usize, &Tensor));
+
+    /// The token of a block output the head would pool, `[B, T, D] -> [B,
+    /// D]`: the class token, or the mean of the patch tokens (registers
+    /// and class token excluded) for an average-pooling model; no norm
+    /// applied.
+    fn block_token(&self, h: &Tensor) -> Tensor;
 }
 
 #[cfg(test)]

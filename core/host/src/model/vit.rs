@@ -890,6 +890,29 @@ impl PrefixModel for Vit {
         .detach()
     }
 
+    fn walk_blocks(&self, x: &Tensor, each: &mut dyn FnMut(usize, &Tensor)) {
+        autocast(self.precision, x.device(), || {
+            tch::no_grad(|| {
+                let mut h = self.embed(x);
+                for (i, b) in self.blocks.iter().enumerate() {
+                    h = b.forward(&h);
+                    each(i, &h);
+                }
+            })
+        })
+    }
+
+    /// As [`Vit::pool`] picks its token, without the norm.
+    fn block_token(&self, h: &Tensor) -> Tensor {
+        if self.cfg.global_pool == "avg" {
+            let prefix = self.cfg.prefix_tokens();
+            let t = h.size()[1];
+            h.narrow(1, prefix, t - prefix).mean_dim(1, false, None)
+        } else {
+            h.select(1, 0)
+        }
+    }
+
     /// Continues from `h`, the output of blocks `[0, start)`: blocks
     /// `[start, frozen)` without autograd (e.g. a probed block), the rest
     /// with it, then pooling, the final norm and the head. `[B, T, D] -> logits`.

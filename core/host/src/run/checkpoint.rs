@@ -70,6 +70,10 @@ pub struct CheckpointMeta {
     /// Bytes per step of the last `allreduce` event.
     #[serde(default)]
     pub last_allreduce_bytes: Option<u64>,
+    /// What the on-demand observations keep (the reference snapshot, whose
+    /// tensors are `observer.reference/<name>` in the tensor half).
+    #[serde(default)]
+    pub observer: Option<crate::engine::observer::ObserverMeta>,
 }
 
 const FORMAT: u32 = 1;

@@ -29,14 +29,17 @@ use anyhow::Result;
 use simfreeze_abi::Needs;
 use simfreeze_runtime::driver::{DriverError, PolicyDriver};
 use simfreeze_runtime::loader::SearchPath;
+use simfreeze_runtime::more::MoreData;
 use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
 use crate::data::{images, Dataset};
 use crate::engine::cache::PrefixCache;
 use crate::engine::dist::{DistEnv, ProcessGroup};
+use crate::engine::observer::{self, Observer};
 use crate::engine::{
-    observe, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
+    observe_with, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
+    StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
 use crate::plan::{device_name, Plan};
@@ -261,6 +264,9 @@ struct Trainer {
     epoch_comm: Comm,
     /// Bytes per step of the last all-reduce event.
     last_allreduce: Option<u64>,
+    /// The on-demand observations (contract 2), when the policy declared
+    /// any.
+    observer: Option<Observer>,
 }
 
 /// How an epoch ended.
@@ -324,6 +330,23 @@ impl Trainer {
         if start.is_none() && config.train.frozen_from_start > 0 {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
+        let observer = {
+            // The probe batch: the first `train.batch` samples of a fixed
+            // shuffle of the training set, the same on every rank.
+            let n = (config.train.batch.min(train.len())).max(0);
+            let order = train.order(config.train.seed ^ PROBE_SEED, 0);
+            let idx = Tensor::from_slice(&order[..n as usize]);
+            let vars: Vec<(String, Tensor)> = engine.state_tensors();
+            Observer::new(
+                driver.needs(),
+                &model,
+                engine.model(),
+                &vars,
+                device,
+                Some(train.images.index_select(0, &idx)),
+                config.train.seed,
+            )
+        };
         // Each step takes `train.batch` images on every rank.
         let global_batch = config.train.batch * world as i64;
         let steps_per_epoch = (train.len() / global_batch) as u64;
@@ -393,6 +416,7 @@ impl Trainer {
             writes,
             epoch_comm: Comm::default(),
             last_allreduce: None,
+            observer,
         };
         match start {
             Some(meta) => trainer.restore(meta)?,
@@ -471,11 +495,31 @@ impl Trainer {
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let y_host = self.data.train.labels.index_select(0, &idx);
             let state = self.driver.state().clone();
-            let at = (step, state.frontier as usize);
-            let fetched = fetch(&mut self.data, &*self.engine, prefetch.as_ref(), &idx, at);
+            let asked = state.observe();
+            // A step whose batch the policy observes block by block starts
+            // from the images, not from the activation cache.
+            let cached = match Observer::needs_images(asked) {
+                true => 0,
+                false => state.frontier as usize,
+            };
+            let fetched = fetch(&mut self.data, &*self.engine, prefetch.as_ref(), &idx, (step, cached));
             let (input, y) = match fetched? {
                 Ok(input) => (input, y_host.to_device(device)),
                 Err(error) => return Ok(EpochEnd::Stopped(self.torch_stop(error))),
+            };
+            let mut more = match &self.observer {
+                Some(o) if !asked.is_empty() => {
+                    let images = match &input {
+                        Batch::Images(x) => Some(x),
+                        Batch::Boundary { .. } => None,
+                    };
+                    let engine = &*self.engine;
+                    torch_guard(
+                        || format!("observing step {step} for the policy"),
+                        || o.before_step(engine, images, asked),
+                    )??
+                }
+                _ => MoreData::default(),
             };
             lr = self.engine.lr_at(step, self.total);
             let plan = StepPlan {
@@ -484,6 +528,7 @@ impl Trainer {
                 lr_factors: &state.lr_factors,
                 grad_norms: needs.contains(Needs::GRAD_NORMS),
                 features: needs.contains(Needs::CLS_FEATURES),
+                accumulate: self.observer.as_ref().is_some_and(Observer::accumulates),
                 stop_vote: control.should_stop(step + 1),
                 decision: state_digest(&state),
             };
@@ -512,10 +557,20 @@ impl Trainer {
                 lr,
             };
             let dim = self.engine.model().feature_dim();
-            let outcome = match observe(&mut self.driver, &out, &y_host, dim, at) {
+            if let Some(o) = &self.observer {
+                o.after_step(&mut *self.engine, &mut more, state.frontier as usize);
+            }
+            let outcome = match observe_with(&mut self.driver, &out, &y_host, dim, at, &more) {
                 Ok(o) => o,
                 Err(e) => return policy_failure(e),
             };
+            if let Some(o) = &mut self.observer {
+                let (engine, kind) = (&*self.engine, outcome.reference());
+                torch_guard(
+                    || format!("taking the reference snapshot after step {step}"),
+                    || o.take_reference(engine, kind, step),
+                )??;
+            }
             self.log.events(&Event::of_step(step, &outcome))?;
             let mut scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
             if let Some(c) = out.comm {
@@ -671,15 +726,29 @@ impl Trainer {
             epoch_allreduce_bytes: self.epoch_comm.bytes,
             epoch_comm_seconds: self.epoch_comm.seconds,
             last_allreduce_bytes: self.last_allreduce,
+            observer: None,
         };
-        checkpoint::save(&self.dir.path, meta, self.engine.state_tensors())
+        let mut meta = meta;
+        let mut tensors = self.engine.state_tensors();
+        if let Some(o) = &self.observer {
+            let (m, t) = o.state();
+            meta.observer = Some(m);
+            tensors.extend(t);
+        }
+        checkpoint::save(&self.dir.path, meta, tensors)
     }
 
     /// Continues from a checkpoint: tensors, policy state, freeze state,
     /// timeline and the run's accumulators.
     fn restore(&mut self, m: CheckpointMeta) -> Result<()> {
         let (path, tensors) = checkpoint::read_tensors(&self.dir.path, &m)?;
+        let (observed, tensors): (Vec<_>, Vec<_>) = tensors
+            .into_iter()
+            .partition(|(n, _)| n.starts_with(observer::REFERENCE_PREFIX));
         self.engine.load_state_tensors(&path, tensors)?;
+        if let (Some(o), Some(meta)) = (&mut self.observer, &m.observer) {
+            o.restore(meta, observed)?;
+        }
         let state = checkpoint::from_hex(&m.policy_state)?;
         if let Some(p) = self.driver.policy_mut() {
             p.load_state(m.step, &state)?;
@@ -902,6 +971,9 @@ fn upload(t: &Tensor, device: Device) -> Tensor {
         t.to_device(device)
     }
 }
+
+/// Mixed into the seed for the probe batch's shuffle.
+const PROBE_SEED: u64 = 0x9e0b_e5a3;
 
 /// Set to a step number to make that step's batch fetch run an operation
 /// libtorch refuses: the failure path of a run, end to end (tests; see
