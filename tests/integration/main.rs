@@ -4,6 +4,7 @@
 mod compare;
 mod configs;
 mod conformance;
+mod contract;
 mod distributed;
 mod formulas;
 mod loader;
