@@ -183,12 +183,11 @@ impl Observer {
         let Some(r) = &self.reference else {
             return (ObserverMeta { reference: None }, Vec::new());
         };
-        let tensors = r
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(n, t)| (format!("{REFERENCE_PREFIX}{n}"), t))
-            .collect();
+        let tensors =
+            r.vs.variables()
+                .into_iter()
+                .map(|(n, t)| (format!("{REFERENCE_PREFIX}{n}"), t))
+                .collect();
         let kind = format!("{:?}", r.kind);
         let meta = ObserverMeta {
             reference: Some((r.step, kind)),
@@ -247,7 +246,9 @@ impl Observer {
         if parts.is_empty() {
             return Ok(Vec::new());
         }
-        let all = Tensor::cat(&parts, 0).to_kind(Kind::Float).to_device(Device::Cpu);
+        let all = Tensor::cat(&parts, 0)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
         Ok(Vec::try_from(all)?)
     }
 }
@@ -287,7 +288,10 @@ fn quantize(t: &Tensor, kind: ReferenceRequest) -> Tensor {
     let rows = t.size()[0];
     let flat = t.to_kind(Kind::Float).reshape([rows, -1]);
     let scale = flat.abs().amax([1].as_slice(), true).clamp_min(1e-12) / 127.0;
-    let q = (&flat / &scale).round().clamp(-127.0, 127.0).to_kind(Kind::Int8);
+    let q = (&flat / &scale)
+        .round()
+        .clamp(-127.0, 127.0)
+        .to_kind(Kind::Int8);
     (q.to_kind(Kind::Float) * scale).reshape(t.size().as_slice())
 }
 
@@ -327,7 +331,10 @@ pub fn reduce(model: &dyn PrefixModel, x: &Tensor, what: Needs) -> BlocksData {
 pub fn row_normalised_gram(h: &Tensor) -> Tensor {
     let a = h.flatten(1, -1);
     let g = a.matmul(&a.tr());
-    let norm = g.square().sum_dim_intlist([1].as_slice(), true, Kind::Float).sqrt();
+    let norm = g
+        .square()
+        .sum_dim_intlist([1].as_slice(), true, Kind::Float)
+        .sqrt();
     let safe = norm.where_scalarother(&norm.gt(0.0), 1.0);
     g / safe
 }
@@ -339,7 +346,8 @@ fn sample_indices(
     vars: &[(String, Tensor)],
     seed: u64,
 ) -> Vec<Vec<(String, Tensor)>> {
-    let mut sorted: Vec<&(String, Tensor)> = vars.iter().filter(|(n, _)| !n.contains('/')).collect();
+    let mut sorted: Vec<&(String, Tensor)> =
+        vars.iter().filter(|(n, _)| !n.contains('/')).collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     (0..model.depth())
         .map(|block| {
