@@ -2,17 +2,19 @@
 //! and derives `StableAbi`, so the host checks the layout of a plugin's types
 //! against its own when it loads the plugin.
 //!
-//! Invariant: this module only grows through its extension points, because a
-//! host accepts plugins built against the same or a newer compatible ABI and
-//! nothing else:
-//! - the root module [`PluginModule`] and the host services [`Host`] are prefix
-//!   types: new fields go after the last one, and older peers see them as
-//!   missing;
-//! - the policy and metric trait objects may gain methods after their last
-//!   prefix method;
-//! - [`Needs`] is a bit set, new capabilities are new bits;
-//! - [`Observation::extra`] and [`Decision::extra`] carry named values that a
-//!   later host or policy may understand without a layout change.
+//! Invariant: a type an older plugin was checked against never changes.
+//! abi_stable accepts a plugin whose prefix types (the root module
+//! [`PluginModule`], the host services [`Host`], a trait object's vtable)
+//! have more fields than the host's, never fewer, so a field or method
+//! appended there would make a newer host refuse every older plugin. The
+//! contract grows instead by:
+//! - [`Needs`] bits, new capabilities being new bits;
+//! - [`Observation::extra`] and [`Decision::extra`], named values a later
+//!   host or policy may understand without a layout change;
+//! - a module per contract version behind its own symbol: contract 2 is
+//!   [`PolicyModuleV2`] ([`CONTRACT_2_SYMBOL`]), whose layout the host
+//!   checks when the plugin exports it, falling back to the contract-1
+//!   root module otherwise.
 //!
 //! Researchers rarely touch these types: they implement the plain-Rust traits
 //! in [`crate::sdk`] and export them with [`crate::export_policy!`] or

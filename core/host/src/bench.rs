@@ -2,6 +2,7 @@
 //! through the same [`Engine`] step and the same policy loop
 //! ([`observe`]) as a run, so what it times is what a run does.
 
+use simfreeze_runtime::more::MoreData;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,10 @@ use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::dist::{Backend, DistEnv, ProcessGroup};
+use crate::engine::observer::Observer;
 use crate::engine::optim::Recipe;
 use crate::engine::{
-    observe, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
+    observe_with, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
 };
 use crate::memory;
 use crate::model::precision::Precision;
@@ -125,6 +127,21 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     let has_policy = policy.is_some();
     let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
     let needs = driver.needs();
+    // The on-demand observations, computed at the steps the policy asks
+    // for them as in a run (the probe batch is the bench's batch).
+    let mut observer = {
+        let vars = engine.state_tensors();
+        let model = engine.model();
+        Observer::new(
+            needs,
+            mcfg,
+            model,
+            &vars,
+            device,
+            Some(x.shallow_clone()),
+            0,
+        )
+    };
     let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
         + spec.warmup * spec.frozen.len() as u64;
     let mut step = 0u64;
@@ -136,8 +153,16 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
             // Random data at a tiny lr cannot diverge; an Err would only
             // mean that step updated nothing. The step reads the loss, so
             // it synchronises like a real one.
+            let t = Instant::now();
+            let asked = driver.state().observe();
+            let mut more = match &observer {
+                Some(o) if !asked.is_empty() => o.before_step(&*engine, Some(&x), asked)?,
+                _ => MoreData::default(),
+            };
+            in_policy += t.elapsed().as_secs_f64();
             let plan = StepPlan {
                 features: has_policy && needs.contains(Needs::CLS_FEATURES),
+                accumulate: observer.as_ref().is_some_and(Observer::accumulates),
                 ..StepPlan::simple(1e-4, k)
             };
             let out = match engine.step(Batch::Images(x.shallow_clone()), &y, &plan) {
@@ -160,7 +185,13 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
                     num_classes: mcfg.classes as usize,
                     lr: 1e-4,
                 };
-                observe(&mut driver, &out, &y_host, mcfg.dim, at)?;
+                if let Some(o) = &observer {
+                    o.after_step(&mut *engine, &mut more, k);
+                }
+                let outcome = observe_with(&mut driver, &out, &y_host, mcfg.dim, at, &more)?;
+                if let Some(o) = &mut observer {
+                    o.take_reference(&*engine, outcome.reference(), step)?;
+                }
                 in_policy += t.elapsed().as_secs_f64();
             }
             step += 1;
