@@ -53,7 +53,9 @@ fn run_writes_a_complete_run_directory() {
         .filter(|e: &serde_json::Value| e["event"] == "freeze")
         .collect();
     assert_eq!(freezes.len(), 3);
-    assert_eq!(freezes[0]["step"], 4);
+    // The first step run frozen, as in the summary; decided after step 4.
+    assert_eq!(freezes[0]["step"], 5);
+    assert_eq!(freezes[0]["decided_at"], 4);
 
     // A second run never overwrites the first.
     let out = simfreeze(&["run", "--config", cfg.to_str().unwrap(), "--policy", "none"]);
@@ -61,6 +63,71 @@ fn run_writes_a_complete_run_directory() {
     assert!(d.path().join("runs/t-002/summary.json").is_file());
     let s: serde_json::Value = serde_json::from_str(&text(&out).0).unwrap();
     assert_eq!(s["compute_speedup"], 1.0);
+}
+
+#[test]
+fn events_summary_and_metrics_name_the_same_steps() {
+    // The template with `every: 4` decides a freeze after steps 3, 7 and
+    // 11: blocks run frozen from steps 4, 8 and 12. The decision after
+    // step 7, epoch 0's last, must not show in epoch 0's row.
+    let d = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        d.path(),
+        r#"policy: (plugin: "template", options: "(every: 4)"),"#,
+    );
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(summary["freeze_step"], serde_json::json!([4, 8, 12]));
+    let run = d.path().join("runs/t-001");
+    let events: Vec<serde_json::Value> = fs::read_to_string(run.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Every freeze event names the first step that ran with its blocks
+    // frozen, which is what the summary says per block.
+    let mut from_events = Vec::new();
+    for e in events.iter().filter(|e| e["event"] == "freeze") {
+        let step = e["step"].as_u64().unwrap();
+        assert_eq!(e["decided_at"].as_u64().unwrap() + 1, step, "{e}");
+        for _ in e["blocks"].as_array().unwrap() {
+            from_events.push(serde_json::json!(step));
+        }
+    }
+    assert_eq!(
+        serde_json::Value::Array(from_events),
+        summary["freeze_step"]
+    );
+    // The template's `frozen` scalar is measured at the decision's step.
+    let frozen: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "scalar" && e["name"] == "frozen")
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(frozen, [3, 7, 11]);
+    // Lines come in step order.
+    let steps: Vec<u64> = events.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "{steps:?}");
+    // metrics.csv: the blocks frozen while each epoch's last step (7, 15)
+    // ran, counted from the summary's freeze steps.
+    let metrics = fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let rows: Vec<u64> = metrics
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(5).unwrap().parse().unwrap())
+        .collect();
+    let frozen_during = |step: u64| {
+        summary["freeze_step"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f.as_u64().is_some_and(|f| f <= step))
+            .count() as u64
+    };
+    assert_eq!(rows, [frozen_during(7), frozen_during(15)]);
+    assert_eq!(rows, [1, 3], "{metrics}");
 }
 
 #[test]

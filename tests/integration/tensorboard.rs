@@ -54,7 +54,7 @@ fn every_tag_is_read_back_with_its_steps_and_values() {
     for tag in ["train/loss", "train/lr", "freeze/frontier", "freeze/probe"] {
         assert_eq!(steps(&s, tag), all, "{tag}");
     }
-    // Per epoch, at the steps completed: the rows of metrics.csv.
+    // Per epoch, at its last step: the rows of metrics.csv.
     let metrics = fs::read_to_string(run.join("metrics.csv")).unwrap();
     let rows: Vec<Vec<f64>> = metrics
         .lines()
@@ -67,9 +67,12 @@ fn every_tag_is_read_back_with_its_steps_and_values() {
         "train/epoch_loss",
         "perf/images_per_sec",
     ] {
-        assert_eq!(steps(&s, tag), vec![8, 16], "{tag}");
+        assert_eq!(steps(&s, tag), vec![7, 15], "{tag}");
     }
     for (i, row) in rows.iter().enumerate() {
+        // The row's frozen blocks are the frontier its last step ran with.
+        let last = (i + 1) * 8 - 1;
+        assert_eq!(s["freeze/frontier"][last], (last as u64, row[5]), "{row:?}");
         assert!(close(s["train/epoch_loss"][i].1, row[1]), "{row:?}");
         assert!(close(s["eval/loss"][i].1, row[2]), "{row:?}");
         assert!(close(s["eval/top1"][i].1, row[3]), "{row:?}");

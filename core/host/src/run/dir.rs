@@ -254,7 +254,10 @@ mod tests {
         let mut log = RunLog::open(&dir, None, false).unwrap();
         let freeze = |step| Event {
             step,
-            kind: crate::run::records::EventKind::Freeze { blocks: vec![0] },
+            kind: crate::run::records::EventKind::Freeze {
+                blocks: vec![0],
+                decided_at: None,
+            },
         };
         log.events(&[freeze(1)]).unwrap();
         let at = log.flush().unwrap();

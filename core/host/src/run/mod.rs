@@ -622,7 +622,11 @@ impl Trainer {
         self.totals.best_top1 = Some(self.totals.best_top1.map_or(top1, |b| b.max(top1)));
         let train_loss = self.epoch_loss / self.steps_per_epoch.max(1) as f64;
         self.epoch_loss = 0.0;
-        let frontier = self.driver.state().frontier;
+        // The epoch's last step names the row (records.rs: a record names
+        // the step it is true of): the blocks frozen while it ran, not the
+        // decision taken after it, and its TensorBoard step.
+        let last = self.totals.step.saturating_sub(1);
+        let frontier = MetricsRow::frozen_during(&self.driver.timeline().freeze_step, last);
         self.log.metrics(&MetricsRow {
             epoch,
             train_loss,
@@ -649,7 +653,7 @@ impl Trainer {
             scalars.push(("cache/hit_rate".to_string(), c.hit_rate()));
             scalars.push(("cache/advanced_rows".to_string(), c.advanced as f64));
         }
-        self.log.scalars(self.totals.step, &scalars)?;
+        self.log.scalars(last, &scalars)?;
         let cached = self.data.cache.as_ref().map_or(String::new(), |c| {
             format!(
                 ", cache hits {:.0}% ({} stale rows advanced)",

@@ -6,6 +6,16 @@
 //! - `summary.json` holds a [`Summary`];
 //! - each line of `events.jsonl` is an [`Event`];
 //! - each line of `metrics.csv` is a [`MetricsRow`].
+//!
+//! One convention for step numbers, in every record (docs/architecture.md,
+//! "Records"): steps are numbered from 0, and a record names the step it
+//! is true of. A freeze or probe change names the first step that ran
+//! with it (the policy decided it after the step before, which the event
+//! also gives as `decided_at`), so an event's `step` equals the summary's
+//! `freeze_step` and TensorBoard's `freeze/frontier` changes at that step;
+//! a policy scalar names the step whose observation it was computed from;
+//! a metrics row's `frozen_blocks` is the frontier its epoch's last step
+//! ran with, and the epoch's TensorBoard scalars are written at that step.
 
 use std::fs;
 use std::path::PathBuf;
@@ -104,7 +114,9 @@ pub struct Summary {
     pub full_compute_cost: f64,
     /// `full_compute_cost / compute_cost`.
     pub compute_speedup: f64,
-    /// Per block: first step run frozen, or null.
+    /// Per block: the first step that ran with it frozen (the `step` of
+    /// its `freeze` event), or null. A block frozen by the decision after
+    /// the last step has `steps`, a step that never ran.
     pub freeze_step: Vec<Option<u64>>,
     /// Steps with a probe.
     pub probe_steps: u64,
@@ -170,10 +182,14 @@ impl Summary {
     }
 }
 
-/// One line of `events.jsonl`.
+/// One line of `events.jsonl`. Lines come in step order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// The step whose decision this was (the change applies from the next).
+    /// The step this line is true of: for a `freeze` or a `probe` change,
+    /// the first step that ran with it (decided after step `decided_at`,
+    /// the step before); for a `scalar`, the step whose observation the
+    /// policy computed it from; for an `allreduce`, the first step that
+    /// all-reduced that many bytes.
     pub step: u64,
     /// What happened.
     #[serde(flatten)]
@@ -184,17 +200,24 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    /// Blocks committed frozen.
+    /// Blocks committed frozen, from the event's step on.
     Freeze {
         /// The blocks, in order.
         blocks: Vec<u32>,
+        /// The step after which the policy decided it (the event's step
+        /// minus one; absent in files written before it was recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decided_at: Option<u64>,
     },
-    /// The probe changed.
+    /// The probe changed, from the event's step on.
     Probe {
         /// Probed block before (or none).
         from: Option<u32>,
         /// Probed block after (or none).
         to: Option<u32>,
+        /// The step after which the policy decided it (as for `Freeze`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        decided_at: Option<u64>,
     },
     /// A scalar the policy logged.
     Scalar {
@@ -220,24 +243,43 @@ fn null_as_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
 }
 
 impl Event {
-    /// The events of one step's decision: freezes, then the probe, then
-    /// the scalars.
+    /// The events of the decision the policy took after `step` ran: its
+    /// scalars (at `step`, whose observation they measure), then the
+    /// freezes and the probe change (at `step + 1`, the first step that
+    /// runs with them), so lines stay in step order.
     pub fn of_step(step: u64, o: &StepOutcome) -> Vec<Event> {
-        let mut out = Vec::new();
+        let mut out: Vec<Event> = o
+            .scalars
+            .iter()
+            .map(|(name, value)| Event {
+                step,
+                kind: EventKind::Scalar {
+                    name: name.clone(),
+                    value: *value,
+                },
+            })
+            .collect();
+        let decided_at = Some(step);
         if !o.change.committed.is_empty() {
             let blocks = o.change.committed.clone().collect();
-            out.push(EventKind::Freeze { blocks });
-        }
-        if let Some((from, to)) = o.change.probe {
-            out.push(EventKind::Probe { from, to });
-        }
-        for (name, value) in &o.scalars {
-            out.push(EventKind::Scalar {
-                name: name.clone(),
-                value: *value,
+            let kind = EventKind::Freeze { blocks, decided_at };
+            out.push(Event {
+                step: step + 1,
+                kind,
             });
         }
-        out.into_iter().map(|kind| Event { step, kind }).collect()
+        if let Some((from, to)) = o.change.probe {
+            let kind = EventKind::Probe {
+                from,
+                to,
+                decided_at,
+            };
+            out.push(Event {
+                step: step + 1,
+                kind,
+            });
+        }
+        out
     }
 
     /// Every event of an `events.jsonl` text.
@@ -263,7 +305,9 @@ pub struct MetricsRow {
     pub eval_top1: f64,
     /// Learning rate of its last step.
     pub lr: f64,
-    /// Frontier at its end.
+    /// Blocks committed frozen while its last step ran (the frontier that
+    /// step ran with, TensorBoard's `freeze/frontier` at that step; a
+    /// freeze decided after it shows in the next row).
     pub frozen_blocks: u32,
     /// Bytes of gradients all-reduced over the epoch (0 in one process).
     pub allreduce_bytes: u64,
@@ -277,6 +321,15 @@ impl MetricsRow {
     /// The CSV header.
     pub const HEADER: &'static str =
         "epoch,train_loss,eval_loss,eval_top1,lr,frozen_blocks,allreduce_bytes,comm_seconds,epoch_seconds";
+
+    /// Blocks committed frozen while `step` ran, from the timeline's
+    /// `freeze_step` (first step run frozen, per block).
+    pub fn frozen_during(freeze_step: &[Option<u64>], step: u64) -> u32 {
+        freeze_step
+            .iter()
+            .filter(|f| f.is_some_and(|f| f <= step))
+            .count() as u32
+    }
 
     /// The CSV line (no newline).
     pub fn csv(&self) -> String {
@@ -304,13 +357,17 @@ mod tests {
         let events = vec![
             Event {
                 step: 3,
-                kind: EventKind::Freeze { blocks: vec![0, 1] },
+                kind: EventKind::Freeze {
+                    blocks: vec![0, 1],
+                    decided_at: Some(2),
+                },
             },
             Event {
                 step: 4,
                 kind: EventKind::Probe {
                     from: None,
                     to: Some(2),
+                    decided_at: Some(3),
                 },
             },
             Event {
@@ -340,6 +397,57 @@ mod tests {
             EventKind::Scalar { value, .. } => assert!(value.is_nan()),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_decision_is_logged_at_the_first_step_that_ran_with_it() {
+        use simfreeze_runtime::contract::Change;
+        // The policy, after step 14, logs a scalar, commits blocks 1 and 2
+        // and probes block 3.
+        let outcome = StepOutcome {
+            change: Change {
+                committed: 1..3,
+                probe: Some((None, Some(3))),
+                ..Change::default()
+            },
+            scalars: vec![("plasticity".into(), 0.5)],
+        };
+        let events = Event::of_step(14, &outcome);
+        let steps: Vec<u64> = events.iter().map(|e| e.step).collect();
+        assert_eq!(steps, [14, 15, 15], "scalar at 14, then the changes at 15");
+        assert!(matches!(events[0].kind, EventKind::Scalar { .. }));
+        assert_eq!(
+            events[1].kind,
+            EventKind::Freeze {
+                blocks: vec![1, 2],
+                decided_at: Some(14),
+            }
+        );
+        let line = serde_json::to_string(&events[1]).unwrap();
+        assert_eq!(
+            line,
+            r#"{"step":15,"event":"freeze","blocks":[1,2],"decided_at":14}"#
+        );
+        // A line written before `decided_at` was recorded still reads.
+        let old = Event::parse_all(r#"{"step":4,"event":"freeze","blocks":[0]}"#).unwrap();
+        assert_eq!(
+            old[0].kind,
+            EventKind::Freeze {
+                blocks: vec![0],
+                decided_at: None,
+            }
+        );
+    }
+
+    #[test]
+    fn frozen_blocks_count_the_frontier_a_step_ran_with() {
+        // Block 0 frozen from step 0, block 1 from step 8, block 2 decided
+        // after the last step (16 steps) and never run frozen.
+        let freeze_step = [Some(0), Some(8), Some(16), None];
+        assert_eq!(MetricsRow::frozen_during(&freeze_step, 7), 1);
+        assert_eq!(MetricsRow::frozen_during(&freeze_step, 8), 2);
+        assert_eq!(MetricsRow::frozen_during(&freeze_step, 15), 2);
+        assert_eq!(MetricsRow::frozen_during(&[None, None], 15), 0);
     }
 
     #[test]
