@@ -8,7 +8,8 @@
 //! policy differs. The experiment directory `<output>/<name>-NNN` gets
 //! `compare.ron` (the resolved configuration), `runs/` (one ordinary run
 //! directory per fine-tune), `results.csv`, `table.md` and the plots
-//! (`eta-<policy>`, `timeline`, `accuracy-speedup`, each `.svg` and `.png`).
+//! (`<scalar>-<policy>` for every scalar a policy logs, e.g. ATSF's
+//! `eta-<policy>`; `timeline`, `accuracy-speedup`, each `.svg` and `.png`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -992,25 +993,80 @@ fn wall_time_doubtful(r: &Row) -> bool {
     !(0.75..=1.35).contains(&ratio)
 }
 
-/// `eta.N` scalars of a run: block -> (step, value); non-finite values
-/// are left out of the plot.
-fn eta_curves(run_dir: &Path) -> Result<BTreeMap<usize, Vec<(f64, f64)>>> {
-    let mut curves: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+/// One chart's curves: a plain scalar's one curve under `None`, the
+/// curves of `<name>.<block>` scalars under their block.
+type Curves = BTreeMap<Option<usize>, Vec<(f64, f64)>>;
+
+/// Every scalar a run's policy logged (its `scalar` events), grouped into
+/// one chart per name: `eta.0`, `eta.1`, ... (a name ending in `.<block>`)
+/// are the curves of chart `eta`; `plasticity` is chart `plasticity` with
+/// one curve. Points are (step, value); non-finite values are left out.
+fn scalar_curves(run_dir: &Path) -> Result<BTreeMap<String, Curves>> {
+    let mut charts: BTreeMap<String, Curves> = BTreeMap::new();
     for event in RunDir::existing(run_dir).read_events()? {
         let EventKind::Scalar { name, value } = event.kind else {
             continue;
         };
-        let Some(block) = name.strip_prefix("eta.").and_then(|b| b.parse().ok()) else {
-            continue;
+        let (chart, block) = match name.rsplit_once('.') {
+            Some((stem, b)) if !stem.is_empty() => match b.parse::<usize>() {
+                Ok(b) => (stem.to_string(), Some(b)),
+                Err(_) => (name, None),
+            },
+            _ => (name, None),
         };
+        let curve = charts.entry(chart).or_default().entry(block).or_default();
         if value.is_finite() {
-            curves
-                .entry(block)
-                .or_default()
-                .push((event.step as f64, value));
+            curve.push((event.step as f64, value));
         }
     }
-    Ok(curves)
+    // A scalar that was never finite has no curve to draw.
+    for curves in charts.values_mut() {
+        curves.retain(|_, points| !points.is_empty());
+    }
+    charts.retain(|_, curves| !curves.is_empty());
+    Ok(charts)
+}
+
+/// The chart of one logged scalar `name` of `policy`'s run, and its file
+/// stem (`<name>-<policy>`; `scalar-` in front of a name that would take
+/// another chart's file).
+fn scalar_chart(policy: &str, seed: u64, name: &str, curves: Curves) -> (Chart, String) {
+    let per_block = curves.keys().any(Option::is_some);
+    let title = match per_block {
+        true => format!("{policy}: {name} per block (seed {seed})"),
+        false => format!("{policy}: {name} (seed {seed})"),
+    };
+    let y_label = match name {
+        "eta" => "eta (mean similarity to the class memory)".to_string(),
+        other => other.to_string(),
+    };
+    let series = curves
+        .into_iter()
+        .enumerate()
+        .map(|(i, (block, points))| Series {
+            name: block.map_or_else(|| name.to_string(), |b| format!("block {b}")),
+            // Markers while they stay apart; a line for a per-step curve.
+            style: match points.len() {
+                0..=100 => Style::LineMarkers,
+                _ => Style::Line,
+            },
+            points,
+            color: block.unwrap_or(i),
+        })
+        .collect();
+    let chart = Chart {
+        title,
+        x_label: "step".into(),
+        y_label,
+        series,
+        ..Default::default()
+    };
+    let stem = format!("{}-{}", file_stem(name), file_stem(policy));
+    let stem = match ["timeline", "accuracy-speedup", "fronts"].contains(&stem.as_str()) {
+        true => format!("scalar-{stem}"),
+        false => stem,
+    };
+    (chart, stem)
 }
 
 /// A label as part of a file name: letters, digits, `_`, `.` and `-`
@@ -1045,28 +1101,13 @@ fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()> {
     let labels = labels(cfg);
     let color = |label: &str| labels.iter().position(|l| l == label).unwrap_or(0);
     let done = |r: &&Row| r.status == "completed";
-    // eta_k per block for every policy that logs it (ATSF and its variants).
+    // Every scalar each policy logs, one chart per name (ATSF's eta.N:
+    // one curve per block).
     for r in rows.iter().filter(done).filter(|r| r.seed == first_seed) {
-        let curves = eta_curves(&r.run_dir)?;
-        if curves.is_empty() {
-            continue;
+        for (name, curves) in scalar_curves(&r.run_dir)? {
+            let (chart, stem) = scalar_chart(&r.policy, first_seed, &name, curves);
+            plot::write(&chart, dir, &stem)?;
         }
-        let chart = Chart {
-            title: format!("{}: eta per block (seed {first_seed})", r.policy),
-            x_label: "step".into(),
-            y_label: "eta (mean similarity to the class memory)".into(),
-            series: curves
-                .into_iter()
-                .map(|(b, points)| Series {
-                    name: format!("block {b}"),
-                    points,
-                    style: Style::LineMarkers,
-                    color: b,
-                })
-                .collect(),
-            ..Default::default()
-        };
-        plot::write(&chart, dir, &format!("eta-{}", file_stem(&r.policy)))?;
     }
     let timeline = Chart {
         title: format!("Freeze timeline (seed {first_seed})"),
@@ -1184,6 +1225,50 @@ fn fronts_chart(cfg: &CompareConfig, rows: &[Row]) -> Chart {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_scalar_a_policy_logs_gets_a_chart() {
+        let d = tempfile::tempdir().unwrap();
+        let lines = [
+            r#"{"step":3,"event":"scalar","name":"eta.0","value":0.5}"#,
+            r#"{"step":3,"event":"scalar","name":"eta.10","value":0.25}"#,
+            r#"{"step":3,"event":"scalar","name":"plasticity","value":1.5}"#,
+            r#"{"step":4,"event":"freeze","blocks":[0],"decided_at":3}"#,
+            r#"{"step":4,"event":"scalar","name":"plasticity","value":null}"#,
+            r#"{"step":5,"event":"scalar","name":"plasticity","value":1.0}"#,
+            r#"{"step":5,"event":"scalar","name":"frozen","value":1.0}"#,
+            r#"{"step":5,"event":"scalar","name":"v1.2.x","value":2.0}"#,
+            r#"{"step":6,"event":"scalar","name":"nan_only","value":null}"#,
+        ];
+        std::fs::write(d.path().join("events.jsonl"), lines.join("\n")).unwrap();
+        let charts = scalar_curves(d.path()).unwrap();
+        let names: Vec<&str> = charts.keys().map(String::as_str).collect();
+        assert_eq!(names, ["eta", "frozen", "plasticity", "v1.2.x"]);
+        let blocks: Vec<Option<usize>> = charts["eta"].keys().copied().collect();
+        assert_eq!(blocks, [Some(0), Some(10)]);
+        // The NaN at step 4 is left out.
+        assert_eq!(charts["plasticity"][&None], [(3.0, 1.5), (5.0, 1.0)]);
+
+        let (chart, stem) =
+            scalar_chart("my policy", 0, "plasticity", charts["plasticity"].clone());
+        assert_eq!(stem, "plasticity-my-policy");
+        assert_eq!(chart.series.len(), 1);
+        assert_eq!(chart.series[0].name, "plasticity");
+        let (chart, stem) = scalar_chart("atsf", 0, "eta", charts["eta"].clone());
+        assert_eq!(stem, "eta-atsf");
+        let names: Vec<&str> = chart.series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["block 0", "block 10"]);
+        // A name that would overwrite another chart's file does not.
+        let (_, stem) = scalar_chart("speedup", 0, "accuracy", charts["frozen"].clone());
+        assert_eq!(stem, "scalar-accuracy-speedup");
+        for (name, curves) in charts {
+            let (chart, stem) = scalar_chart("p", 0, &name, curves);
+            plot::write(&chart, d.path(), &stem).unwrap();
+        }
+        for stem in ["eta-p", "frozen-p", "plasticity-p", "v1.2.x-p"] {
+            assert!(d.path().join(format!("{stem}.png")).is_file(), "{stem}");
+        }
+    }
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
