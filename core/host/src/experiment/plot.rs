@@ -232,6 +232,24 @@ impl Chart {
             draw_series(&mut s, se, c, &pts);
         }
         let _ = writeln!(s, "</g>");
+        // Point labels, outside the clip: a label near the plot's edge
+        // turns inwards instead of being cut (head-only sits at the right
+        // edge of accuracy-speedup).
+        for se in self.series.iter().filter(|s| s.style == Style::Labelled) {
+            let c = PALETTE[se.color % PALETTE.len()];
+            for (x, y) in se
+                .points
+                .iter()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+            {
+                let (lx, ly, anchor) = label_at(sx(*x), sy(*y), &se.name);
+                let _ = writeln!(
+                    s,
+                    r#"<text x="{lx:.1}" y="{ly:.1}" fill="{c}" text-anchor="{anchor}">{}</text>"#,
+                    esc(&se.name)
+                );
+            }
+        }
         // Legend: one entry per name (Faint series share their mean's).
         let mut seen = Vec::new();
         let mut ly = TOP + 8.0;
@@ -287,23 +305,40 @@ fn draw_series(s: &mut String, se: &Series, c: &str, pts: &[(f64, f64)]) {
             } else {
                 (5.5, 1.0)
             };
+            // Labelled points get their text after the clipped series.
             for (x, y) in pts {
                 let _ = writeln!(
                     s,
                     r#"<circle cx="{x:.1}" cy="{y:.1}" r="{r}" fill="{c}" fill-opacity="{op}"/>"#
                 );
-                if se.style == Style::Labelled {
-                    let _ = writeln!(
-                        s,
-                        r#"<text x="{:.1}" y="{:.1}" fill="{c}">{}</text>"#,
-                        x + 8.0,
-                        y - 6.0,
-                        esc(&se.name)
-                    );
-                }
             }
         }
     }
+}
+
+/// Width of `text` at the chart's 12 px font, a little over DejaVu Sans's
+/// widest lower-case average (about 7 px a character).
+fn text_width(text: &str) -> f64 {
+    7.5 * text.chars().count() as f64
+}
+
+/// Where the label of a point at `(px, py)` (plot coordinates) goes: up
+/// and to the right of it, or to its left (anchored at its end) when it
+/// would run past the plot's right edge; below it when above would leave
+/// the plot. Returns `(x, y, text-anchor)`.
+fn label_at(px: f64, py: f64, text: &str) -> (f64, f64, &'static str) {
+    let right_edge = W - RIGHT;
+    let (x, anchor) = if px + 8.0 + text_width(text) <= right_edge {
+        (px + 8.0, "start")
+    } else {
+        (px - 8.0, "end")
+    };
+    let y = if py - 6.0 - 12.0 < TOP {
+        py + 16.0
+    } else {
+        py - 6.0
+    };
+    (x, y, anchor)
 }
 
 /// Rasterises an SVG document to a PNG at twice its size.
@@ -358,6 +393,76 @@ mod tests {
         assert!(t.len() >= 3, "{t:?}");
         assert_eq!(fmt_tick(0.2, 0.1), "0.2");
         assert_eq!(fmt_tick(1500.0, 500.0), "1500");
+    }
+
+    /// A scatter of three labelled points, the last at the right edge of
+    /// the plot (where `head-only` sits in accuracy-speedup).
+    fn scatter(edge_label: &str) -> Chart {
+        let point = |name: &str, x: f64, y: f64, color| Series {
+            name: name.into(),
+            points: vec![(x, y)],
+            style: Style::Labelled,
+            color,
+        };
+        Chart {
+            series: vec![
+                point("baseline", 1.0, 0.0, 0),
+                point("atsf", 1.4, -0.5, 1),
+                point(edge_label, 3.0, -4.0, 2),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_label_at_the_right_edge_is_drawn_whole_inside_the_chart() {
+        let svg = scatter("head-only").to_svg();
+        // The label is outside the clipped group, anchored at its end so
+        // that it runs leftwards, into the plot.
+        let clip_end = svg.find("</g>").unwrap();
+        let at = svg.find(">head-only</text>").expect("the whole label");
+        assert!(at > clip_end, "the label must not be clipped:\n{svg}");
+        let line = svg[..at].rsplit('\n').next().unwrap();
+        assert!(line.contains(r#"text-anchor="end""#), "{line}");
+        let x: f64 = line
+            .split(r#"x=""#)
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            x - text_width("head-only") >= LEFT && x <= W - RIGHT,
+            "{line}"
+        );
+        // A label with room to its right stays there.
+        let (x, _, anchor) = label_at(LEFT + 10.0, TOP + 100.0, "baseline");
+        assert_eq!((x, anchor), (LEFT + 18.0, "start"));
+        // A point at the top puts its label below it.
+        let (_, y, _) = label_at(LEFT + 10.0, TOP + 2.0, "baseline");
+        assert!(y > TOP + 2.0);
+
+        // Rasterised, the whole label has far more ink than its first two
+        // letters would (what clipping left of it). Skipped without fonts.
+        let dir = tempfile::tempdir().unwrap();
+        let ink = |label: &str| {
+            let png = dir.path().join("s.png");
+            svg_to_png(&scatter(label).to_svg(), &png).unwrap();
+            let img = resvg::tiny_skia::Pixmap::load_png(&png).unwrap();
+            // tab10's green (#2ca02c), the edge point's colour.
+            img.pixels()
+                .iter()
+                .filter(|p| p.green() > 120 && p.red() < 120 && p.blue() < 120)
+                .count()
+        };
+        let (none, two, whole) = (ink(""), ink("he"), ink("head-only"));
+        if two > none {
+            assert!(whole - none > 2 * (two - none), "{none} {two} {whole}");
+        } else {
+            eprintln!("no system fonts: the rasterised label was not checked");
+        }
     }
 
     #[test]
