@@ -126,6 +126,32 @@ fn simfreeze_check_fails_each_broken_policy_with_its_smallest_case() {
         );
         // The plugin's panic is reported in one line, without frames.
         assert!(!stderr.contains("stack backtrace"), "{mode}: {stderr}");
+        // In words, not as Rust structs, with the test kit call that
+        // replays the case.
+        assert!(
+            !stderr.contains("HostileRun") && !stderr.contains("FreezeState {"),
+            "{mode}: {stderr}"
+        );
+        let replay = match property {
+            "the contract holds" => "test.simulate(&world).unwrap();",
+            _ => "test.check_resume(&world, ",
+        };
+        assert!(
+            stderr.contains("let world = SimConfig { layers: ") && stderr.contains(replay),
+            "{mode}: {stderr}"
+        );
+        assert!(
+            stdout.contains(&format!(".with_options({opts:?});")),
+            "{mode}: {stdout}"
+        );
+        if mode == "forget_state" {
+            // Which side is the restored policy, and why it diverged.
+            assert!(
+                stderr.contains("the restored one (restored from an empty state: its save_state returned no bytes)")
+                    && stderr.contains("the original decided"),
+                "{stderr}"
+            );
+        }
     }
 }
 

@@ -70,8 +70,69 @@ fn any_run() -> impl Strategy<Value = HostileRun> {
         )
 }
 
+impl HostileRun {
+    /// The synthetic world of the same shape, as a test kit
+    /// [`SimConfig`](crate::simulate::SimConfig) literal with its fields
+    /// written out (`steps_per_epoch` is the suite's 10).
+    pub fn world_literal(&self) -> String {
+        format!(
+            "SimConfig {{ layers: {}, steps: {}, steps_per_epoch: 10, classes: {}, dim: {}, \
+             batch: {}, seed: {}, ..SimConfig::default() }}",
+            self.layers, self.steps, self.classes, self.dim, self.batch, self.seed
+        )
+    }
+}
+
+/// `n` and the noun, singular for one.
+fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+impl std::fmt::Display for HostileRun {
+    /// The run's shape in words (the save point is the resume property's
+    /// business; [`ConformanceFailure`] adds it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}, {} (0 to {}), batches of {}, features {} wide, {} (labels from -1 to {}), \
+             observation seed {}",
+            count(self.layers, "block", "blocks"),
+            count(self.steps, "step", "steps"),
+            self.steps.saturating_sub(1),
+            self.batch,
+            self.dim,
+            count(self.classes as u64, "class", "classes"),
+            self.classes,
+            self.seed
+        )
+    }
+}
+
+/// A freeze state in words: what is frozen, the probe, learning-rate
+/// factors other than 1 and the on-demand observations asked for.
+pub(crate) fn state_in_words(s: &crate::contract::FreezeState) -> String {
+    let mut out = match s.frontier {
+        0 => "nothing frozen".to_string(),
+        1 => "block 0 frozen".to_string(),
+        k => format!("blocks 0 to {} frozen", k - 1),
+    };
+    out.push_str(&format!(" (frontier {} of {})", s.frontier, s.layers));
+    if let Some(p) = s.probe {
+        out.push_str(&format!(", block {p} probed"));
+    }
+    if s.lr_factors.iter().any(|&f| f != 1.0) {
+        out.push_str(&format!(", learning-rate factors {:?}", s.lr_factors));
+    }
+    if s.observe != 0 {
+        let names = s.observe().names().join(" | ");
+        out.push_str(&format!(", asking for {names}"));
+    }
+    out
+}
+
 /// A property that failed, with the smallest run shape found.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConformanceFailure {
     /// Which property.
     pub property: &'static str,
@@ -84,10 +145,44 @@ pub struct ConformanceFailure {
 impl std::fmt::Display for ConformanceFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} failed: {}", self.property, self.reason)?;
-        if let Some(r) = &self.run {
-            write!(f, "\n  smallest failing run: {r:?}")?;
+        let Some(r) = &self.run else {
+            return Ok(());
+        };
+        write!(f, "\n  smallest failing run: {r}")?;
+        let resume = self.property == PROPERTIES[1];
+        if resume {
+            write!(
+                f,
+                "; the policy ran {} and saved its state, a fresh policy was restored from it, \
+                 and both (the original and the restored one) ran steps {} to {} on the same \
+                 observations",
+                count(r.cut, "step", "steps"),
+                r.cut,
+                r.steps.saturating_sub(1)
+            )?;
         }
-        Ok(())
+        // How to replay it with `simfreeze_runtime::testkit::PolicyTest`.
+        let call = match resume {
+            true => format!("check_resume(&world, {})", r.cut),
+            false => "simulate(&world)".to_string(),
+        };
+        write!(
+            f,
+            "\n  to replay it in the plugin's `cargo test` (simfreeze_runtime::testkit::PolicyTest, \
+             `test` built with the same options): `test.conformance(cases)` finds this very case \
+             again (the search is deterministic); the same shape with the synthetic world's \
+             ordinary observations instead of hostile ones is\n      \
+             let world = {};\n      test.{call}.unwrap();",
+            r.world_literal()
+        )
+    }
+}
+
+/// As [`Display`](std::fmt::Display): a failed `conformance(..).unwrap()`
+/// in a plugin's test reads as prose, not as a struct.
+impl std::fmt::Debug for ConformanceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }
 
@@ -267,13 +362,20 @@ fn continues_identically(
             .map_err(|e| e.to_string())?;
     }
     let saved = match a.policy() {
-        Some(p) => p.save_state(r.cut).map_err(|e| e.to_string())?,
+        Some(p) => p
+            .save_state(r.cut)
+            .map_err(|e| format!("saving the state after {} steps: {e}", r.cut))?,
         None => Vec::new(),
+    };
+    // Named in every message below: an empty state is the usual cause.
+    let from = match saved.len() {
+        0 => "an empty state: its save_state returned no bytes".to_string(),
+        n => format!("the {n} bytes its save_state returned"),
     };
     let mut restored = make()?;
     restored
         .load_state(r.cut, &saved)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("a fresh policy refused {from} after {} steps: {e}", r.cut))?;
     let mut b = PolicyDriver::new(Some(restored), r.layers);
     b.restore_state(a.state().clone());
     for step in r.cut..r.steps {
@@ -283,13 +385,13 @@ fn continues_identically(
             .map_err(|e| e.to_string())?;
         let ob = b
             .after_step(&input(r, step, &d))
-            .map_err(|e| format!("the restored policy: {e}"))?;
+            .map_err(|e| format!("the restored policy (restored from {from}): {e}"))?;
         if a.state() != b.state() {
             return Err(format!(
-                "restored at step {}, it diverged at step {step}: freeze state {:?}, the original {:?}",
-                r.cut,
-                b.state(),
-                a.state()
+                "the policies diverged at step {step}: the restored one (restored from {from}) \
+                 decided {}; the original decided {}",
+                state_in_words(b.state()),
+                state_in_words(a.state())
             ));
         }
         // NaN scalars compare unequal; compare their bit patterns.
@@ -298,8 +400,9 @@ fn continues_identically(
         };
         if bits(&oa.scalars) != bits(&ob.scalars) {
             return Err(format!(
-                "restored at step {}, it logged other scalars at step {step}: {:?}, the original {:?}",
-                r.cut, ob.scalars, oa.scalars
+                "the policies logged other scalars at step {step}: the restored one (restored \
+                 from {from}) {:?}; the original {:?}",
+                ob.scalars, oa.scalars
             ));
         }
     }

@@ -21,14 +21,14 @@
 
 use simfreeze_abi::sdk::PluginModules;
 
-use crate::conformance::{self, ConformanceFailure};
+use crate::conformance::{self, state_in_words, ConformanceFailure};
 use crate::contract::FreezeState;
 use crate::driver::{DriverError, PolicyDriver, StepInput};
 use crate::loader::{LoadError, Plugin, PolicyCallError, PolicyHandle};
 use crate::simulate::{simulate, SimConfig, SimReport, SyntheticWorld};
 
 /// Why a policy failed its test.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum TestKitError {
     /// The plugin or policy could not be built.
     #[error(transparent)]
@@ -40,15 +40,28 @@ pub enum TestKitError {
     #[error(transparent)]
     State(#[from] PolicyCallError),
     /// A restored policy did not continue as the original did.
-    #[error("after restoring the state saved at step {saved}, the policy diverged at step {step}: {detail}")]
+    #[error(
+        "a restored policy did not continue as the original did: the original ran {saved} \
+         steps and saved its state, a fresh policy was restored from it, and at step {step} \
+         {detail} (replay: check_resume(&world, {saved}) on the same world)"
+    )]
     Diverged {
-        /// Step at which the state was saved.
+        /// Steps run before the state was saved (the restored policy's
+        /// first decision is after step `saved`).
         saved: u64,
         /// First step that differed.
         step: u64,
         /// What differed.
         detail: String,
     },
+}
+
+/// As [`Display`](std::fmt::Display): a failed `check_resume(..).unwrap()`
+/// in a plugin's test reads as prose, not as a struct.
+impl std::fmt::Debug for TestKitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 /// What one scripted step shows the policy (see [`PolicyTest::replay`]);
@@ -174,6 +187,11 @@ impl PolicyTest {
             world.drive(&mut a, step)?;
         }
         let saved = a.policy().map_or(Ok(Vec::new()), |p| p.save_state(at))?;
+        // An empty state is the usual cause of a divergence: say so.
+        let empty = match saved.is_empty() {
+            true => " (restored from an empty state: save_state returned no bytes)",
+            false => "",
+        };
         let mut restored = self.policy()?;
         restored.load_state(at, &saved)?;
         let mut b = PolicyDriver::new(Some(restored), cfg.layers);
@@ -196,9 +214,9 @@ impl PolicyTest {
             };
             if a.state() != b.state() {
                 return Err(diverged(format!(
-                    "freeze state {:?} against {:?}",
-                    b.state(),
-                    a.state()
+                    "the restored policy{empty} decided {}; the original decided {}",
+                    state_in_words(b.state()),
+                    state_in_words(a.state())
                 )));
             }
             // NaN scalars compare unequal; compare their bit patterns.
@@ -207,7 +225,7 @@ impl PolicyTest {
             };
             if bits(&oa.scalars) != bits(&ob.scalars) {
                 return Err(diverged(format!(
-                    "scalars {:?} against {:?}",
+                    "the restored policy{empty} logged the scalars {:?}; the original logged {:?}",
                     ob.scalars, oa.scalars
                 )));
             }
@@ -288,9 +306,23 @@ mod tests {
     #[test]
     fn a_policy_that_forgets_its_state_fails_the_resume_check_at_the_first_difference() {
         let test = PolicyTest::new(policy_module::<Counter<true, false>>()).unwrap();
-        match test.check_resume(&world(), 4) {
-            Err(TestKitError::Diverged { saved: 4, step, .. }) => assert_eq!(step, 4),
+        let e = test.check_resume(&world(), 4).unwrap_err();
+        match &e {
+            TestKitError::Diverged { saved: 4, step, .. } => assert_eq!(*step, 4),
             other => panic!("{other:?}"),
+        }
+        // In words, as `unwrap` shows it: which side is which, the empty
+        // state, and the call that replays it.
+        let text = format!("{e:?}");
+        assert_eq!(text, e.to_string());
+        assert!(!text.contains("Diverged {"), "{text}");
+        for says in [
+            "the original ran 4 steps and saved its state",
+            "at step 4 the restored policy (restored from an empty state: save_state returned no bytes)",
+            "logged the scalars [(\"n\", 1.0)]; the original logged [(\"n\", 5.0)]",
+            "check_resume(&world, 4)",
+        ] {
+            assert!(text.contains(says), "{says:?} missing from: {text}");
         }
     }
 
@@ -306,10 +338,58 @@ mod tests {
         let run = e.run.clone().unwrap();
         assert_eq!((run.layers, run.batch, run.dim), (1, 1, 1), "{e}");
         assert!(run.steps <= 3 && run.cut >= 1, "{e}");
-        assert!(e.to_string().contains("smallest failing run"), "{e}");
+        // The failure in words, as `unwrap` shows it too: the run, the
+        // sides, the empty state and how to replay it in the test kit.
+        let text = format!("{e:?}");
+        assert_eq!(text, e.to_string());
+        assert!(
+            !text.contains("HostileRun") && !text.contains("cut:"),
+            "{text}"
+        );
+        let world = format!(
+            "let world = SimConfig {{ layers: 1, steps: {}, steps_per_epoch: 10, classes: {}, \
+             dim: 1, batch: 1, seed: {}, ..SimConfig::default() }};",
+            run.steps, run.classes, run.seed
+        );
+        for says in [
+            "smallest failing run: 1 block, ".to_string(),
+            "batches of 1, features 1 wide".to_string(),
+            format!(
+                "the policy ran {} and saved its state",
+                match run.cut {
+                    1 => "1 step".to_string(),
+                    n => format!("{n} steps"),
+                }
+            ),
+            "the restored one (restored from an empty state: its save_state returned no bytes)"
+                .to_string(),
+            "; the original [(\"n\", 2.0)]".to_string(),
+            world,
+            format!("test.check_resume(&world, {}).unwrap();", run.cut),
+        ] {
+            assert!(text.contains(&says), "{says:?} missing from: {text}");
+        }
         let shrinking = PolicyTest::new(policy_module::<Counter<false, true>>()).unwrap();
         let e = shrinking.conformance(32).unwrap_err();
         assert_eq!(e.property, conformance::PROPERTIES[0], "{e}");
+        assert!(
+            e.to_string().contains("test.simulate(&world).unwrap();"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_freeze_state_reads_in_words() {
+        let mut s = FreezeState::new(4);
+        assert_eq!(state_in_words(&s), "nothing frozen (frontier 0 of 4)");
+        s.frontier = 2;
+        s.probe = Some(2);
+        assert_eq!(
+            state_in_words(&s),
+            "blocks 0 to 1 frozen (frontier 2 of 4), block 2 probed"
+        );
+        s.lr_factors[3] = 0.5;
+        assert!(state_in_words(&s).ends_with("learning-rate factors [1.0, 1.0, 1.0, 0.5]"));
     }
 
     #[test]

@@ -450,6 +450,16 @@ fn check_cmd(a: CheckArgs, search: &SearchPath) -> Result<()> {
         };
         println!("  {mark:>7}  {property}");
     }
+    if let Err(f) = &verdict {
+        // The failure (on stderr) ends with how to replay it; this is the
+        // `test` it names.
+        let what = f.run.as_ref().map_or("the suite", |_| "this case");
+        println!(
+            "to replay {what} in {name}'s `cargo test`: \
+             let test = PolicyTest::new(plugin_module()).unwrap().with_options({:?});",
+            a.policy_config
+        );
+    }
     verdict.with_context(|| format!("{name} does not conform"))?;
     Ok(())
 }

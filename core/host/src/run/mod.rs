@@ -333,17 +333,30 @@ impl Trainer {
         let observer = {
             // The probe batch: the first `train.batch` samples of a fixed
             // shuffle of the training set, the same on every rank.
-            let n = (config.train.batch.min(train.len())).max(0);
-            let order = train.order(config.train.seed ^ PROBE_SEED, 0);
-            let idx = Tensor::from_slice(&order[..n as usize]);
-            let vars: Vec<(String, Tensor)> = engine.state_tensors();
+            // (Only for a policy that may ask for it, and a training set
+            // held in memory: an augmented image folder reads its files per
+            // batch.)
+            let declared = driver.needs();
+            let probe =
+                (declared.contains(Needs::PROBE_BATCH) && train.images.numel() > 0).then(|| {
+                    let n = config.train.batch.min(train.len()).max(0) as usize;
+                    let order = train.order(config.train.seed ^ PROBE_SEED, 0);
+                    train
+                        .images
+                        .index_select(0, &Tensor::from_slice(&order[..n]))
+                });
+            let vars: Vec<(String, Tensor)> =
+                match declared.intersection(Needs::ON_DEMAND).is_empty() {
+                    true => Vec::new(),
+                    false => engine.state_tensors(),
+                };
             Observer::new(
-                driver.needs(),
+                declared,
                 &model,
                 engine.model(),
                 &vars,
                 device,
-                Some(train.images.index_select(0, &idx)),
+                probe,
                 config.train.seed,
             )
         };
@@ -502,7 +515,13 @@ impl Trainer {
                 true => 0,
                 false => state.frontier as usize,
             };
-            let fetched = fetch(&mut self.data, &*self.engine, prefetch.as_ref(), &idx, (step, cached));
+            let fetched = fetch(
+                &mut self.data,
+                &*self.engine,
+                prefetch.as_ref(),
+                &idx,
+                (step, cached),
+            );
             let (input, y) = match fetched? {
                 Ok(input) => (input, y_host.to_device(device)),
                 Err(error) => return Ok(EpochEnd::Stopped(self.torch_stop(error))),
