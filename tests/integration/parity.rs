@@ -283,3 +283,72 @@ fn adamw_with_layer_decay_matches_timm_groups_and_torch_fused_adamw() {
         eprintln!("AdamW step {s} (frozen {frozen}): max |difference| {worst:.1e}");
     }
 }
+
+/// The on-demand observations against an independent computation
+/// (tests/parity/observations.py): per-block tokens against timm's block
+/// outputs read with forward hooks, the row-normalised Gram matrices, the
+/// SP loss and linear CKA against float64 numpy, for a class-token model
+/// and an average-pooling one with registers.
+#[test]
+fn block_observations_match_timm_hooks_and_numpy() {
+    use simfreeze::engine::observer::reduce;
+    use simfreeze_abi::sdk::{sp_loss, Matrix};
+    use simfreeze_abi::Needs;
+
+    let dir = reference("observations.py");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
+            .unwrap();
+    let refs: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(cases.len(), 2);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let cfg: VitConfig = serde_json::from_value(case["shape"].clone()).unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &cfg);
+        let file = dir.path().join(case["file"].as_str().unwrap());
+        load_into(&vs, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        let x = &refs[&format!("{name}.input")];
+        let got = reduce(&model, x, Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+        let (b, d, l) = (5usize, cfg.dim as usize, cfg.depth as usize);
+        assert_eq!((got.blocks, got.rows, got.dim), (l, b, d));
+        let want = |what: &str| -> Vec<f32> {
+            Vec::try_from(refs[&format!("{name}.{what}")].flatten(0, -1)).unwrap()
+        };
+        let max_diff = |a: &[f32], b: &[f32]| {
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        // Tolerances: float32 forward against timm's float32 forward (the
+        // same arithmetic, other kernels), Gram entries in [-1, 1].
+        let tokens = max_diff(&got.tokens, &want("tokens"));
+        let grams = max_diff(&got.grams, &want("grams"));
+        println!("{name}: tokens max |diff| {tokens:.2e}, grams {grams:.2e}");
+        assert!(tokens < 1e-5, "{name}: tokens differ by {tokens}");
+        assert!(grams < 1e-5, "{name}: grams differ by {grams}");
+
+        let gram = |i: usize| Matrix::new(&got.grams[i * b * b..(i + 1) * b * b], b, b).unwrap();
+        let sp = sp_loss(gram(0), gram(1)).unwrap();
+        let sp_ref = case["sp_loss_0_1"].as_f64().unwrap();
+        println!("{name}: SP loss {sp:.6e}, numpy {sp_ref:.6e}");
+        assert!(
+            (sp - sp_ref).abs() <= 1e-3 * sp_ref,
+            "{name}: SP loss {sp} vs {sp_ref}"
+        );
+        let tok = |i: usize| Matrix::new(&got.tokens[i * b * d..(i + 1) * b * d], b, d).unwrap();
+        let cka = simfreeze_metrics::cka(tok(0), tok(2)).unwrap();
+        let cka_ref = case["cka_0_2"].as_f64().unwrap();
+        println!("{name}: CKA {cka:.8}, numpy {cka_ref:.8}");
+        assert!(
+            (cka - cka_ref).abs() < 1e-5,
+            "{name}: CKA {cka} vs {cka_ref}"
+        );
+    }
+}

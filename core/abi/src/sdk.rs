@@ -1304,4 +1304,62 @@ mod tests {
         };
         assert_eq!(Step::from_ffi(&none, Needs::NONE).unwrap().lr, None);
     }
+
+    #[test]
+    fn on_demand_observations_fail_loudly_unless_declared_and_asked() {
+        // Not declared: the error names the bit to add to `fn needs`.
+        let step = Step::builder(3, 2).build();
+        let e = step.acc_grad_norms().unwrap_err().message;
+        assert!(
+            e.contains("Needs::ACC_GRAD_NORMS") && e.contains("fn needs"),
+            "{e}"
+        );
+        let e = step.batch_blocks().unwrap_err().message;
+        assert!(e.contains("Needs::BLOCK_TOKENS"), "{e}");
+        let e = step.sampled_weights().unwrap_err().message;
+        assert!(e.contains("Needs::SAMPLED_WEIGHTS"), "{e}");
+        // Declared but not asked for at the step before.
+        let declared = Step::builder(3, 2)
+            .needs(Needs::ACC_GRAD_NORMS | Needs::BLOCK_TOKENS)
+            .build();
+        let e = declared.acc_grad_norms().unwrap_err().message;
+        assert!(e.contains("observe_next(Needs::ACC_GRAD_NORMS)"), "{e}");
+        assert!(!declared.has(Needs::BLOCK_TOKENS));
+        // Asked for: the views have the documented shapes.
+        let (tokens, l1, l2) = ([1.0f32; 2 * 3 * 4], [1.0; 2], [2.0; 2]);
+        let mut batch = ffi::BlockObservations::EMPTY;
+        (batch.blocks, batch.rows, batch.dim) = (2, 3, 4);
+        batch.tokens = RSlice::from_slice(&tokens);
+        let more = ffi::ObservationV2 {
+            provided: Needs::ACC_GRAD_NORMS | Needs::BLOCK_TOKENS,
+            batch,
+            acc_grad_l1: RSlice::from_slice(&l1),
+            acc_grad_l2: RSlice::from_slice(&l2),
+            acc_grad_steps: 5,
+            ..ffi::ObservationV2::EMPTY
+        };
+        let asked = Step::builder(3, 2).more(more).build();
+        let acc = asked.acc_grad_norms().unwrap();
+        assert_eq!((acc.l2, acc.steps), (&l2[..], 5));
+        let blocks = asked.batch_blocks().unwrap();
+        assert_eq!(blocks.tokens(1).unwrap().rows(), 3);
+        let e = blocks.gram(0).unwrap_err().message;
+        assert!(e.contains("Needs::BLOCK_GRAMS"), "{e}");
+        assert!(blocks.tokens(2).is_err());
+        assert!(asked.probe_blocks().is_err());
+    }
+
+    #[test]
+    fn sp_loss_is_the_mean_squared_difference_of_the_matrices() {
+        let a = [1.0, 0.0, 0.0, 1.0];
+        let b = [0.0, 1.0, 1.0, 0.0];
+        let (a, b) = (
+            Matrix::new(&a, 2, 2).unwrap(),
+            Matrix::new(&b, 2, 2).unwrap(),
+        );
+        assert_eq!(sp_loss(a, a).unwrap(), 0.0);
+        assert_eq!(sp_loss(a, b).unwrap(), 1.0);
+        let c = [0.0; 6];
+        assert!(sp_loss(a, Matrix::new(&c, 2, 3).unwrap()).is_err());
+    }
 }

@@ -508,4 +508,71 @@ mod tests {
             assert!(a.equal(b), "{name}");
         }
     }
+
+    /// `Needs::ACC_GRAD_NORMS` against PyTorch's own accumulation: three
+    /// batches backpropagated with `backward()` into `.grad` (which sums
+    /// them, as a loop without `zero_grad` does), at lr 0 so the weights
+    /// stay put; block 0 is frozen and reads 0.
+    #[test]
+    fn accumulated_gradient_norms_are_those_of_autograd_summed_grads() {
+        tch::manual_seed(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let cfg = crate::engine::optim::SgdConfig {
+            lr: 0.0,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            warmup_steps: 0,
+        };
+        let mut opt = Optimizer::new(&vs, &model, Recipe::sgd(cfg));
+        let batches: Vec<Dataset> = (0..3).map(|s| Dataset::synthetic(6, 4, 1, 8, s)).collect();
+        for d in &batches {
+            let logits = model.forward_frozen(&d.images, 1).logits;
+            logits.cross_entropy_for_logits(&d.labels).backward();
+        }
+        let depth = model.depth();
+        let (mut l1, mut l2) = (vec![0f64; depth], vec![0f64; depth]);
+        for (name, t) in vs.variables() {
+            if let crate::model::Group::Block(b) = model.group_of(&name) {
+                let g = t.grad();
+                if g.defined() {
+                    l1[b] += g.abs().sum(Kind::Double).double_value(&[]);
+                    l2[b] += g.square().sum(Kind::Double).double_value(&[]);
+                }
+            }
+        }
+        let l2: Vec<f64> = l2.into_iter().map(f64::sqrt).collect();
+        let plan = StepPlan {
+            accumulate: true,
+            ..StepPlan::simple(0.0, 1)
+        };
+        for d in &batches {
+            let batch = Batch::Images(d.images.shallow_clone());
+            train_step(&model, &mut opt, batch, &d.labels, &plan).unwrap();
+        }
+        let (g1, g2, steps) = opt.read_grad_sums(depth, 1);
+        assert_eq!(steps, 3);
+        assert_eq!((g1[0], g2[0]), (0.0, 0.0));
+        for b in 1..depth {
+            assert!(l2[b] > 0.0);
+            // Tolerance: float32 sums in another order.
+            assert!(
+                (g1[b] - l1[b]).abs() <= 1e-5 * l1[b],
+                "L1 {b}: {} vs {}",
+                g1[b],
+                l1[b]
+            );
+            assert!(
+                (g2[b] - l2[b]).abs() <= 1e-5 * l2[b],
+                "L2 {b}: {} vs {}",
+                g2[b],
+                l2[b]
+            );
+        }
+        // The read reset the sums.
+        let (_, again, steps) = opt.read_grad_sums(depth, 1);
+        assert_eq!(steps, 0);
+        assert!(again.iter().all(|v| *v == 0.0));
+    }
 }
