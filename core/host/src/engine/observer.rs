@@ -25,8 +25,12 @@ use crate::model::{Group, PrefixModel, Vit, VitConfig};
 /// Weights sampled per block.
 pub const SAMPLES_PER_BLOCK: usize = 64;
 
-/// Checkpoint names of the reference's tensors: `observer.reference/<name>`.
-pub const REFERENCE_PREFIX: &str = "observer.reference/";
+/// Checkpoint names of everything the observer keeps start with this.
+pub const CHECKPOINT_PREFIX: &str = "observer.";
+/// The reference's tensors: `observer.reference/<name>`.
+const KEPT_PREFIX: &str = "observer.reference/";
+/// An int8 reference's row scales: `observer.scale/<name>`.
+const SCALE_PREFIX: &str = "observer.scale/";
 
 /// What the checkpoint's JSON keeps of the observer.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -35,12 +39,20 @@ pub struct ObserverMeta {
     pub reference: Option<(u64, String)>,
 }
 
-/// The reference snapshot: a second model of the same shape.
+/// The reference snapshot.
 struct Reference {
-    vs: nn::VarStore,
-    model: Vit,
     kind: ReferenceRequest,
     step: u64,
+    /// What is kept, by parameter name: float32 or bfloat16 weights, or
+    /// under `TakeInt8` the weight matrices as int8 (with `scales`) and the
+    /// rest as bfloat16.
+    kept: Vec<(String, Tensor)>,
+    /// `TakeInt8`: per weight matrix, its rows' scales (`[rows, 1]`).
+    scales: Vec<(String, Tensor)>,
+    /// `TakeF32`/`TakeBf16`: the model whose variables are `kept`. An int8
+    /// reference has none; a bf16 model is made from it for each step that
+    /// observes it.
+    model: Option<(nn::VarStore, Vit)>,
 }
 
 /// Computes the on-demand observations a policy asks for.
@@ -123,14 +135,20 @@ impl Observer {
                 .reference
                 .as_ref()
                 .filter(|_| asked.contains(Needs::REFERENCE));
-            if let Some(r) = reference {
-                more.batch_reference = reduce(&r.model, &r.input(&x), what);
-            }
-            if let (Some(p), true) = (&self.probe, asked.contains(Needs::PROBE_BATCH)) {
+            let probe = self
+                .probe
+                .as_ref()
+                .filter(|_| asked.contains(Needs::PROBE_BATCH));
+            if let Some(p) = probe {
                 more.probe = reduce(engine.model(), p, what);
-                if let Some(r) = reference {
-                    more.probe_reference = reduce(&r.model, &r.input(p), what);
-                }
+            }
+            if let Some(r) = reference {
+                r.run(&self.cfg, self.device, |model, dtype| {
+                    more.batch_reference = reduce(model, &x.to_kind(dtype), what);
+                    if let Some(p) = probe {
+                        more.probe_reference = reduce(model, &p.to_kind(dtype), what);
+                    }
+                });
             }
         }
         if asked.contains(Needs::SAMPLED_WEIGHTS) {
@@ -165,16 +183,7 @@ impl Observer {
             .into_iter()
             .filter(|(n, _)| !n.contains('/'))
             .collect();
-        let r = Reference::new(&self.cfg, self.device, kind, step);
-        tch::no_grad(|| {
-            let mut dst = r.vs.variables();
-            for (name, t) in &vars {
-                if let Some(d) = dst.get_mut(name) {
-                    d.copy_(&quantize(t, kind));
-                }
-            }
-        });
-        self.reference = Some(r);
+        self.reference = Some(Reference::take(&self.cfg, self.device, kind, step, &vars));
         Ok(())
     }
 
@@ -183,11 +192,13 @@ impl Observer {
         let Some(r) = &self.reference else {
             return (ObserverMeta { reference: None }, Vec::new());
         };
-        let tensors =
-            r.vs.variables()
-                .into_iter()
-                .map(|(n, t)| (format!("{REFERENCE_PREFIX}{n}"), t))
-                .collect();
+        let named = |prefix: &str, v: &[(String, Tensor)]| -> Vec<(String, Tensor)> {
+            v.iter()
+                .map(|(n, t)| (format!("{prefix}{n}"), t.shallow_clone()))
+                .collect()
+        };
+        let mut tensors = named(KEPT_PREFIX, &r.kept);
+        tensors.extend(named(SCALE_PREFIX, &r.scales));
         let kind = format!("{:?}", r.kind);
         let meta = ObserverMeta {
             reference: Some((r.step, kind)),
@@ -207,27 +218,30 @@ impl Observer {
             "TakeInt8" => ReferenceRequest::TakeInt8,
             other => bail!("unknown reference kind {other} in the checkpoint"),
         };
-        let r = Reference::new(&self.cfg, self.device, kind, *step);
-        let mut dst = r.vs.variables();
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in tensors {
-                let Some(n) = name.strip_prefix(REFERENCE_PREFIX) else {
-                    continue;
-                };
-                match dst.remove(n) {
-                    Some(mut d) => {
-                        d.copy_(&t);
-                    }
-                    None => bail!("the checkpoint's reference has an unknown tensor {n}"),
-                }
+        let (mut kept, mut scales) = (Vec::new(), Vec::new());
+        for (name, t) in tensors {
+            if let Some(n) = name.strip_prefix(KEPT_PREFIX) {
+                kept.push((n.to_string(), t.to_device(self.device)));
+            } else if let Some(n) = name.strip_prefix(SCALE_PREFIX) {
+                scales.push((n.to_string(), t.to_device(self.device)));
+            } else {
+                bail!("the checkpoint has an unknown observer tensor {name}");
             }
-            Ok(())
-        })?;
-        if let Some(missing) = dst.keys().next() {
-            bail!("the checkpoint's reference lacks {missing}");
         }
+        let r = Reference::restore(&self.cfg, self.device, kind, *step, kept, scales)?;
         self.reference = Some(r);
         Ok(())
+    }
+
+    /// Bytes the reference keeps (0 without one).
+    pub fn reference_bytes(&self) -> u64 {
+        self.reference.as_ref().map_or(0, |r| {
+            r.kept
+                .iter()
+                .chain(&r.scales)
+                .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+                .sum()
+        })
     }
 
     fn sampled_weights(&self, engine: &dyn Engine) -> Result<Vec<f32>> {
@@ -254,45 +268,136 @@ impl Observer {
 }
 
 impl Reference {
-    fn new(cfg: &VitConfig, device: Device, kind: ReferenceRequest, step: u64) -> Self {
+    /// The reference of the weights `vars`, kept as `kind` asks.
+    fn take(
+        cfg: &VitConfig,
+        device: Device,
+        kind: ReferenceRequest,
+        step: u64,
+        vars: &[(String, Tensor)],
+    ) -> Self {
+        tch::no_grad(|| {
+            if kind != ReferenceRequest::TakeInt8 {
+                let kept = vars.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+                // `restore` copies (and rounds to bf16) into a new model.
+                return Self::restore(cfg, device, kind, step, kept, Vec::new())
+                    .expect("a model's own variables fit a model of its shape");
+            }
+            let (mut kept, mut scales) = (Vec::new(), Vec::new());
+            for (name, t) in vars {
+                match quantize_rows(t) {
+                    Some((q, scale)) => {
+                        kept.push((name.clone(), q));
+                        scales.push((name.clone(), scale));
+                    }
+                    None => kept.push((name.clone(), t.to_kind(Kind::BFloat16))),
+                }
+            }
+            Reference {
+                kind,
+                step,
+                kept,
+                scales,
+                model: None,
+            }
+        })
+    }
+
+    /// A reference from what [`Reference::take`] kept (a checkpoint's).
+    fn restore(
+        cfg: &VitConfig,
+        device: Device,
+        kind: ReferenceRequest,
+        step: u64,
+        kept: Vec<(String, Tensor)>,
+        scales: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let mut r = Reference {
+            kind,
+            step,
+            kept,
+            scales,
+            model: None,
+        };
+        let names: std::collections::BTreeSet<&String> = r.kept.iter().map(|(n, _)| n).collect();
+        let (vs, model) = r.materialize(cfg, device)?;
+        if let Some(missing) = vs.variables().keys().find(|n| !names.contains(n)) {
+            bail!("the checkpoint's reference lacks {missing}");
+        }
+        if kind != ReferenceRequest::TakeInt8 {
+            r.kept = vs.variables().into_iter().collect();
+            r.kept.sort_by(|a, b| a.0.cmp(&b.0));
+            r.model = Some((vs, model));
+        }
+        Ok(r)
+    }
+
+    /// A model holding the reference's weights (dequantized for int8), in
+    /// float32 for `TakeF32`, else bfloat16.
+    fn materialize(&self, cfg: &VitConfig, device: Device) -> Result<(nn::VarStore, Vit)> {
         let mut vs = nn::VarStore::new(device);
         let model = Vit::build(&vs, cfg, Precision::F32);
-        if kind != ReferenceRequest::TakeF32 {
+        if self.kind != ReferenceRequest::TakeF32 {
             vs.bfloat16();
         }
         vs.freeze();
-        Reference {
-            vs,
-            model,
-            kind,
-            step,
-        }
+        let scales: std::collections::HashMap<&String, &Tensor> =
+            self.scales.iter().map(|(n, s)| (n, s)).collect();
+        let mut dst = vs.variables();
+        tch::no_grad(|| -> Result<()> {
+            for (name, t) in &self.kept {
+                let Some(d) = dst.get_mut(name) else {
+                    bail!("the reference has an unknown tensor {name}");
+                };
+                let value = match scales.get(name) {
+                    Some(s) => dequantize_rows(t, s, &d.size()),
+                    None => t.shallow_clone(),
+                };
+                d.copy_(&value);
+            }
+            Ok(())
+        })?;
+        Ok((vs, model))
     }
 
-    /// The images in the reference's dtype.
-    fn input(&self, x: &Tensor) -> Tensor {
-        match self.kind {
-            ReferenceRequest::TakeF32 | ReferenceRequest::Keep => x.shallow_clone(),
-            _ => x.to_kind(Kind::BFloat16),
+    /// Runs `f` with the reference model and the dtype its input takes.
+    fn run(&self, cfg: &VitConfig, device: Device, f: impl FnOnce(&Vit, Kind)) {
+        let dtype = match self.kind {
+            ReferenceRequest::TakeF32 | ReferenceRequest::Keep => Kind::Float,
+            _ => Kind::BFloat16,
+        };
+        match &self.model {
+            Some((_, model)) => f(model, dtype),
+            None => {
+                let (_vs, model) = self
+                    .materialize(cfg, device)
+                    .expect("the reference was checked when it was kept");
+                f(&model, dtype)
+            }
         }
     }
 }
 
-/// `t` as the reference keeps it: int8 per output row (symmetric, scale
-/// `max |row| / 127`) for weight matrices under `TakeInt8`, else itself
-/// (the bf16 store rounds it).
-fn quantize(t: &Tensor, kind: ReferenceRequest) -> Tensor {
-    if kind != ReferenceRequest::TakeInt8 || t.dim() < 2 {
-        return t.shallow_clone();
+/// A weight matrix (2 or more dimensions) as int8 per output row,
+/// symmetric: `q = round(w / s)` with `s = max |row| / 127`; `None` for
+/// vectors and scalars.
+fn quantize_rows(t: &Tensor) -> Option<(Tensor, Tensor)> {
+    if t.dim() < 2 {
+        return None;
     }
     let rows = t.size()[0];
-    let flat = t.to_kind(Kind::Float).reshape([rows, -1]);
+    let flat = t.detach().to_kind(Kind::Float).reshape([rows, -1]);
     let scale = flat.abs().amax([1].as_slice(), true).clamp_min(1e-12) / 127.0;
     let q = (&flat / &scale)
         .round()
         .clamp(-127.0, 127.0)
         .to_kind(Kind::Int8);
-    (q.to_kind(Kind::Float) * scale).reshape(t.size().as_slice())
+    Some((q, scale))
+}
+
+/// The float32 values of [`quantize_rows`]'s output, in `shape`.
+fn dequantize_rows(q: &Tensor, scale: &Tensor, shape: &[i64]) -> Tensor {
+    (q.to_kind(Kind::Float) * scale).reshape(shape)
 }
 
 /// Per-block reductions of images `x` through `model`, in host memory.
@@ -378,4 +483,102 @@ fn sample_indices(
             out
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> (nn::VarStore, Vit, VitConfig) {
+        tch::manual_seed(5);
+        let cfg = crate::model::test_config(4);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &cfg);
+        (vs, model, cfg)
+    }
+
+    #[test]
+    fn an_int8_reference_keeps_int8_matrices_and_their_values_within_half_a_step() {
+        let (vs, _, cfg) = tiny();
+        let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        let r = Reference::take(&cfg, Device::Cpu, ReferenceRequest::TakeInt8, 3, &vars);
+        assert!(r.model.is_none());
+        let kept: std::collections::HashMap<&String, &Tensor> =
+            r.kept.iter().map(|(n, t)| (n, t)).collect();
+        for (name, t) in &vars {
+            let want = if t.dim() >= 2 {
+                Kind::Int8
+            } else {
+                Kind::BFloat16
+            };
+            assert_eq!(kept[name].kind(), want, "{name}");
+        }
+        let f32_bytes: i64 = vars.iter().map(|(_, t)| t.numel() as i64 * 4).sum();
+        let bytes: u64 = r
+            .kept
+            .iter()
+            .chain(&r.scales)
+            .map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum();
+        // (At this tiny shape the row scales and vectors weigh; ViT-B keeps about a quarter.)
+        assert!(bytes * 2 < f32_bytes as u64, "{bytes} of {f32_bytes}");
+        let (mvs, _) = r.materialize(&cfg, Device::Cpu).unwrap();
+        let scales: std::collections::HashMap<&String, &Tensor> =
+            r.scales.iter().map(|(n, t)| (n, t)).collect();
+        for (name, m) in mvs.variables() {
+            let orig = vars
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap()
+                .1
+                .shallow_clone();
+            let diff = (m.to_kind(Kind::Float) - &orig)
+                .abs()
+                .max()
+                .double_value(&[]);
+            let bound = match scales.get(&name) {
+                // Half a quantization step, plus bf16 rounding of the result.
+                Some(s) => {
+                    s.max().double_value(&[]) * 0.5 + orig.abs().max().double_value(&[]) / 128.0
+                }
+                None => orig.abs().max().double_value(&[]) / 128.0,
+            };
+            assert!(diff <= bound, "{name}: {diff} > {bound}");
+        }
+    }
+
+    #[test]
+    fn a_reference_survives_its_checkpoint_tensors_bit_for_bit() {
+        let (vs, model, cfg) = tiny();
+        let x = Tensor::randn([3, 1, 8, 8], (Kind::Float, Device::Cpu));
+        let vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        for kind in [
+            ReferenceRequest::TakeF32,
+            ReferenceRequest::TakeBf16,
+            ReferenceRequest::TakeInt8,
+        ] {
+            let mut a =
+                Observer::new(Needs::ALL, &cfg, &model, &vars, Device::Cpu, None, 1).unwrap();
+            a.reference = Some(Reference::take(&cfg, Device::Cpu, kind, 7, &vars));
+            let (meta, tensors) = a.state();
+            assert!(tensors
+                .iter()
+                .all(|(n, _)| n.starts_with(CHECKPOINT_PREFIX)));
+            let mut b =
+                Observer::new(Needs::ALL, &cfg, &model, &vars, Device::Cpu, None, 1).unwrap();
+            b.restore(&meta, tensors).unwrap();
+            assert_eq!(b.reference.as_ref().unwrap().step, 7);
+            let what = Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS;
+            let mut outs = Vec::new();
+            for o in [&a, &b] {
+                o.reference
+                    .as_ref()
+                    .unwrap()
+                    .run(&cfg, Device::Cpu, |m, dtype| {
+                        outs.push(reduce(m, &x.to_kind(dtype), what));
+                    });
+            }
+            assert_eq!(outs[0], outs[1], "{kind:?}");
+        }
+    }
 }

@@ -767,7 +767,7 @@ impl Trainer {
         let (path, tensors) = checkpoint::read_tensors(&self.dir.path, &m)?;
         let (observed, tensors): (Vec<_>, Vec<_>) = tensors
             .into_iter()
-            .partition(|(n, _)| n.starts_with(observer::REFERENCE_PREFIX));
+            .partition(|(n, _)| n.starts_with(observer::CHECKPOINT_PREFIX));
         self.engine.load_state_tensors(&path, tensors)?;
         if let (Some(o), Some(meta)) = (&mut self.observer, &m.observer) {
             o.restore(meta, observed)?;
