@@ -377,3 +377,67 @@ fn sigint_through_torchrun_stops_every_rank_with_a_checkpoint() {
     assert!(resumed.status.success(), "{}", text(&resumed).1);
     assert_eq!(json(&run.join("summary.json"))["status"], "completed");
 }
+
+/// Every rank observes the global batch: a policy reading every on-demand
+/// observation (tests/fixtures/observe_all) on two ranks of batch 4 logs
+/// the same values and freezes at the same steps as one process of batch
+/// 8, within the reduction-order differences of the weights.
+#[test]
+fn two_ranks_observe_what_one_process_with_the_global_batch_observes() {
+    let d = tempfile::tempdir().unwrap();
+    let lib = simfreeze_tests::fixture("observe_all");
+    let policy = format!(
+        "policy: (plugin: {:?}, options: \"(every: 2, tol: 10.0, dtype: 1)\"),",
+        lib.to_str().unwrap()
+    );
+    let cfg = simfreeze_tests::tiny_run_config(d.path(), "o", "dist_timeout_s: 30", &policy);
+    let text_cfg = fs::read_to_string(&cfg).unwrap();
+    fs::write(&cfg, text_cfg.replace("batch: 8", "batch: 4")).unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let two = torchrun(2, &["run", "--config", cfg], &[]);
+    assert!(two.status.success(), "{}", text(&two).1);
+    let one = simfreeze(&["run", "--config", cfg, "--set", "train.batch=8"]);
+    assert!(one.status.success(), "{}", text(&one).1);
+    let (a, b) = (d.path().join("runs/o-001"), d.path().join("runs/o-002"));
+    let freezes = |r: &Path| -> Vec<serde_json::Value> {
+        events(r, "freeze")
+            .iter()
+            .map(|e| e["step"].clone())
+            .collect()
+    };
+    assert_eq!(freezes(&a), freezes(&b));
+    assert!(!freezes(&a).is_empty(), "nothing froze");
+    let scalars = |r: &Path| -> Vec<(u64, String, f64)> {
+        events(r, "scalar")
+            .iter()
+            .map(|e| {
+                let v = e["value"].as_f64().unwrap_or(f64::NAN);
+                (
+                    e["step"].as_u64().unwrap(),
+                    e["name"].as_str().unwrap().to_string(),
+                    v,
+                )
+            })
+            .collect()
+    };
+    let (sa, sb) = (scalars(&a), scalars(&b));
+    assert_eq!(sa.len(), sb.len());
+    let mut names = std::collections::BTreeSet::new();
+    for ((step, name, x), (step_b, name_b, y)) in sa.iter().zip(&sb) {
+        assert_eq!((step, name), (step_b, name_b));
+        names.insert(name.clone());
+        // Tolerance: the ranks' weights differ from one process's by the
+        // order of the gradient sums (~1e-7 relative per step); the SP
+        // loss is a small difference of near-equal matrices.
+        let tol = if name.starts_with("sp") { 1e-2 } else { 1e-4 };
+        assert!(
+            (x - y).abs() <= tol * x.abs().max(y.abs()).max(1e-6),
+            "{name} at step {step}: {x} on two ranks, {y} in one process"
+        );
+    }
+    for n in [
+        "sp_loss", "sp_probe", "cka", "acc_l2", "acc_l1", "weights", "tokens",
+    ] {
+        assert!(names.contains(n), "no {n} in {names:?}");
+    }
+}

@@ -331,15 +331,16 @@ impl Trainer {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
         let observer = {
-            // The probe batch: the first `train.batch` samples of a fixed
-            // shuffle of the training set, the same on every rank.
+            // The probe batch: the first global batch's worth of samples of
+            // a fixed shuffle of the training set, the same on every rank.
             // (Only for a policy that may ask for it, and a training set
             // held in memory: an augmented image folder reads its files per
             // batch.)
             let declared = driver.needs();
             let probe =
                 (declared.contains(Needs::PROBE_BATCH) && train.images.numel() > 0).then(|| {
-                    let n = config.train.batch.min(train.len()).max(0) as usize;
+                    let global = config.train.batch * world as i64;
+                    let n = global.min(train.len()).max(0) as usize;
                     let order = train.order(config.train.seed ^ PROBE_SEED, 0);
                     train
                         .images
