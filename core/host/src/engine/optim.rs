@@ -372,14 +372,25 @@ impl Optimizer {
             let Some(sum) = sum.take() else { continue };
             if let Group::Block(b) = p.group {
                 if b < layers && b >= frozen {
-                    let s = sum.to_kind(Kind::Double);
-                    parts.push((b, s.abs().sum(Kind::Double), s.square().sum(Kind::Double)));
+                    // Norms accumulated in float64, without a float64 copy.
+                    let l1 = sum.norm_scalaropt_dtype(1.0, Kind::Double);
+                    let l2 = sum.norm_scalaropt_dtype(2.0, Kind::Double);
+                    parts.push((b, l1, l2.square()));
                 }
             }
         }
-        for (b, a, q) in parts {
-            l1[b] += a.double_value(&[]);
-            l2[b] += q.double_value(&[]);
+        // One copy to host memory per read, not two per parameter.
+        if !parts.is_empty() {
+            let sums: Vec<Tensor> = parts
+                .iter()
+                .flat_map(|p| [p.1.shallow_clone(), p.2.shallow_clone()])
+                .collect();
+            let host = Vec::<f64>::try_from(Tensor::stack(&sums, 0).to_device(tch::Device::Cpu))
+                .unwrap_or_default();
+            for ((b, _, _), v) in parts.iter().zip(host.chunks(2)) {
+                l1[*b] += v[0];
+                l2[*b] += v[1];
+            }
         }
         let steps = std::mem::take(&mut self.sum_steps);
         (l1, l2.into_iter().map(f64::sqrt).collect(), steps)
