@@ -11,7 +11,18 @@ use simfreeze_runtime::testkit::PolicyTest;
 use simfreeze_tests::{fixture, plugin, simfreeze, text};
 
 /// Every shipped policy plugin, by name.
-const POLICIES: &[&str] = &["atsf", "slf", "ulf", "scf", "ucf", "autofreeze", "template"];
+const POLICIES: &[&str] = &[
+    "atsf",
+    "slf",
+    "ulf",
+    "scf",
+    "ucf",
+    "autofreeze",
+    "template",
+    "egeria",
+    "pipetransformer",
+    "layerfreezing",
+];
 
 /// Options that make each policy act within a few dozen steps.
 fn options(name: &str) -> &'static str {
@@ -19,6 +30,8 @@ fn options(name: &str) -> &'static str {
         "atsf" => "(record_steps: 3, compare_steps: 2)",
         "autofreeze" => "(interval: 4)",
         "template" => "(every: 3)",
+        "egeria" => "(every: 2, window: 3, threshold: 0.5)",
+        "pipetransformer" => "(branch: Gradient)",
         _ => "",
     }
 }
@@ -32,6 +45,9 @@ fn static_test(name: &str) -> PolicyTest {
         "ucf" => policy_module::<simfreeze_freezeout::Ucf>(),
         "autofreeze" => policy_module::<simfreeze_autofreeze::AutoFreeze>(),
         "template" => template::plugin_module(),
+        "egeria" => policy_module::<simfreeze_field::Egeria>(),
+        "pipetransformer" => policy_module::<simfreeze_field::PipeTransformer>(),
+        "layerfreezing" => policy_module::<simfreeze_field::LayerFreezing>(),
         other => panic!("no static build of {other}"),
     };
     PolicyTest::new(module).unwrap().with_options(options(name))
@@ -52,6 +68,33 @@ fn every_shipped_policy_conforms_statically_and_through_its_so() {
         dynamic_test(name)
             .conformance(24)
             .unwrap_or_else(|e| panic!("{name} (.so): {e}"));
+    }
+}
+
+#[test]
+fn the_other_forms_of_the_field_rules_conform() {
+    // The options POLICIES does not run: AutoFreeze's accumulated form,
+    // PipeTransformer's schedule, Egeria with a float32 reference.
+    let cases: [(fn() -> simfreeze_abi::sdk::PluginModules, &str); 3] = [
+        (
+            policy_module::<simfreeze_autofreeze::AutoFreeze>,
+            "(interval: 3, gradient: Accumulated)",
+        ),
+        (
+            policy_module::<simfreeze_field::PipeTransformer>,
+            "(alpha: 0.3)",
+        ),
+        (
+            policy_module::<simfreeze_field::Egeria>,
+            "(every: 1, window: 2, dtype: F32)",
+        ),
+    ];
+    for (module, options) in cases {
+        PolicyTest::new(module())
+            .unwrap()
+            .with_options(options)
+            .conformance(24)
+            .unwrap_or_else(|e| panic!("{options}: {e}"));
     }
 }
 

@@ -5,11 +5,14 @@
 //! active block whose `r` is at least the median of `r` over the active
 //! blocks.
 //!
-//! The paper accumulates the L1 norm of the gradients themselves; the host
-//! hands policies per-block L2 norms per step, so `G` here is the sum of
-//! those over the interval (same ranking signal, no tensor crosses the
-//! plugin boundary). Options: `interval` (steps, default T/10),
-//! `max_frozen` (default L - 1).
+//! `gradient` picks what `G` is. The reference code takes the L1 norm of
+//! the gradient accumulated over the interval: `gradient: Accumulated`
+//! asks the host for exactly that (`Needs::ACC_GRAD_NORMS`, at each
+//! interval's last step). The default, `PerStep`, is the form simfreeze
+//! shipped first, when policies could only see per-step L2 norms: the sum
+//! of those over the interval (a documented deviation, kept so results and
+//! compiled plugins stay comparable). Options: `interval` (steps, default
+//! T/10), `max_frozen` (default L - 1), `gradient` (default `PerStep`).
 
 use serde::{Deserialize, Serialize};
 use simfreeze_abi::sdk::{
@@ -25,6 +28,19 @@ pub struct Options {
     pub interval: Option<u64>,
     /// Largest frontier (default L - 1).
     pub max_frozen: Option<usize>,
+    /// What the interval's gradient norm is.
+    pub gradient: Gradient,
+}
+
+/// AutoFreeze's per-interval gradient norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum Gradient {
+    /// The sum of the per-step L2 norms over the interval.
+    #[default]
+    PerStep,
+    /// The L1 norm of the gradient accumulated over the interval (the
+    /// reference code's).
+    Accumulated,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -65,7 +81,10 @@ pub fn pick(prev: &[f64], cur: &[f64], frontier: usize) -> usize {
 
 impl Policy for AutoFreeze {
     fn needs(&self) -> Needs {
-        Needs::GRAD_NORMS
+        match self.o.gradient {
+            Gradient::PerStep => Needs::GRAD_NORMS,
+            Gradient::Accumulated => Needs::ACC_GRAD_NORMS,
+        }
     }
 
     fn decide(&mut self, step: &Step<'_>) -> Result<Decision, PolicyError> {
@@ -75,14 +94,27 @@ impl Policy for AutoFreeze {
         if self.s.acc.len() != l {
             self.s.acc = vec![0.0; l];
         }
-        for (acc, g) in self.s.acc.iter_mut().zip(step.grad_norms()?) {
-            if g.is_finite() {
-                *acc += f64::from(*g);
+        if self.o.gradient == Gradient::PerStep {
+            for (acc, g) in self.s.acc.iter_mut().zip(step.grad_norms()?) {
+                if g.is_finite() {
+                    *acc += f64::from(*g);
+                }
             }
         }
         self.s.done += 1;
         let mut frontier = step.frontier;
         if self.s.done >= interval {
+            if self.o.gradient == Gradient::Accumulated {
+                if !step.has(Needs::ACC_GRAD_NORMS) {
+                    // Not asked for (a resumed interval's first read, or
+                    // an interval of one): ask and decide at the next step.
+                    return Ok(Decision::frontier(frontier).observe_next(Needs::ACC_GRAD_NORMS));
+                }
+                let norms = step.acc_grad_norms()?;
+                for (acc, g) in self.s.acc.iter_mut().zip(norms.l1) {
+                    *acc = if g.is_finite() { *g } else { 0.0 };
+                }
+            }
             let cur = std::mem::replace(&mut self.s.acc, vec![0.0; l]);
             if let Some(prev) = self.s.prev.as_ref().filter(|p| p.len() == l) {
                 frontier = pick(prev, &cur, frontier).clamp(frontier, limit.max(frontier));
@@ -90,7 +122,16 @@ impl Policy for AutoFreeze {
             self.s.prev = Some(cur);
             self.s.done = 0;
         }
-        Ok(Decision::frontier(frontier))
+        let d = Decision::frontier(frontier);
+        // The accumulated norm is read at the interval's last step, so it
+        // is asked for at the step before (a read resets the host's sums:
+        // never ask at any other step).
+        let ask = self.o.gradient == Gradient::Accumulated && self.s.done + 1 >= interval;
+        Ok(if ask {
+            d.observe_next(Needs::ACC_GRAD_NORMS)
+        } else {
+            d
+        })
     }
 
     fn save_state(&self) -> Result<Vec<u8>, PolicyError> {
@@ -120,6 +161,11 @@ impl PolicyPlugin for AutoFreeze {
                     name: "max_frozen",
                     default: "None",
                     doc: "largest frontier (None: L - 1)",
+                },
+                OptionDoc {
+                    name: "gradient",
+                    default: "PerStep",
+                    doc: "PerStep (sum of per-step L2 norms) or Accumulated (L1 of the summed gradient)",
                 },
             ],
         }
@@ -170,5 +216,44 @@ mod tests {
             seen.push(frontier);
         }
         assert_eq!(seen, [0, 0, 0, 2, 2, 2]);
+    }
+
+    #[test]
+    fn the_accumulated_form_reads_the_hosts_l1_norm_once_per_interval() {
+        use simfreeze_abi::ffi::ObservationV2;
+        let o = "(interval: 3, gradient: Accumulated)";
+        let mut p = AutoFreeze::new(o, &HostServices::none()).unwrap();
+        assert_eq!(p.needs(), Needs::ACC_GRAD_NORMS);
+        // L1 norms of the two intervals: r = [0.01, 0.02, 0.5, 0.6].
+        let l1 = [[100.0, 100.0, 100.0, 100.0], [99.0, 98.0, 50.0, 40.0]];
+        let l2 = [1.0; 4];
+        let mut frontier = 0;
+        let mut asked_at = Vec::new();
+        for i in 0..6u64 {
+            let interval = (i / 3) as usize;
+            let more = ObservationV2 {
+                provided: Needs::ACC_GRAD_NORMS,
+                acc_grad_l1: l1[interval].as_slice().into(),
+                acc_grad_l2: l2.as_slice().into(),
+                acc_grad_steps: 3,
+                ..ObservationV2::EMPTY
+            };
+            let b = Step::builder(i, 4).schedule(0, 10, 100).frontier(frontier);
+            let s = match i % 3 == 2 {
+                true => b.more(more).build(),
+                false => b.needs(Needs::ACC_GRAD_NORMS).build(),
+            };
+            let d = p.decide(&s).unwrap();
+            if d.observe.contains(Needs::ACC_GRAD_NORMS) {
+                asked_at.push(i);
+            }
+            frontier = d.frontier;
+        }
+        assert_eq!(
+            asked_at,
+            [1, 4],
+            "asked only before each interval's last step"
+        );
+        assert_eq!(frontier, 2);
     }
 }
