@@ -75,7 +75,8 @@ fn every_shipped_policy_conforms_statically_and_through_its_so() {
 fn the_other_forms_of_the_field_rules_conform() {
     // The options POLICIES does not run: AutoFreeze's accumulated form,
     // PipeTransformer's schedule, Egeria with a float32 reference.
-    let cases: [(fn() -> simfreeze_abi::sdk::PluginModules, &str); 3] = [
+    type Module = fn() -> simfreeze_abi::sdk::PluginModules;
+    let cases: [(Module, &str); 3] = [
         (
             policy_module::<simfreeze_autofreeze::AutoFreeze>,
             "(interval: 3, gradient: Accumulated)",

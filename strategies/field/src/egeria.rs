@@ -233,7 +233,7 @@ impl PolicyPlugin for Egeria {
         if o.window < 2 {
             return Err(PolicyError::options("window must be at least 2"));
         }
-        if !(o.threshold >= 0.0) {
+        if o.threshold.is_nan() || o.threshold < 0.0 {
             return Err(PolicyError::options("threshold must be >= 0"));
         }
         Ok(Egeria {
