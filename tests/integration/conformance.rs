@@ -87,7 +87,7 @@ fn the_other_forms_of_the_field_rules_conform() {
         ),
         (
             policy_module::<simfreeze_field::Egeria>,
-            "(every: 1, window: 2, dtype: F32)",
+            "(every: 2, window: 2, dtype: F32)",
         ),
     ];
     for (module, options) in cases {

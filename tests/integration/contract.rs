@@ -140,3 +140,26 @@ fn check_exercises_the_on_demand_observations() {
     // The fixture reads every observation, NaN included, without failing.
     assert!(out.status.success(), "{stdout}{stderr}");
 }
+
+#[test]
+fn the_reference_is_reported_at_every_step_not_only_at_observed_ones() {
+    // The fixture asks for the reference once (when the host reports none)
+    // and for observations every 4th step; a host that reported the
+    // reference only at observed steps would have it taken again and again.
+    let lib = fixture("observe_all");
+    let d = tempfile::tempdir().unwrap();
+    let options = "(every: 4, ask: 56)";
+    let cfg = tiny_run_config(d.path(), "r", "", &policy(&lib, options));
+    let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let events = fs::read_to_string(d.path().join("runs/r-001/events.jsonl")).unwrap();
+    let steps: Vec<(u64, f64)> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["name"] == "reference_step")
+        .map(|e| (e["step"].as_u64().unwrap(), e["value"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(steps.len(), 16, "{events}");
+    assert_eq!(steps[0], (0, -1.0));
+    assert!(steps[1..].iter().all(|(_, v)| *v == 0.0), "{steps:?}");
+}

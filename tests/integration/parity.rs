@@ -313,7 +313,7 @@ fn block_observations_match_timm_hooks_and_numpy() {
         let file = dir.path().join(case["file"].as_str().unwrap());
         load_into(&vs, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
         let x = &refs[&format!("{name}.input")];
-        let got = reduce(&model, x, Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+        let got = reduce(&model, x, Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS).unwrap();
         let (b, d, l) = (5usize, cfg.dim as usize, cfg.depth as usize);
         assert_eq!((got.blocks, got.rows, got.dim), (l, b, d));
         let want = |what: &str| -> Vec<f32> {

@@ -486,7 +486,8 @@ impl<'a> Step<'a> {
     }
 
     /// The L1 and L2 norms of each block's gradient summed since the last
-    /// read (this read resets the sum). Needs [`Needs::ACC_GRAD_NORMS`],
+    /// step they were asked for (the host starts the sums again at every
+    /// step that asked, read or not). Needs [`Needs::ACC_GRAD_NORMS`],
     /// asked for.
     pub fn acc_grad_norms(&self) -> Result<AccGradNorms<'a>, PolicyError> {
         self.provided(

@@ -159,6 +159,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
                 Some(o) if !asked.is_empty() => o.before_step(&*engine, Some(&x), asked)?,
                 _ => MoreData::default(),
             };
+            more.reference_step = observer.as_ref().and_then(Observer::reference_step);
             in_policy += t.elapsed().as_secs_f64();
             let plan = StepPlan {
                 features: has_policy && needs.contains(Needs::CLS_FEATURES),

@@ -21,7 +21,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestError, TestRng, TestRunner};
 
-use simfreeze_abi::ffi::Needs;
+use simfreeze_abi::ffi::{Needs, ReferenceRequest};
 
 use crate::driver::{PolicyDriver, StepInput};
 use crate::loader::PolicyHandle;
@@ -256,12 +256,13 @@ fn weird(rng: &mut Rng) -> f32 {
 }
 
 /// The on-demand observations `asked` for, with hostile values (NaN,
-/// infinities and zeros in every buffer; no reference on some steps). No
-/// draw at all when nothing is asked, so a contract-1 policy sees the same
-/// runs as before.
-fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs) -> MoreData {
+/// infinities and zeros in every buffer), and the reference the policy had
+/// the host take (as a host reports it at every step). No draw at all when
+/// nothing is asked, so a contract-1 policy sees the same runs as before.
+fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs, reference: Option<u64>) -> MoreData {
     let mut more = MoreData {
         provided: asked,
+        reference_step: reference,
         ..MoreData::default()
     };
     if asked.is_empty() {
@@ -282,8 +283,7 @@ fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs) -> MoreData {
         if asked.contains(Needs::PROBE_BATCH) {
             more.probe = blocks(rng);
         }
-        if asked.contains(Needs::REFERENCE) && rng.below(3) > 0 {
-            more.reference_step = Some(rng.below(r.steps as usize) as u64);
+        if asked.contains(Needs::REFERENCE) && reference.is_some() {
             more.batch_reference = blocks(rng);
             if asked.contains(Needs::PROBE_BATCH) {
                 more.probe_reference = blocks(rng);
@@ -304,9 +304,9 @@ fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs) -> MoreData {
     more
 }
 
-fn data(r: &HostileRun, rng: &mut Rng, asked: Needs) -> Data {
+fn data(r: &HostileRun, rng: &mut Rng, asked: Needs, reference: Option<u64>) -> Data {
     Data {
-        more: hostile_more(r, rng, asked),
+        more: hostile_more(r, rng, asked, reference),
         features: (0..r.batch * r.dim).map(|_| weird(rng)).collect(),
         // Classes never seen (>= classes) and invalid (-1) included.
         labels: (0..r.batch)
@@ -341,11 +341,15 @@ fn contract_holds(
 ) -> Result<(), String> {
     let mut driver = PolicyDriver::new(Some(make()?), r.layers);
     let mut rng = Rng::new(r.seed);
+    let mut reference = None;
     for step in 0..r.steps {
-        let d = data(r, &mut rng, driver.state().observe());
-        driver
+        let d = data(r, &mut rng, driver.state().observe(), reference);
+        let o = driver
             .after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;
+        if o.reference() != ReferenceRequest::Keep {
+            reference = Some(step);
+        }
     }
     Ok(())
 }
@@ -356,10 +360,15 @@ fn continues_identically(
 ) -> Result<(), String> {
     let mut a = PolicyDriver::new(Some(make()?), r.layers);
     let mut rng = Rng::new(r.seed);
+    let mut reference = None;
     for step in 0..r.cut {
-        let d = data(r, &mut rng, a.state().observe());
-        a.after_step(&input(r, step, &d))
+        let d = data(r, &mut rng, a.state().observe(), reference);
+        let o = a
+            .after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;
+        if o.reference() != ReferenceRequest::Keep {
+            reference = Some(step);
+        }
     }
     let saved = match a.policy() {
         Some(p) => p
@@ -379,10 +388,13 @@ fn continues_identically(
     let mut b = PolicyDriver::new(Some(restored), r.layers);
     b.restore_state(a.state().clone());
     for step in r.cut..r.steps {
-        let d = data(r, &mut rng, a.state().observe());
+        let d = data(r, &mut rng, a.state().observe(), reference);
         let oa = a
             .after_step(&input(r, step, &d))
             .map_err(|e| e.to_string())?;
+        if oa.reference() != ReferenceRequest::Keep {
+            reference = Some(step);
+        }
         let ob = b
             .after_step(&input(r, step, &d))
             .map_err(|e| format!("the restored policy (restored from {from}): {e}"))?;

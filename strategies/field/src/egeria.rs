@@ -9,9 +9,11 @@
 //! block's row-normalised Gram matrix on the batch through the model and
 //! through the reference (`Needs::BLOCK_GRAMS | Needs::REFERENCE`); the
 //! plasticity is `sp_loss` of the two. The reference is refreshed (kept as
-//! `dtype`, int8 like the paper's) every `refresh` measurements, so with the
-//! default 1 the plasticity is how far the block moved over the last
-//! `every` steps. The block freezes when, over the last `window`
+//! `dtype`, int8 like the paper's) every `refresh` measurements, from the
+//! weights after the measured step's update, and the next measurement reads
+//! the weights before its step's update: with the default `refresh: 1` the
+//! plasticity is how far the block moved over `every - 1` updates (so
+//! `every` is at least 2). The block freezes when, over the last `window`
 //! measurements, the fitted line's change relative to their mean,
 //! `|slope| * (window - 1) / mean`, is at most `threshold`. The paper gives
 //! no window, threshold or refresh period: these are choices, put on a grid
@@ -133,7 +135,7 @@ impl Policy for Egeria {
             .max_frozen
             .unwrap_or(s.layers.saturating_sub(1))
             .min(s.layers);
-        let every = self.o.every.unwrap_or(s.total_steps / 50).max(1);
+        let every = self.o.every.unwrap_or(s.total_steps / 50).max(2);
         let mut d = s.keep();
         if s.reference_step().is_none() {
             d = d.take_reference(self.reference_dtype());
@@ -194,7 +196,7 @@ impl PolicyPlugin for Egeria {
                 OptionDoc {
                     name: "every",
                     default: "None",
-                    doc: "steps between two measurements (None: T/50)",
+                    doc: "steps between two measurements, at least 2 (None: T/50)",
                 },
                 OptionDoc {
                     name: "window",
@@ -227,8 +229,11 @@ impl PolicyPlugin for Egeria {
 
     fn new(options: &str, _host: &HostServices) -> Result<Self, PolicyError> {
         let o: Options = simfreeze_options::parse(options)?;
-        if o.every == Some(0) || o.refresh == 0 {
-            return Err(PolicyError::options("every and refresh must be at least 1"));
+        if o.every.is_some_and(|e| e < 2) || o.refresh == 0 {
+            return Err(PolicyError::options(
+                "every must be at least 2 (a measurement compares with the weights after the \
+                 last one's update) and refresh at least 1",
+            ));
         }
         if o.window < 2 {
             return Err(PolicyError::options("window must be at least 2"));
@@ -282,7 +287,7 @@ mod tests {
     #[test]
     fn freezes_the_frontier_once_its_plasticity_flattens() {
         let mut p = Egeria::new(
-            "(every: 1, window: 3, threshold: 0.1)",
+            "(every: 2, window: 3, threshold: 0.1)",
             &HostServices::none(),
         )
         .unwrap();

@@ -94,6 +94,12 @@ impl Observer {
         })
     }
 
+    /// The step after which the reference was taken, if there is one: every
+    /// step's observation carries it, asked for or not.
+    pub fn reference_step(&self) -> Option<u64> {
+        self.reference.as_ref().map(|r| r.step)
+    }
+
     /// Whether the step's gradients must be summed.
     pub fn accumulates(&self) -> bool {
         self.declared.contains(Needs::ACC_GRAD_NORMS)
@@ -130,7 +136,7 @@ impl Observer {
             };
             // Every rank observes the global batch.
             let x = engine.gather_rows(x)?.to_device(self.device);
-            more.batch = reduce(engine.model(), &x, what);
+            more.batch = reduce(engine.model(), &x, what)?;
             let reference = self
                 .reference
                 .as_ref()
@@ -140,15 +146,16 @@ impl Observer {
                 .as_ref()
                 .filter(|_| asked.contains(Needs::PROBE_BATCH));
             if let Some(p) = probe {
-                more.probe = reduce(engine.model(), p, what);
+                more.probe = reduce(engine.model(), p, what)?;
             }
             if let Some(r) = reference {
-                r.run(&self.cfg, self.device, |model, dtype| {
-                    more.batch_reference = reduce(model, &x.to_kind(dtype), what);
+                r.run(&self.cfg, self.device, |model, dtype| -> Result<()> {
+                    more.batch_reference = reduce(model, &x.to_kind(dtype), what)?;
                     if let Some(p) = probe {
-                        more.probe_reference = reduce(model, &p.to_kind(dtype), what);
+                        more.probe_reference = reduce(model, &p.to_kind(dtype), what)?;
                     }
-                });
+                    Ok(())
+                })?;
             }
         }
         if asked.contains(Needs::SAMPLED_WEIGHTS) {
@@ -285,7 +292,7 @@ impl Reference {
             }
             let (mut kept, mut scales) = (Vec::new(), Vec::new());
             for (name, t) in vars {
-                match quantize_rows(t) {
+                match quantize_rows(name, t) {
                     Some((q, scale)) => {
                         kept.push((name.clone(), q));
                         scales.push((name.clone(), scale));
@@ -361,7 +368,7 @@ impl Reference {
     }
 
     /// Runs `f` with the reference model and the dtype its input takes.
-    fn run(&self, cfg: &VitConfig, device: Device, f: impl FnOnce(&Vit, Kind)) {
+    fn run<R>(&self, cfg: &VitConfig, device: Device, f: impl FnOnce(&Vit, Kind) -> R) -> R {
         let dtype = match self.kind {
             ReferenceRequest::TakeF32 | ReferenceRequest::Keep => Kind::Float,
             _ => Kind::BFloat16,
@@ -378,11 +385,12 @@ impl Reference {
     }
 }
 
-/// A weight matrix (2 or more dimensions) as int8 per output row,
-/// symmetric: `q = round(w / s)` with `s = max |row| / 127`; `None` for
-/// vectors and scalars.
-fn quantize_rows(t: &Tensor) -> Option<(Tensor, Tensor)> {
-    if t.dim() < 2 {
+/// A layer's weight (a Linear or convolution `.weight` of 2 or more
+/// dimensions) as int8 per output row, symmetric: `q = round(w / s)` with
+/// `s = max |row| / 127`; `None` for everything else (norms, biases, the
+/// position embedding and the tokens stay bfloat16).
+fn quantize_rows(name: &str, t: &Tensor) -> Option<(Tensor, Tensor)> {
+    if t.dim() < 2 || !name.ends_with(".weight") {
         return None;
     }
     let rows = t.size()[0];
@@ -401,7 +409,7 @@ fn dequantize_rows(q: &Tensor, scale: &Tensor, shape: &[i64]) -> Tensor {
 }
 
 /// Per-block reductions of images `x` through `model`, in host memory.
-pub fn reduce(model: &dyn PrefixModel, x: &Tensor, what: Needs) -> BlocksData {
+pub fn reduce(model: &dyn PrefixModel, x: &Tensor, what: Needs) -> Result<BlocksData> {
     let (mut tokens, mut grams) = (Vec::new(), Vec::new());
     let rows = x.size()[0];
     model.walk_blocks(x, &mut |_, h| {
@@ -413,21 +421,21 @@ pub fn reduce(model: &dyn PrefixModel, x: &Tensor, what: Needs) -> BlocksData {
             grams.push(row_normalised_gram(&h));
         }
     });
-    let host = |v: Vec<Tensor>| -> Vec<f32> {
+    let host = |v: Vec<Tensor>| -> Result<Vec<f32>> {
         if v.is_empty() {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         let all = Tensor::stack(&v, 0).to_device(Device::Cpu).flatten(0, -1);
-        Vec::try_from(all).unwrap_or_default()
+        Ok(Vec::try_from(all)?)
     };
-    BlocksData {
+    Ok(BlocksData {
         first: 0,
         blocks: model.depth(),
         rows: rows as usize,
         dim: model.feature_dim() as usize,
-        tokens: host(tokens),
-        grams: host(grams),
-    }
+        tokens: host(tokens)?,
+        grams: host(grams)?,
+    })
 }
 
 /// `G = A Aᵀ` of the flattened block output `A` (`[B, T·D]`), each row
@@ -506,7 +514,7 @@ mod tests {
         let kept: std::collections::HashMap<&String, &Tensor> =
             r.kept.iter().map(|(n, t)| (n, t)).collect();
         for (name, t) in &vars {
-            let want = if t.dim() >= 2 {
+            let want = if t.dim() >= 2 && name.ends_with(".weight") {
                 Kind::Int8
             } else {
                 Kind::BFloat16
@@ -575,7 +583,7 @@ mod tests {
                     .as_ref()
                     .unwrap()
                     .run(&cfg, Device::Cpu, |m, dtype| {
-                        outs.push(reduce(m, &x.to_kind(dtype), what));
+                        outs.push(reduce(m, &x.to_kind(dtype), what).unwrap());
                     });
             }
             assert_eq!(outs[0], outs[1], "{kind:?}");

@@ -337,6 +337,15 @@ impl Trainer {
             // held in memory: an augmented image folder reads its files per
             // batch.)
             let declared = driver.needs();
+            if declared.contains(Needs::PROBE_BATCH) && train.images.numel() == 0 {
+                return Err(UsageError(format!(
+                    "policy `{}` asks for the probe batch (Needs::PROBE_BATCH), which needs a \
+                     training set held in memory; an augmented image folder reads its files \
+                     per batch (turn the augmentation off, or use a policy without it)",
+                    driver.policy().map_or("?", |p| p.meta.name.as_str())
+                ))
+                .into());
+            }
             let probe =
                 (declared.contains(Needs::PROBE_BATCH) && train.images.numel() > 0).then(|| {
                     let global = config.train.batch * world as i64;
@@ -541,6 +550,8 @@ impl Trainer {
                 }
                 _ => MoreData::default(),
             };
+            // Whether there is a reference is news at every step.
+            more.reference_step = self.observer.as_ref().and_then(Observer::reference_step);
             lr = self.engine.lr_at(step, self.total);
             let plan = StepPlan {
                 lr,
@@ -937,6 +948,7 @@ fn state_digest(s: &simfreeze_runtime::contract::FreezeState) -> u64 {
     for f in &s.lr_factors {
         h.write(&f.to_bits().to_le_bytes());
     }
+    h.write(&s.observe.to_le_bytes());
     h.0
 }
 
