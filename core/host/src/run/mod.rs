@@ -1085,6 +1085,61 @@ mod augment_tests {
         };
         assert!(format!("{e:#}").contains("random"), "{e:#}");
     }
+
+    /// A policy that declares the probe batch and never freezes.
+    struct WantsProbe;
+
+    impl simfreeze_abi::sdk::Policy for WantsProbe {
+        fn needs(&self) -> Needs {
+            Needs::PROBE_BATCH | Needs::BLOCK_TOKENS
+        }
+        fn decide(
+            &mut self,
+            s: &simfreeze_abi::sdk::Step<'_>,
+        ) -> Result<simfreeze_abi::sdk::Decision, simfreeze_abi::sdk::PolicyError> {
+            Ok(s.keep())
+        }
+        fn save_state(&self) -> Result<Vec<u8>, simfreeze_abi::sdk::PolicyError> {
+            Ok(Vec::new())
+        }
+        fn load_state(&mut self, _: &[u8]) -> Result<(), simfreeze_abi::sdk::PolicyError> {
+            Ok(())
+        }
+    }
+
+    impl simfreeze_abi::sdk::PolicyPlugin for WantsProbe {
+        fn info() -> simfreeze_abi::sdk::Info {
+            simfreeze_abi::sdk::Info {
+                name: "wants_probe",
+                version: "0",
+                description: "",
+                options: &[],
+            }
+        }
+        fn new(
+            _: &str,
+            _: &simfreeze_abi::sdk::HostServices,
+        ) -> Result<Self, simfreeze_abi::sdk::PolicyError> {
+            Ok(WantsProbe)
+        }
+    }
+
+    #[test]
+    fn a_probe_batch_on_files_read_per_batch_is_refused_before_training() {
+        let d = tempfile::tempdir().unwrap();
+        folder(d.path());
+        let mut plan = Plan::resolve(config(d.path(), ""), &SearchPath::from_env()).unwrap();
+        let module = simfreeze_abi::sdk::policy_module::<WantsProbe>();
+        // The run records the library it loaded: any existing file stands in.
+        let path = std::env::current_exe().unwrap();
+        let plugin = simfreeze_runtime::loader::Plugin::from_module(module, path).unwrap();
+        plan.policy = Some(plugin.new_policy("").unwrap());
+        let e = format!("{:#}", run(plan, &RunControl::default()).unwrap_err());
+        assert!(
+            e.contains("Needs::PROBE_BATCH") && e.contains("augment"),
+            "{e}"
+        );
+    }
 }
 
 #[cfg(test)]
