@@ -59,6 +59,9 @@ pub struct Options {
     pub dtype: Dtype,
     /// Largest frontier (None: L - 1).
     pub max_frozen: Option<usize>,
+    /// Also log every unfrozen block's plasticity (`plasticity.<block>`),
+    /// to see when each block settles.
+    pub log_blocks: bool,
 }
 
 impl Default for Options {
@@ -70,6 +73,7 @@ impl Default for Options {
             refresh: 1,
             dtype: Dtype::Int8,
             max_frozen: None,
+            log_blocks: false,
         }
     }
 }
@@ -144,9 +148,16 @@ impl Policy for Egeria {
             self.s.history.clear();
             self.s.block = s.frontier;
         }
-        if s.has(Needs::BLOCK_GRAMS) && s.frontier < limit {
+        let measuring = s.frontier < limit || self.o.log_blocks;
+        if s.has(Needs::BLOCK_GRAMS) && measuring && s.frontier < s.layers {
             let k = s.frontier;
             if let Some(reference) = s.batch_reference_blocks()? {
+                if self.o.log_blocks {
+                    for i in k..s.layers {
+                        let p = sp_loss(s.batch_blocks()?.gram(i)?, reference.gram(i)?)?;
+                        d = d.with_scalar(format!("plasticity.{i}"), p);
+                    }
+                }
                 let p = sp_loss(s.batch_blocks()?.gram(k)?, reference.gram(k)?)?;
                 if p.is_finite() {
                     self.s.history.push(p);
@@ -158,7 +169,7 @@ impl Policy for Egeria {
                 d = d.take_reference(self.reference_dtype());
             }
             let w = self.o.window;
-            if self.s.history.len() >= w {
+            if self.s.history.len() >= w && k < limit {
                 let change = relative_change(&self.s.history[self.s.history.len() - w..]);
                 d = d.with_scalar("plasticity_change", change);
                 if change <= self.o.threshold {
@@ -168,7 +179,7 @@ impl Policy for Egeria {
                 }
             }
         }
-        if s.frontier < limit && (s.step + 2) % every == 0 {
+        if measuring && s.frontier < s.layers && (s.step + 2) % every == 0 {
             d = d.observe_next(Needs::BLOCK_GRAMS | Needs::REFERENCE);
         }
         Ok(d)
@@ -222,6 +233,11 @@ impl PolicyPlugin for Egeria {
                     name: "max_frozen",
                     default: "None",
                     doc: "largest frontier (None: L - 1)",
+                },
+                OptionDoc {
+                    name: "log_blocks",
+                    default: "false",
+                    doc: "also log every unfrozen block's plasticity (plasticity.<block>)",
                 },
             ],
         }
@@ -319,5 +335,29 @@ mod tests {
         // [0.01, 0.01, 0.01] 0 -> freezes at the fifth measurement.
         assert_eq!(froze_at, Some(4));
         assert_eq!(frontier, 1);
+    }
+
+    #[test]
+    fn log_blocks_logs_every_unfrozen_blocks_plasticity_and_max_frozen_0_never_freezes() {
+        let o = "(every: 2, window: 2, threshold: 10.0, max_frozen: 0, log_blocks: true)";
+        let mut p = Egeria::new(o, &HostServices::none()).unwrap();
+        let reference = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0];
+        let mut g = reference;
+        g[5] += 0.2; // block 1 moved, block 0 did not
+        for i in 0..3u64 {
+            let s = Step::builder(i + 1, 2)
+                .more(measured(&g, &reference))
+                .build();
+            let d = p.decide(&s).unwrap();
+            assert_eq!(d.frontier, 0);
+            let names: Vec<&str> = d.scalars.iter().map(|(n, _)| n.as_str()).collect();
+            assert!(
+                names.contains(&"plasticity.0") && names.contains(&"plasticity.1"),
+                "{names:?}"
+            );
+            let value = |n: &str| d.scalars.iter().find(|(m, _)| m == n).unwrap().1;
+            assert_eq!(value("plasticity.0"), 0.0);
+            assert!(value("plasticity.1") > 0.0);
+        }
     }
 }
