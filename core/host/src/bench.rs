@@ -129,19 +129,9 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     let needs = driver.needs();
     // The on-demand observations, computed at the steps the policy asks
     // for them as in a run (the probe batch is the bench's batch).
-    let mut observer = {
-        let vars = engine.state_tensors();
-        let model = engine.model();
-        Observer::new(
-            needs,
-            mcfg,
-            model,
-            &vars,
-            device,
-            Some(x.shallow_clone()),
-            0,
-        )
-    };
+    let probe = Some(x.shallow_clone());
+    let vars = || engine.state_tensors();
+    let mut observer = Observer::new(needs, mcfg, engine.model(), vars, device, probe, 0);
     let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
         + spec.warmup * spec.frozen.len() as u64;
     let mut step = 0u64;
@@ -154,19 +144,18 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
             // mean that step updated nothing. The step reads the loss, so
             // it synchronises like a real one.
             let t = Instant::now();
-            let asked = driver.state().observe();
+            let input = Batch::Images(x.shallow_clone());
             let mut more = match &observer {
-                Some(o) if !asked.is_empty() => o.before_step(&*engine, Some(&x), asked)?,
-                _ => MoreData::default(),
+                Some(o) => o.before_step(&*engine, &input, driver.state().observe())?,
+                None => MoreData::default(),
             };
-            more.reference_step = observer.as_ref().and_then(Observer::reference_step);
             in_policy += t.elapsed().as_secs_f64();
             let plan = StepPlan {
                 features: has_policy && needs.contains(Needs::CLS_FEATURES),
                 accumulate: observer.as_ref().is_some_and(Observer::accumulates),
                 ..StepPlan::simple(1e-4, k)
             };
-            let out = match engine.step(Batch::Images(x.shallow_clone()), &y, &plan) {
+            let out = match engine.step(input, &y, &plan) {
                 Ok(out) => out,
                 Err(StepError::Diverged(_)) => continue,
                 Err(StepError::Torch(e)) => return Err(e.into()),

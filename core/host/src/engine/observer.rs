@@ -18,7 +18,7 @@ use simfreeze_runtime::more::{BlocksData, MoreData};
 use simfreeze_runtime::rng::Rng;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::engine::Engine;
+use crate::engine::{Batch, Engine};
 use crate::model::precision::Precision;
 use crate::model::{Group, PrefixModel, Vit, VitConfig};
 
@@ -68,14 +68,15 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// An observer for a policy that declared `declared`, or `None` when it
-    /// declared no on-demand bit. `probe` are the probe batch's images
-    /// (host memory); `vars` the model's parameters by name.
+    /// An observer for a policy that declared `declared`, or `None` (and
+    /// nothing computed) when it declared no on-demand bit. `probe` are the
+    /// probe batch's images (host memory); `vars` gives the model's
+    /// parameters by name.
     pub fn new(
         declared: Needs,
         cfg: &VitConfig,
         model: &dyn PrefixModel,
-        vars: &[(String, Tensor)],
+        vars: impl FnOnce() -> Vec<(String, Tensor)>,
         device: Device,
         probe: Option<Tensor>,
         seed: u64,
@@ -83,7 +84,7 @@ impl Observer {
         if declared.intersection(Needs::ON_DEMAND).is_empty() {
             return None;
         }
-        let samples = sample_indices(model, vars, seed);
+        let samples = sample_indices(model, &vars(), seed);
         Some(Observer {
             declared,
             cfg: cfg.clone(),
@@ -92,12 +93,6 @@ impl Observer {
             samples,
             reference: None,
         })
-    }
-
-    /// The step after which the reference was taken, if there is one: every
-    /// step's observation carries it, asked for or not.
-    pub fn reference_step(&self) -> Option<u64> {
-        self.reference.as_ref().map(|r| r.step)
     }
 
     /// Whether the step's gradients must be summed.
@@ -114,13 +109,15 @@ impl Observer {
     }
 
     /// The observations `asked` for that exist before the step's update:
-    /// the reductions of `batch` (the step's images, `None` when it came
-    /// from the activation cache) and of the probe batch, through the model
-    /// and the reference, and the sampled weights.
+    /// the reductions of the step's `batch` (its images; the loop bypasses
+    /// the activation cache for such a step) and of the probe batch,
+    /// through the model and the reference, and the sampled weights. Every
+    /// step's observation says whether there is a reference, asked for or
+    /// not; a step that asks for nothing costs nothing more.
     pub fn before_step(
         &self,
         engine: &dyn Engine,
-        batch: Option<&Tensor>,
+        batch: &Batch,
         asked: Needs,
     ) -> Result<MoreData> {
         let asked = asked.intersection(self.declared);
@@ -131,7 +128,7 @@ impl Observer {
         };
         let what = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
         if !what.is_empty() {
-            let Some(x) = batch else {
+            let Batch::Images(x) = batch else {
                 bail!("the batch's block observations need the step's images")
             };
             // Every rank observes the global batch.
@@ -565,15 +562,31 @@ mod tests {
             ReferenceRequest::TakeBf16,
             ReferenceRequest::TakeInt8,
         ] {
-            let mut a =
-                Observer::new(Needs::ALL, &cfg, &model, &vars, Device::Cpu, None, 1).unwrap();
+            let mut a = Observer::new(
+                Needs::ALL,
+                &cfg,
+                &model,
+                || vs.variables().into_iter().collect(),
+                Device::Cpu,
+                None,
+                1,
+            )
+            .unwrap();
             a.reference = Some(Reference::take(&cfg, Device::Cpu, kind, 7, &vars));
             let (meta, tensors) = a.state();
             assert!(tensors
                 .iter()
                 .all(|(n, _)| n.starts_with(CHECKPOINT_PREFIX)));
-            let mut b =
-                Observer::new(Needs::ALL, &cfg, &model, &vars, Device::Cpu, None, 1).unwrap();
+            let mut b = Observer::new(
+                Needs::ALL,
+                &cfg,
+                &model,
+                || vs.variables().into_iter().collect(),
+                Device::Cpu,
+                None,
+                1,
+            )
+            .unwrap();
             b.restore(&meta, tensors).unwrap();
             assert_eq!(b.reference.as_ref().unwrap().step, 7);
             let what = Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS;

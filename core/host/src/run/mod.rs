@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use simfreeze_abi::Needs;
-use simfreeze_runtime::driver::{DriverError, PolicyDriver};
+use simfreeze_runtime::driver::{DriverError, PolicyDriver, StepOutcome};
 use simfreeze_runtime::loader::SearchPath;
 use simfreeze_runtime::more::MoreData;
 use tch::{Device, Tensor};
@@ -39,7 +39,7 @@ use crate::engine::dist::{DistEnv, ProcessGroup};
 use crate::engine::observer::{self, Observer};
 use crate::engine::{
     observe_with, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
-    StepPlan,
+    StepOut, StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
 use crate::plan::{device_name, Plan};
@@ -330,46 +330,17 @@ impl Trainer {
         if start.is_none() && config.train.frozen_from_start > 0 {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
-        let observer = {
-            // The probe batch: the first global batch's worth of samples of
-            // a fixed shuffle of the training set, the same on every rank.
-            // (Only for a policy that may ask for it, and a training set
-            // held in memory: an augmented image folder reads its files per
-            // batch.)
-            let declared = driver.needs();
-            if declared.contains(Needs::PROBE_BATCH) && train.images.numel() == 0 {
-                return Err(UsageError(format!(
-                    "policy `{}` asks for the probe batch (Needs::PROBE_BATCH), which needs a \
-                     training set held in memory; an augmented image folder reads its files \
-                     per batch (turn the augmentation off, or use a policy without it)",
-                    driver.policy().map_or("?", |p| p.meta.name.as_str())
-                ))
-                .into());
-            }
-            let probe =
-                (declared.contains(Needs::PROBE_BATCH) && train.images.numel() > 0).then(|| {
-                    let global = config.train.batch * world as i64;
-                    let n = global.min(train.len()).max(0) as usize;
-                    let order = train.order(config.train.seed ^ PROBE_SEED, 0);
-                    train
-                        .images
-                        .index_select(0, &Tensor::from_slice(&order[..n]))
-                });
-            let vars: Vec<(String, Tensor)> =
-                match declared.intersection(Needs::ON_DEMAND).is_empty() {
-                    true => Vec::new(),
-                    false => engine.state_tensors(),
-                };
-            Observer::new(
-                declared,
-                &model,
-                engine.model(),
-                &vars,
-                device,
-                probe,
-                config.train.seed,
-            )
-        };
+        let declared = driver.needs();
+        let probe = probe_batch(&config, &train, world, &driver)?;
+        let observer = Observer::new(
+            declared,
+            &model,
+            engine.model(),
+            || engine.state_tensors(),
+            device,
+            probe,
+            config.train.seed,
+        );
         // Each step takes `train.batch` images on every rank.
         let global_batch = config.train.batch * world as i64;
         let steps_per_epoch = (train.len() / global_batch) as u64;
@@ -536,22 +507,16 @@ impl Trainer {
                 Ok(input) => (input, y_host.to_device(device)),
                 Err(error) => return Ok(EpochEnd::Stopped(self.torch_stop(error))),
             };
-            let mut more = match &self.observer {
-                Some(o) if !asked.is_empty() => {
-                    let images = match &input {
-                        Batch::Images(x) => Some(x),
-                        Batch::Boundary { .. } => None,
-                    };
+            let more = match &self.observer {
+                Some(o) => {
                     let engine = &*self.engine;
                     torch_guard(
                         || format!("observing step {step} for the policy"),
-                        || o.before_step(engine, images, asked),
+                        || o.before_step(engine, &input, asked),
                     )??
                 }
-                _ => MoreData::default(),
+                None => MoreData::default(),
             };
-            // Whether there is a reference is news at every step.
-            more.reference_step = self.observer.as_ref().and_then(Observer::reference_step);
             lr = self.engine.lr_at(step, self.total);
             let plan = StepPlan {
                 lr,
@@ -587,21 +552,11 @@ impl Trainer {
                 num_classes: self.data.train.classes as usize,
                 lr,
             };
-            let dim = self.engine.model().feature_dim();
-            if let Some(o) = &self.observer {
-                o.after_step(&mut *self.engine, &mut more, state.frontier as usize);
-            }
-            let outcome = match observe_with(&mut self.driver, &out, &y_host, dim, at, &more) {
+            let frontier = state.frontier as usize;
+            let outcome = match self.decide(&out, &y_host, at, more, frontier)? {
                 Ok(o) => o,
                 Err(e) => return policy_failure(e),
             };
-            if let Some(o) = &mut self.observer {
-                let (engine, kind) = (&*self.engine, outcome.reference());
-                torch_guard(
-                    || format!("taking the reference snapshot after step {step}"),
-                    || o.take_reference(engine, kind, step),
-                )??;
-            }
             self.log.events(&Event::of_step(step, &outcome))?;
             let mut scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
             if let Some(c) = out.comm {
@@ -638,6 +593,36 @@ impl Trainer {
         }
         let seconds = self.carried_seconds + started.elapsed().as_secs_f64();
         Ok(EpochEnd::Done { epoch, seconds, lr })
+    }
+
+    /// Hands the step to the policy: completes the on-demand observations
+    /// (the accumulated gradient norms include the step), lets the policy
+    /// decide, and takes the reference snapshot it asked for. The inner
+    /// error is the policy's.
+    fn decide(
+        &mut self,
+        out: &StepOut,
+        y_host: &Tensor,
+        at: StepAt,
+        mut more: MoreData,
+        frontier: usize,
+    ) -> Result<Result<StepOutcome>> {
+        if let Some(o) = &self.observer {
+            o.after_step(&mut *self.engine, &mut more, frontier);
+        }
+        let dim = self.engine.model().feature_dim();
+        let outcome = match observe_with(&mut self.driver, out, y_host, dim, at, &more) {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(o) = &mut self.observer {
+            let (engine, kind, step) = (&*self.engine, outcome.reference(), at.step);
+            torch_guard(
+                || format!("taking the reference snapshot after step {step}"),
+                || o.take_reference(engine, kind, step),
+            )??;
+        }
+        Ok(Ok(outcome))
     }
 
     /// Evaluates, writes the epoch's metrics row and checkpoints; `Some`
@@ -1006,6 +991,37 @@ fn upload(t: &Tensor, device: Device) -> Tensor {
     } else {
         t.to_device(device)
     }
+}
+
+/// The probe batch of a policy that declares it: the first global batch's
+/// worth of samples of a fixed shuffle of the training set, the same on
+/// every rank. A training set not held in memory (an augmented image
+/// folder reads its files per batch) has none: such a policy is refused.
+fn probe_batch(
+    config: &RunConfig,
+    train: &Dataset,
+    world: usize,
+    driver: &PolicyDriver,
+) -> Result<Option<Tensor>> {
+    if !driver.needs().contains(Needs::PROBE_BATCH) {
+        return Ok(None);
+    }
+    if train.images.numel() == 0 {
+        return Err(UsageError(format!(
+            "policy `{}` asks for the probe batch (Needs::PROBE_BATCH), which needs a training \
+             set held in memory; an augmented image folder reads its files per batch (turn the \
+             augmentation off, or use a policy without it)",
+            driver.policy().map_or("?", |p| p.meta.name.as_str())
+        ))
+        .into());
+    }
+    let n = (config.train.batch * world as i64).min(train.len()).max(0) as usize;
+    let order = train.order(config.train.seed ^ PROBE_SEED, 0);
+    Ok(Some(
+        train
+            .images
+            .index_select(0, &Tensor::from_slice(&order[..n])),
+    ))
 }
 
 /// Mixed into the seed for the probe batch's shuffle.
