@@ -350,7 +350,7 @@ impl BlockObservations<'_> {
 
 /// What a contract-2 host adds to the [`Observation`] of a step: the
 /// on-demand observations the policy asked for at the previous step (empty
-/// buffers for the rest). Handed to [`FfiPolicy::decide_v2`].
+/// buffers for the rest). Handed to [`FfiPolicyV2::decide`].
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy)]
 pub struct ObservationV2<'a> {
@@ -515,7 +515,7 @@ pub struct PolicyModuleV2 {
 }
 
 /// The symbol a contract-2 policy plugin exports: an `extern "C" fn() ->`
-/// [`ContractRoot`].
+/// [`ContractV2Root`].
 pub const CONTRACT_2_SYMBOL: &[u8] = b"simfreeze_contract_2\0";
 
 /// What the contract-2 symbol returns: the module and its layout, which
