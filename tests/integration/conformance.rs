@@ -22,6 +22,7 @@ const POLICIES: &[&str] = &[
     "egeria",
     "pipetransformer",
     "layerfreezing",
+    "smartfrz",
 ];
 
 /// Options that make each policy act within a few dozen steps.
@@ -32,6 +33,7 @@ fn options(name: &str) -> &'static str {
         "template" => "(every: 3)",
         "egeria" => "(every: 2, window: 3, threshold: 0.5)",
         "pipetransformer" => "(branch: Gradient)",
+        "smartfrz" => "(every: Some(2))",
         _ => "",
     }
 }
@@ -48,6 +50,7 @@ fn static_test(name: &str) -> PolicyTest {
         "egeria" => policy_module::<simfreeze_field::Egeria>(),
         "pipetransformer" => policy_module::<simfreeze_field::PipeTransformer>(),
         "layerfreezing" => policy_module::<simfreeze_field::LayerFreezing>(),
+        "smartfrz" => policy_module::<simfreeze_field::SmartFrz>(),
         other => panic!("no static build of {other}"),
     };
     PolicyTest::new(module).unwrap().with_options(options(name))
