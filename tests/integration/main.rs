@@ -12,5 +12,6 @@ mod parity;
 mod reliability;
 mod run;
 mod simulate;
+mod sweep;
 mod template;
 mod tensorboard;

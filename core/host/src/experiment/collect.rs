@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
+use crate::error::Status;
+use crate::experiment::charts::plots;
+use crate::experiment::config::CompareConfig;
+use crate::experiment::job::last_run_dir;
+use crate::experiment::plan::{self, Job, LOCK_DIR};
+use crate::experiment::table::table;
+use crate::run::dir::{RunDir, SUMMARY_FILE};
 use crate::run::records::Summary;
 
 /// One fine-tuning run's result (a row of `results.csv`).
@@ -143,4 +150,137 @@ pub(super) fn last_epoch_gain(run_dir: &Path) -> Option<f64> {
         [.., a, b] => Some(b - a),
         _ => None,
     }
+}
+
+/// A fine-tune of the plan with no result yet.
+#[derive(Debug, Clone)]
+pub struct Unfinished {
+    /// Its index in the plan.
+    pub index: usize,
+    /// `label, seed N`.
+    pub job: String,
+    /// Not started, running, interrupted (resumable), or killed.
+    pub state: String,
+}
+
+/// Every fine-tune's row, in plan order, read from the runs in `exp`
+/// (the last run directory of each); a fine-tune with no ended run is a
+/// `missing` row and is listed as unfinished.
+pub fn rows(cfg: &CompareConfig, exp: &Path) -> (Vec<Row>, Vec<Unfinished>) {
+    let runs = exp.join("runs");
+    let mut rows = Vec::new();
+    let mut unfinished = Vec::new();
+    let mut baseline: Option<(u64, f64, f64)> = None;
+    for (index, job) in plan::jobs(cfg).into_iter().enumerate() {
+        let Job::Finetune {
+            label,
+            run_name,
+            seed,
+            family,
+            ..
+        } = &job
+        else {
+            continue;
+        };
+        let last = last_run_dir(&runs, &format!("{run_name}-s{seed}-"));
+        let summary = last
+            .as_ref()
+            .and_then(|d| RunDir::existing(d).read_json::<Summary>(SUMMARY_FILE).ok());
+        let is_baseline = label == "baseline";
+        if is_baseline {
+            baseline = None;
+        }
+        let mut row = match summary {
+            Some(s) if s.status == Status::Completed => {
+                let base = baseline.filter(|b| b.0 == *seed).map(|b| (b.1, b.2));
+                row_of(label, *seed, &s, is_baseline, base)
+            }
+            Some(s) if s.status == Status::Failed => failed_row(label, *seed, s.run_dir),
+            other => {
+                let locked = plan::is_locked(&exp.join(LOCK_DIR).join(format!("job-{index}.lock")));
+                let state = match (&last, other, locked) {
+                    (_, _, true) => "running".to_string(),
+                    (None, _, _) => "not started".to_string(),
+                    (Some(_), Some(_), _) => "interrupted (resumes from its checkpoint)".into(),
+                    (Some(d), None, _) => format!("stopped without a summary ({})", d.display()),
+                };
+                unfinished.push(Unfinished {
+                    index,
+                    job: job.describe(),
+                    state,
+                });
+                Row {
+                    status: "missing".into(),
+                    ..failed_row(label, *seed, last.unwrap_or_default())
+                }
+            }
+        };
+        row.family = family.clone();
+        if is_baseline && row.status == "completed" {
+            baseline = Some((*seed, row.top1.unwrap_or(f64::NAN), row.train_seconds));
+        }
+        rows.push(row);
+    }
+    (rows, unfinished)
+}
+
+/// What `--collect` and a finished comparison write in `exp`:
+/// `results.csv`, `table.md` (with a note on what has not finished) and
+/// the plots; prints the table. Returns the rows and what is unfinished.
+pub fn write_outputs(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<Unfinished>)> {
+    let _lock = plan::lock(
+        &exp.join(LOCK_DIR).join("collect.lock"),
+        "another process is collecting this experiment; waiting for it",
+    )?;
+    let (rows, unfinished) = rows(cfg, exp);
+    write_results(exp, &rows)?;
+    let mut table = table(cfg, &rows);
+    if !unfinished.is_empty() {
+        table.push_str(&format!(
+            "\nIncomplete: {} of {} fine-tunes have not finished (`missing` in results.csv); \
+             `simfreeze compare --collect` lists them with the command that runs each.\n",
+            unfinished.len(),
+            rows.len()
+        ));
+    }
+    fs::write(exp.join("table.md"), &table)?;
+    plots(cfg, exp, &rows)?;
+    println!("{table}");
+    eprintln!("experiment directory: {}", exp.display());
+    Ok((rows, unfinished))
+}
+
+/// The unfinished and failed fine-tunes, each with the command that
+/// (re)runs it; empty when every fine-tune completed.
+pub fn rerun_list(
+    cfg: &CompareConfig,
+    exp: &Path,
+    rows: &[Row],
+    unfinished: &[Unfinished],
+) -> String {
+    let mut s = String::new();
+    for u in unfinished {
+        s.push_str(&format!(
+            "  job {} ({}): {}\n    {}\n",
+            u.index,
+            u.job,
+            u.state,
+            plan::job_command(exp, u.index)
+        ));
+    }
+    let offset = usize::from(cfg.pretrain.is_some());
+    for (i, r) in rows.iter().enumerate() {
+        if r.status == "failed" {
+            s.push_str(&format!(
+                "  job {} ({}, seed {}): failed (kept as a failed row); to run it again, remove \
+                 {} and run\n    {}\n",
+                i + offset,
+                r.policy,
+                r.seed,
+                r.run_dir.display(),
+                plan::job_command(exp, i + offset)
+            ));
+        }
+    }
+    s
 }

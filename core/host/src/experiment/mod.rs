@@ -5,9 +5,10 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the experiment file, its grids expanded into points, the pretraining cache key |
-//! | [`compare`] | the whole comparison in one process, and its resume |
+//! | [`plan`] | the comparison as a plan of jobs: the experiment directory, the job list with stable indices, the locks |
+//! | [`compare`] | the whole comparison in one process (or `--parallel` child processes), and its resume |
 //! | [`job`] | one job: the pretraining, or one fine-tune (kept, resumed or started) |
-//! | [`collect`] | the rows read back from the runs, `results.csv` |
+//! | [`collect`] | the rows read back from the runs of whatever finished, `results.csv`, the outputs |
 //! | [`table`] | the Markdown table and the regime verdict |
 //! | [`fronts`] | Pareto fronts over a grid's points |
 //! | [`charts`] | the comparison's charts, drawn by [`plot`] |
@@ -21,5 +22,6 @@ pub mod compare;
 pub mod config;
 pub mod fronts;
 pub mod job;
+pub mod plan;
 pub mod plot;
 pub mod table;
