@@ -12,6 +12,7 @@ mod parity;
 mod reliability;
 mod run;
 mod simulate;
+mod slurm;
 mod sweep;
 mod template;
 mod tensorboard;

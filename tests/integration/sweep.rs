@@ -27,6 +27,15 @@ fn finish(child: Child) -> String {
     stderr
 }
 
+/// The pretraining cache's lock file, once the pretraining has taken it.
+fn pretrain_lock(dir: &Path) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir.join("exp"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path().join("pretrain.lock"))
+        .find(|p| p.is_file())
+}
+
 /// Every run directory under `exp/runs`, sorted.
 fn run_dirs(exp: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(exp.join("runs"))
@@ -89,9 +98,15 @@ fn planned_jobs_run_at_once_and_collect_to_the_sequential_results() {
 
     // The pretraining, while two fine-tunes already wait for it.
     let pre = spawn_job(&exp, 0);
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    while pretrain_lock(dir.path()).is_none() {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let early = [spawn_job(&exp, 1), spawn_job(&exp, 2)];
     finish(pre);
+    // Each waited for the pretraining's lock or found its weights: none
+    // was refused.
     for c in early {
         finish(c);
     }

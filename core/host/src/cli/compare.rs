@@ -12,6 +12,7 @@ use crate::experiment::collect::{rerun_list, write_outputs};
 use crate::experiment::compare::{self, CompareConfig, Schedule};
 use crate::experiment::job::{run_job, Outcome};
 use crate::experiment::plan;
+use crate::experiment::slurm::{self, SlurmOptions};
 use crate::run::RunControl;
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +57,43 @@ pub(super) struct CompareArgs {
     /// threads split between them.
     #[arg(long, value_name = "N")]
     parallel: Option<usize>,
+    /// Plan the comparison and write Slurm batch scripts for it (in
+    /// `<experiment>/slurm/`): the pretraining as one job, the fine-tunes
+    /// as a job array after it, the collect after the array.
+    #[arg(long, requires = "config", conflicts_with_all = ["parallel", "plan"])]
+    slurm: bool,
+    /// With `--slurm`: submit the scripts with `sbatch` and print the job ids.
+    #[arg(long, requires = "slurm")]
+    submit: bool,
+    #[command(flatten)]
+    sbatch: SbatchArgs,
+}
+
+/// What every Slurm job asks for (with `--slurm`).
+#[derive(Debug, clap::Args)]
+struct SbatchArgs {
+    /// Slurm partition.
+    #[arg(long, requires = "slurm")]
+    partition: Option<String>,
+    /// GPUs per job (`--gpus`).
+    #[arg(long, requires = "slurm", value_name = "N")]
+    gpus_per_job: Option<u32>,
+    /// CPUs per job (`--cpus-per-task`; also each fine-tune's threads).
+    #[arg(long, requires = "slurm", value_name = "N")]
+    cpus_per_job: Option<u32>,
+    /// Time limit per job, in Slurm's format (e.g. `4:00:00`).
+    #[arg(long, requires = "slurm", value_name = "T")]
+    time: Option<String>,
+    /// Memory per job (e.g. `32G`).
+    #[arg(long, requires = "slurm")]
+    mem: Option<String>,
+    /// At most this many array tasks at once.
+    #[arg(long, requires = "slurm", value_name = "K")]
+    max_running: Option<u32>,
+    /// Any other sbatch option, verbatim (repeatable), e.g.
+    /// `--sbatch-arg=--account=lab`.
+    #[arg(long = "sbatch-arg", requires = "slurm", value_name = "OPTION")]
+    sbatch_args: Vec<String>,
 }
 
 pub(super) fn compare_cmd(a: CompareArgs, search: &SearchPath, control: RunControl) -> Result<()> {
@@ -90,6 +128,9 @@ pub(super) fn compare_cmd(a: CompareArgs, search: &SearchPath, control: RunContr
         compare::plan_only(&cfg, search)?;
         return Ok(());
     }
+    if a.slurm {
+        return slurm_cmd(&cfg, search, a.sbatch, a.submit);
+    }
     compare::compare(&cfg, search, &control, schedule)?;
     Ok(())
 }
@@ -117,6 +158,37 @@ fn job_cmd(
                 s.run_dir.display()
             ),
         },
+    }
+    Ok(())
+}
+
+fn slurm_cmd(cfg: &CompareConfig, search: &SearchPath, o: SbatchArgs, submit: bool) -> Result<()> {
+    let exp = compare::plan_only(cfg, search)?;
+    let opts = SlurmOptions {
+        partition: o.partition,
+        gpus_per_job: o.gpus_per_job,
+        cpus_per_job: o.cpus_per_job,
+        time: o.time,
+        mem: o.mem,
+        max_running: o.max_running,
+        extra: o.sbatch_args,
+    };
+    let scripts = slurm::write(&exp, &plan::jobs(&plan::load(&exp)?), &opts)?;
+    println!(
+        "Slurm scripts: {} (submit all three with {})",
+        scripts.array.parent().unwrap_or(&exp).display(),
+        scripts.submit.display()
+    );
+    if submit {
+        let ids = slurm::submit(&scripts)?;
+        println!(
+            "submitted: pretraining {}, fine-tunes array {} (tasks {}-{}), collect {}",
+            ids.pretrain.as_deref().unwrap_or("none"),
+            ids.array,
+            scripts.tasks.0,
+            scripts.tasks.1,
+            ids.collect
+        );
     }
     Ok(())
 }

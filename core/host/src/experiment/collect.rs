@@ -12,6 +12,7 @@ use crate::experiment::charts::plots;
 use crate::experiment::config::CompareConfig;
 use crate::experiment::job::last_run_dir;
 use crate::experiment::plan::{self, Job, LOCK_DIR};
+use crate::experiment::slurm::{ARRAY_SCRIPT, SLURM_DIR};
 use crate::experiment::table::table;
 use crate::run::dir::{RunDir, SUMMARY_FILE};
 use crate::run::records::Summary;
@@ -267,6 +268,9 @@ pub fn rerun_list(
             u.state,
             plan::job_command(exp, u.index)
         ));
+        if let Some(sbatch) = array_script(exp) {
+            s.push_str(&format!("    or: sbatch --array={} {sbatch}\n", u.index));
+        }
     }
     let offset = usize::from(cfg.pretrain.is_some());
     for (i, r) in rows.iter().enumerate() {
@@ -283,4 +287,11 @@ pub fn rerun_list(
         }
     }
     s
+}
+
+/// The Slurm array script of `exp`, when `--slurm` wrote one.
+fn array_script(exp: &Path) -> Option<String> {
+    let p = exp.join(SLURM_DIR).join(ARRAY_SCRIPT);
+    let p = fs::canonicalize(p).ok()?;
+    Some(p.display().to_string())
 }

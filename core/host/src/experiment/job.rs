@@ -228,7 +228,7 @@ pub enum Outcome {
     /// The pretraining is in the cache.
     Pretrained,
     /// The fine-tune ended (completed or failed: its summary says which).
-    Finetuned(Summary),
+    Finetuned(Box<Summary>),
 }
 
 /// Runs job `index` of the experiment in `exp`: a finished job is kept as
@@ -270,7 +270,7 @@ pub fn run_job(
         run_cfg.train.threads = i32::try_from(threads).unwrap_or(i32::MAX);
     }
     finetune(run_cfg, search, control)
-        .map(Outcome::Finetuned)
+        .map(|s| Outcome::Finetuned(Box::new(s)))
         .map_err(|e| match e.downcast::<RunStopped>() {
             Ok(s) => RunStopped {
                 resume: format!("\nresume it with: {}", plan::job_command(exp, index)),

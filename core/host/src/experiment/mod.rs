@@ -11,6 +11,7 @@
 //! | [`collect`] | the rows read back from the runs of whatever finished, `results.csv`, the outputs |
 //! | [`table`] | the Markdown table and the regime verdict |
 //! | [`fronts`] | Pareto fronts over a grid's points |
+//! | [`slurm`] | the plan as Slurm batch scripts: the pretraining, the fine-tunes' job array, the collect |
 //! | [`charts`] | the comparison's charts, drawn by [`plot`] |
 //!
 //! Each fine-tune is an ordinary run (`crate::run`); this layer only
@@ -24,4 +25,5 @@ pub mod fronts;
 pub mod job;
 pub mod plan;
 pub mod plot;
+pub mod slurm;
 pub mod table;
