@@ -3,8 +3,10 @@
 # the release workspace (host and every plugin). Idempotent: a re-run checks
 # each step and skips what is already in place.
 #
-#   1. Fashion-MNIST from Debian's `dataset-fashion-mnist` and the DejaVu fonts
-#      for the PNG plots (when apt exists);
+#   1. Fashion-MNIST from Debian's `dataset-fashion-mnist`, the DejaVu fonts
+#      for the PNG plots, and `slurm-wlm` and `munge` for the test that runs a
+#      comparison on a real single-node Slurm (scripts/slurm-local.sh), when
+#      apt exists;
 #   2. a Python environment with torch==2.11.0 from PyPI, kept once per machine
 #      in $SIMFREEZE_CACHE (default ~/.cache/simfreeze) and linked as `.venv`;
 #   3. `.libtorch`, a stable link to that torch, which `.cargo/config.toml`
@@ -25,8 +27,10 @@ fmnist=/usr/share/datasets/fashion-mnist
 packages=()
 [ -f "$fmnist/train-images-idx3-ubyte.gz" ] || packages+=(dataset-fashion-mnist)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || packages+=(fonts-dejavu-core)
+command -v slurmctld >/dev/null 2>&1 || packages+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || packages+=(munge)
 if [ ${#packages[@]} -eq 0 ]; then
-    say "Fashion-MNIST present in $fmnist; DejaVu fonts present"
+    say "Fashion-MNIST present in $fmnist; DejaVu fonts, Slurm and munge present"
 elif command -v apt-get >/dev/null 2>&1; then
     say "installing Debian packages: ${packages[*]}"
     sudo_cmd=""

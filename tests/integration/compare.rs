@@ -3,7 +3,7 @@
 
 use simfreeze_tests::{simfreeze, text};
 
-fn config(dir: &std::path::Path) -> std::path::PathBuf {
+pub(crate) fn config(dir: &std::path::Path) -> std::path::PathBuf {
     let cfg = format!(
         r#"(
     name: "tiny",
@@ -27,7 +27,7 @@ fn config(dir: &std::path::Path) -> std::path::PathBuf {
 
 /// `simfreeze compare --config cfg --set set`; asserts success and returns
 /// its standard error.
-fn compare_ok(cfg: &std::path::Path, set: &str) -> String {
+pub(crate) fn compare_ok(cfg: &std::path::Path, set: &str) -> String {
     let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", set]);
     let (_, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -171,7 +171,7 @@ fn compare_config_holes_are_refused_before_anything_trains() {
 
 /// results.csv without the wall-clock columns (wall speedup, seconds) and
 /// the run directories.
-fn results_without_wall(exp: &std::path::Path) -> Vec<String> {
+pub(crate) fn results_without_wall(exp: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(exp.join("results.csv"))
         .unwrap()
         .lines()

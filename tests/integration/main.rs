@@ -12,6 +12,8 @@ mod parity;
 mod reliability;
 mod run;
 mod simulate;
+mod slurm;
 mod smartfrz;
+mod sweep;
 mod template;
 mod tensorboard;

@@ -3,6 +3,7 @@
 //! search path is built here, once per command, and passed down. Exit codes
 //! are documented and computed in [`crate::error`].
 
+mod compare;
 mod print;
 
 use std::path::PathBuf;
@@ -17,7 +18,6 @@ use crate::bench::{bench, BenchSpec};
 use crate::config::{DataSource, PolicySection, RunConfig};
 use crate::engine::{Engine, SingleEngine};
 use crate::error::{exit_code, UsageError};
-use crate::experiment::compare::{compare, CompareConfig};
 use crate::plan::{self, Plan};
 use crate::run::{self, RunControl};
 
@@ -59,7 +59,7 @@ enum Command {
     Eval(EvalArgs),
     /// Pretrain on a source task (cached), fine-tune on the target with
     /// the baseline and each policy, print the table, write plots.
-    Compare(CompareArgs),
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -77,21 +77,6 @@ struct EvalArgs {
     /// Print one JSON object `{"top1": X, "n": N}` on stdout.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Debug, clap::Args)]
-struct CompareArgs {
-    /// The RON experiment file (e.g. configs/quickstart.ron).
-    #[arg(long, required_unless_present = "resume")]
-    config: Option<PathBuf>,
-    /// Continue the experiment in this directory (finished fine-tunes kept,
-    /// an interrupted one resumed, the rest run).
-    #[arg(long, conflicts_with_all = ["config", "sets"])]
-    resume: Option<PathBuf>,
-    /// Override a config value, e.g. `--set finetune.train.epochs=1`
-    /// or `--set seeds=[0,1]` (value is RON).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    sets: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -338,20 +323,12 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn compare_cmd(a: CompareArgs, search: &SearchPath) -> Result<()> {
+fn compare_cmd(a: compare::CompareArgs, search: &SearchPath) -> Result<()> {
     let control = RunControl {
         stop_after: None,
         interrupt: Some(interrupt_flag()?),
     };
-    if let Some(dir) = &a.resume {
-        crate::experiment::compare::resume(dir, search, &control)?;
-        return Ok(());
-    }
-    let config = a.config.expect("clap requires --config without --resume");
-    let cfg = CompareConfig::load(&config)?;
-    let cfg = crate::config::apply_overrides(cfg, &a.sets)?;
-    compare(&cfg, search, &control)?;
-    Ok(())
+    compare::compare_cmd(a, search, control)
 }
 
 fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
