@@ -27,8 +27,12 @@ for attempt in $(seq "$attempts"); do
     for i in "${!bins[@]}"; do
         bin=${bins[$i]}
         out="$tmp/runs-$i-$attempt"
-        "$bin" run --config "$config" --set train.epochs=1 --set data.train_limit=6400 \
-            --set data.eval_limit=256 --set "output=\"$out\"" > /dev/null 2>&1
+        if ! "$bin" run --config "$config" --set train.epochs=1 --set data.train_limit=6400 \
+            --set data.eval_limit=256 --set "output=\"$out\"" > "$tmp/run.log" 2>&1; then
+            echo "run failed ($bin, attempt $attempt):" >&2
+            tail -5 "$tmp/run.log" >&2
+            exit 1
+        fi
         summary=$(ls "$out"/*/summary.json)
         ips=$("$bin" bench --config "$config" --batch 64 --frozen 0 --steps 20 --rounds "$rounds" \
             --warmup 3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["images_per_sec"])')
