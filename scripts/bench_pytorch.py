@@ -1,20 +1,30 @@
 """PyTorch eager reference for `simfreeze bench`: timm's VisionTransformer of
-the same shape, trained with SGD (momentum 0.9, foreach) on random inputs,
-the frozen prefix run under no_grad and detached, like simfreeze does.
+the same shape (`--impl timm`), or the timm-identical model of
+scripts/vit_reference.py (`--impl reference`, for machines without timm),
+trained with SGD (momentum 0.9, foreach) on random inputs, the frozen prefix
+run under no_grad and detached, like simfreeze does.
 
-Prints one JSON object: {"batch", "threads", "results": [{"frozen", "images_per_sec"}]}.
+Prints one JSON object: {"batch", "threads", "device", "precision", "impl",
+"results": [{"frozen", "images_per_sec", "max_memory_mib"}]}.
 Timing: `warmup` untimed steps per K, then `rounds` rounds of `steps` steps,
-the Ks interleaved, best round per K (the same protocol as simfreeze bench).
+the Ks interleaved, best round per K (the same protocol as simfreeze bench);
+on CUDA the device is synchronised around each timed round, and
+`max_memory_mib` is torch.cuda.max_memory_allocated over two steps of that K
+alone (null on the CPU). `--precision bf16` runs the forward under bf16
+autocast, as simfreeze's `train.precision: Bf16`; on CUDA float32 matrix
+products use TF32 (set_float32_matmul_precision("high")), as simfreeze's.
 """
 import argparse
+import contextlib
 import json
+import os
+import sys
 import time
 import warnings
 
 warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 
 def main():
@@ -32,16 +42,38 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--impl", choices=["timm", "reference"], default="timm")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    m = VisionTransformer(
-        img_size=a.image_size, patch_size=a.patch, in_chans=a.channels,
-        num_classes=a.classes, embed_dim=a.dim, depth=a.depth, num_heads=a.heads,
-        mlp_ratio=4.0, global_pool="token",
-    )
-    x = torch.randn(a.batch, a.channels, a.image_size, a.image_size)
-    y = torch.randint(0, a.classes, (a.batch,))
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high")
+    shape = dict(img_size=a.image_size, patch_size=a.patch, in_chans=a.channels,
+                 num_classes=a.classes, embed_dim=a.dim, depth=a.depth, num_heads=a.heads,
+                 mlp_ratio=4.0)
+    if a.impl == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+        m = VisionTransformer(**shape, global_pool="token")
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from vit_reference import VisionTransformer
+        m = VisionTransformer(**shape)
+    m = m.to(dev)
+    x = torch.randn(a.batch, a.channels, a.image_size, a.image_size, device=dev)
+    y = torch.randint(0, a.classes, (a.batch,), device=dev)
+
+    def autocast():
+        if a.precision == "bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
 
     def forward(k):
         if k > 0:
@@ -71,7 +103,8 @@ def main():
     def run(k, n):
         opt = opts[k]
         for _ in range(n):
-            loss = F.cross_entropy(forward(k), y)
+            with autocast():
+                loss = F.cross_entropy(forward(k), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -82,12 +115,24 @@ def main():
     best = {k: 0.0 for k in a.frozen}
     for _ in range(a.rounds):
         for k in a.frozen:
+            sync()
             t = time.perf_counter()
             run(k, a.steps)
+            sync()
             best[k] = max(best[k], a.steps * a.batch / (time.perf_counter() - t))
+    memory = {k: None for k in a.frozen}
+    if cuda:
+        for k in a.frozen:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            run(k, 2)
+            sync()
+            memory[k] = torch.cuda.max_memory_allocated(dev) / 2**20
     print(json.dumps({
-        "batch": a.batch, "threads": torch.get_num_threads(),
-        "results": [{"frozen": k, "images_per_sec": best[k]} for k in a.frozen],
+        "batch": a.batch, "threads": torch.get_num_threads(), "device": str(dev),
+        "precision": a.precision, "impl": a.impl,
+        "results": [{"frozen": k, "images_per_sec": best[k], "max_memory_mib": memory[k]}
+                    for k in a.frozen],
     }))
 
 

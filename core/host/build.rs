@@ -8,7 +8,8 @@
 //! For the `simfreeze` crate itself it also compiles two small C++ shims
 //! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
 //! offers float16), `csrc/sgd.cpp` and `csrc/adamw.cpp` (libtorch's fused
-//! SGD and AdamW steps) and `csrc/dist.cpp` (c10d's TCPStore,
+//! SGD and AdamW steps), `csrc/foreach.cpp` (one-kernel gradient norms
+//! and scaling, CUDA's TF32 matmul setting) and `csrc/dist.cpp` (c10d's TCPStore,
 //! ProcessGroupGloo and, when the CUDA headers are there, ProcessGroupNCCL
 //! for data-parallel runs).
 use std::path::Path;
@@ -38,6 +39,7 @@ fn main() {
             .file("csrc/autocast.cpp")
             .file("csrc/sgd.cpp")
             .file("csrc/adamw.cpp")
+            .file("csrc/foreach.cpp")
             .include(torch.join("include"))
             .flag("-std=c++17")
             .warnings(false)
@@ -66,6 +68,7 @@ fn main() {
         println!("cargo:rerun-if-changed=csrc/autocast.cpp");
         println!("cargo:rerun-if-changed=csrc/sgd.cpp");
         println!("cargo:rerun-if-changed=csrc/adamw.cpp");
+        println!("cargo:rerun-if-changed=csrc/foreach.cpp");
         println!("cargo:rerun-if-changed=csrc/dist.cpp");
         println!("cargo:rerun-if-changed=csrc/gloo-decl");
     }

@@ -352,3 +352,44 @@ fn block_observations_match_timm_hooks_and_numpy() {
         );
     }
 }
+
+/// The PyTorch eager ViT of `scripts/vit_reference.py` (what the GPU check
+/// trains as PyTorch's side, on a machine without timm) against timm's
+/// `VisionTransformer` on the same weights: logits and every gradient
+/// within 1e-5, at a small shape and at the 224-pixel, patch-16 geometry
+/// of ViT-B/16.
+#[test]
+fn the_pytorch_reference_vit_matches_timm() {
+    let script = simfreeze_tests::repo_root().join("scripts/vit_reference.py");
+    for extra in [
+        &[][..],
+        &[
+            "--image-size",
+            "224",
+            "--patch",
+            "16",
+            "--dim",
+            "96",
+            "--depth",
+            "2",
+            "--heads",
+            "3",
+            "--batch",
+            "2",
+        ][..],
+    ] {
+        let out = Command::new(venv_python())
+            .args(["-W", "ignore"])
+            .arg(&script)
+            .arg("--check")
+            .args(extra)
+            .output()
+            .expect("run python");
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{extra:?}:\n{stdout}\n{stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["ok"], true, "{v}");
+        assert!(v["logits_max_abs_diff"].as_f64().unwrap() <= 1e-5, "{v}");
+        assert!(v["parameters"].as_u64().unwrap() > 20, "{v}");
+    }
+}

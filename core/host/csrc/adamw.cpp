@@ -5,10 +5,12 @@
 // Tensors cross as tch's handles (`at::Tensor*`); a C++ exception is caught
 // here and its message returned, never thrown into Rust.
 #include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
 
 #include <optional>
+#include <vector>
 
 #include "shim.h"
 
@@ -41,9 +43,8 @@ int simfreeze_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads,
         at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false,
                           std::nullopt, skip);
         if (found_inf) {
-            for (const auto& t : s) {
-                t.sub_(*found_inf);
-            }
+            // One kernel for every step count, as torch.optim's fused AdamW.
+            at::_foreach_sub_(s, std::vector<at::Tensor>(n, *found_inf));
         }
         return 0;
     });

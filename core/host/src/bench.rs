@@ -17,7 +17,7 @@ use crate::engine::dist::{Backend, DistEnv, ProcessGroup};
 use crate::engine::observer::Observer;
 use crate::engine::optim::Recipe;
 use crate::engine::{
-    observe_with, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
+    observe_with, reads, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
 };
 use crate::memory;
 use crate::model::precision::Precision;
@@ -40,6 +40,26 @@ pub struct BenchResult {
     pub comm_share: Option<f64>,
     /// Data-parallel: bytes of gradients all-reduced per step.
     pub allreduce_bytes: Option<u64>,
+    /// Seconds per step the main thread spent outside the engine's step
+    /// (the batch, the policy loop), in the best round.
+    pub host_seconds_per_step: f64,
+    /// Host reads per step inside the engine's step (`engine::reads`).
+    pub host_reads_per_step: f64,
+}
+
+/// What one stretch of steps measured.
+#[derive(Default)]
+struct Timed {
+    /// Seconds in the policy loop.
+    in_policy: f64,
+    /// Seconds in collectives.
+    in_comm: f64,
+    /// Bytes all-reduced per step.
+    bytes: u64,
+    /// Seconds outside the engine's step.
+    outside: f64,
+    /// Host reads inside the engine's step.
+    reads: u64,
 }
 
 /// What a bench measured, and where (under torchrun, every rank measures;
@@ -135,11 +155,10 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     let total = spec.steps * u64::from(spec.rounds.max(1)) * spec.frozen.len() as u64
         + spec.warmup * spec.frozen.len() as u64;
     let mut step = 0u64;
-    // Returns seconds spent in the policy loop and in collectives, and the
-    // bytes all-reduced per step.
-    let mut run = |k: usize, n: u64| -> Result<(f64, f64, u64)> {
-        let (mut in_policy, mut in_comm, mut bytes) = (0.0, 0.0, 0);
+    let mut run = |k: usize, n: u64| -> Result<Timed> {
+        let mut m = Timed::default();
         for _ in 0..n {
+            let iteration = Instant::now();
             // Random data at a tiny lr cannot diverge; an Err would only
             // mean that step updated nothing. The step reads the loss, so
             // it synchronises like a real one.
@@ -149,21 +168,25 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
                 Some(o) => o.before_step(&*engine, &input, driver.state().observe())?,
                 None => MoreData::default(),
             };
-            in_policy += t.elapsed().as_secs_f64();
+            m.in_policy += t.elapsed().as_secs_f64();
             let plan = StepPlan {
                 features: has_policy && needs.contains(Needs::CLS_FEATURES),
                 accumulate: observer.as_ref().is_some_and(Observer::accumulates),
                 ..StepPlan::simple(1e-4, k)
             };
-            let out = match engine.step(input, &y, &plan) {
+            let (in_step, reads_before) = (Instant::now(), reads::count());
+            let stepped = engine.step(input, &y, &plan);
+            let step_seconds = in_step.elapsed().as_secs_f64();
+            m.reads += reads::count() - reads_before;
+            let out = match stepped {
                 Ok(out) => out,
                 Err(StepError::Diverged(_)) => continue,
                 Err(StepError::Torch(e)) => return Err(e.into()),
                 Err(StepError::Comm(e)) => return Err(e.into()),
             };
             if let Some(c) = out.comm {
-                in_comm += c.seconds;
-                bytes = c.bytes;
+                m.in_comm += c.seconds;
+                m.bytes = c.bytes;
             }
             if has_policy {
                 let t = Instant::now();
@@ -182,11 +205,12 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
                 if let Some(o) = &mut observer {
                     o.take_reference(&*engine, outcome.reference(), step)?;
                 }
-                in_policy += t.elapsed().as_secs_f64();
+                m.in_policy += t.elapsed().as_secs_f64();
             }
             step += 1;
+            m.outside += (iteration.elapsed().as_secs_f64() - step_seconds).max(0.0);
         }
-        Ok((in_policy, in_comm, bytes))
+        Ok(m)
     };
     let n = spec.frozen.len();
     let (mut best, mut overhead, mut peak) = (
@@ -195,6 +219,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
         vec![None::<f64>; n],
     );
     let (mut comm_share, mut comm_bytes) = (vec![0.0f64; n], vec![0u64; n]);
+    let (mut host, mut reads_per_step) = (vec![0.0f64; n], vec![0.0f64; n]);
     for &k in spec.frozen {
         run(k, spec.warmup)?;
     }
@@ -204,16 +229,19 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
             // queued kernels do not count against this one.
             synchronize(device);
             let t = Instant::now();
-            let (in_policy, in_comm, bytes) = run(k, spec.steps)?;
+            let m = run(k, spec.steps)?;
             synchronize(device);
             let secs = t.elapsed().as_secs_f64();
             let ips = spec.steps as f64 * (batch * world as i64) as f64 / secs;
+            let per_step = spec.steps.max(1) as f64;
             if ips > best[i] {
                 best[i] = ips;
-                comm_share[i] = in_comm / secs;
+                comm_share[i] = m.in_comm / secs;
+                host[i] = m.outside / per_step;
             }
-            comm_bytes[i] = bytes;
-            overhead[i] = overhead[i].min(in_policy / secs);
+            reads_per_step[i] = m.reads as f64 / per_step;
+            comm_bytes[i] = m.bytes;
+            overhead[i] = overhead[i].min(m.in_policy / secs);
         }
     }
     // Memory in a pass of its own, after the timing: the process keeps
@@ -233,6 +261,8 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
             policy_overhead: has_policy.then_some(overhead[i]),
             comm_share: group.is_some().then_some(comm_share[i]),
             allreduce_bytes: group.is_some().then_some(comm_bytes[i]),
+            host_seconds_per_step: host[i],
+            host_reads_per_step: reads_per_step[i],
         })
         .collect();
     Ok(BenchRun {

@@ -70,7 +70,7 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
     )?;
     writeln!(
         out,
-        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share  comm share  all-reduced/step"
+        "frozen    img/s  speedup  model 3L/(3L-2K)  peak RSS  policy share  comm share  all-reduced/step  host ms/step  reads/step"
     )?;
     let base = results
         .iter()
@@ -97,8 +97,11 @@ pub fn bench(h: &BenchHeader<'_>, results: &[BenchResult], json: bool) -> Result
         });
         writeln!(
             out,
-            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}  {comm:>10}  {bytes:>16}",
-            r.frozen, r.images_per_sec
+            "{:>6}  {:>7.1}  {measured:>7}  {model_speedup:>15.2}x  {rss:>8}  {share:>12}  {comm:>10}  {bytes:>16}  {:>12.3}  {:>10.1}",
+            r.frozen,
+            r.images_per_sec,
+            1e3 * r.host_seconds_per_step,
+            r.host_reads_per_step
         )?;
     }
     Ok(())

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use simfreeze_runtime::rng::Rng;
 
@@ -453,6 +453,16 @@ impl Augmenter {
         ))
     }
 
+    /// The augmented batch of samples `idx` as bytes, `[B, C, size, size]`
+    /// uint8 (the same draws as [`Self::batch`], not normalised).
+    pub fn batch_bytes(&self, idx: &[i64], seed: u64, epoch: u64) -> Result<Tensor, DataError> {
+        let (c, size) = (self.channels, self.size as i64);
+        let bytes = fill_parallel(idx, (c * size * size) as usize, |i, out| {
+            self.sample(*i as usize, seed, epoch, out)
+        })?;
+        Ok(Tensor::from_slice(&bytes).reshape([idx.len() as i64, c, size, size]))
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.images.len()
@@ -464,28 +474,79 @@ impl Augmenter {
     }
 }
 
-/// Batches of one epoch built ahead of the trainer on a background thread
-/// (at most `depth` waiting), so decoding and augmentation overlap the
-/// training step.
+/// Where a [`Prefetch`] thread takes its batches from.
+pub enum Source {
+    /// Image files, decoded and augmented per batch (random resized crop,
+    /// flip).
+    Augment(std::sync::Arc<Augmenter>),
+    /// Images held in memory, `[N, C, H, W]` float32, normalised (a
+    /// shallow copy of the dataset's tensor).
+    Memory(Tensor),
+}
+
+/// One training batch in host memory, as the prefetch thread left it.
+pub struct HostBatch {
+    /// `[B, C, H, W]`: float32, normalised; or, for augmented batches
+    /// bound for a GPU, the bytes (uint8), normalised on the device by
+    /// [`Prefetch::to_device`].
+    pub images: Tensor,
+    /// `[B]` i64.
+    pub labels: Tensor,
+}
+
+/// Batches of one epoch assembled ahead of the trainer on a background
+/// thread (at most `depth` waiting): the samples selected (or decoded and
+/// augmented), the labels with them, and for a GPU pinned, so that the
+/// main thread only queues their non-blocking upload. Augmented batches
+/// for a GPU stay bytes (a quarter of float32's) and are normalised on the
+/// device; on the CPU every batch is built exactly as before.
 pub struct Prefetch {
-    rx: std::sync::mpsc::Receiver<Result<Tensor, DataError>>,
+    rx: std::sync::mpsc::Receiver<Result<HostBatch, DataError>>,
+    /// Mean and std of bytes normalised on the device.
+    stats: Option<(Vec<f64>, Vec<f64>)>,
     _worker: std::thread::JoinHandle<()>,
 }
 
 impl Prefetch {
-    /// Starts producing the batches of `order` from batch `first` on.
+    /// Starts producing the batches of `order` (with their `labels`, all
+    /// of the dataset's) from batch `first` on, for `device`.
     pub fn start(
-        aug: std::sync::Arc<Augmenter>,
+        source: Source,
+        labels: &Tensor,
         order: Vec<i64>,
-        batch: usize,
-        first: usize,
+        (batch, first, depth): (usize, usize, usize),
         (seed, epoch): (u64, u64),
-        depth: usize,
+        device: Device,
     ) -> Prefetch {
         let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
+        let gpu = device.is_cuda();
+        let stats = match (&source, gpu) {
+            (Source::Augment(a), true) => Some((a.mean.clone(), a.std.clone())),
+            _ => None,
+        };
+        let labels = labels.shallow_clone();
         let worker = std::thread::spawn(move || {
             for b in first..order.len() / batch {
-                let out = aug.batch(&order[b * batch..(b + 1) * batch], seed, epoch);
+                let idx = &order[b * batch..(b + 1) * batch];
+                let rows = Tensor::from_slice(idx);
+                let images = match &source {
+                    Source::Augment(a) if gpu => a.batch_bytes(idx, seed, epoch),
+                    Source::Augment(a) => a.batch(idx, seed, epoch),
+                    Source::Memory(all) => Ok(all.index_select(0, &rows)),
+                };
+                let out = images.map(|images| {
+                    let labels = labels.index_select(0, &rows);
+                    match gpu {
+                        // `_pin_memory`: `pin_memory(device)` prints a
+                        // deprecation warning on every call in libtorch
+                        // 2.11.
+                        true => HostBatch {
+                            images: images.internal_pin_memory(device),
+                            labels: labels.internal_pin_memory(device),
+                        },
+                        false => HostBatch { images, labels },
+                    }
+                });
                 let failed = out.is_err();
                 if tx.send(out).is_err() || failed {
                     return;
@@ -494,15 +555,29 @@ impl Prefetch {
         });
         Prefetch {
             rx,
+            stats,
             _worker: worker,
         }
     }
 
     /// The next batch.
-    pub fn next(&self) -> Result<Tensor, DataError> {
+    pub fn next(&self) -> Result<HostBatch, DataError> {
         self.rx
             .recv()
-            .map_err(|_| DataError::Invalid("the augmentation thread stopped early".into()))?
+            .map_err(|_| DataError::Invalid("the batch thread stopped early".into()))?
+    }
+
+    /// `images` of a batch on `device` (a non-blocking copy from pinned
+    /// memory on a GPU), normalised there when they came as bytes.
+    pub fn to_device(&self, images: &Tensor, device: Device) -> Tensor {
+        let on = match device.is_cuda() {
+            true => images.to_device_(device, images.kind(), true, false),
+            false => images.to_device(device),
+        };
+        match (&self.stats, images.kind()) {
+            (Some((mean, std)), tch::Kind::Uint8) => normalise_tensor(on, mean, std),
+            _ => on,
+        }
     }
 }
 
@@ -581,15 +656,22 @@ fn fill_parallel<T: Sync>(
 /// `[N, C, H, W]` bytes to `(x / 255 - mean) / std` in float32, in place:
 /// the float tensor is the only full-size copy left alive.
 fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tensor {
-    let c = shape[1];
-    let mut x = Tensor::from_slice(&bytes)
-        .reshape(shape)
-        .to_kind(tch::Kind::Float);
+    let x = Tensor::from_slice(&bytes).reshape(shape);
     drop(bytes);
+    normalise_tensor(x, mean, std)
+}
+
+/// `[N, C, H, W]` bytes as float32 `(x / 255 - mean) / std` per channel,
+/// where `x` is (the host, or the device of a batch uploaded as bytes).
+fn normalise_tensor(bytes: Tensor, mean: &[f64], std: &[f64]) -> Tensor {
+    let c = bytes.size()[1];
+    let device = bytes.device();
+    let mut x = bytes.to_kind(tch::Kind::Float);
     let stat = |v: &[f64]| {
         Tensor::from_slice(v)
             .to_kind(tch::Kind::Float)
             .reshape([1, c, 1, 1])
+            .to_device(device)
     };
     let _ = x
         .g_div_scalar_(255.0)
@@ -670,9 +752,21 @@ mod tests {
         assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
         // The prefetcher yields the same batches in order.
         let order = vec![3i64, 1, 0, 2];
-        let p = Prefetch::start(std::sync::Arc::new(aug), order, 2, 1, (7, 0), 2);
+        let bytes = aug.batch_bytes(&[0, 1, 2, 3], 7, 0).unwrap();
+        assert_eq!(bytes.kind(), tch::Kind::Uint8);
+        assert!(normalise_tensor(bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
+        let labels = Tensor::from_slice(&[10i64, 11, 12, 13]);
+        let p = Prefetch::start(
+            Source::Augment(std::sync::Arc::new(aug)),
+            &labels,
+            order,
+            (2, 1, 2),
+            (7, 0),
+            Device::Cpu,
+        );
         let second = p.next().unwrap();
-        assert_eq!(second.size(), [2, 3, 16, 16]);
+        assert_eq!(second.images.size(), [2, 3, 16, 16]);
+        assert_eq!(Vec::<i64>::try_from(&second.labels).unwrap(), [10, 12]);
         assert!(p.next().is_err(), "only one batch after the first");
     }
 

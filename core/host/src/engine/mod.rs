@@ -7,7 +7,8 @@
 //! - [`single`]: one process, one device (today's step);
 //! - [`optim`]: per-block SGD with our own momentum state and the cosine
 //!   schedule (libtorch's fused SGD kernel through a small C++ shim);
-//! - [`cache`]: the frozen-prefix activation cache.
+//! - [`cache`]: the frozen-prefix activation cache;
+//! - [`reads`]: every host read of a device value, counted.
 //!
 //! Invariant every engine keeps: a step trains exactly under the freeze
 //! state it is given (blocks `[0, frozen)` frozen, probe included), the
@@ -19,6 +20,7 @@ pub mod dist;
 pub mod observer;
 pub mod optim;
 pub mod parallel;
+pub mod reads;
 pub mod single;
 
 use std::path::Path;
@@ -46,7 +48,8 @@ pub struct StepPlan<'a> {
     pub frozen: usize,
     /// Per-block learning-rate factors (empty: all 1).
     pub lr_factors: &'a [f32],
-    /// Compute per-block gradient norms (one extra host sync).
+    /// Compute per-block gradient norms (one extra host read, after the
+    /// update is queued).
     pub grad_norms: bool,
     /// Copy the features the head sees to host memory for the policy.
     pub features: bool,

@@ -231,6 +231,23 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
 
+    // csrc/foreach.cpp
+    fn simfreeze_foreach_norms(
+        ts: *const *const C_tensor,
+        n: usize,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn simfreeze_foreach_scale(
+        ts: *const *const C_tensor,
+        n: usize,
+        scale: *const C_tensor,
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+
     // csrc/adamw.cpp
     fn simfreeze_fused_adamw(
         params: *const *const C_tensor,
@@ -286,6 +303,10 @@ pub struct Optimizer {
     /// them (`Needs::ACC_GRAD_NORMS`), and the steps summed.
     grad_sum: Vec<Option<Tensor>>,
     sum_steps: u64,
+    /// Each trainable gradient's block, and the same on the device, for
+    /// the per-block gradient norms (kept until the trainable set
+    /// changes).
+    block_index: Option<(Vec<i64>, Tensor)>,
 }
 
 /// Checkpoint names of the gradient sums: `grad_sum/<parameter>`, and the
@@ -342,6 +363,7 @@ impl Optimizer {
             params,
             grad_sum,
             sum_steps: 0,
+            block_index: None,
         }
     }
 
@@ -540,7 +562,7 @@ impl Optimizer {
         let index = self.trainable(frozen);
         let inputs: Vec<&Tensor> = index.iter().map(|&i| &self.params[i].value).collect();
         let grads = Tensor::run_backward(&[loss], &inputs, false, false);
-        Grads { index, grads }
+        Grads::new(index, grads)
     }
 
     fn trainable(&self, frozen: usize) -> Vec<usize> {
@@ -569,30 +591,26 @@ impl Optimizer {
                     .ok_or_else(|| format!("no gradient for {name}"))
             })
             .collect::<Result<_, _>>()?;
-        Ok(Grads { index, grads })
+        Ok(Grads::new(index, grads))
     }
 
     /// Scales the gradients so that their global L2 norm is at most
     /// `recipe.clip_grad_norm`, as `torch.nn.utils.clip_grad_norm_`
-    /// (on the device, without a host synchronisation).
+    /// (`foreach`): the per-tensor norms in one `_foreach_norm` (shared
+    /// with [`Self::grad_norms`] in the same step), the scaling in one
+    /// `_foreach_mul`, on the device, without a host read.
     pub fn clip(&self, grads: &mut Grads) {
         let max = self.recipe.clip_grad_norm;
         if max <= 0.0 || grads.grads.is_empty() {
             return;
         }
-        let norms: Vec<Tensor> = grads
-            .grads
-            .iter()
-            .map(|g| g.norm().to_kind(Kind::Float))
-            .collect();
-        let total = Tensor::stack(&norms, 0).norm();
+        let total = grads.norms().norm();
         let coef = (total + 1e-6).reciprocal().g_mul_scalar(max).clamp_max(1.0);
         // Out of place: autograd may hand back gradients that share memory
         // (with one image, the class token's is a view of the position
         // embedding's), which an in-place product would scale twice.
-        for g in &mut grads.grads {
-            *g = &*g * &coef;
-        }
+        grads.grads = foreach_scale(&grads.grads, &coef);
+        grads.norms = None;
     }
 
     /// One update at learning rate `lr` of the parameters in `grads`;
@@ -756,30 +774,92 @@ impl Optimizer {
     }
 
     /// L2 norm of the gradient of each block `0..layers` (0 for a block
-    /// without gradient); one host sync for all blocks.
-    pub fn grad_norms(&self, grads: &Grads, layers: usize) -> Vec<f32> {
-        let mut sq: Vec<Option<Tensor>> = (0..layers).map(|_| None).collect();
-        for (&i, g) in grads.index.iter().zip(&grads.grads) {
-            if let Group::Block(b) = self.params[i].group {
-                if b < layers {
-                    let s = g.square().sum(Kind::Float);
-                    sq[b] = Some(match sq[b].take() {
-                        None => s,
-                        Some(acc) => acc + s,
-                    });
-                }
-            }
-        }
-        // One copy to host memory per step, not one per block.
+    /// without gradient), as a float tensor `[layers]` on the device, not
+    /// read: the caller reads it after the update is queued. The
+    /// per-tensor norms come from one `_foreach_norm`; each block's is the
+    /// root of the sum of its tensors' squared norms (one `index_add`).
+    pub fn grad_norms(&mut self, grads: &mut Grads, layers: usize) -> Tensor {
         let Some(device) = grads.grads.first().map(Tensor::device) else {
-            return vec![0.0; layers];
+            return Tensor::zeros([layers as i64], (Kind::Float, tch::Device::Cpu));
         };
-        let zero = Tensor::zeros([], (Kind::Float, device));
-        let all: Vec<Tensor> = sq
-            .into_iter()
-            .map(|s| s.unwrap_or_else(|| zero.shallow_clone()))
+        // Each gradient's block (`layers` for the head and the final norm,
+        // a slot dropped below), uploaded once per set of trainable
+        // parameters: an upload from pageable memory waits for the device.
+        let blocks: Vec<i64> = grads
+            .index
+            .iter()
+            .map(|&i| match self.params[i].group {
+                Group::Block(b) if b < layers => b as i64,
+                _ => layers as i64,
+            })
             .collect();
-        Vec::try_from(Tensor::stack(&all, 0).sqrt().to_device(tch::Device::Cpu)).unwrap_or_default()
+        if self.block_index.as_ref().map(|(b, _)| b) != Some(&blocks) {
+            let index = Tensor::from_slice(&blocks).to_device(device);
+            self.block_index = Some((blocks, index));
+        }
+        let index = &self.block_index.as_ref().expect("set above").1;
+        let sq = grads.norms().square();
+        Tensor::zeros([layers as i64 + 1], (Kind::Float, device))
+            .index_add(0, index, &sq)
+            .narrow(0, 0, layers as i64)
+            .sqrt()
+    }
+}
+
+/// The L2 norm of each tensor, `[n]` float32 on their device, in one
+/// `_foreach_norm` (`csrc/foreach.cpp`).
+fn foreach_norms(ts: &[Tensor]) -> Tensor {
+    let ptrs: Vec<*const C_tensor> = ts.iter().map(Tensor::as_ptr).collect();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the handles are live for the call; on success the shim
+    // writes a new tensor handle that the returned Tensor owns.
+    let rc = unsafe {
+        simfreeze_foreach_norms(
+            ptrs.as_ptr(),
+            ptrs.len(),
+            &mut out,
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    shim_result(rc, &err, "gradient norms");
+    // SAFETY: rc == 0, so `out` is a fresh handle from the shim.
+    unsafe { Tensor::from_ptr(out) }.to_kind(Kind::Float)
+}
+
+/// `ts[i] * scale` for every tensor, out of place, in one `_foreach_mul`
+/// (`csrc/foreach.cpp`).
+fn foreach_scale(ts: &[Tensor], scale: &Tensor) -> Vec<Tensor> {
+    let ptrs: Vec<*const C_tensor> = ts.iter().map(Tensor::as_ptr).collect();
+    let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); ts.len()];
+    let mut err = [0 as c_char; 512];
+    // SAFETY: as in `foreach_norms`; `out` has room for one handle per
+    // tensor.
+    let rc = unsafe {
+        simfreeze_foreach_scale(
+            ptrs.as_ptr(),
+            ptrs.len(),
+            scale.as_ptr(),
+            out.as_mut_ptr(),
+            err.as_mut_ptr(),
+            err.len(),
+        )
+    };
+    shim_result(rc, &err, "gradient clipping");
+    // SAFETY: rc == 0, so every slot holds a fresh handle from the shim.
+    out.into_iter()
+        .map(|p| unsafe { Tensor::from_ptr(p) })
+        .collect()
+}
+
+/// A failed shim call raised like tch's own errors, so the run's guard
+/// reports it.
+fn shim_result(rc: c_int, err: &[c_char], what: &str) {
+    if rc != 0 {
+        // SAFETY: the shim NUL-terminated `err`.
+        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
+        std::panic::panic_any(TorchPanic(format!("{what}: {}", msg.to_string_lossy())));
     }
 }
 
@@ -787,9 +867,26 @@ impl Optimizer {
 pub struct Grads {
     index: Vec<usize>,
     grads: Vec<Tensor>,
+    /// Each gradient's L2 norm, `[n]`, once computed (gradient norms and
+    /// clipping share it).
+    norms: Option<Tensor>,
 }
 
 impl Grads {
+    fn new(index: Vec<usize>, grads: Vec<Tensor>) -> Self {
+        Grads {
+            index,
+            grads,
+            norms: None,
+        }
+    }
+
+    /// Each gradient's L2 norm, computed at the first call.
+    fn norms(&mut self) -> &Tensor {
+        let grads = &self.grads;
+        self.norms.get_or_insert_with(|| foreach_norms(grads))
+    }
+
     /// The gradients, in the optimizer's parameter order (the same on
     /// every rank).
     pub fn tensors(&self) -> &[Tensor] {
@@ -1011,6 +1108,66 @@ mod tests {
             } else {
                 assert_eq!(clipped, raw);
             }
+        }
+    }
+
+    /// The one-kernel norms and scaling compute on the CPU exactly what
+    /// the per-tensor loop they replaced computed (clipping), and the
+    /// per-block norms agree with sums of squares to float rounding.
+    #[test]
+    fn foreach_clipping_and_block_norms_match_the_per_tensor_loop() {
+        tch::manual_seed(7);
+        let vs = VarStore::new(tch::Device::Cpu);
+        let vars: Vec<Tensor> = [
+            ("blocks.0.attn.qkv.weight", vec![6, 4]),
+            ("blocks.0.attn.qkv.bias", vec![6]),
+            ("blocks.1.mlp.fc1.weight", vec![5, 3]),
+            ("head.weight", vec![2, 4]),
+        ]
+        .iter()
+        .map(|(n, shape)| one_var(&vs, n, shape))
+        .collect();
+        let loss = vars
+            .iter()
+            .map(|v| (v * v * 3.0).sum(tch::Kind::Float) + v.sin().sum(tch::Kind::Float))
+            .fold(
+                Tensor::zeros([], (tch::Kind::Float, tch::Device::Cpu)),
+                |a, b| a + b,
+            );
+        let recipe = Recipe {
+            clip_grad_norm: 0.1,
+            ..Recipe::sgd(Default::default())
+        };
+        let mut opt = Optimizer::with_groups(&vs, recipe, group_of);
+        let mut grads = opt.backward(&loss, 0);
+        let raw: Vec<Tensor> = grads.grads.iter().map(|g| g.copy()).collect();
+        // Per block, the loop: sums of squares, then a root.
+        let mut want = [0f64; 2];
+        for (&i, g) in grads.index.iter().zip(&raw) {
+            if let Group::Block(b) = opt.params[i].group {
+                want[b] += g.square().sum(tch::Kind::Float).double_value(&[]);
+            }
+        }
+        let norms: Vec<f32> = Vec::try_from(opt.grad_norms(&mut grads, 2)).unwrap();
+        for b in 0..2 {
+            let w = want[b].sqrt();
+            assert!(
+                (f64::from(norms[b]) - w).abs() <= 1e-6 * w,
+                "{norms:?} {want:?}"
+            );
+        }
+        // Clipping, the loop it replaced.
+        let total = Tensor::stack(
+            &raw.iter()
+                .map(|g| g.norm().to_kind(tch::Kind::Float))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .norm();
+        let coef = (total + 1e-6).reciprocal().g_mul_scalar(0.1).clamp_max(1.0);
+        opt.clip(&mut grads);
+        for (g, r) in grads.grads.iter().zip(&raw) {
+            assert!(g.equal(&(r * &coef)), "clipping changed a number");
         }
     }
 

@@ -30,7 +30,7 @@ use crate::data::Dataset;
 use crate::engine::dist::{CommError, ProcessGroup};
 use crate::engine::single::{evaluate_counts, forward, loss_of, to_host};
 use crate::engine::{
-    weights_digest, Batch, Comm, Engine, SingleEngine, StepError, StepOut, StepPlan,
+    reads, weights_digest, Batch, Comm, Engine, SingleEngine, StepError, StepOut, StepPlan,
 };
 use crate::error::{torch_guard, TorchError};
 use crate::model::weights::{Checkpoint, HeadInit};
@@ -193,11 +193,9 @@ fn parallel_step(
     let cls_host = plan.features.then(|| to_host(&out.cls));
     // 1. Loss, stop votes and freeze-state digests (62 bits, so the sum
     // of one digest and zeros never overflows).
-    let control = Tensor::from_slice(&[
-        loss_t.double_value(&[]),
-        f64::from(u8::from(plan.stop_vote)),
-    ])
-    .to_device(g.device);
+    let control =
+        Tensor::from_slice(&[reads::scalar(&loss_t), f64::from(u8::from(plan.stop_vote))])
+            .to_device(g.device);
     let digests = Tensor::zeros([world as i64], (Kind::Int64, g.device));
     let _ = digests.get(rank as i64).fill_((plan.decision >> 2) as i64);
     // The global batch's labels, in rank order: every policy observes the
@@ -208,10 +206,10 @@ fn parallel_step(
     g.allreduce_sum(&[&control, &digests, &labels])
         .map_err(lost)?;
     comm.seconds += t.elapsed().as_secs_f64();
-    let control: Vec<f64> = Vec::try_from(control.to_device(Device::Cpu)).unwrap_or_default();
+    let control = reads::f64s(&control);
     let loss = control[0] / world as f64;
     let stop = control[1] > 0.0;
-    let all: Vec<i64> = Vec::try_from(digests.to_device(Device::Cpu)).unwrap_or_default();
+    let all = reads::i64s(&digests);
     if all.iter().any(|d| *d != all[0]) {
         return Err(StepError::Comm(CommError {
             message: format!(
@@ -234,13 +232,12 @@ fn parallel_step(
     if plan.accumulate {
         opt.accumulate(&grads);
     }
-    let grad_norms = if plan.grad_norms {
-        opt.grad_norms(&grads, model.depth())
-    } else {
-        Vec::new()
-    };
+    let norms = plan
+        .grad_norms
+        .then(|| opt.grad_norms(&mut grads, model.depth()));
     opt.clip(&mut grads);
     opt.step(&grads, plan.lr, plan.lr_factors);
+    let grad_norms = norms.as_ref().map_or_else(Vec::new, reads::f32s);
     // 3. The global batch's features, in rank order, when asked for.
     let cls_host = match cls_host {
         Some(local) => {
@@ -320,7 +317,7 @@ impl Engine for ParallelEngine {
             during: "evaluating".into(),
             message: explain(&self.group, self.steps, e).message,
         })?;
-        let sums: Vec<f64> = Vec::try_from(sums.to_device(Device::Cpu)).unwrap_or_default();
+        let sums = reads::f64s(&sums);
         let n = n.max(1) as f64;
         Ok((100.0 * sums[0] / n, sums[1] / n))
     }

@@ -14,7 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::data::Dataset;
 use crate::engine::optim::{Optimizer, Recipe};
-use crate::engine::{Batch, Engine, StepError, StepOut, StepPlan};
+use crate::engine::{reads, Batch, Engine, StepError, StepOut, StepPlan};
 use crate::error::{torch_guard, TorchError};
 use crate::model::precision::Precision;
 use crate::model::weights::{self, Checkpoint, HeadInit};
@@ -41,6 +41,10 @@ impl SingleEngine {
         recipe: Recipe,
         device: Device,
     ) -> Result<Self, TorchError> {
+        if device.is_cuda() {
+            // TF32 for float32 matrix products (docs/gpu.md).
+            crate::model::precision::cuda_matmul_tf32(true);
+        }
         torch_guard(
             || format!("building the model on {device:?}"),
             || {
@@ -198,23 +202,28 @@ fn train_step_checked(
     // device-to-host copies land in pinned memory; on the CPU this is the
     // tensor itself.
     let cls_host = plan.features.then(|| to_host(&out.cls));
-    if !defer_check {
-        let loss = loss_t.double_value(&[]);
-        if !loss.is_finite() {
-            return Err(loss);
+    // The one read of the loss (`reads`): first on the CPU, where it costs
+    // nothing and skips a wasted backward; after the update is queued on
+    // a GPU.
+    let early = match defer_check {
+        true => None,
+        false => {
+            let loss = reads::scalar(&loss_t);
+            if !loss.is_finite() {
+                return Err(loss);
+            }
+            Some(loss)
         }
-    }
+    };
     let mut grads = opt.backward(&loss_t, plan.frozen);
     if plan.accumulate {
         opt.accumulate(&grads);
     }
     // The policy observes the gradients before clipping, as a clipped
-    // PyTorch loop's hooks would.
-    let grad_norms = if plan.grad_norms {
-        opt.grad_norms(&grads, model.depth())
-    } else {
-        Vec::new()
-    };
+    // PyTorch loop's hooks would; they are read after the update.
+    let norms = plan
+        .grad_norms
+        .then(|| opt.grad_norms(&mut grads, model.depth()));
     opt.clip(&mut grads);
     let found_inf = defer_check.then(|| {
         loss_t
@@ -224,7 +233,10 @@ fn train_step_checked(
             .to_kind(Kind::Float)
     });
     opt.step_unless(&grads, plan.lr, plan.lr_factors, found_inf.as_ref());
-    let loss = loss_t.double_value(&[]);
+    let loss = match early {
+        Some(loss) => loss,
+        None => reads::scalar(&loss_t),
+    };
     if !loss.is_finite() {
         return Err(loss);
     }
@@ -232,7 +244,7 @@ fn train_step_checked(
         loss,
         cls: out.cls,
         cls_host,
-        grad_norms,
+        grad_norms: norms.as_ref().map_or_else(Vec::new, reads::f32s),
         labels_host: None,
         stop: plan.stop_vote,
         comm: None,
@@ -280,28 +292,45 @@ pub(crate) fn evaluate_counts(
     device: Device,
 ) -> (i64, f64, i64) {
     tch::no_grad(|| {
-        let (mut correct, mut loss_sum) = (0i64, 0f64);
+        // The counts stay on the device and are read once, at the end: the
+        // host queues every batch without waiting for the previous one.
+        // The loss sum adds each batch's float32 sum in float64, as the
+        // host did when it read every batch.
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        let mut correct = Tensor::zeros([], (Kind::Int64, device));
         let bs = 256;
         let (mut start, n) = (rows.start, rows.end);
         while start < n {
             let len = bs.min(n - start);
-            let x = data.images.narrow(0, start, len).to_device(device);
-            let y = data.labels.narrow(0, start, len).to_device(device);
-            let logits = model.forward_frozen(&x, model.depth());
-            loss_sum += logits
-                .logits
-                .cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Sum, -100, 0.0)
-                .double_value(&[]);
-            correct += logits
-                .logits
-                .argmax(-1, false)
-                .eq_tensor(&y)
-                .sum(Kind::Int64)
-                .int64_value(&[]);
+            let x = upload(&data.images.narrow(0, start, len), device);
+            let y = upload(&data.labels.narrow(0, start, len), device);
+            let logits = model.forward_frozen(&x, model.depth()).logits;
+            let batch_loss =
+                logits.cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Sum, -100, 0.0);
+            loss_sum += batch_loss.to_kind(Kind::Double);
+            correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64);
             start += len;
         }
-        (correct, loss_sum, rows.end - rows.start)
+        let sums = reads::f64s(&Tensor::stack(
+            &[correct.to_kind(Kind::Double), loss_sum],
+            0,
+        ));
+        (sums[0] as i64, sums[1], rows.end - rows.start)
     })
+}
+
+/// Moves a host batch (images or labels) to `device`: on a GPU through
+/// pinned memory with a non-blocking copy, so that the upload is queued
+/// behind the work already there instead of waiting for it
+/// (`_pin_memory`: `pin_memory(device)` prints a deprecation warning on
+/// every call in libtorch 2.11); on the CPU the tensor itself.
+pub fn upload(t: &Tensor, device: Device) -> Tensor {
+    if device.is_cuda() {
+        t.internal_pin_memory(device)
+            .to_device_(device, t.kind(), true, false)
+    } else {
+        t.to_device(device)
+    }
 }
 
 #[cfg(test)]
@@ -435,6 +464,79 @@ mod tests {
         assert_eq!(norms.len(), 3);
         assert_eq!(norms[0], 0.0);
         assert!(norms[1] > 0.0 && norms[2] > 0.0, "{norms:?}");
+    }
+
+    /// The host-read rule (`engine::reads`): a step reads once (the
+    /// loss), twice with gradient norms, whether the loss is read first
+    /// (CPU) or after the queued update (GPU); clipping and the feature
+    /// copy add none; an evaluation reads once whatever its batches.
+    #[test]
+    fn a_step_reads_the_host_once_or_twice_with_norms_and_an_evaluation_once() {
+        tch::manual_seed(5);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let recipe = Recipe {
+            clip_grad_norm: 0.5,
+            ..Recipe::sgd(Default::default())
+        };
+        let mut opt = Optimizer::new(&vs, &model, recipe);
+        let data = Dataset::synthetic(8, 4, 1, 8, 5);
+        for defer_check in [false, true] {
+            for (grad_norms, features, want) in [(false, false, 1), (true, true, 2)] {
+                let plan = StepPlan {
+                    grad_norms,
+                    features,
+                    ..StepPlan::simple(0.01, 1)
+                };
+                let batch = Batch::Images(data.images.shallow_clone());
+                let before = reads::count();
+                let out =
+                    train_step_checked(&model, &mut opt, batch, &data.labels, &plan, defer_check)
+                        .unwrap();
+                assert_eq!(
+                    reads::count() - before,
+                    want,
+                    "grad_norms {grad_norms}, defer_check {defer_check}"
+                );
+                assert_eq!(out.grad_norms.len(), if grad_norms { 3 } else { 0 });
+            }
+        }
+        // 600 images: three evaluation batches of 256, one read.
+        let eval = Dataset::synthetic(600, 4, 1, 8, 6);
+        let before = reads::count();
+        let (top1, loss) = evaluate(&model, &eval, Device::Cpu);
+        assert_eq!(reads::count() - before, 1);
+        assert!((0.0..=100.0).contains(&top1) && loss.is_finite() && loss > 0.0);
+    }
+
+    /// Evaluation's counts summed on the device give the numbers the
+    /// host's per-batch sums gave.
+    #[test]
+    fn evaluation_counts_on_the_device_equal_per_batch_host_sums() {
+        tch::manual_seed(6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &tiny());
+        let data = Dataset::synthetic(600, 4, 1, 8, 7);
+        let (correct, loss_sum, n) = evaluate_counts(&model, &data, 0..600, Device::Cpu);
+        let (mut want_correct, mut want_loss) = (0i64, 0f64);
+        tch::no_grad(|| {
+            for start in [0i64, 256, 512] {
+                let len = 256.min(600 - start);
+                let x = data.images.narrow(0, start, len);
+                let y = data.labels.narrow(0, start, len);
+                let logits = model.forward_frozen(&x, model.depth()).logits;
+                want_loss += logits
+                    .cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::Sum, -100, 0.0)
+                    .double_value(&[]);
+                want_correct += logits
+                    .argmax(-1, false)
+                    .eq_tensor(&y)
+                    .sum(Kind::Int64)
+                    .int64_value(&[]);
+            }
+        });
+        assert_eq!((correct, n), (want_correct, 600));
+        assert_eq!(loss_sum.to_bits(), want_loss.to_bits());
     }
 
     #[test]

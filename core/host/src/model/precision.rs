@@ -23,6 +23,25 @@ pub enum Precision {
 extern "C" {
     fn simfreeze_autocast_bf16_enter(cuda: c_int, enabled: *mut c_int, dtype: *mut c_int);
     fn simfreeze_autocast_exit(cuda: c_int, enabled: c_int, dtype: c_int);
+    // csrc/foreach.cpp
+    fn simfreeze_cuda_matmul_tf32(tf32: c_int);
+    fn simfreeze_cuda_matmul_is_tf32() -> c_int;
+}
+
+/// CUDA float32 matrix products in TF32 (`true`: PyTorch's
+/// `set_float32_matmul_precision("high")`, tensor cores with a 10-bit
+/// mantissa on the inputs and float32 accumulation) or in full float32.
+/// Every engine on a CUDA device turns it on (docs/gpu.md says why); CPU
+/// matrix products are not affected.
+pub fn cuda_matmul_tf32(on: bool) {
+    // SAFETY: a plain setter of libtorch's global context.
+    unsafe { simfreeze_cuda_matmul_tf32(c_int::from(on)) }
+}
+
+/// Whether CUDA float32 matrix products run in TF32.
+pub fn cuda_matmul_is_tf32() -> bool {
+    // SAFETY: a plain getter of libtorch's global context.
+    unsafe { simfreeze_cuda_matmul_is_tf32() != 0 }
 }
 
 /// Restores the previous autocast state (on/off and dtype) when dropped,
@@ -59,6 +78,18 @@ pub fn autocast<T>(precision: Precision, device: Device, f: impl FnOnce() -> T) 
 mod tests {
     use super::*;
     use tch::{Kind, Tensor};
+
+    #[test]
+    fn the_cuda_tf32_setting_reaches_libtorch_and_leaves_cpu_matmuls_exact() {
+        let a = Tensor::randn([16, 32], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
+        let before = a.matmul(&b);
+        cuda_matmul_tf32(true);
+        assert!(cuda_matmul_is_tf32());
+        assert!(a.matmul(&b).equal(&before), "a CPU matmul changed");
+        cuda_matmul_tf32(false);
+        assert!(!cuda_matmul_is_tf32());
+    }
 
     #[test]
     fn bf16_autocast_switches_matmul_precision_and_restores() {

@@ -37,8 +37,9 @@ use crate::data::{images, Dataset};
 use crate::engine::cache::PrefixCache;
 use crate::engine::dist::{DistEnv, ProcessGroup};
 use crate::engine::observer::{self, Observer};
+use crate::engine::single::upload;
 use crate::engine::{
-    observe_with, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
+    observe_with, reads, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
     StepOut, StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
@@ -462,23 +463,35 @@ impl Trainer {
         // per rank, in rank order.
         let (rank, world) = self.engine.shard();
         let order_vec = local_share(order_vec, spe, batch as usize, rank, world);
-        // Augmented batches are built ahead on a background thread.
-        let prefetch = self.data.augment.as_ref().map(|a| {
+        // Batches are assembled ahead on a background thread (augmented
+        // ones decoded there); with the activation cache, whose steps read
+        // cached rows instead, on this one.
+        let device = self.engine.device();
+        let source = match (&self.data.augment, &self.data.cache) {
+            (Some(a), _) => Some(images::Source::Augment(a.clone())),
+            (None, None) => Some(images::Source::Memory(
+                self.data.train.images.shallow_clone(),
+            )),
+            (None, Some(_)) => None,
+        };
+        let prefetch = source.map(|source| {
             images::Prefetch::start(
-                a.clone(),
+                source,
+                &self.data.train.labels,
                 order_vec.clone(),
-                batch as usize,
-                (self.totals.step % spe) as usize,
+                (batch as usize, (self.totals.step % spe) as usize, 3),
                 (self.config.train.seed, epoch),
-                3,
+                device,
             )
         });
         let order = Tensor::from_slice(&order_vec);
-        let device = self.engine.device();
         let needs = self.driver.needs();
         let mut lr = 0.0;
         while self.totals.step < self.total && self.totals.step / spe == epoch {
             let step = self.totals.step;
+            // The main thread's time outside the engine's step: this
+            // iteration's, less the step's.
+            let iteration = Instant::now();
             if let Some((at, signal)) = self.data.kill_at {
                 if at == step {
                     // SAFETY: signals this process, as `kill -9` (or
@@ -487,7 +500,6 @@ impl Trainer {
                 }
             }
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
-            let y_host = self.data.train.labels.index_select(0, &idx);
             let state = self.driver.state().clone();
             let asked = state.observe();
             // A step whose batch the policy observes block by block starts
@@ -503,8 +515,8 @@ impl Trainer {
                 &idx,
                 (step, cached),
             );
-            let (input, y) = match fetched? {
-                Ok(input) => (input, y_host.to_device(device)),
+            let (input, y_host, y) = match fetched? {
+                Ok(fetched) => fetched,
                 Err(error) => return Ok(EpochEnd::Stopped(self.torch_stop(error))),
             };
             let more = match &self.observer {
@@ -528,7 +540,11 @@ impl Trainer {
                 stop_vote: control.should_stop(step + 1),
                 decision: state_digest(&state),
             };
-            let out = match self.engine.step(input, &y, &plan) {
+            let (in_step, reads_before) = (Instant::now(), reads::count());
+            let stepped = self.engine.step(input, &y, &plan);
+            let step_seconds = in_step.elapsed().as_secs_f64();
+            self.totals.host.reads += reads::count() - reads_before;
+            let out = match stepped {
                 Ok(out) => out,
                 Err(StepError::Diverged(loss)) => {
                     return Ok(EpochEnd::Stopped(Stop::Diverged { step, epoch, loss }))
@@ -581,6 +597,9 @@ impl Trainer {
                 let seconds = self.carried_seconds + started.elapsed().as_secs_f64();
                 self.checkpoint(self.epoch_loss, seconds)?;
             }
+            self.totals.host.steps += 1;
+            self.totals.host.outside_seconds +=
+                (iteration.elapsed().as_secs_f64() - step_seconds).max(0.0);
             if stopping {
                 // The other ranks wait for rank 0's checkpoint: none exits
                 // (and has torchrun stop the group) before it is written.
@@ -678,8 +697,11 @@ impl Trainer {
             )
         });
         let layers = self.driver.state().layers;
+        let host = self.totals.host;
+        let host_ms = 1e3 * host.outside_seconds / host.steps.max(1) as f64;
         self.progress.println(&format!(
-            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s{cached}"
+            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s ({:.1} img/s, host {host_ms:.2} ms/step outside the step){cached}",
+            images / seconds.max(1e-9)
         ));
         self.checkpoint(0.0, 0.0)?;
         Ok(None)
@@ -946,50 +968,50 @@ fn policy_failure(e: anyhow::Error) -> Result<EpochEnd> {
     }
 }
 
-/// The input of step `step` (samples `idx`): the committed prefix's
-/// output from the activation cache when there is one, else the images,
-/// prefetched (augmentation) or selected, uploaded to the engine's device.
-/// A libtorch error is returned as the inner error.
+/// The input of step `step` (samples `idx`) and its labels, in host
+/// memory and on the engine's device: the committed prefix's output from
+/// the activation cache when there is one, else the images, prefetched
+/// (assembled on the batch thread) or selected here. The labels go up
+/// behind the images, non-blocking from pinned memory on a GPU. A
+/// libtorch error is returned as the inner error.
 fn fetch(
     data: &mut Data,
     engine: &dyn Engine,
     prefetch: Option<&images::Prefetch>,
     idx: &Tensor,
     (step, committed): (u64, usize),
-) -> Result<Result<Batch, TorchError>> {
+) -> Result<Result<(Batch, Tensor, Tensor), TorchError>> {
     let device = engine.device();
     let fetched = torch_guard(
         || format!("fetching the batch of step {step}"),
-        || -> Result<Batch> {
+        || -> Result<(Batch, Tensor, Tensor)> {
             if data.fault_at == Some(step) {
                 refused_operation();
             }
-            Ok(match (data.cache.as_mut(), prefetch) {
-                (Some(c), _) if committed > 0 => Batch::Boundary {
-                    h: c.boundary(engine.model(), &data.train.images, idx, committed),
-                    after: committed,
-                },
-                (_, Some(p)) => Batch::Images(upload(&p.next()?, device)),
-                (_, None) => Batch::Images(upload(&data.train.images.index_select(0, idx), device)),
-            })
+            let (input, y_host) = match (data.cache.as_mut(), prefetch) {
+                (Some(c), _) if committed > 0 => (
+                    Batch::Boundary {
+                        h: c.boundary(engine.model(), &data.train.images, idx, committed),
+                        after: committed,
+                    },
+                    data.train.labels.index_select(0, idx),
+                ),
+                (_, Some(p)) => {
+                    let b = p.next()?;
+                    (Batch::Images(p.to_device(&b.images, device)), b.labels)
+                }
+                (_, None) => (
+                    Batch::Images(upload(&data.train.images.index_select(0, idx), device)),
+                    data.train.labels.index_select(0, idx),
+                ),
+            };
+            let y = upload(&y_host, device);
+            Ok((input, y_host, y))
         },
     );
     match fetched {
         Ok(batch) => batch.map(Ok),
         Err(e) => Ok(Err(e)),
-    }
-}
-
-/// Moves a host batch to `device`: on a GPU through pinned memory with a
-/// non-blocking copy, so the upload overlaps work already queued
-/// (`_pin_memory`: `pin_memory(device)` prints a deprecation warning on
-/// every call in libtorch 2.11).
-fn upload(t: &Tensor, device: Device) -> Tensor {
-    if device.is_cuda() {
-        t.internal_pin_memory(device)
-            .to_device_(device, t.kind(), true, false)
-    } else {
-        t.to_device(device)
     }
 }
 

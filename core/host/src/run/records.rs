@@ -87,6 +87,23 @@ pub struct Totals {
     pub allreduce_bytes: u64,
     /// Seconds spent in collectives so far.
     pub comm_seconds: f64,
+    /// The main thread's time this process: the steps it ran, their
+    /// seconds outside the engine's step (batch assembly and upload,
+    /// policy, records) and the host reads made inside the step (not
+    /// checkpointed: a resumed run reports the steps it ran itself).
+    pub host: HostTime,
+}
+
+/// The main thread's time outside the engine's step, and the engine's
+/// host reads (`engine::reads`), over the steps this process ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HostTime {
+    /// Steps timed.
+    pub steps: u64,
+    /// Seconds of the main thread outside `Engine::step`.
+    pub outside_seconds: f64,
+    /// Host reads inside `Engine::step`.
+    pub reads: u64,
 }
 
 /// What `summary.json` holds.
@@ -141,6 +158,15 @@ pub struct Summary {
     /// weights, in rank order (all equal when the ranks stayed in step).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub weight_digests: Vec<String>,
+    /// Seconds per step the main thread spent outside the engine's step
+    /// (fetching and uploading the batch, the policy, the records), over
+    /// the steps this process ran (after a resume, those since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_seconds_per_step: Option<f64>,
+    /// Host reads per step inside the engine's step (the loss, and the
+    /// gradient norms when the policy asks for them), over the same steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_reads_per_step: Option<f64>,
 }
 
 fn one() -> usize {
@@ -178,6 +204,10 @@ impl Summary {
             allreduce_bytes: totals.allreduce_bytes,
             comm_seconds: totals.comm_seconds,
             weight_digests: Vec::new(),
+            host_seconds_per_step: (totals.host.steps > 0)
+                .then(|| totals.host.outside_seconds / totals.host.steps as f64),
+            host_reads_per_step: (totals.host.steps > 0)
+                .then(|| totals.host.reads as f64 / totals.host.steps as f64),
         }
     }
 }
