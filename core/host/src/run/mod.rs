@@ -464,15 +464,18 @@ impl Trainer {
         let (rank, world) = self.engine.shard();
         let order_vec = local_share(order_vec, spe, batch as usize, rank, world);
         // Batches are assembled ahead on a background thread (augmented
-        // ones decoded there); with the activation cache, whose steps read
-        // cached rows instead, on this one.
+        // ones decoded there). On the CPU an in-memory dataset's batches
+        // are selected on this thread, as with the activation cache (whose
+        // steps read cached rows): there a batch thread competes with the
+        // step's own threads for the cores (on 2 cores, `run` fell from
+        // 0.70-1.11x of `bench`'s img/s to 0.34-0.66x with it).
         let device = self.engine.device();
         let source = match (&self.data.augment, &self.data.cache) {
             (Some(a), _) => Some(images::Source::Augment(a.clone())),
-            (None, None) => Some(images::Source::Memory(
+            (None, None) if device != tch::Device::Cpu => Some(images::Source::Memory(
                 self.data.train.images.shallow_clone(),
             )),
-            (None, Some(_)) => None,
+            (None, _) => None,
         };
         let prefetch = source.map(|source| {
             images::Prefetch::start(
