@@ -73,6 +73,18 @@ pub(super) fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
     }
 }
 
+/// A completed row (the tests of the table and the fronts).
+#[cfg(test)]
+pub(super) fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
+    Row {
+        top1: Some(top1),
+        d_acc: Some(0.0),
+        compute_speedup: speed,
+        status: "completed".into(),
+        ..failed_row(label, seed, PathBuf::new())
+    }
+}
+
 /// A row; `baseline` is the same seed's baseline (top-1, seconds), none
 /// when this row is the baseline or the baseline failed (then the
 /// relative columns stay empty).

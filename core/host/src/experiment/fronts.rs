@@ -140,24 +140,12 @@ pub(super) fn fronts_chart(cfg: &CompareConfig, rows: &[Row]) -> Chart {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::failed_row;
+    use crate::experiment::collect::done_row;
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
-    }
-
-    fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
-        Row {
-            top1: Some(top1),
-            d_acc: Some(0.0),
-            compute_speedup: speed,
-            status: "completed".into(),
-            ..failed_row(label, seed, PathBuf::new())
-        }
     }
 
     #[test]

@@ -452,6 +452,37 @@ impl Trainer {
         Ok(None)
     }
 
+    /// The batch thread of this epoch's batches, or `None` when they are
+    /// selected on the main thread. Batches are assembled ahead on a
+    /// background thread (augmented ones decoded there). On the CPU an
+    /// in-memory dataset's batches are selected on this thread, as with the
+    /// activation cache (whose steps read cached rows): there a batch thread
+    /// competes with the step's own threads for the cores (on 2 cores,
+    /// `run` fell from 0.70-1.11x of `bench`'s img/s to 0.34-0.66x with it).
+    fn prefetch(&self, order: &[i64], epoch: u64) -> Option<images::Prefetch> {
+        let spe = self.steps_per_epoch;
+        let device = self.engine.device();
+        let source = match (&self.data.augment, &self.data.cache) {
+            (Some(a), _) => images::Source::Augment(a.clone()),
+            (None, None) if device != tch::Device::Cpu => {
+                images::Source::Memory(self.data.train.images.shallow_clone())
+            }
+            (None, _) => return None,
+        };
+        Some(images::Prefetch::start(
+            source,
+            &self.data.train.labels,
+            order.to_vec(),
+            (
+                self.config.train.batch as usize,
+                (self.totals.step % spe) as usize,
+                3,
+            ),
+            (self.config.train.seed, epoch),
+            device,
+        ))
+    }
+
     /// The steps of one epoch (the rest of it, after a resume).
     fn epoch(&mut self, control: &RunControl) -> Result<EpochEnd> {
         let (spe, batch) = (self.steps_per_epoch, self.config.train.batch);
@@ -463,30 +494,7 @@ impl Trainer {
         // per rank, in rank order.
         let (rank, world) = self.engine.shard();
         let order_vec = local_share(order_vec, spe, batch as usize, rank, world);
-        // Batches are assembled ahead on a background thread (augmented
-        // ones decoded there). On the CPU an in-memory dataset's batches
-        // are selected on this thread, as with the activation cache (whose
-        // steps read cached rows): there a batch thread competes with the
-        // step's own threads for the cores (on 2 cores, `run` fell from
-        // 0.70-1.11x of `bench`'s img/s to 0.34-0.66x with it).
-        let device = self.engine.device();
-        let source = match (&self.data.augment, &self.data.cache) {
-            (Some(a), _) => Some(images::Source::Augment(a.clone())),
-            (None, None) if device != tch::Device::Cpu => Some(images::Source::Memory(
-                self.data.train.images.shallow_clone(),
-            )),
-            (None, _) => None,
-        };
-        let prefetch = source.map(|source| {
-            images::Prefetch::start(
-                source,
-                &self.data.train.labels,
-                order_vec.clone(),
-                (batch as usize, (self.totals.step % spe) as usize, 3),
-                (self.config.train.seed, epoch),
-                device,
-            )
-        });
+        let prefetch = self.prefetch(&order_vec, epoch);
         let order = Tensor::from_slice(&order_vec);
         let needs = self.driver.needs();
         let mut lr = 0.0;
