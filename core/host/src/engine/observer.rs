@@ -562,31 +562,25 @@ mod tests {
             ReferenceRequest::TakeBf16,
             ReferenceRequest::TakeInt8,
         ] {
-            let mut a = Observer::new(
-                Needs::ALL,
-                &cfg,
-                &model,
-                || vs.variables().into_iter().collect(),
-                Device::Cpu,
-                None,
-                1,
-            )
-            .unwrap();
+            let observer = || {
+                Observer::new(
+                    Needs::ALL,
+                    &cfg,
+                    &model,
+                    || vs.variables().into_iter().collect(),
+                    Device::Cpu,
+                    None,
+                    1,
+                )
+                .unwrap()
+            };
+            let mut a = observer();
             a.reference = Some(Reference::take(&cfg, Device::Cpu, kind, 7, &vars));
             let (meta, tensors) = a.state();
             assert!(tensors
                 .iter()
                 .all(|(n, _)| n.starts_with(CHECKPOINT_PREFIX)));
-            let mut b = Observer::new(
-                Needs::ALL,
-                &cfg,
-                &model,
-                || vs.variables().into_iter().collect(),
-                Device::Cpu,
-                None,
-                1,
-            )
-            .unwrap();
+            let mut b = observer();
             b.restore(&meta, tensors).unwrap();
             assert_eq!(b.reference.as_ref().unwrap().step, 7);
             let what = Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS;
