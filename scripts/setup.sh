@@ -11,13 +11,19 @@
 #      in $SIMFREEZE_CACHE (default ~/.cache/simfreeze) and linked as `.venv`;
 #   3. `.libtorch`, a stable link to that torch, which `.cargo/config.toml`
 #      hands to torch-sys, so plain `cargo build` / `cargo test` work;
-#   4. `cargo build --release --workspace`.
+#   4. `cargo build --release --workspace`;
+#   5. the Python package `simfreeze` (bindings/python: the policy runtime
+#      as a Python extension, with the shipped plugins), built by maturin
+#      into a wheel and installed into `.venv`.
+#
+# Every Python package it installs is pinned by scripts/constraints.txt.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 TORCH_VERSION=2.11.0
+constraints="$root/scripts/constraints.txt"
 cache=${SIMFREEZE_CACHE:-$HOME/.cache/simfreeze}
 python=${PYTHON:-python3}
 say() { printf '[setup] %s\n' "$*"; }
@@ -53,7 +59,8 @@ if [ ! -f "$env_dir/.complete" ]; then
     rm -rf "$env_dir"
     mkdir -p "$cache"
     "$python" -m venv "$env_dir"
-    "$env_dir/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy
+    "$env_dir/bin/pip" install -q --disable-pip-version-check -c "$constraints" \
+        "torch==$TORCH_VERSION" numpy
     touch "$env_dir/.complete"
 else
     say "torch $TORCH_VERSION environment present in $env_dir"
@@ -80,12 +87,19 @@ fi
 
 # timm and transformers are the reference implementations for the weight
 # parity tests and the benchmarks; tensorboard reads back the event files in
-# the tests (and shows runs: `.venv/bin/tensorboard --logdir runs`).
-# torchvision is pinned to the release built for torch 2.11.0: an unpinned
-# install silently upgrades torch and breaks the tch build.
-if ! .venv/bin/python -W ignore -c 'import timm, torchvision, transformers, scipy, tensorboard' >/dev/null 2>&1; then
-    say "installing timm, transformers, scipy, tensorboard and torchvision==0.26.0 into the environment"
-    .venv/bin/pip install -q --disable-pip-version-check timm transformers scipy tensorboard "torchvision==0.26.0"
+# the tests (and shows runs: `.venv/bin/tensorboard --logdir runs`);
+# lightning and pytest run the Python package's tests, maturin builds it.
+# Every version is pinned by scripts/constraints.txt (torchvision to the
+# release built for torch 2.11.0: an unpinned one silently upgrades torch and
+# breaks the tch build); a stamp per constraints file makes a changed pin
+# reinstall.
+stamp="$env_dir/.constraints-$(sha256sum "$constraints" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    say "installing the pinned Python packages (timm, transformers, accelerate, scipy, tensorboard, torchvision, lightning, pytest, maturin)"
+    .venv/bin/pip install -q --disable-pip-version-check -c "$constraints" \
+        timm transformers accelerate scipy tensorboard torchvision lightning pytest maturin
+    rm -f "$env_dir"/.constraints-*
+    touch "$stamp"
 fi
 
 # ProcessGroupNCCL's header needs two CUDA header packages the torch wheel
@@ -103,6 +117,30 @@ fi
 if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
     say "building the release workspace"
     cargo build --release --workspace --quiet
+fi
+# 5. the Python package ---------------------------------------------------------
+# Its own target directory: maturin's build settings differ from the
+# workspace's, and sharing one would rebuild the common crates each time.
+if [ "${SIMFREEZE_SKIP_BUILD:-0}" != 1 ]; then
+    say "building the Python package (bindings/python) and installing it into .venv"
+    shipped=bindings/python/python/simfreeze/plugins
+    mkdir -p "$shipped"
+    rm -f "$shipped"/*.so
+    for dir in plugins/*/; do
+        name=$(sed -n 's/^name = "\(.*\)"/\1/p' "$dir/Cargo.toml" | sed -n 2p)
+        [ -n "$name" ] && cp "target/release/lib$name.so" "$shipped/"
+    done
+    # Without their debug symbols the plugins are a tenth of the size.
+    command -v strip >/dev/null 2>&1 && strip --strip-unneeded "$shipped"/*.so
+    rm -f target/wheels/simfreeze-*.whl
+    .venv/bin/maturin build --release --quiet -m bindings/python/Cargo.toml \
+        -i .venv/bin/python --out target/wheels --target-dir target/python --strip >/dev/null
+    wheel=$(ls target/wheels/simfreeze-*.whl)
+    sum=$(sha256sum "$wheel" | cut -c1-16)
+    if [ "$(cat "$env_dir/.simfreeze-wheel" 2>/dev/null)" != "$sum" ]; then
+        .venv/bin/pip install -q --disable-pip-version-check --force-reinstall --no-deps "$wheel"
+        echo "$sum" > "$env_dir/.simfreeze-wheel"
+    fi
 fi
 say "ready: the binary is $root/target/release/simfreeze (not on PATH; for a short"
 say "name: export PATH=\"$root/target/release:\$PATH\", or ln -s it into ~/.local/bin)"

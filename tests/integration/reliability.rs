@@ -527,3 +527,80 @@ fn a_relative_plugin_path_resumes_from_anywhere_and_a_moved_library_is_named_on_
     assert!(out.status.success(), "{}", text(&out).1);
     assert_eq!(metrics_without_time(&a), metrics_without_time(&b));
 }
+
+/// `train.record_observations`: one record per step, cut back to the
+/// checkpoint when a failed run resumes (so no step appears twice and the
+/// file equals an uninterrupted run's), and replaying the records through
+/// a fresh ATSF gives every freeze state the run took.
+#[test]
+fn recorded_observations_survive_a_resume_and_replay_to_the_runs_decisions() {
+    use simfreeze_runtime::driver::{PolicyDriver, StepInput};
+    use simfreeze_runtime::loader::Plugin;
+    use simfreeze_runtime::observations::ObservationRecord;
+    const OPTIONS: &str = "(record_steps: 2, compare_steps: 2, tolerance: 0.5)";
+
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(
+        d.path(),
+        ", checkpoint_every: 4, record_observations: true",
+        &format!(r#"policy: (plugin: "atsf", options: "{OPTIONS}"),"#),
+    );
+    let cfg = cfg.to_str().unwrap();
+    let full = simfreeze(&["run", "--config", cfg]);
+    assert!(full.status.success(), "{}", text(&full).1);
+    let a = d.path().join("runs/r-001/observations.jsonl");
+
+    // Fails fetching step 10: steps 8 and 9 were recorded after the
+    // checkpoint of step 8, and are recorded again on resume.
+    let out = Command::new(simfreeze_bin())
+        .args(["run", "--config", cfg])
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .env("SIMFREEZE_FAULT_AT_STEP", "10")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out).1);
+    let b = d.path().join("runs/r-002");
+    assert_eq!(json(&b.join("checkpoint.json"))["step"], 8);
+    let before = fs::read_to_string(b.join("observations.jsonl")).unwrap();
+    assert_eq!(before.lines().count(), 10);
+    let resumed = simfreeze(&["run", "--resume", b.to_str().unwrap()]);
+    assert!(resumed.status.success(), "{}", text(&resumed).1);
+    let recorded = fs::read_to_string(&a).unwrap();
+    assert_eq!(
+        fs::read_to_string(b.join("observations.jsonl")).unwrap(),
+        recorded
+    );
+
+    let records: Vec<ObservationRecord> = recorded
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 16);
+    assert!(records.iter().all(|r| r.features.len() == r.batch * 12));
+    let plugin = Plugin::load(&simfreeze_tests::plugin("atsf")).unwrap();
+    let mut driver = PolicyDriver::new(Some(plugin.new_policy(OPTIONS).unwrap()), 3);
+    for r in &records {
+        driver
+            .after_step(&StepInput {
+                step: r.step,
+                epoch: r.epoch,
+                steps_per_epoch: r.steps_per_epoch,
+                total_steps: r.total_steps,
+                loss: r.loss as f32,
+                batch: r.batch,
+                features: &r.features,
+                feature_dim: r.feature_dim,
+                labels: &r.labels,
+                num_classes: r.num_classes,
+                grad_norms: &r.grad_norms,
+                lr: r.lr,
+                more: simfreeze_abi::ffi::ObservationV2::EMPTY,
+            })
+            .unwrap();
+        assert_eq!(driver.state(), &r.after, "step {}", r.step);
+    }
+    assert!(
+        records.last().unwrap().after.frontier > 0,
+        "ATSF froze nothing"
+    );
+}

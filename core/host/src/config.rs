@@ -365,6 +365,11 @@ pub struct TrainSection {
     /// Data-parallel runs: `Auto` (NCCL on GPUs when this build has it,
     /// else Gloo), `Gloo` or `Nccl`.
     pub dist_backend: Backend,
+    /// Write every step's observation, as the policy received it, and the
+    /// freeze state its decision set to `observations.jsonl` in the run
+    /// directory (one JSON line per step; replay it through a policy to
+    /// check or debug one: docs/python.md).
+    pub record_observations: bool,
 }
 
 impl TrainSection {
@@ -405,6 +410,7 @@ impl Default for TrainSection {
             dist_timeout_s: 300,
             bucket_mib: 25,
             dist_backend: Backend::Auto,
+            record_observations: false,
         }
     }
 }

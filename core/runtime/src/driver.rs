@@ -16,6 +16,7 @@ use simfreeze_abi::ffi::{NamedValues, Needs, Observation, ObservationV2, Referen
 
 use crate::contract::{Change, ContractViolation, FreezeController, FreezeState};
 use crate::loader::{PolicyCallError, PolicyHandle};
+use crate::observations::ObservationRecord;
 
 /// What the trainer or simulator measured in one step.
 #[derive(Debug, Clone, Copy)]
@@ -115,6 +116,9 @@ pub struct PolicyDriver {
     policy: Option<PolicyHandle>,
     controller: FreezeController,
     timeline: Timeline,
+    /// Whether each step's observation is kept as a record.
+    recording: bool,
+    record: Option<ObservationRecord>,
 }
 
 impl PolicyDriver {
@@ -131,7 +135,20 @@ impl PolicyDriver {
                 freeze_step: vec![None; layers as usize],
                 ..Timeline::default()
             },
+            recording: false,
+            record: None,
         }
+    }
+
+    /// Keeps, from now on, each step's observation as the policy received
+    /// it and the state its decision set: [`Self::take_record`].
+    pub fn record_observations(&mut self) {
+        self.recording = true;
+    }
+
+    /// The record of the last step [`Self::after_step`] accepted, once.
+    pub fn take_record(&mut self) -> Option<ObservationRecord> {
+        self.record.take()
     }
 
     /// What the host must compute each step.
@@ -251,6 +268,24 @@ impl PolicyDriver {
         let decision = policy.decide_v2(&obs, &more)?;
         let change = self.controller.apply_v2(input.step, &decision, needs)?;
         let decision = decision.decision;
+        if self.recording {
+            self.record = Some(ObservationRecord {
+                step: obs.step,
+                epoch: obs.epoch,
+                steps_per_epoch: obs.steps_per_epoch,
+                total_steps: obs.total_steps,
+                loss: f64::from(obs.loss),
+                batch: obs.batch as usize,
+                feature_dim: obs.feature_dim as usize,
+                features: obs.features.to_vec(),
+                labels: obs.labels.to_vec(),
+                num_classes: obs.num_classes as usize,
+                grad_norms: obs.grad_norms.to_vec(),
+                lr: input.lr,
+                provided: more.provided.names(),
+                after: self.controller.state().clone(),
+            });
+        }
         for block in change.committed.clone() {
             self.timeline.freeze_step[block as usize] = Some(input.step + 1);
         }

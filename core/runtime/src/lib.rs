@@ -10,6 +10,8 @@
 //! - [`testkit`]: the same, in-process, for a plugin crate's `cargo test`;
 //! - [`conformance`]: the property suite every policy is held to
 //!   (`simfreeze check`);
+//! - [`observations`]: the observation stream a run records and a replay
+//!   feeds a policy again;
 //! - [`more`]: the owned buffers behind the on-demand observations
 //!   (contract 2) and their synthetic values;
 //! - [`rng`]: the deterministic generator of the simulator and the data order.
@@ -21,6 +23,7 @@ pub mod contract;
 pub mod driver;
 pub mod loader;
 pub mod more;
+pub mod observations;
 pub mod rng;
 pub mod simulate;
 pub mod testkit;

@@ -52,6 +52,9 @@ pub struct CheckpointMeta {
     /// Bytes of the TensorBoard event file at this point (when written).
     #[serde(default)]
     pub tensorboard_len: Option<u64>,
+    /// Bytes of `observations.jsonl` at this point (when written).
+    #[serde(default)]
+    pub observations_len: Option<u64>,
     /// Ranks of the run that wrote it (a resume must have as many).
     #[serde(default = "one")]
     pub world_size: usize,

@@ -13,6 +13,8 @@ use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use simfreeze_runtime::observations::ObservationRecord;
+
 use crate::config::RunConfig;
 use crate::run::records::{Event, MetricsRow};
 use crate::run::tensorboard::{self, EventWriter};
@@ -27,6 +29,9 @@ pub const SUMMARY_FILE: &str = "summary.json";
 pub const METRICS_FILE: &str = "metrics.csv";
 /// One [`Event`] per line.
 pub const EVENTS_FILE: &str = "events.jsonl";
+/// Each step's observation and the state its decision set
+/// (`train.record_observations`).
+pub const OBSERVATIONS_FILE: &str = "observations.jsonl";
 /// The final weights of a completed run (timm names; `model.weights` and
 /// `simfreeze eval --weights` read it).
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -118,6 +123,7 @@ struct LogFiles {
     metrics: BufWriter<File>,
     events: BufWriter<File>,
     tensorboard: Option<EventWriter>,
+    observations: Option<BufWriter<File>>,
 }
 
 /// How long the appended files are (a checkpoint records it).
@@ -129,13 +135,35 @@ pub struct LogLengths {
     pub events: u64,
     /// Bytes of the TensorBoard event file, when there is one.
     pub tensorboard: Option<u64>,
+    /// Bytes of `observations.jsonl`, when it is written.
+    pub observations: Option<u64>,
+}
+
+/// What a run's log writes beside its metrics and events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogFileSet {
+    /// TensorBoard's event file.
+    pub tensorboard: bool,
+    /// `observations.jsonl` (`train.record_observations`).
+    pub observations: bool,
 }
 
 impl RunLog {
     /// Creates the files (header included), or, when resuming, opens them
-    /// cut back to `at`; `tensorboard` adds the TensorBoard event file.
-    pub fn open(dir: &RunDir, at: Option<LogLengths>, tensorboard: bool) -> Result<RunLog> {
-        let tensorboard = match tensorboard {
+    /// cut back to `at`; `set` adds the TensorBoard event file and the
+    /// observation stream.
+    pub fn open(dir: &RunDir, at: Option<LogLengths>, set: LogFileSet) -> Result<RunLog> {
+        let observations = match set.observations {
+            // A run that recorded none before its checkpoint starts the
+            // file afresh on resume.
+            true => Some(open_truncated(
+                &dir.file(OBSERVATIONS_FILE),
+                at.and_then(|l| l.observations),
+                None,
+            )?),
+            false => None,
+        };
+        let tensorboard = match set.tensorboard {
             true => Some(EventWriter::open(
                 &dir.file(tensorboard::EVENTS_FILE),
                 at.and_then(|l| l.tensorboard),
@@ -151,6 +179,7 @@ impl RunLog {
                 )?,
                 events: open_truncated(&dir.file(EVENTS_FILE), at.map(|l| l.events), None)?,
                 tensorboard,
+                observations,
             }),
         })
     }
@@ -186,6 +215,14 @@ impl RunLog {
         Ok(())
     }
 
+    /// Appends a step's observation record (when the run records them).
+    pub fn observation(&mut self, record: &ObservationRecord) -> Result<()> {
+        if let Some(f) = self.files.as_mut().and_then(|f| f.observations.as_mut()) {
+            writeln!(f, "{}", serde_json::to_string(record)?)?;
+        }
+        Ok(())
+    }
+
     /// Flushes every file and returns their lengths.
     pub fn flush(&mut self) -> Result<LogLengths> {
         let Some(f) = self.files.as_mut() else {
@@ -193,6 +230,7 @@ impl RunLog {
                 metrics: 0,
                 events: 0,
                 tensorboard: None,
+                observations: None,
             });
         };
         f.metrics.flush()?;
@@ -201,10 +239,18 @@ impl RunLog {
             Some(tb) => Some(tb.flush()?),
             None => None,
         };
+        let observations = match f.observations.as_mut() {
+            Some(o) => {
+                o.flush()?;
+                Some(o.get_ref().metadata()?.len())
+            }
+            None => None,
+        };
         Ok(LogLengths {
             metrics: f.metrics.get_ref().metadata()?.len(),
             events: f.events.get_ref().metadata()?.len(),
             tensorboard,
+            observations,
         })
     }
 }
@@ -251,7 +297,7 @@ mod tests {
     fn a_resumed_log_is_cut_back_to_the_checkpoint() {
         let d = tempfile::tempdir().unwrap();
         let dir = RunDir::create(d.path(), "x").unwrap();
-        let mut log = RunLog::open(&dir, None, false).unwrap();
+        let mut log = RunLog::open(&dir, None, LogFileSet::default()).unwrap();
         let freeze = |step| Event {
             step,
             kind: crate::run::records::EventKind::Freeze {
@@ -264,7 +310,7 @@ mod tests {
         log.events(&[freeze(2)]).unwrap();
         log.flush().unwrap();
         drop(log);
-        let mut log = RunLog::open(&dir, Some(at), false).unwrap();
+        let mut log = RunLog::open(&dir, Some(at), LogFileSet::default()).unwrap();
         log.events(&[freeze(3)]).unwrap();
         log.flush().unwrap();
         let steps: Vec<u64> = dir.read_events().unwrap().iter().map(|e| e.step).collect();

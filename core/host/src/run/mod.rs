@@ -45,7 +45,9 @@ use crate::engine::{
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
 use crate::plan::{device_name, Plan};
 use checkpoint::CheckpointMeta;
-use dir::{LogLengths, RunDir, RunLog, CONFIG_FILE, MODEL_FILE, POLICY_FILE, SUMMARY_FILE};
+use dir::{
+    LogFileSet, LogLengths, RunDir, RunLog, CONFIG_FILE, MODEL_FILE, POLICY_FILE, SUMMARY_FILE,
+};
 use progress::Progress;
 use records::{Event, MetricsRow, PolicyIdentity, Summary, Totals};
 
@@ -328,6 +330,9 @@ impl Trainer {
             eprintln!("weights: {from}: {report}");
         }
         let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
+        if config.train.record_observations {
+            driver.record_observations();
+        }
         if start.is_none() && config.train.frozen_from_start > 0 {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
@@ -350,9 +355,17 @@ impl Trainer {
             metrics: m.metrics_len,
             events: m.events_len,
             tensorboard: m.tensorboard_len,
+            observations: m.observations_len,
         });
         let log = match writes {
-            true => RunLog::open(&dir, lengths, config.train.tensorboard)?,
+            true => RunLog::open(
+                &dir,
+                lengths,
+                LogFileSet {
+                    tensorboard: config.train.tensorboard,
+                    observations: config.train.record_observations,
+                },
+            )?,
             false => RunLog::muted(),
         };
         let cache = match config.train.cache_frozen {
@@ -585,6 +598,9 @@ impl Trainer {
                 Err(e) => return policy_failure(e),
             };
             self.log.events(&Event::of_step(step, &outcome))?;
+            if let Some(record) = self.driver.take_record() {
+                self.log.observation(&record)?;
+            }
             let mut scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
             if let Some(c) = out.comm {
                 scalars.push(("comm/allreduce_bytes".into(), c.bytes as f64));
@@ -773,6 +789,7 @@ impl Trainer {
             metrics_len: lengths.metrics,
             events_len: lengths.events,
             tensorboard_len: lengths.tensorboard,
+            observations_len: lengths.observations,
             world_size: self.totals.world_size,
             allreduce_bytes: self.totals.allreduce_bytes,
             comm_seconds: self.totals.comm_seconds,

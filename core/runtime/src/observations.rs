@@ -1,0 +1,135 @@
+//! The observation stream of a run as its policy received it, step by step,
+//! with the freeze state each decision set: what a run writes to
+//! `observations.jsonl` when `train.record_observations` is on, and what a
+//! replay feeds a policy again (the Python package checks its decisions
+//! against a run's this way).
+//!
+//! One JSON line per step ([`ObservationRecord`]). Invariant: a record holds
+//! exactly what [`PolicyDriver::after_step`](crate::driver::PolicyDriver::after_step)
+//! handed the policy (features, labels and gradient norms only when the
+//! policy's `needs()` asked for them), so replaying the records through a
+//! fresh driver for the same policy reproduces every `after` state, bit for
+//! bit. Batch floats are little-endian `f32` bytes in hex (exact, and
+//! shorter than decimals); the loss is the `f32` widened to `f64`, which
+//! JSON carries exactly.
+
+use serde::{Deserialize, Serialize};
+
+use crate::contract::FreezeState;
+
+/// One step of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObservationRecord {
+    /// Step index, from 0.
+    pub step: u64,
+    /// Epoch of the step.
+    pub epoch: u64,
+    /// Steps per epoch.
+    pub steps_per_epoch: u64,
+    /// Steps in the run.
+    pub total_steps: u64,
+    /// The batch loss (an `f32`, widened).
+    pub loss: f64,
+    /// Batch size.
+    pub batch: usize,
+    /// Feature width (0 when features were not handed over).
+    pub feature_dim: usize,
+    /// `batch × feature_dim` features, or empty.
+    #[serde(with = "hex_f32")]
+    pub features: Vec<f32>,
+    /// Labels, or empty.
+    pub labels: Vec<i64>,
+    /// Number of classes (0 when labels were not handed over).
+    pub num_classes: usize,
+    /// Gradient norm per block, or empty.
+    #[serde(with = "hex_f32")]
+    pub grad_norms: Vec<f32>,
+    /// The step's base learning rate, when the host has one.
+    pub lr: Option<f64>,
+    /// The on-demand observations (contract 2) the step carried, by name;
+    /// their values are not recorded, so a replay of a step that carried
+    /// any cannot be exact.
+    #[serde(default)]
+    pub provided: Vec<String>,
+    /// The freeze state the policy's decision set for the next step.
+    pub after: FreezeState,
+}
+
+/// `Vec<f32>` as the hex of its little-endian bytes.
+pub mod hex_f32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Encodes `v`.
+    pub fn encode(v: &[f32]) -> String {
+        let mut s = String::with_capacity(v.len() * 8);
+        for x in v {
+            for b in x.to_le_bytes() {
+                s.push_str(&format!("{b:02x}"));
+            }
+        }
+        s
+    }
+
+    /// Decodes what [`encode`] wrote.
+    pub fn decode(s: &str) -> Result<Vec<f32>, String> {
+        if s.len() % 8 != 0 || !s.is_ascii() {
+            return Err(format!(
+                "{} hex digits do not make whole f32 values",
+                s.len()
+            ));
+        }
+        s.as_bytes()
+            .chunks_exact(8)
+            .map(|c| {
+                let mut bytes = [0u8; 4];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    let pair = std::str::from_utf8(&c[2 * i..2 * i + 2]).unwrap_or("");
+                    *b = u8::from_str_radix(pair, 16)
+                        .map_err(|_| format!("`{pair}` is not a hex byte"))?;
+                }
+                Ok(f32::from_le_bytes(bytes))
+            })
+            .collect()
+    }
+
+    /// Serde's side.
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(v))
+    }
+
+    /// Serde's side.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let s = String::deserialize(d)?;
+        decode(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_every_bit_pattern_class() {
+        let v = [
+            0.0f32,
+            -0.0,
+            0.1,
+            f32::MIN_POSITIVE,
+            f32::MAX,
+            -1.5e-42,
+            f32::INFINITY,
+        ];
+        let back = hex_f32::decode(&hex_f32::encode(&v)).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&v));
+        assert_eq!(hex_f32::encode(&[1.0]), "0000803f");
+    }
+
+    #[test]
+    fn hex_refuses_broken_input() {
+        assert!(hex_f32::decode("0000803")
+            .unwrap_err()
+            .contains("whole f32"));
+        assert!(hex_f32::decode("zz00803f").unwrap_err().contains("`zz`"));
+    }
+}
