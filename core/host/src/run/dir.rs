@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use simfreeze_runtime::observations::ObservationRecord;
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, TrainSection};
 use crate::run::records::{Event, MetricsRow};
 use crate::run::tensorboard::{self, EventWriter};
 
@@ -146,6 +146,16 @@ pub struct LogFileSet {
     pub tensorboard: bool,
     /// `observations.jsonl` (`train.record_observations`).
     pub observations: bool,
+}
+
+impl LogFileSet {
+    /// The files the train section asks for.
+    pub fn of(train: &TrainSection) -> LogFileSet {
+        LogFileSet {
+            tensorboard: train.tensorboard,
+            observations: train.record_observations,
+        }
+    }
 }
 
 impl RunLog {

@@ -358,14 +358,7 @@ impl Trainer {
             observations: m.observations_len,
         });
         let log = match writes {
-            true => RunLog::open(
-                &dir,
-                lengths,
-                LogFileSet {
-                    tensorboard: config.train.tensorboard,
-                    observations: config.train.record_observations,
-                },
-            )?,
+            true => RunLog::open(&dir, lengths, LogFileSet::of(&config.train))?,
             false => RunLog::muted(),
         };
         let cache = match config.train.cache_frozen {
