@@ -27,7 +27,8 @@ half=$((depth / 2))
 pyargs=$(python3 -c '
 import json, sys
 s = json.loads(sys.argv[1])["shape"]
-print(" ".join("--%s %s" % (k.replace("_", "-"), v) for k, v in s.items() if k not in ("mlp_ratio", "norm_eps")))
+keep = ("image_size", "channels", "patch", "dim", "depth", "heads", "classes")
+print(" ".join("--%s %s" % (k.replace("_", "-"), s[k]) for k in keep))
 ' "$shape")
 
 # One line per attempt, batch and K: "batch K simfreeze_img_s pytorch_img_s".

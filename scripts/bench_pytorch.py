@@ -13,6 +13,13 @@ on CUDA the device is synchronised around each timed round, and
 alone (null on the CPU). `--precision bf16` runs the forward under bf16
 autocast, as simfreeze's `train.precision: Bf16`; on CUDA float32 matrix
 products use TF32 (set_float32_matmul_precision("high")), as simfreeze's.
+
+`--ddp`, under torchrun: DistributedDataParallel over Gloo (NCCL on CUDA),
+each rank on `batch` images, one frozen prefix per process (DDP registers
+its hooks on the parameters that train when it is built); the frozen
+parameters are left out of DDP as simfreeze leaves them out of the
+all-reduce. Rank 0 prints the JSON, with throughput over every rank's
+images.
 """
 import argparse
 import contextlib
@@ -45,9 +52,22 @@ def main():
     ap.add_argument("--impl", choices=["timm", "reference"], default="timm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--ddp", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    world, rank = 1, 0
+    if a.ddp:
+        import torch.distributed as dist
+        if len(a.frozen) != 1:
+            sys.exit("--ddp takes one --frozen value per process")
+        cuda_ddp = a.device.startswith("cuda")
+        if cuda_ddp:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            a.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda_ddp else "gloo")
+        world, rank = dist.get_world_size(), dist.get_rank()
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     if cuda:
@@ -99,12 +119,32 @@ def main():
         return [p for p in m.parameters() if id(p) not in frozen]
 
     opts = {k: torch.optim.SGD(trainable(k), lr=1e-4, momentum=0.9) for k in a.frozen}
+    step_model = {k: (lambda k=k: forward(k)) for k in a.frozen}
+    if a.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        class Prefixed(torch.nn.Module):
+            """The model with its first k blocks frozen, as DDP's module."""
+
+            def __init__(self, k):
+                super().__init__()
+                self.m, self.k = m, k
+
+            def forward(self):
+                return forward(self.k)
+
+        (k,) = a.frozen
+        keep = {id(p) for p in trainable(k)}
+        for p in m.parameters():
+            p.requires_grad_(id(p) in keep)
+        ddp = DistributedDataParallel(Prefixed(k))
+        step_model = {k: ddp}
 
     def run(k, n):
         opt = opts[k]
         for _ in range(n):
             with autocast():
-                loss = F.cross_entropy(forward(k), y)
+                loss = F.cross_entropy(step_model[k](), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,7 +159,7 @@ def main():
             t = time.perf_counter()
             run(k, a.steps)
             sync()
-            best[k] = max(best[k], a.steps * a.batch / (time.perf_counter() - t))
+            best[k] = max(best[k], world * a.steps * a.batch / (time.perf_counter() - t))
     memory = {k: None for k in a.frozen}
     if cuda:
         for k in a.frozen:
@@ -128,12 +168,15 @@ def main():
             run(k, 2)
             sync()
             memory[k] = torch.cuda.max_memory_allocated(dev) / 2**20
-    print(json.dumps({
-        "batch": a.batch, "threads": torch.get_num_threads(), "device": str(dev),
-        "precision": a.precision, "impl": a.impl,
-        "results": [{"frozen": k, "images_per_sec": best[k], "max_memory_mib": memory[k]}
-                    for k in a.frozen],
-    }))
+    if rank == 0:
+        print(json.dumps({
+            "batch": a.batch, "world": world, "threads": torch.get_num_threads(), "device": str(dev),
+            "precision": a.precision, "impl": a.impl,
+            "results": [{"frozen": k, "images_per_sec": best[k], "max_memory_mib": memory[k]}
+                        for k in a.frozen],
+        }))
+    if a.ddp:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

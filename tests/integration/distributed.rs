@@ -247,6 +247,32 @@ fn a_killed_rank_fails_the_run_naming_it_and_two_ranks_resume_it() {
     assert_eq!(summary["steps"], 16);
 }
 
+/// The gradient all-reduce overlapped with the backward (the default)
+/// and after it average the same gradients: two runs that freeze as they
+/// go end bit-identical, step by step, and communicate the same bytes.
+#[test]
+fn overlapping_the_allreduce_with_the_backward_changes_no_number() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = config(d.path());
+    let cfg = cfg.to_str().unwrap();
+    for overlap in ["true", "false"] {
+        let set = format!("train.overlap_allreduce={overlap}");
+        let out = torchrun(2, &["run", "--config", cfg, "--set", &set], &[]);
+        assert!(out.status.success(), "{}", text(&out).1);
+    }
+    let (a, b) = (d.path().join("runs/d-001"), d.path().join("runs/d-002"));
+    let (sa, sb) = (json(&a.join("summary.json")), json(&b.join("summary.json")));
+    assert!(sa["freeze_step"][0].is_u64(), "nothing froze: {sa}");
+    assert_eq!(sa["freeze_step"], sb["freeze_step"]);
+    assert_eq!(sa["allreduce_bytes"], sb["allreduce_bytes"]);
+    assert_eq!(losses(&a), losses(&b));
+    assert_eq!(
+        fs::read(a.join("model.safetensors")).unwrap(),
+        fs::read(b.join("model.safetensors")).unwrap(),
+        "the overlapped all-reduce changed the weights"
+    );
+}
+
 /// ATSF asks for features and labels: every rank observes the global
 /// batch (gathered in rank order), so two ranks freeze at the steps one
 /// process with the global batch does.

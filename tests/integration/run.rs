@@ -319,10 +319,17 @@ fn activation_cache_over_its_cap_is_refused() {
         "--set",
         "train.cache_frozen=true",
         "--set",
-        "train.cache_max_mib=0",
+        "train.cache_max_mib=1",
+        // 64 samples x 577 tokens x 12 float32 values: 1.7 MiB.
+        "--set",
+        "model.image_size=96",
     ]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out).1.contains("cache_max_mib"), "{}", text(&out).1);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
+    assert!(
+        text(&out).1.contains("needs 2 MiB") && text(&out).1.contains("cache_max_mib = 1"),
+        "{}",
+        text(&out).1
+    );
 }
 
 /// `simfreeze models` lists every preset with its shape and the

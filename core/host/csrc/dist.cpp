@@ -11,12 +11,17 @@
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/autograd/autograd.h>
 #ifdef USE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -27,9 +32,74 @@
 
 namespace {
 
+// The buckets of one overlapped backward (see
+// simfreeze_dist_backward_allreduce): the hooks touch it under
+// Hooks::mutex while the backward runs, the caller alone after it.
+struct Overlap {
+    c10d::Backend* backend = nullptr;
+    c10::Device stage{c10::kCPU};  // where the collectives run (the CPU for Gloo)
+    std::unordered_map<const c10::TensorImpl*, size_t> index;  // parameter -> i
+    std::vector<size_t> bucket_of;             // per parameter
+    std::vector<std::vector<size_t>> members;  // per bucket, parameter indices
+    std::vector<size_t> pending;               // gradients still to come, per bucket
+    std::vector<at::Tensor> grads;             // per parameter, as they arrive
+    std::vector<at::Tensor> flat;              // per launched bucket
+    std::vector<std::vector<at::Tensor>> lists;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    size_t next = 0;  // the next bucket to launch
+
+    // Parameter i's gradient is in: counts it into its bucket.
+    void arrive(size_t i, at::Tensor grad) {
+        grads[i] = std::move(grad);
+        --pending[bucket_of[i]];
+    }
+
+    // Launches every ready bucket from `next` on, in bucket order: every
+    // rank issues its collectives in the same order, whatever order its
+    // backward finished them in.
+    void launch_ready() {
+        while (next < members.size() && pending[next] == 0) {
+            std::vector<at::Tensor> parts;
+            parts.reserve(members[next].size());
+            for (size_t i : members[next]) {
+                parts.push_back(grads[i].reshape({-1}));
+            }
+            // Gloo reduces host memory: a GPU's gradients are staged (NCCL
+            // reduces them where they are).
+            flat[next] = at::cat(parts, 0).to(stage);
+            lists[next] = {flat[next]};
+            c10d::AllreduceOptions o;
+            o.reduceOp = c10d::ReduceOp::SUM;
+            works[next] = backend->allreduce(lists[next], o);
+            ++next;
+        }
+    }
+};
+
+// The gradient hooks of a group's parameters. A hook is registered once per
+// parameter (libtorch's remove_hook only blanks a slot, so hooks added and
+// removed every step would pile up) and acts only while a backward of this
+// group is in progress (`current`); the hooks share this object, which
+// outlives the group if the parameters do.
+struct Hooks {
+    std::mutex mutex;
+    std::shared_ptr<Overlap> current;
+    std::unordered_set<const c10::TensorImpl*> hooked;
+};
+
+// Clears Hooks::current however the backward ends.
+struct InProgress {
+    Hooks& hooks;
+    ~InProgress() {
+        std::lock_guard<std::mutex> lock(hooks.mutex);
+        hooks.current.reset();
+    }
+};
+
 struct Group {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::Backend> backend;
+    std::shared_ptr<Hooks> hooks;
 };
 
 }  // namespace
@@ -70,7 +140,7 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
             auto options = c10d::ProcessGroupNCCL::Options::create();
             options->timeout = timeout;
             auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
-            return new Group{store, backend};
+            return new Group{store, backend, std::make_shared<Hooks>()};
 #else
             throw std::runtime_error("this build has no NCCL (its CUDA headers were missing)");
 #endif
@@ -88,7 +158,7 @@ void* simfreeze_dist_init(const char* host, int port, int serve, const char* pre
                 ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
                 : c10d::ProcessGroupGloo::createDefaultDevice());
         auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
-        return new Group{store, backend};
+        return new Group{store, backend, std::make_shared<Hooks>()};
     });
 }
 
@@ -110,6 +180,134 @@ int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t
         }
         for (auto& w : works) {
             w->wait();
+        }
+        return 0;
+    });
+}
+
+// Backpropagates `loss` into the n parameters and averages their gradients
+// over the ranks while the backward runs, as PyTorch's DDP does: the
+// parameters are cut into buckets of at most `bucket` elements from the last
+// (whose gradients come first) to the first; a hook on each parameter counts
+// its bucket's gradients in, and a complete bucket's all-reduce is started at
+// once (in bucket order, the same on every rank), so communication overlaps
+// the rest of the backward. The first bucket holds at most 1 MiB (256 Ki
+// float32 values), as DDP's does, so that communication starts early even
+// when the whole model fits one bucket. A parameter the loss does not reach
+// has a zero gradient (and holds its bucket, and the ones after it, back
+// until the backward ends). out[i] receives parameter i's averaged gradient (a view into its
+// bucket, on the parameters' device); *exposed_s the seconds from the end of
+// the backward to the last bucket's arrival (the communication the backward
+// did not hide); *early the buckets started before the backward ended. The
+// collectives run on CUDA device `stage_cuda` (NCCL), or
+// in host memory when it is -1 (Gloo). Returns 0, or 1 with the error
+// message in err (then nothing is written to out).
+int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
+                                      at::Tensor* const* params, size_t n, long long bucket,
+                                      int stage_cuda, at::Tensor** out, double* exposed_s,
+                                      size_t* early, char* err, size_t err_len) {
+    return simfreeze::guarded(err, err_len, 1, [&]() -> int {
+        auto* g = static_cast<Group*>(group);
+        const int world = g->backend->getSize();
+        *exposed_s = 0.0;
+        *early = 0;
+        if (n == 0) {
+            return 0;
+        }
+        auto state = std::make_shared<Overlap>();
+        Overlap& s = *state;
+        s.backend = g->backend.get();
+        s.stage = stage_cuda < 0 ? c10::Device(c10::kCPU)
+                                 : c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(stage_cuda));
+        s.bucket_of.assign(n, 0);
+        long long filled = 0;
+        for (size_t k = n; k-- > 0;) {
+            const long long numel = params[k]->numel();
+            const long long cap = s.members.size() == 1 ? std::min(bucket, 1LL << 18) : bucket;
+            if (s.members.empty() || (filled > 0 && filled + numel > cap)) {
+                s.members.emplace_back();
+                filled = 0;
+            }
+            s.members.back().push_back(k);
+            s.bucket_of[k] = s.members.size() - 1;
+            filled += numel;
+        }
+        const size_t nb = s.members.size();
+        s.pending.resize(nb);
+        for (size_t b = 0; b < nb; ++b) {
+            s.pending[b] = s.members[b].size();
+        }
+        s.grads.resize(n);
+        s.flat.resize(nb);
+        s.lists.resize(nb);
+        s.works.resize(nb);
+        std::vector<at::Tensor> inputs;
+        inputs.reserve(n);
+        for (size_t i = 0; i < n; ++i) {
+            inputs.push_back(*params[i]);
+            s.index.emplace(params[i]->unsafeGetTensorImpl(), i);
+        }
+        Hooks& hooks = *g->hooks;
+        {
+            std::lock_guard<std::mutex> lock(hooks.mutex);
+            for (size_t i = 0; i < n; ++i) {
+                const c10::TensorImpl* key = params[i]->unsafeGetTensorImpl();
+                if (hooks.hooked.count(key)) {
+                    continue;
+                }
+                // A tensor hook on a leaf runs before autograd::grad
+                // captures its gradient: the gradient is final by then.
+                std::weak_ptr<Hooks> weak = g->hooks;
+                params[i]->register_hook([weak, key](const at::TensorBase& grad) {
+                    auto h = weak.lock();
+                    if (!h || !grad.defined()) {
+                        return;
+                    }
+                    std::lock_guard<std::mutex> lock(h->mutex);
+                    Overlap* o = h->current.get();
+                    if (!o) {
+                        return;
+                    }
+                    auto found = o->index.find(key);
+                    if (found == o->index.end() || o->grads[found->second].defined()) {
+                        return;
+                    }
+                    o->arrive(found->second, at::Tensor(grad));
+                    o->launch_ready();
+                });
+                hooks.hooked.insert(key);
+            }
+            hooks.current = state;
+        }
+        std::vector<at::Tensor> got;
+        {
+            InProgress in_progress{hooks};
+            got = torch::autograd::grad({*loss}, inputs, {}, false, false, true);
+        }
+        const auto end = std::chrono::steady_clock::now();
+        *early = s.next;
+        for (size_t i = 0; i < n; ++i) {
+            if (!s.grads[i].defined()) {
+                s.arrive(i, got[i].defined() ? got[i] : at::zeros_like(*params[i]));
+            }
+        }
+        s.launch_ready();
+        c10::AutoGradMode no_grad(false);
+        std::vector<at::Tensor> averaged(n);
+        for (size_t b = 0; b < nb; ++b) {
+            s.works[b]->wait();
+            // In place: the bucket is ours, no second gradient-sized buffer.
+            auto avg = s.flat[b].div_(world).to(params[s.members[b][0]]->device());
+            long long offset = 0;
+            for (size_t i : s.members[b]) {
+                const long long numel = params[i]->numel();
+                averaged[i] = avg.narrow(0, offset, numel).view(params[i]->sizes());
+                offset += numel;
+            }
+        }
+        *exposed_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - end).count();
+        for (size_t i = 0; i < n; ++i) {
+            out[i] = new at::Tensor(std::move(averaged[i]));
         }
         return 0;
     });

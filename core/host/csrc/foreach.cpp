@@ -14,6 +14,7 @@
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/stack.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "shim.h"
 
@@ -58,6 +59,18 @@ void simfreeze_cuda_matmul_tf32(int tf32) {
     at::globalContext().setFloat32Precision(
         at::Float32Backend::CUDA, at::Float32Op::MATMUL,
         tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+}
+
+// Makes CUDA device `index` this process's current device (cudaSetDevice,
+// through the device guard libtorch_cuda registers), before any CUDA work:
+// a data-parallel rank must not open its context on GPU 0. Returns 0, or 1
+// with the error message in err (no CUDA in this libtorch, no such device).
+int simfreeze_cuda_set_device(int index, char* err, size_t err_len) {
+    return simfreeze::guarded(err, err_len, 1, [&] {
+        c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+            ->setDevice(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(index)));
+        return 0;
+    });
 }
 
 // 1 when CUDA float32 matrix products run in TF32.

@@ -97,6 +97,9 @@ pub struct BenchSpec<'a> {
     pub bucket_mib: u64,
     /// Data-parallel: the backend (`train.dist_backend`).
     pub dist_backend: Backend,
+    /// Data-parallel: all-reduce during the backward
+    /// (`train.overlap_allreduce`).
+    pub overlap_allreduce: bool,
 }
 
 /// Times training steps per frozen prefix on random inputs of the model's
@@ -119,7 +122,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
         Some(env) => Some(Arc::new(ProcessGroup::join(
             &env,
             Duration::from_secs(spec.dist_timeout_s.max(1)),
-            spec.dist_backend.resolve(device)?,
+            spec.dist_backend.resolve(env.claim_device(device)?)?,
         )?)),
         None => None,
     };
@@ -134,7 +137,12 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
         device,
     )?;
     let mut engine: Box<dyn Engine> = match &group {
-        Some(g) => Box::new(ParallelEngine::new(single, g.clone(), spec.bucket_mib)?),
+        Some(g) => Box::new(ParallelEngine::new(
+            single,
+            g.clone(),
+            spec.bucket_mib,
+            spec.overlap_allreduce,
+        )?),
         None => Box::new(single),
     };
     let x = Tensor::randn(

@@ -343,7 +343,9 @@ pub struct TrainSection {
     /// in later epochs (needs a deterministic training transform).
     pub cache_frozen: bool,
     /// Largest activation cache allowed, in MiB of the training device's
-    /// memory (the cache lives there, in float32 even under `Bf16`).
+    /// memory (the cache lives there, in bfloat16 under `Bf16`, else in
+    /// float32); 0 (the default): half of the device's free memory when
+    /// the cache is made.
     pub cache_max_mib: u64,
     /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
     /// (GPUs with bf16; parameters and optimizer stay float32).
@@ -365,6 +367,11 @@ pub struct TrainSection {
     /// Data-parallel runs: `Auto` (NCCL on GPUs when this build has it,
     /// else Gloo), `Gloo` or `Nccl`.
     pub dist_backend: Backend,
+    /// Data-parallel runs: start each gradient bucket's all-reduce during
+    /// the backward, as soon as its gradients are computed (PyTorch DDP's
+    /// overlap); `false` all-reduces after the whole backward. The same
+    /// numbers either way.
+    pub overlap_allreduce: bool,
     /// Write every step's observation, as the policy received it, and the
     /// freeze state its decision set to `observations.jsonl` in the run
     /// directory (one JSON line per step; replay it through a policy to
@@ -403,13 +410,14 @@ impl Default for TrainSection {
             threads: 0,
             checkpoint_every: 500,
             cache_frozen: false,
-            cache_max_mib: 4096,
+            cache_max_mib: 0,
             precision: Precision::F32,
             tensorboard: true,
             frozen_from_start: 0,
             dist_timeout_s: 300,
             bucket_mib: 25,
             dist_backend: Backend::Auto,
+            overlap_allreduce: true,
             record_observations: false,
         }
     }

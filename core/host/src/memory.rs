@@ -1,5 +1,6 @@
-//! Process memory: the allocator setting every command runs with, and the
-//! peak resident memory that `bench` reports.
+//! Process memory: the allocator setting every command runs with, the
+//! peak resident memory that `bench` reports, and the free memory of a
+//! device (the activation cache's default cap).
 //!
 //! A training step frees and reallocates the same activation-sized buffers
 //! (hundreds of KiB to tens of MiB) every step. With glibc's defaults the
@@ -55,6 +56,55 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Memory free on `device` now, in MiB: for a GPU its free memory as the
+/// CUDA runtime libtorch loaded reports it (`cudaMemGetInfo` on that
+/// device), for the CPU the kernel's `MemAvailable`; `None` when it cannot
+/// be told.
+pub fn free_mib(device: tch::Device) -> Option<u64> {
+    match device {
+        tch::Device::Cuda(i) => cuda_free_bytes(i).map(|b| b >> 20),
+        _ => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib >> 10)
+        }
+    }
+}
+
+/// Free bytes of CUDA device `index`, through the CUDA runtime's C API
+/// found in the process (libtorch_cuda loads it); `None` without one.
+fn cuda_free_bytes(index: usize) -> Option<u64> {
+    type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;
+    type SetDevice = unsafe extern "C" fn(i32) -> i32;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
+    let find = |name: &std::ffi::CStr| {
+        // SAFETY: dlsym with a NUL-terminated name only looks the symbol up.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    let get = find(c"cudaGetDevice")?;
+    let set = find(c"cudaSetDevice")?;
+    let info = find(c"cudaMemGetInfo")?;
+    // SAFETY: the CUDA runtime's documented signatures; the current
+    // device is restored after the query.
+    unsafe {
+        let (get, set, info): (GetDevice, SetDevice, MemGetInfo) = (
+            std::mem::transmute::<*mut libc::c_void, GetDevice>(get),
+            std::mem::transmute::<*mut libc::c_void, SetDevice>(set),
+            std::mem::transmute::<*mut libc::c_void, MemGetInfo>(info),
+        );
+        let mut current = 0i32;
+        if get(&mut current) != 0 || set(index as i32) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        let rc = info(&mut free, &mut total);
+        set(current);
+        (rc == 0).then_some(free as u64)
+    }
+}
+
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;
@@ -83,6 +133,15 @@ mod tests {
             std::hint::black_box(&bufs);
         }
         thread_faults() - after_first
+    }
+
+    #[test]
+    fn free_memory_is_known_for_the_cpu_and_absent_for_a_missing_gpu() {
+        let free = free_mib(tch::Device::Cpu).expect("MemAvailable");
+        assert!(free > 0);
+        if !tch::Cuda::is_available() {
+            assert_eq!(free_mib(tch::Device::Cuda(0)), None);
+        }
     }
 
     #[test]

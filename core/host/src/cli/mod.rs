@@ -375,6 +375,7 @@ fn bench_cmd(a: BenchArgs, search: &SearchPath) -> Result<()> {
         dist_timeout_s: cfg.train.dist_timeout_s,
         bucket_mib: cfg.train.bucket_mib,
         dist_backend: cfg.train.dist_backend,
+        overlap_allreduce: cfg.train.overlap_allreduce,
     };
     let run = bench(&spec, policy)?;
     if run.rank != 0 {

@@ -44,6 +44,19 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn simfreeze_dist_backward_allreduce(
+        group: *mut c_void,
+        loss: *const C_tensor,
+        params: *const *const C_tensor,
+        n: usize,
+        bucket: c_longlong,
+        stage_cuda: c_int,
+        out: *mut *mut C_tensor,
+        exposed_s: *mut f64,
+        early: *mut usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn simfreeze_dist_store_set(
         group: *mut c_void,
         key: *const c_char,
@@ -174,6 +187,35 @@ impl DistEnv {
     }
 }
 
+/// How much of an overlapped backward's communication the backward hid.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Overlapped {
+    /// Seconds the host waited for the all-reduces after the backward.
+    pub exposed_seconds: f64,
+    /// Buckets whose all-reduce started before the backward ended.
+    pub early_buckets: usize,
+}
+
+impl DistEnv {
+    /// The device this rank trains on: `cuda:LOCAL_RANK` when the run is on
+    /// a GPU, made the process's current device here, before any CUDA work
+    /// (else every rank would open a context on GPU 0); `device` itself on
+    /// the CPU.
+    pub fn claim_device(&self, device: Device) -> Result<Device, UsageError> {
+        if !device.is_cuda() {
+            return Ok(device);
+        }
+        crate::model::precision::cuda_set_device(self.local_rank).map_err(|e| {
+            UsageError(format!(
+                "LOCAL_RANK {} cannot use cuda:{}: {e} (one rank per GPU: torchrun \
+                 --nproc-per-node at most the GPU count)",
+                self.local_rank, self.local_rank
+            ))
+        })?;
+        Ok(Device::Cuda(self.local_rank))
+    }
+}
+
 pub use crate::error::CommError;
 
 /// A Gloo process group (CPU tensors; CUDA tensors are staged through
@@ -290,6 +332,64 @@ impl ProcessGroup {
         };
         match rc {
             0 => Ok(()),
+            _ => Err(CommError {
+                message: err_text(&err),
+            }),
+        }
+    }
+
+    /// Backpropagates `loss` into `params` and averages their gradients
+    /// over the ranks while the backward runs (PyTorch DDP's overlap): the
+    /// parameters are cut into buckets of at most `bucket` elements from
+    /// the last to the first, and a bucket's all-reduce starts as soon as
+    /// its last gradient is computed, in the same bucket order on every
+    /// rank; the first bucket holds at most 1 MiB, as DDP's. Returns each
+    /// parameter's averaged gradient (on its device).
+    pub fn backward_mean(
+        &self,
+        loss: &Tensor,
+        params: &[&Tensor],
+        bucket: i64,
+    ) -> Result<(Vec<Tensor>, Overlapped), CommError> {
+        let ptrs: Vec<*const C_tensor> = params.iter().map(|t| t.as_ptr()).collect();
+        let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); params.len()];
+        let mut exposed = 0.0f64;
+        let mut early = 0usize;
+        let stage = match self.device {
+            Device::Cuda(i) => i as c_int,
+            _ => -1,
+        };
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: the tensors are live for the call; on success the shim
+        // fills every `out` slot with a tensor handle allocated with `new`,
+        // which `Tensor::from_ptr` takes ownership of; on failure it fills
+        // none and the message comes back in `err`.
+        let rc = unsafe {
+            simfreeze_dist_backward_allreduce(
+                self.ptr,
+                loss.as_ptr(),
+                ptrs.as_ptr(),
+                ptrs.len(),
+                bucket,
+                stage,
+                out.as_mut_ptr(),
+                &mut exposed,
+                &mut early,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        match rc {
+            // SAFETY: see above.
+            0 => Ok((
+                out.into_iter()
+                    .map(|p| unsafe { Tensor::from_ptr(p) })
+                    .collect(),
+                Overlapped {
+                    exposed_seconds: exposed,
+                    early_buckets: early,
+                },
+            )),
             _ => Err(CommError {
                 message: err_text(&err),
             }),
@@ -455,6 +555,62 @@ mod tests {
         assert_eq!(g.store_get("k").unwrap().as_deref(), Some(&b"v1"[..]));
         assert_eq!(g.store_get("absent").unwrap(), None);
         g.barrier().unwrap();
+    }
+
+    /// The overlapped backward of a one-rank group returns autograd's own
+    /// gradients, bit for bit, whatever the buckets: one per parameter, a
+    /// few, or one for all; a parameter the loss does not reach gets zeros;
+    /// a second call (the hooks were removed) gives the same again.
+    #[test]
+    fn the_overlapped_backward_gives_autograd_s_gradients() {
+        let g = ProcessGroup::join(&alone(), Duration::from_secs(20), Backend::Gloo).unwrap();
+        tch::manual_seed(3);
+        let opts = (tch::Kind::Float, Device::Cpu);
+        let w: Vec<Tensor> = [[4i64, 3], [3, 3], [3, 2], [5, 1]]
+            .iter()
+            .map(|s| Tensor::randn(*s, opts).set_requires_grad(true))
+            .collect();
+        let x = Tensor::randn([6, 4], opts);
+        // w[3] is not used: its gradient is zero.
+        let loss = || {
+            x.matmul(&w[0])
+                .tanh()
+                .matmul(&w[1])
+                .relu()
+                .matmul(&w[2])
+                .square()
+                .sum(tch::Kind::Float)
+        };
+        let used: Vec<&Tensor> = w[..3].iter().collect();
+        let want = Tensor::run_backward(&[loss()], &used, false, false);
+        let params: Vec<&Tensor> = w.iter().collect();
+        for bucket in [1, 10, 12, 1 << 20] {
+            for _ in 0..2 {
+                let (got, o) = g.backward_mean(&loss(), &params, bucket).unwrap();
+                assert_eq!(got.len(), 4);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(a.equal(b), "bucket {bucket}");
+                }
+                assert_eq!(got[3].size(), [5, 1]);
+                assert_eq!(got[3].abs().sum(tch::Kind::Float).double_value(&[]), 0.0);
+                assert!(o.exposed_seconds >= 0.0);
+                // The unused last parameter is in the first bucket: it
+                // holds every bucket back until the backward ends.
+                assert_eq!(o.early_buckets, 0);
+            }
+            // Without it, the hooks start every bucket during the backward
+            // (the last in the hook of the backward's last gradient).
+            let (got, o) = g.backward_mean(&loss(), &used, bucket).unwrap();
+            for (a, b) in got.iter().zip(&want) {
+                assert!(a.equal(b), "bucket {bucket}");
+            }
+            // 12, 9 and 6 values from the last: one bucket each up to 12
+            // (6 + 9 > 12), one for all at the 1 MiB first-bucket cap.
+            let buckets = if bucket <= 12 { 3 } else { 1 };
+            assert_eq!(o.early_buckets, buckets, "bucket {bucket}");
+        }
+        // Nothing accumulated in .grad, as with run_backward.
+        assert!(w.iter().all(|t| !t.grad().defined()));
     }
 
     /// NCCL is refused where it cannot run, and when this build has it, a

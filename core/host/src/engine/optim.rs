@@ -559,10 +559,26 @@ impl Optimizer {
     /// accumulates in `.grad`, so there is nothing to zero, and frozen
     /// parameters are not even asked for a gradient.
     pub fn backward(&self, loss: &Tensor, frozen: usize) -> Grads {
+        self.backward_with::<std::convert::Infallible>(frozen, |inputs| {
+            Ok(Tensor::run_backward(&[loss], inputs, false, false))
+        })
+        .unwrap_or_else(|never| match never {})
+    }
+
+    /// The gradients `backward` computes from the parameters trainable
+    /// with `frozen` blocks frozen (in the optimizer's order, the same on
+    /// every rank): a data-parallel engine's backward that all-reduces as
+    /// it goes.
+    pub fn backward_with<E>(
+        &self,
+        frozen: usize,
+        backward: impl FnOnce(&[&Tensor]) -> Result<Vec<Tensor>, E>,
+    ) -> Result<Grads, E> {
         let index = self.trainable(frozen);
         let inputs: Vec<&Tensor> = index.iter().map(|&i| &self.params[i].value).collect();
-        let grads = Tensor::run_backward(&[loss], &inputs, false, false);
-        Grads::new(index, grads)
+        let grads = backward(&inputs)?;
+        assert_eq!(grads.len(), index.len(), "one gradient per parameter");
+        Ok(Grads::new(index, grads))
     }
 
     fn trainable(&self, frozen: usize) -> Vec<usize> {

@@ -7,10 +7,13 @@
 //!    same global loss (so a non-finite loss stops all of them at the same
 //!    step), the same stop decision and the global batch's labels, and a
 //!    rank whose policy decided otherwise stops the group;
-//! 2. after it, the gradients of the trainable parameters only, flattened
+//! 2. during it, the gradients of the trainable parameters only, flattened
 //!    into buckets of `train.bucket_mib` and averaged (NCCL on the GPU, or
-//!    Gloo through host memory); frozen blocks have no gradient and are not
-//!    communicated at all;
+//!    Gloo through host memory); with `train.overlap_allreduce` (the
+//!    default) a bucket's all-reduce starts as soon as the backward has
+//!    computed its gradients, as PyTorch's DDP does, so communication hides
+//!    behind the rest of the backward; without it, after the whole backward.
+//!    Frozen blocks have no gradient and are not communicated at all;
 //! 3. when the policy asks for them, the features of the global batch,
 //!    gathered in rank order (the batch a one-process run with the global
 //!    batch would have seen).
@@ -42,21 +45,27 @@ pub struct ParallelEngine {
     group: Arc<ProcessGroup>,
     /// Largest gradient bucket, in elements.
     bucket: i64,
+    /// All-reduce buckets during the backward (else after it).
+    overlap: bool,
     /// Steps taken by this process (the heartbeat that names a lost rank).
     steps: u64,
 }
 
 impl ParallelEngine {
-    /// Wraps `inner` and makes every rank start from rank 0's weights.
+    /// Wraps `inner` and makes every rank start from rank 0's weights;
+    /// gradients go in buckets of `bucket_mib`, all-reduced during the
+    /// backward with `overlap`.
     pub fn new(
         inner: SingleEngine,
         group: Arc<ProcessGroup>,
         bucket_mib: u64,
+        overlap: bool,
     ) -> Result<Self, CommError> {
         let engine = ParallelEngine {
             inner,
             group,
             bucket: (bucket_mib.max(1) * (1 << 20) / 4) as i64,
+            overlap,
             steps: 0,
         };
         engine.sync_weights()?;
@@ -126,13 +135,13 @@ fn explain(g: &ProcessGroup, steps: u64, e: CommError) -> CommError {
 }
 
 /// Averages `grads` over the ranks, in buckets of at most `bucket`
-/// elements; returns the parameters communicated.
+/// elements, after the backward (`train.overlap_allreduce: false`).
 fn reduce_grads(
     g: &ProcessGroup,
     bucket: i64,
     device: Device,
     grads: &[Tensor],
-) -> Result<u64, CommError> {
+) -> Result<(), CommError> {
     let world = g.world as f64;
     let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
     let mut filled = 0i64;
@@ -156,7 +165,6 @@ fn reduce_grads(
         .collect();
     let refs: Vec<&Tensor> = flat.iter().collect();
     g.allreduce_sum(&refs)?;
-    let mut params = 0u64;
     tch::no_grad(|| {
         for (b, f) in buckets.iter().zip(&flat) {
             // In place: the bucket is ours, no second gradient-sized buffer.
@@ -166,18 +174,17 @@ fn reduce_grads(
                 let n = t.numel() as i64;
                 t.shallow_clone().copy_(&f.narrow(0, at, n).view_as(t));
                 at += n;
-                params += n as u64;
             }
         }
     });
-    Ok(params)
+    Ok(())
 }
 
 /// One data-parallel step (see the module documentation).
 fn parallel_step(
     inner: &mut SingleEngine,
     g: &ProcessGroup,
-    (bucket, steps): (i64, u64),
+    (bucket, overlap, steps): (i64, bool, u64),
     batch: Batch,
     y: &Tensor,
     plan: &StepPlan<'_>,
@@ -221,11 +228,30 @@ fn parallel_step(
     if !loss.is_finite() {
         return Err(StepError::Diverged(loss));
     }
-    // 2. The trainable parameters' gradients.
-    let mut grads = opt.backward(&loss_t, plan.frozen);
-    let t = Instant::now();
-    let params = reduce_grads(g, bucket, *device, grads.tensors()).map_err(lost)?;
-    comm.seconds += t.elapsed().as_secs_f64();
+    // 2. The trainable parameters' gradients, averaged over the ranks: the
+    // host's wait for them is the communication the backward did not hide.
+    let mut grads = match overlap {
+        true => {
+            let mut exposed = 0.0;
+            let grads = opt
+                .backward_with(plan.frozen, |params| {
+                    let (grads, o) = g.backward_mean(&loss_t, params, bucket)?;
+                    exposed = o.exposed_seconds;
+                    Ok(grads)
+                })
+                .map_err(lost)?;
+            comm.seconds += exposed;
+            grads
+        }
+        false => {
+            let grads = opt.backward(&loss_t, plan.frozen);
+            let t = Instant::now();
+            reduce_grads(g, bucket, *device, grads.tensors()).map_err(lost)?;
+            comm.seconds += t.elapsed().as_secs_f64();
+            grads
+        }
+    };
+    let params: u64 = grads.tensors().iter().map(|t| t.numel() as u64).sum();
     comm.params = params;
     comm.bytes = params * 4;
     // The averaged gradients: every rank sums the same.
@@ -293,7 +319,7 @@ impl Engine for ParallelEngine {
             &format!("heartbeat/{}", g.rank),
             self.steps.to_string().as_bytes(),
         );
-        let at = (self.bucket, self.steps);
+        let at = (self.bucket, self.overlap, self.steps);
         let inner = &mut self.inner;
         torch_guard(
             || "in a data-parallel training step".into(),

@@ -5,7 +5,7 @@
 //! Works on CUDA and on CPU (where it is slower unless the CPU has bf16
 //! instructions; the CPU path exists so tests exercise the plumbing).
 
-use std::os::raw::c_int;
+use std::os::raw::{c_char, c_int};
 
 use serde::{Deserialize, Serialize};
 use tch::Device;
@@ -26,6 +26,27 @@ extern "C" {
     // csrc/foreach.cpp
     fn simfreeze_cuda_matmul_tf32(tf32: c_int);
     fn simfreeze_cuda_matmul_is_tf32() -> c_int;
+    fn simfreeze_cuda_set_device(index: c_int, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+/// Makes CUDA device `index` the process's current device before any CUDA
+/// work (a data-parallel rank's `cuda:LOCAL_RANK`, so that it never opens
+/// a context on GPU 0); an error when this libtorch has no CUDA or no such
+/// device.
+pub fn cuda_set_device(index: usize) -> Result<(), String> {
+    let mut err = [0 as c_char; 512];
+    // SAFETY: the shim catches C++ exceptions and NUL-terminates `err`.
+    let rc = unsafe { simfreeze_cuda_set_device(index as c_int, err.as_mut_ptr(), err.len()) };
+    match rc {
+        0 => Ok(()),
+        // SAFETY: as above.
+        _ => Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
+            .to_string_lossy()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()),
+    }
 }
 
 /// CUDA float32 matrix products in TF32 (`true`: PyTorch's

@@ -10,15 +10,21 @@
 //! the rename of `checkpoint.json` is the commit point, so a crash leaves
 //! the previous checkpoint intact. The data order is a pure function of
 //! (seed, epoch) and the model has no dropout, so no RNG state is needed.
+//!
+//! The files are written off the training loop's path by a [`Writer`]: the
+//! loop only copies the tensors (into pinned host memory from a GPU,
+//! without waiting for the copies), and a background thread writes and
+//! commits them while training goes on; one write is in flight at most.
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use simfreeze_runtime::contract::FreezeState;
 use simfreeze_runtime::driver::Timeline;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The JSON half of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +142,79 @@ pub fn save(
         }
     }
     Ok(())
+}
+
+/// Writes checkpoints in a background thread, one at a time, in order.
+///
+/// [`Writer::submit`] snapshots the tensors and returns; the write of the
+/// previous checkpoint is waited for first, so checkpoints commit in the
+/// order they were taken and at most one snapshot is held besides the
+/// model. [`Writer::wait`] returns once the last one is committed (before
+/// a run reports a checkpoint or exits); dropping the writer waits too, so
+/// no exit path leaves a checkpoint half written.
+#[derive(Default)]
+pub struct Writer {
+    pending: Option<JoinHandle<Result<()>>>,
+}
+
+impl Writer {
+    /// Takes a copy of `tensors` (their values now; training may go on
+    /// changing the originals) and writes the checkpoint into `dir` in the
+    /// background. An error of the previous write is returned here.
+    pub fn submit(
+        &mut self,
+        dir: &Path,
+        meta: CheckpointMeta,
+        tensors: Vec<(String, Tensor)>,
+    ) -> Result<()> {
+        self.wait()?;
+        let gpu = tensors.iter().find_map(|(_, t)| match t.device() {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        });
+        // From a GPU a non-blocking copy lands in pinned host memory and is
+        // queued behind the step that produced the values, so the loop does
+        // not wait for it; on the CPU this is a plain copy.
+        let snapshot: Vec<(String, Tensor)> = tch::no_grad(|| {
+            tensors
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_device_(Device::Cpu, t.kind(), true, true)))
+                .collect()
+        });
+        let dir = dir.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                if let Some(i) = gpu {
+                    // The copies must have landed before they are read.
+                    tch::Cuda::synchronize(i as i64);
+                }
+                save(&dir, meta, snapshot)
+            })
+            .context("cannot start the checkpoint writer thread")?;
+        self.pending = Some(handle);
+        Ok(())
+    }
+
+    /// Waits until the last submitted checkpoint is committed; its error,
+    /// if writing it failed.
+    pub fn wait(&mut self) -> Result<()> {
+        match self.pending.take() {
+            None => Ok(()),
+            Some(h) => match h.join() {
+                Ok(r) => r,
+                Err(_) => bail!("the checkpoint writer thread panicked"),
+            },
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            eprintln!("error: the last checkpoint was not written: {e:#}");
+        }
+    }
 }
 
 /// The checkpoint of a run directory, if it has one.

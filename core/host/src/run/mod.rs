@@ -96,6 +96,7 @@ fn join_group(config: &RunConfig, device: Device) -> Result<Option<Arc<ProcessGr
     let Some(env) = DistEnv::from_env()? else {
         return Ok(None);
     };
+    let device = env.claim_device(device)?;
     let timeout = Duration::from_secs(config.train.dist_timeout_s.max(1));
     let backend = config.train.dist_backend.resolve(device)?;
     Ok(Some(Arc::new(ProcessGroup::join(&env, timeout, backend)?)))
@@ -270,6 +271,8 @@ struct Trainer {
     /// The on-demand observations (contract 2), when the policy declared
     /// any.
     observer: Option<Observer>,
+    /// Writes checkpoints in the background.
+    writer: checkpoint::Writer,
 }
 
 /// How an epoch ended.
@@ -321,6 +324,7 @@ impl Trainer {
                 single,
                 g.clone(),
                 config.train.bucket_mib,
+                config.train.overlap_allreduce,
             )?),
             None => Box::new(single),
         };
@@ -367,8 +371,8 @@ impl Trainer {
                 || {
                     PrefixCache::new(
                         train.len(),
-                        model.tokens(),
-                        model.dim,
+                        (model.tokens(), model.dim),
+                        config.train.precision,
                         config.train.cache_max_mib,
                         config.data.random_transform(),
                         device,
@@ -418,6 +422,7 @@ impl Trainer {
             epoch_comm: Comm::default(),
             last_allreduce: None,
             observer,
+            writer: checkpoint::Writer::default(),
         };
         match start {
             Some(meta) => trainer.restore(meta)?,
@@ -623,6 +628,7 @@ impl Trainer {
             if stopping {
                 // The other ranks wait for rank 0's checkpoint: none exits
                 // (and has torchrun stop the group) before it is written.
+                self.writer.wait()?;
                 if let Err(e) = self.engine.barrier() {
                     return Ok(EpochEnd::Stopped(Stop::Peer(e)));
                 }
@@ -798,7 +804,7 @@ impl Trainer {
             meta.observer = Some(m);
             tensors.extend(t);
         }
-        checkpoint::save(&self.dir.path, meta, tensors)
+        self.writer.submit(&self.dir.path, meta, tensors)
     }
 
     /// Continues from a checkpoint: tensors, policy state, freeze state,
@@ -848,6 +854,7 @@ impl Trainer {
     /// always; a stopped run becomes a [`RunStopped`] error.
     fn finish(mut self, stop: Option<Stop>, identity: PolicyIdentity) -> Result<Summary> {
         self.progress.finish_line();
+        self.writer.wait()?;
         self.log.flush()?;
         let world = self.totals.world_size;
         let (stop, digests) = match stop {
@@ -877,8 +884,14 @@ impl Trainer {
         let reason = stop.reason();
         let summary = self.summary_of((stop.status(), Some(reason.clone())), identity);
         self.write_summary(summary)?;
-        if matches!(stop, Stop::Interrupted { .. }) {
-            // As above, for the summary (a failed group cannot meet).
+        if matches!(
+            stop,
+            Stop::Interrupted { .. } | Stop::Diverged { .. } | Stop::Policy(_)
+        ) {
+            // Stops every rank reaches at the same step: no rank exits (and
+            // has torchrun stop rank 0 while its checkpoint writer may still
+            // be busy) before rank 0 waited for it and wrote the summary. A
+            // failed group cannot meet.
             let _ = self.engine.barrier();
         }
         if !self.writes {
