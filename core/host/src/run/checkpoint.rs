@@ -257,4 +257,74 @@ mod tests {
         assert!(from_hex("abc").is_err());
         assert!(from_hex("zz").is_err());
     }
+
+    fn meta(step: u64) -> CheckpointMeta {
+        CheckpointMeta {
+            format: 0,
+            step,
+            epoch_loss_sum: 0.0,
+            epoch_seconds: 0.0,
+            train_seconds: 0.0,
+            best_top1: None,
+            last_top1: None,
+            freeze: FreezeState::new(3),
+            timeline: Timeline::default(),
+            policy_state: String::new(),
+            weights: String::new(),
+            metrics_len: 0,
+            events_len: 0,
+            tensorboard_len: None,
+            observations_len: None,
+            world_size: 1,
+            allreduce_bytes: 0,
+            comm_seconds: 0.0,
+            epoch_allreduce_bytes: 0,
+            epoch_comm_seconds: 0.0,
+            last_allreduce_bytes: None,
+            observer: None,
+        }
+    }
+
+    /// The writer keeps the values of the moment it was handed them (the
+    /// loop goes on changing the tensors in place), commits checkpoints in
+    /// order, keeps only the last one's tensors, and a write that fails is
+    /// reported by the next call, naming the file.
+    #[test]
+    fn the_background_writer_snapshots_commits_in_order_and_reports_failures() {
+        let d = tempfile::tempdir().unwrap();
+        let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let mut writer = Writer::default();
+        writer
+            .submit(d.path(), meta(3), vec![("w".into(), w.shallow_clone())])
+            .unwrap();
+        let _ = w.shallow_clone().fill_(7.0);
+        writer
+            .submit(d.path(), meta(6), vec![("w".into(), w.shallow_clone())])
+            .unwrap();
+        let _ = w.shallow_clone().fill_(9.0);
+        writer.wait().unwrap();
+        let m = load_meta(d.path()).unwrap().expect("a checkpoint");
+        assert_eq!(m.step, 6);
+        let (_, t) = read_tensors(d.path(), &m).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&t[0].1).unwrap(), [7.0, 7.0, 7.0]);
+        let tensors: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+            .collect();
+        assert_eq!(
+            tensors.len(),
+            1,
+            "the older checkpoint's tensors are removed"
+        );
+
+        let gone = d.path().join("missing");
+        writer
+            .submit(&gone, meta(9), vec![("w".into(), w.shallow_clone())])
+            .unwrap();
+        let e = writer.wait().unwrap_err();
+        assert!(format!("{e:#}").contains("missing"), "{e:#}");
+        // The committed checkpoint is untouched.
+        assert_eq!(load_meta(d.path()).unwrap().unwrap().step, 6);
+    }
 }
