@@ -31,15 +31,9 @@ torchrun=.venv/bin/torchrun
 [ -x "$torchrun" ] || { echo "no $torchrun: run scripts/setup.sh" >&2; exit 1; }
 export OMP_NUM_THREADS=$threads
 
-shape=$("$bin" bench --config "$config" --set "train.threads=$threads" --frozen 0 --steps 1 --warmup 0 --rounds 1 --json)
-depth=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["depth"])' "$shape")
-half=$((depth / 2))
-pyargs=$(python3 -c '
-import json, sys
-s = json.loads(sys.argv[1])["shape"]
-keep = ("image_size", "channels", "patch", "dim", "depth", "heads", "classes")
-print(" ".join("--%s %s" % (k.replace("_", "-"), s[k]) for k in keep))
-' "$shape")
+# The model shape comes from the config, through simfreeze itself.
+source scripts/bench-shape.sh
+bench_shape "$bin" "$config" "$threads"
 
 errors=$(mktemp)
 launch() {

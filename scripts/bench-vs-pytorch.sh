@@ -21,15 +21,8 @@ bin=./target/release/simfreeze
 [ -x "$bin" ] || { echo "build first: scripts/setup.sh" >&2; exit 1; }
 
 # The model shape comes from the config, through simfreeze itself.
-shape=$("$bin" bench --config "$config" --set "train.threads=$threads" --frozen 0 --steps 1 --warmup 0 --rounds 1 --json)
-depth=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["depth"])' "$shape")
-half=$((depth / 2))
-pyargs=$(python3 -c '
-import json, sys
-s = json.loads(sys.argv[1])["shape"]
-keep = ("image_size", "channels", "patch", "dim", "depth", "heads", "classes")
-print(" ".join("--%s %s" % (k.replace("_", "-"), s[k]) for k in keep))
-' "$shape")
+source scripts/bench-shape.sh
+bench_shape "$bin" "$config" "$threads"
 
 # One line per attempt, batch and K: "batch K simfreeze_img_s pytorch_img_s".
 pairs=$(mktemp)

@@ -200,11 +200,14 @@ int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t
 // the backward to the last bucket's arrival (the communication the backward
 // did not hide); *early the buckets started before the backward ended. The
 // collectives run on CUDA device `stage_cuda` (NCCL), or
-// in host memory when it is -1 (Gloo). Returns 0, or 1 with the error
-// message in err (then nothing is written to out).
+// in host memory when it is -1 (Gloo). Without `overlap` the hooks stay idle
+// and every bucket is started after the backward (the same buckets, so the
+// same sums). Returns 0, or 1 with the error message in err (then nothing is
+// written to out).
 int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
                                       at::Tensor* const* params, size_t n, long long bucket,
-                                      int stage_cuda, at::Tensor** out, double* exposed_s,
+                                      int stage_cuda, int overlap, at::Tensor** out,
+                                      double* exposed_s,
                                       size_t* early, char* err, size_t err_len) {
     return simfreeze::guarded(err, err_len, 1, [&]() -> int {
         auto* g = static_cast<Group*>(group);
@@ -248,7 +251,7 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
             s.index.emplace(params[i]->unsafeGetTensorImpl(), i);
         }
         Hooks& hooks = *g->hooks;
-        {
+        if (overlap) {
             std::lock_guard<std::mutex> lock(hooks.mutex);
             for (size_t i = 0; i < n; ++i) {
                 const c10::TensorImpl* key = params[i]->unsafeGetTensorImpl();

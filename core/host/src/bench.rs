@@ -102,6 +102,37 @@ pub struct BenchSpec<'a> {
     pub overlap_allreduce: bool,
 }
 
+/// An engine, its group (under torchrun) and its device.
+type BenchEngine = (Box<dyn Engine>, Option<Arc<ProcessGroup>>, Device);
+
+/// The engine `bench` times: one process on `spec.device`, or under
+/// torchrun this rank of the group (on `cuda:LOCAL_RANK` when the device
+/// is a GPU).
+fn bench_engine(spec: &BenchSpec<'_>) -> Result<BenchEngine> {
+    let mut device = spec.device;
+    let group = match DistEnv::from_env()? {
+        Some(env) => {
+            device = env.claim_device(device)?;
+            Some(Arc::new(ProcessGroup::join(
+                &env,
+                Duration::from_secs(spec.dist_timeout_s.max(1)),
+                spec.dist_backend.resolve(device)?,
+            )?))
+        }
+        None => None,
+    };
+    let recipe = Recipe::sgd(Default::default());
+    let single = SingleEngine::new(spec.model, spec.precision, recipe, device)?;
+    let engine: Box<dyn Engine> = match &group {
+        Some(g) => {
+            let (bucket, overlap) = (spec.bucket_mib, spec.overlap_allreduce);
+            Box::new(ParallelEngine::new(single, g.clone(), bucket, overlap)?)
+        }
+        None => Box::new(single),
+    };
+    Ok((engine, group, device))
+}
+
 /// Times training steps per frozen prefix on random inputs of the model's
 /// shape: `warmup` untimed steps, then `rounds` rounds of `steps` timed
 /// steps, the prefixes interleaved within each round so that a burst of load
@@ -115,36 +146,10 @@ pub struct BenchSpec<'a> {
 /// all-reduce); throughput counts every rank's images, and the share of
 /// step time in collectives is reported.
 pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<BenchRun> {
-    let mcfg = spec.model;
-    let (mut device, batch) = (spec.device, spec.batch);
+    let (mcfg, batch) = (spec.model, spec.batch);
     tch::manual_seed(0);
-    let group = match DistEnv::from_env()? {
-        Some(env) => Some(Arc::new(ProcessGroup::join(
-            &env,
-            Duration::from_secs(spec.dist_timeout_s.max(1)),
-            spec.dist_backend.resolve(env.claim_device(device)?)?,
-        )?)),
-        None => None,
-    };
-    if let (Some(g), Device::Cuda(_)) = (&group, device) {
-        device = Device::Cuda(g.local_rank);
-    }
+    let (mut engine, group, device) = bench_engine(spec)?;
     let (rank, world) = group.as_deref().map_or((0, 1), |g| (g.rank, g.world));
-    let single = SingleEngine::new(
-        mcfg,
-        spec.precision,
-        Recipe::sgd(Default::default()),
-        device,
-    )?;
-    let mut engine: Box<dyn Engine> = match &group {
-        Some(g) => Box::new(ParallelEngine::new(
-            single,
-            g.clone(),
-            spec.bucket_mib,
-            spec.overlap_allreduce,
-        )?),
-        None => Box::new(single),
-    };
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),

@@ -51,6 +51,7 @@ extern "C" {
         n: usize,
         bucket: c_longlong,
         stage_cuda: c_int,
+        overlap: c_int,
         out: *mut *mut C_tensor,
         exposed_s: *mut f64,
         early: *mut usize,
@@ -343,13 +344,16 @@ impl ProcessGroup {
     /// parameters are cut into buckets of at most `bucket` elements from
     /// the last to the first, and a bucket's all-reduce starts as soon as
     /// its last gradient is computed, in the same bucket order on every
-    /// rank; the first bucket holds at most 1 MiB, as DDP's. Returns each
-    /// parameter's averaged gradient (on its device).
+    /// rank; the first bucket holds at most 1 MiB, as DDP's. Without
+    /// `overlap` every bucket starts after the backward
+    /// (`train.overlap_allreduce: false`; the same buckets, the same sums).
+    /// Returns each parameter's averaged gradient (on its device).
     pub fn backward_mean(
         &self,
         loss: &Tensor,
         params: &[&Tensor],
         bucket: i64,
+        overlap: bool,
     ) -> Result<(Vec<Tensor>, Overlapped), CommError> {
         let ptrs: Vec<*const C_tensor> = params.iter().map(|t| t.as_ptr()).collect();
         let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); params.len()];
@@ -372,6 +376,7 @@ impl ProcessGroup {
                 ptrs.len(),
                 bucket,
                 stage,
+                c_int::from(overlap),
                 out.as_mut_ptr(),
                 &mut exposed,
                 &mut early,
@@ -586,7 +591,7 @@ mod tests {
         let params: Vec<&Tensor> = w.iter().collect();
         for bucket in [1, 10, 12, 1 << 20] {
             for _ in 0..2 {
-                let (got, o) = g.backward_mean(&loss(), &params, bucket).unwrap();
+                let (got, o) = g.backward_mean(&loss(), &params, bucket, true).unwrap();
                 assert_eq!(got.len(), 4);
                 for (a, b) in got.iter().zip(&want) {
                     assert!(a.equal(b), "bucket {bucket}");
@@ -600,10 +605,14 @@ mod tests {
             }
             // Without it, the hooks start every bucket during the backward
             // (the last in the hook of the backward's last gradient).
-            let (got, o) = g.backward_mean(&loss(), &used, bucket).unwrap();
+            let (got, o) = g.backward_mean(&loss(), &used, bucket, true).unwrap();
             for (a, b) in got.iter().zip(&want) {
                 assert!(a.equal(b), "bucket {bucket}");
             }
+            // Without overlap, the same gradients, every bucket after.
+            let (after, late) = g.backward_mean(&loss(), &used, bucket, false).unwrap();
+            assert!(after.iter().zip(&got).all(|(a, b)| a.equal(b)));
+            assert_eq!(late.early_buckets, 0);
             // 12, 9 and 6 values from the last: one bucket each up to 12
             // (6 + 9 > 12), one for all at the 1 MiB first-bucket cap.
             let buckets = if bucket <= 12 { 3 } else { 1 };

@@ -134,52 +134,6 @@ fn explain(g: &ProcessGroup, steps: u64, e: CommError) -> CommError {
     }
 }
 
-/// Averages `grads` over the ranks, in buckets of at most `bucket`
-/// elements, after the backward (`train.overlap_allreduce: false`).
-fn reduce_grads(
-    g: &ProcessGroup,
-    bucket: i64,
-    device: Device,
-    grads: &[Tensor],
-) -> Result<(), CommError> {
-    let world = g.world as f64;
-    let mut buckets: Vec<Vec<&Tensor>> = Vec::new();
-    let mut filled = 0i64;
-    for t in grads {
-        let n = t.numel() as i64;
-        if buckets.is_empty() || (filled > 0 && filled + n > bucket) {
-            buckets.push(Vec::new());
-            filled = 0;
-        }
-        buckets.last_mut().expect("a bucket").push(t);
-        filled += n;
-    }
-    let flat: Vec<Tensor> = buckets
-        .iter()
-        .map(|b| {
-            let parts: Vec<Tensor> = b.iter().map(|t| t.reshape([-1])).collect();
-            // Gloo reduces host memory: a GPU's gradients are staged (NCCL
-            // reduces them where they are).
-            Tensor::cat(&parts, 0).to_device(g.device)
-        })
-        .collect();
-    let refs: Vec<&Tensor> = flat.iter().collect();
-    g.allreduce_sum(&refs)?;
-    tch::no_grad(|| {
-        for (b, f) in buckets.iter().zip(&flat) {
-            // In place: the bucket is ours, no second gradient-sized buffer.
-            let f = f.shallow_clone().g_div_scalar_(world).to_device(device);
-            let mut at = 0i64;
-            for t in b {
-                let n = t.numel() as i64;
-                t.shallow_clone().copy_(&f.narrow(0, at, n).view_as(t));
-                at += n;
-            }
-        }
-    });
-    Ok(())
-}
-
 /// One data-parallel step (see the module documentation).
 fn parallel_step(
     inner: &mut SingleEngine,
@@ -190,9 +144,7 @@ fn parallel_step(
     plan: &StepPlan<'_>,
 ) -> Result<StepOut, StepError> {
     let (rank, world) = (g.rank, g.world);
-    let SingleEngine {
-        model, opt, device, ..
-    } = inner;
+    let SingleEngine { model, opt, .. } = inner;
     let lost = |e: CommError| StepError::Comm(explain(g, steps, e));
     let mut comm = Comm::default();
     let out = forward(model, batch, plan.frozen);
@@ -230,27 +182,15 @@ fn parallel_step(
     }
     // 2. The trainable parameters' gradients, averaged over the ranks: the
     // host's wait for them is the communication the backward did not hide.
-    let mut grads = match overlap {
-        true => {
-            let mut exposed = 0.0;
-            let grads = opt
-                .backward_with(plan.frozen, |params| {
-                    let (grads, o) = g.backward_mean(&loss_t, params, bucket)?;
-                    exposed = o.exposed_seconds;
-                    Ok(grads)
-                })
-                .map_err(lost)?;
-            comm.seconds += exposed;
-            grads
-        }
-        false => {
-            let grads = opt.backward(&loss_t, plan.frozen);
-            let t = Instant::now();
-            reduce_grads(g, bucket, *device, grads.tensors()).map_err(lost)?;
-            comm.seconds += t.elapsed().as_secs_f64();
-            grads
-        }
-    };
+    let mut exposed = 0.0;
+    let mut grads = opt
+        .backward_with(plan.frozen, |params| {
+            let (grads, o) = g.backward_mean(&loss_t, params, bucket, overlap)?;
+            exposed = o.exposed_seconds;
+            Ok(grads)
+        })
+        .map_err(lost)?;
+    comm.seconds += exposed;
     let params: u64 = grads.tensors().iter().map(|t| t.numel() as u64).sum();
     comm.params = params;
     comm.bytes = params * 4;

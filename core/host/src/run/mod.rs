@@ -43,6 +43,7 @@ use crate::engine::{
     StepOut, StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
+use crate::model::VitConfig;
 use crate::plan::{device_name, Plan};
 use checkpoint::CheckpointMeta;
 use dir::{
@@ -100,6 +101,33 @@ fn join_group(config: &RunConfig, device: Device) -> Result<Option<Arc<ProcessGr
     let timeout = Duration::from_secs(config.train.dist_timeout_s.max(1));
     let backend = config.train.dist_backend.resolve(device)?;
     Ok(Some(Arc::new(ProcessGroup::join(&env, timeout, backend)?)))
+}
+
+/// The frozen-prefix activation cache for `samples` training samples on
+/// `device`, when the run asks for one (`train.cache_frozen`).
+fn activation_cache(
+    config: &RunConfig,
+    model: &VitConfig,
+    samples: i64,
+    device: Device,
+) -> Result<Option<PrefixCache>> {
+    if !config.train.cache_frozen {
+        return Ok(None);
+    }
+    let cache = torch_guard(
+        || "allocating the activation cache".into(),
+        || {
+            PrefixCache::new(
+                samples,
+                (model.tokens(), model.dim),
+                config.train.precision,
+                config.train.cache_max_mib,
+                config.data.random_transform(),
+                device,
+            )
+        },
+    )??;
+    Ok(Some(cache))
 }
 
 /// Rank 0's run directory on every rank: rank 0 publishes `dir` in the
@@ -319,13 +347,9 @@ impl Trainer {
         let (rank, world) = group.as_deref().map_or((0, 1), |g| (g.rank, g.world));
         let writes = rank == 0;
         let single = SingleEngine::new(&model, precision, recipe, device)?;
+        let (bucket, overlap) = (config.train.bucket_mib, config.train.overlap_allreduce);
         let mut engine: Box<dyn Engine> = match &group {
-            Some(g) => Box::new(ParallelEngine::new(
-                single,
-                g.clone(),
-                config.train.bucket_mib,
-                config.train.overlap_allreduce,
-            )?),
+            Some(g) => Box::new(ParallelEngine::new(single, g.clone(), bucket, overlap)?),
             None => Box::new(single),
         };
         if let (Some(ck), None) = (weights, &start) {
@@ -365,22 +389,7 @@ impl Trainer {
             true => RunLog::open(&dir, lengths, LogFileSet::of(&config.train))?,
             false => RunLog::muted(),
         };
-        let cache = match config.train.cache_frozen {
-            true => Some(torch_guard(
-                || "allocating the activation cache".into(),
-                || {
-                    PrefixCache::new(
-                        train.len(),
-                        (model.tokens(), model.dim),
-                        config.train.precision,
-                        config.train.cache_max_mib,
-                        config.data.random_transform(),
-                        device,
-                    )
-                },
-            )??),
-            false => None,
-        };
+        let cache = activation_cache(&config, &model, train.len(), device)?;
         let mut trainer = Trainer {
             data: Data {
                 train,
