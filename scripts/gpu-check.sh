@@ -26,9 +26,11 @@
 #              batch); GPU memory of each (nvidia-smi sampled every 100 ms,
 #              and PyTorch's max_memory_allocated)
 #   e2e        `simfreeze run` end to end: 80 steps at batch 128 on synthetic
-#              data (2 epochs; the second's img/s against the bench's) and on
-#              the bundle's JPEGs with augmentation; host ms per step outside
-#              the engine's step, host reads per step
+#              data (2 epochs; the second's img/s against the bench's), kept
+#              on the GPU and, again, uploaded per batch from the host (the
+#              batch thread and the side stream); and on the bundle's JPEGs
+#              with augmentation; host ms per step outside the engine's
+#              step, host reads per step
 #   smoke      20 steps of AdamW with clipping, label smoothing and layer
 #              decay under AutoFreeze (gradient norms), --stop-after then
 #              --resume; the activation cache; NCCL on one rank (torchrun)
@@ -45,8 +47,8 @@ say() { printf '[gpu-check] %s\n' "$*"; }
 # name planned-seconds timeout-seconds (the timeouts sum to 295 s: with
 # the machine's start, the check stays inside 5 minutes of device time).
 PARTS="preflight 12 30
-bench 80 130
-e2e 45 70
+bench 80 120
+e2e 55 80
 smoke 30 50
 errors 8 15"
 
@@ -274,6 +276,12 @@ PY
         --set "name=\"e2e\"" --set "output=\"$runs\"" > /dev/null
     cp "$runs"/e2e-001/summary.json "$out/e2e-summary.json" 2>/dev/null
     cp "$runs"/e2e-001/metrics.csv "$out/e2e-metrics.csv" 2>/dev/null
+    say "the same, the data uploaded per batch from the host (train.data_on_device=false)"
+    t "$bin" run --config "$cfg" --set train.precision=Bf16 --set train.batch=128 --set train.epochs=2 \
+        --set "data.source=Synthetic(train: $e2e_train, eval: 256, classes: 10)" --set policy=None \
+        --set train.data_on_device=false --set "name=\"e2e-host\"" --set "output=\"$runs\"" > /dev/null
+    cp "$runs"/e2e-host-001/summary.json "$out/e2e-host-summary.json" 2>/dev/null
+    cp "$runs"/e2e-host-001/metrics.csv "$out/e2e-host-metrics.csv" 2>/dev/null
     say "simfreeze run, the bundle's JPEGs with augmentation, batch 64, 3 epochs, bf16"
     t "$bin" run --config "$cfg" --set train.precision=Bf16 --set train.batch=64 --set train.epochs=3 \
         --set "data.source=ImageFolder(root: \"$root/$dir/jpegs\")" --set data.augment=true \
@@ -284,7 +292,7 @@ PY
     timeout 60 "$py" - "$out" "$steps" <<'PY'
 import csv, json, os, sys
 out, steps = sys.argv[1], int(sys.argv[2])
-for name, batch, per_epoch in (("e2e", 128, steps // 2), ("jpeg", 64, 8)):
+for name, batch, per_epoch in (("e2e", 128, steps // 2), ("e2e-host", 128, steps // 2), ("jpeg", 64, 8)):
     try:
         s = json.load(open(os.path.join(out, f"{name}-summary.json")))
         rows = list(csv.DictReader(open(os.path.join(out, f"{name}-metrics.csv"))))

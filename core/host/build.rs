@@ -9,7 +9,8 @@
 //! for what tch's C API lacks: `csrc/autocast.cpp` (bf16 autocast; tch only
 //! offers float16), `csrc/sgd.cpp` and `csrc/adamw.cpp` (libtorch's fused
 //! SGD and AdamW steps), `csrc/foreach.cpp` (one-kernel gradient norms
-//! and scaling, CUDA's TF32 matmul setting) and `csrc/dist.cpp` (c10d's TCPStore,
+//! and scaling, CUDA's TF32 matmul setting), `csrc/stream.cpp` (CUDA
+//! streams and events for the data path and timing) and `csrc/dist.cpp` (c10d's TCPStore,
 //! ProcessGroupGloo and, when the CUDA headers are there, ProcessGroupNCCL
 //! for data-parallel runs).
 use std::path::Path;
@@ -40,6 +41,7 @@ fn main() {
             .file("csrc/sgd.cpp")
             .file("csrc/adamw.cpp")
             .file("csrc/foreach.cpp")
+            .file("csrc/stream.cpp")
             .include(torch.join("include"))
             .flag("-std=c++17")
             .warnings(false)

@@ -12,6 +12,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/autograd/autograd.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #ifdef USE_C10D_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
@@ -100,7 +102,20 @@ struct Group {
     c10::intrusive_ptr<c10d::Store> store;
     c10::intrusive_ptr<c10d::Backend> backend;
     std::shared_ptr<Hooks> hooks;
+    // On a GPU, the last backward's exposed communication as two timing
+    // events on the compute stream: recorded when the backward's kernels
+    // were queued and when the stream's wait for the last bucket was
+    // (simfreeze_dist_exposed_ms reads them).
+    std::unique_ptr<c10::Event> exposed_from, exposed_to;
 };
+
+// A timing event recorded now on the current stream of CUDA device `device`.
+std::unique_ptr<c10::Event> cuda_mark(int device) {
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    auto e = std::make_unique<c10::Event>(c10::DeviceType::CUDA, c10::EventFlag::BACKEND_DEFAULT);
+    e->record(impl->getStream(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device))));
+    return e;
+}
 
 }  // namespace
 
@@ -196,9 +211,10 @@ int simfreeze_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t
 // when the whole model fits one bucket. A parameter the loss does not reach
 // has a zero gradient (and holds its bucket, and the ones after it, back
 // until the backward ends). out[i] receives parameter i's averaged gradient (a view into its
-// bucket, on the parameters' device); *exposed_s the seconds from the end of
-// the backward to the last bucket's arrival (the communication the backward
-// did not hide); *early the buckets started before the backward ended. The
+// bucket, on the parameters' device); *exposed_s the host's seconds from the
+// end of the backward to the last bucket's arrival (the communication the
+// backward did not hide; under NCCL the host does not wait, and
+// simfreeze_dist_exposed_ms reads the compute stream's wait instead); *early the buckets started before the backward ended. The
 // collectives run on CUDA device `stage_cuda` (NCCL), or
 // in host memory when it is -1 (Gloo). Without `overlap` the hooks stay idle
 // and every bucket is started after the backward (the same buckets, so the
@@ -288,6 +304,12 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
             got = torch::autograd::grad({*loss}, inputs, {}, false, false, true);
         }
         const auto end = std::chrono::steady_clock::now();
+        g->exposed_from.reset();
+        g->exposed_to.reset();
+        std::unique_ptr<c10::Event> from;
+        if (stage_cuda >= 0) {
+            from = cuda_mark(stage_cuda);
+        }
         *early = s.next;
         for (size_t i = 0; i < n; ++i) {
             if (!s.grads[i].defined()) {
@@ -297,8 +319,16 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
         s.launch_ready();
         c10::AutoGradMode no_grad(false);
         std::vector<at::Tensor> averaged(n);
+        // Under NCCL a wait makes the compute stream wait, not the host:
+        // the events around the waits time what the stream waited.
         for (size_t b = 0; b < nb; ++b) {
             s.works[b]->wait();
+        }
+        if (from) {
+            g->exposed_to = cuda_mark(stage_cuda);
+            g->exposed_from = std::move(from);
+        }
+        for (size_t b = 0; b < nb; ++b) {
             // In place: the bucket is ours, no second gradient-sized buffer.
             auto avg = s.flat[b].div_(world).to(params[s.members[b][0]]->device());
             long long offset = 0;
@@ -312,6 +342,25 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
         for (size_t i = 0; i < n; ++i) {
             out[i] = new at::Tensor(std::move(averaged[i]));
         }
+        return 0;
+    });
+}
+
+// The exposed communication of the group's last backward on a GPU, in
+// milliseconds of the compute stream (waiting for it to get there): *ms and
+// 1 in *had; 0 in *had when there is none to read (Gloo, or read already).
+// Returns 0, or 1 with the error message in err.
+int simfreeze_dist_exposed_ms(void* group, double* ms, int* had, char* err, size_t err_len) {
+    return simfreeze::guarded(err, err_len, 1, [&]() -> int {
+        auto* g = static_cast<Group*>(group);
+        *had = 0;
+        if (g->exposed_from && g->exposed_to) {
+            g->exposed_to->synchronize();
+            *ms = g->exposed_from->elapsedTime(*g->exposed_to);
+            *had = 1;
+        }
+        g->exposed_from.reset();
+        g->exposed_to.reset();
         return 0;
     });
 }

@@ -347,6 +347,11 @@ pub struct TrainSection {
     /// float32); 0 (the default): half of the device's free memory when
     /// the cache is made.
     pub cache_max_mib: u64,
+    /// On a GPU, keep a training and evaluation set held in memory on the
+    /// device when it fits in a quarter of the free memory (training set
+    /// first): a step then selects its rows there instead of uploading
+    /// them. The same numbers either way; the CPU ignores it.
+    pub data_on_device: bool,
     /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
     /// (GPUs with bf16; parameters and optimizer stay float32).
     pub precision: Precision,
@@ -411,6 +416,7 @@ impl Default for TrainSection {
             checkpoint_every: 500,
             cache_frozen: false,
             cache_max_mib: 0,
+            data_on_device: true,
             precision: Precision::F32,
             tensorboard: true,
             frozen_from_start: 0,

@@ -7,6 +7,7 @@
 //!
 //! - [`error`]: errors shared across layers, how a run stops, exit codes;
 //! - [`memory`]: the allocator setting every command runs with, peak RSS;
+//! - [`stream`]: CUDA streams and events (the data path's side stream);
 //! - [`model`]: the [`model::PrefixModel`] seam, the ViT, weight import,
 //!   bf16 autocast;
 //! - [`data`]: datasets, image files, augmentation;
@@ -31,5 +32,6 @@ pub mod memory;
 pub mod model;
 pub mod plan;
 pub mod run;
+pub mod stream;
 
 pub use simfreeze_runtime as runtime;

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use image::imageops::FilterType;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use simfreeze_runtime::rng::Rng;
 
@@ -342,8 +342,8 @@ pub struct Augmenter {
     images: Vec<image::DynamicImage>,
     channels: i64,
     size: u32,
-    mean: Vec<f64>,
-    std: Vec<f64>,
+    pub(super) mean: Vec<f64>,
+    pub(super) std: Vec<f64>,
 }
 
 impl Augmenter {
@@ -474,113 +474,6 @@ impl Augmenter {
     }
 }
 
-/// Where a [`Prefetch`] thread takes its batches from.
-pub enum Source {
-    /// Image files, decoded and augmented per batch (random resized crop,
-    /// flip).
-    Augment(std::sync::Arc<Augmenter>),
-    /// Images held in memory, `[N, C, H, W]` float32, normalised (a
-    /// shallow copy of the dataset's tensor).
-    Memory(Tensor),
-}
-
-/// One training batch in host memory, as the prefetch thread left it.
-pub struct HostBatch {
-    /// `[B, C, H, W]`: float32, normalised; or, for augmented batches
-    /// bound for a GPU, the bytes (uint8), normalised on the device by
-    /// [`Prefetch::to_device`].
-    pub images: Tensor,
-    /// `[B]` i64.
-    pub labels: Tensor,
-}
-
-/// Batches of one epoch assembled ahead of the trainer on a background
-/// thread (at most `depth` waiting): the samples selected (or decoded and
-/// augmented), the labels with them, and for a GPU pinned, so that the
-/// main thread only queues their non-blocking upload. Augmented batches
-/// for a GPU stay bytes (a quarter of float32's) and are normalised on the
-/// device; on the CPU every batch is built exactly as before.
-pub struct Prefetch {
-    rx: std::sync::mpsc::Receiver<Result<HostBatch, DataError>>,
-    /// Mean and std of bytes normalised on the device.
-    stats: Option<(Vec<f64>, Vec<f64>)>,
-    _worker: std::thread::JoinHandle<()>,
-}
-
-impl Prefetch {
-    /// Starts producing the batches of `order` (with their `labels`, all
-    /// of the dataset's) from batch `first` on, for `device`.
-    pub fn start(
-        source: Source,
-        labels: &Tensor,
-        order: Vec<i64>,
-        (batch, first, depth): (usize, usize, usize),
-        (seed, epoch): (u64, u64),
-        device: Device,
-    ) -> Prefetch {
-        let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
-        let gpu = device.is_cuda();
-        let stats = match (&source, gpu) {
-            (Source::Augment(a), true) => Some((a.mean.clone(), a.std.clone())),
-            _ => None,
-        };
-        let labels = labels.shallow_clone();
-        let worker = std::thread::spawn(move || {
-            for b in first..order.len() / batch {
-                let idx = &order[b * batch..(b + 1) * batch];
-                let rows = Tensor::from_slice(idx);
-                let images = match &source {
-                    Source::Augment(a) if gpu => a.batch_bytes(idx, seed, epoch),
-                    Source::Augment(a) => a.batch(idx, seed, epoch),
-                    Source::Memory(all) => Ok(all.index_select(0, &rows)),
-                };
-                let out = images.map(|images| {
-                    let labels = labels.index_select(0, &rows);
-                    match gpu {
-                        // `_pin_memory`: `pin_memory(device)` prints a
-                        // deprecation warning on every call in libtorch
-                        // 2.11.
-                        true => HostBatch {
-                            images: images.internal_pin_memory(device),
-                            labels: labels.internal_pin_memory(device),
-                        },
-                        false => HostBatch { images, labels },
-                    }
-                });
-                let failed = out.is_err();
-                if tx.send(out).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Prefetch {
-            rx,
-            stats,
-            _worker: worker,
-        }
-    }
-
-    /// The next batch.
-    pub fn next(&self) -> Result<HostBatch, DataError> {
-        self.rx
-            .recv()
-            .map_err(|_| DataError::Invalid("the batch thread stopped early".into()))?
-    }
-
-    /// `images` of a batch on `device` (a non-blocking copy from pinned
-    /// memory on a GPU), normalised there when they came as bytes.
-    pub fn to_device(&self, images: &Tensor, device: Device) -> Tensor {
-        let on = match device.is_cuda() {
-            true => images.to_device_(device, images.kind(), true, false),
-            false => images.to_device(device),
-        };
-        match (&self.stats, images.kind()) {
-            (Some((mean, std)), tch::Kind::Uint8) => normalise_tensor(on, mean, std),
-            _ => on,
-        }
-    }
-}
-
 /// The evaluation transform: resize so the shorter side is `resize`
 /// (bicubic), centre crop `size`x`size`, written as CHW bytes into `out`.
 pub fn decode_into(
@@ -663,7 +556,7 @@ fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tens
 
 /// `[N, C, H, W]` bytes as float32 `(x / 255 - mean) / std` per channel,
 /// where `x` is (the host, or the device of a batch uploaded as bytes).
-fn normalise_tensor(bytes: Tensor, mean: &[f64], std: &[f64]) -> Tensor {
+pub(super) fn normalise_tensor(bytes: Tensor, mean: &[f64], std: &[f64]) -> Tensor {
     let c = bytes.size()[1];
     let device = bytes.device();
     let mut x = bytes.to_kind(tch::Kind::Float);
@@ -750,24 +643,9 @@ mod tests {
         assert_eq!(a.size(), [4, 3, 16, 16]);
         assert_eq!(a, aug.batch(&[0, 1, 2, 3], 7, 0).unwrap());
         assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
-        // The prefetcher yields the same batches in order.
-        let order = vec![3i64, 1, 0, 2];
         let bytes = aug.batch_bytes(&[0, 1, 2, 3], 7, 0).unwrap();
         assert_eq!(bytes.kind(), tch::Kind::Uint8);
         assert!(normalise_tensor(bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
-        let labels = Tensor::from_slice(&[10i64, 11, 12, 13]);
-        let p = Prefetch::start(
-            Source::Augment(std::sync::Arc::new(aug)),
-            &labels,
-            order,
-            (2, 1, 2),
-            (7, 0),
-            Device::Cpu,
-        );
-        let second = p.next().unwrap();
-        assert_eq!(second.images.size(), [2, 3, 16, 16]);
-        assert_eq!(Vec::<i64>::try_from(&second.labels).unwrap(), [10, 12]);
-        assert!(p.next().is_err(), "only one batch after the first");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod images;
 pub mod matfile;
+pub mod prefetch;
 
 use std::io::Read;
 use std::path::Path;

@@ -58,6 +58,13 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn simfreeze_dist_exposed_ms(
+        group: *mut c_void,
+        ms: *mut f64,
+        had: *mut c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
     fn simfreeze_dist_store_set(
         group: *mut c_void,
         key: *const c_char,
@@ -191,7 +198,8 @@ impl DistEnv {
 /// How much of an overlapped backward's communication the backward hid.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Overlapped {
-    /// Seconds the host waited for the all-reduces after the backward.
+    /// Seconds the host waited for the all-reduces after the backward
+    /// (on a GPU see [`ProcessGroup::exposed_on_device`]).
     pub exposed_seconds: f64,
     /// Buckets whose all-reduce started before the backward ended.
     pub early_buckets: usize,
@@ -395,6 +403,28 @@ impl ProcessGroup {
                     early_buckets: early,
                 },
             )),
+            _ => Err(CommError {
+                message: err_text(&err),
+            }),
+        }
+    }
+
+    /// On a GPU, the seconds the compute stream waited for the last
+    /// [`Self::backward_mean`]'s buckets after its backward (CUDA events
+    /// around the stream's waits: under NCCL the host does not wait, so
+    /// [`Overlapped::exposed_seconds`] reads about zero there); waits for
+    /// the stream to get there. `None` on the CPU (Gloo, where the host's
+    /// wait is the figure), or when read already.
+    pub fn exposed_on_device(&self) -> Result<Option<f64>, CommError> {
+        let (mut ms, mut had) = (0.0f64, 0 as c_int);
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: the shim writes `ms` and `had`, or the error buffer.
+        let rc = unsafe {
+            simfreeze_dist_exposed_ms(self.ptr, &mut ms, &mut had, err.as_mut_ptr(), err.len())
+        };
+        match (rc, had) {
+            (0, 0) => Ok(None),
+            (0, _) => Ok(Some(ms / 1000.0)),
             _ => Err(CommError {
                 message: err_text(&err),
             }),

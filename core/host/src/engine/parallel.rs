@@ -215,6 +215,12 @@ fn parallel_step(
         None => None,
     };
     let labels_host = Some(labels.flatten(0, 1).to_device(Device::Cpu));
+    // On a GPU the host did not wait for the buckets (the stream did): the
+    // stream's wait, timed by events, replaces the host's near-zero figure
+    // (the copy above has brought the stream past them).
+    if let Some(on_device) = g.exposed_on_device().map_err(lost)? {
+        comm.seconds += on_device - exposed;
+    }
     Ok(StepOut {
         loss,
         cls: out.cls,

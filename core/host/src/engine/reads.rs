@@ -15,17 +15,41 @@
 //! (the loop's), and tests running side by side do not see each other's
 //! reads. Copies that do not wait (a non-blocking copy into pinned memory,
 //! which a later read completes) are not reads.
+//!
+//! The first read of a step is also where the host would otherwise sit
+//! idle while the device finishes the step: [`before_next_read`] queues
+//! work for that moment (the loop uploads the next batch there, on a side
+//! stream), so it runs behind the step instead of after it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use tch::{Device, Kind, Tensor};
 
+/// Work queued for the next read.
+type BeforeRead = Box<dyn FnOnce()>;
+
 thread_local! {
     static READS: Cell<u64> = const { Cell::new(0) };
+    static BEFORE: RefCell<Option<BeforeRead>> = const { RefCell::new(None) };
 }
 
 fn counted() {
+    if let Some(f) = BEFORE.with(|b| b.borrow_mut().take()) {
+        f();
+    }
     READS.with(|r| r.set(r.get() + 1));
+}
+
+/// Runs `f` once, on this thread, at its next host read, just before the
+/// read waits for the device (replacing work queued earlier and not run).
+pub fn before_next_read(f: impl FnOnce() + 'static) {
+    BEFORE.with(|b| *b.borrow_mut() = Some(Box::new(f)));
+}
+
+/// Drops the work [`before_next_read`] queued if no read ran it; whether
+/// there was such work.
+pub fn cancel_before_read() -> bool {
+    BEFORE.with(|b| b.borrow_mut().take()).is_some()
 }
 
 /// Host reads made by this thread so far.
@@ -76,5 +100,29 @@ mod tests {
         assert_eq!(i64s(&Tensor::from_slice(&[3i64, 4])), vec![3, 4]);
         assert_eq!(scalar(&t.sum(Kind::Float)), -0.5);
         assert_eq!(count() - before, 4);
+    }
+
+    #[test]
+    fn work_queued_for_the_next_read_runs_once_before_it_or_is_cancelled() {
+        use std::rc::Rc;
+        let ran = Rc::new(Cell::new(0u32));
+        let seen = Rc::new(Cell::new(u64::MAX));
+        let (r, s) = (ran.clone(), seen.clone());
+        before_next_read(move || {
+            r.set(r.get() + 1);
+            s.set(count());
+        });
+        let before = count();
+        let t = Tensor::from_slice(&[2.0f32]);
+        assert_eq!(scalar(&t), 2.0);
+        assert_eq!(scalar(&t), 2.0);
+        // Once, before the first read was counted.
+        assert_eq!((ran.get(), seen.get()), (1, before));
+        assert!(!cancel_before_read());
+        let r = ran.clone();
+        before_next_read(move || r.set(r.get() + 10));
+        assert!(cancel_before_read());
+        assert_eq!(scalar(&t), 2.0);
+        assert_eq!(ran.get(), 1);
     }
 }

@@ -323,9 +323,12 @@ pub(crate) fn evaluate_counts(
 /// pinned memory with a non-blocking copy, so that the upload is queued
 /// behind the work already there instead of waiting for it
 /// (`_pin_memory`: `pin_memory(device)` prints a deprecation warning on
-/// every call in libtorch 2.11); on the CPU the tensor itself.
+/// every call in libtorch 2.11); on the CPU, or already on `device`, the
+/// tensor itself.
 pub fn upload(t: &Tensor, device: Device) -> Tensor {
-    if device.is_cuda() {
+    if t.device() == device {
+        t.shallow_clone()
+    } else if device.is_cuda() {
         t.internal_pin_memory(device)
             .to_device_(device, t.kind(), true, false)
     } else {

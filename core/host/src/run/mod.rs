@@ -16,6 +16,7 @@
 
 pub mod checkpoint;
 pub mod dir;
+mod feed;
 pub mod progress;
 pub mod records;
 pub mod tensorboard;
@@ -33,13 +34,12 @@ use simfreeze_runtime::more::MoreData;
 use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
-use crate::data::{images, Dataset};
+use crate::data::Dataset;
 use crate::engine::cache::PrefixCache;
 use crate::engine::dist::{DistEnv, ProcessGroup};
 use crate::engine::observer::{self, Observer};
-use crate::engine::single::upload;
 use crate::engine::{
-    observe_with, reads, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
+    observe_with, reads, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
     StepOut, StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
@@ -49,6 +49,8 @@ use checkpoint::CheckpointMeta;
 use dir::{
     LogFileSet, LogLengths, RunDir, RunLog, CONFIG_FILE, MODEL_FILE, POLICY_FILE, SUMMARY_FILE,
 };
+use feed::{fetch, Data};
+pub use feed::{FAULT_STEP_VAR, KILL_VAR};
 use progress::Progress;
 use records::{Event, MetricsRow, PolicyIdentity, Summary, Totals};
 
@@ -262,18 +264,6 @@ fn failed_to_start(
     .into()
 }
 
-/// What the loop reads its batches from.
-struct Data {
-    train: Dataset,
-    eval: Dataset,
-    /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
-    fault_at: Option<u64>,
-    /// The step at which this rank kills or stops itself ([`KILL_VAR`]).
-    kill_at: Option<(u64, i32)>,
-    augment: Option<Arc<images::Augmenter>>,
-    cache: Option<PrefixCache>,
-}
-
 /// A run in progress: everything the loop reads and updates.
 struct Trainer {
     config: RunConfig,
@@ -389,26 +379,20 @@ impl Trainer {
             true => RunLog::open(&dir, lengths, LogFileSet::of(&config.train))?,
             false => RunLog::muted(),
         };
-        let cache = activation_cache(&config, &model, train.len(), device)?;
+        let mut data = Data::new((train, eval), augment, None, rank);
+        if config.train.data_on_device {
+            let moved = data.keep_on_device(device, crate::memory::free_mib(device));
+            if writes && !moved.is_empty() {
+                eprintln!(
+                    "data: {} kept on {}",
+                    moved.join(" and "),
+                    device_name(device)
+                );
+            }
+        }
+        data.cache = activation_cache(&config, &model, data.train.len(), device)?;
         let mut trainer = Trainer {
-            data: Data {
-                train,
-                eval,
-                augment: augment.map(Arc::new),
-                fault_at: std::env::var(FAULT_STEP_VAR)
-                    .ok()
-                    .and_then(|v| v.parse().ok()),
-                kill_at: std::env::var(KILL_VAR).ok().and_then(|v| {
-                    let mut parts = v.split(':');
-                    let (r, s) = (parts.next()?, parts.next()?);
-                    let signal = match parts.next() {
-                        Some("hang") => libc::SIGSTOP,
-                        _ => libc::SIGKILL,
-                    };
-                    (r.parse::<usize>().ok()? == rank).then(|| Some((s.parse().ok()?, signal)))?
-                }),
-                cache,
-            },
+            data,
             config,
             engine,
             driver,
@@ -472,37 +456,6 @@ impl Trainer {
         Ok(None)
     }
 
-    /// The batch thread of this epoch's batches, or `None` when they are
-    /// selected on the main thread. Batches are assembled ahead on a
-    /// background thread (augmented ones decoded there). On the CPU an
-    /// in-memory dataset's batches are selected on this thread, as with the
-    /// activation cache (whose steps read cached rows): there a batch thread
-    /// competes with the step's own threads for the cores (on 2 cores,
-    /// `run` fell from 0.70-1.11x of `bench`'s img/s to 0.34-0.66x with it).
-    fn prefetch(&self, order: &[i64], epoch: u64) -> Option<images::Prefetch> {
-        let spe = self.steps_per_epoch;
-        let device = self.engine.device();
-        let source = match (&self.data.augment, &self.data.cache) {
-            (Some(a), _) => images::Source::Augment(a.clone()),
-            (None, None) if device != tch::Device::Cpu => {
-                images::Source::Memory(self.data.train.images.shallow_clone())
-            }
-            (None, _) => return None,
-        };
-        Some(images::Prefetch::start(
-            source,
-            &self.data.train.labels,
-            order.to_vec(),
-            (
-                self.config.train.batch as usize,
-                (self.totals.step % spe) as usize,
-                3,
-            ),
-            (self.config.train.seed, epoch),
-            device,
-        ))
-    }
-
     /// The steps of one epoch (the rest of it, after a resume).
     fn epoch(&mut self, control: &RunControl) -> Result<EpochEnd> {
         let (spe, batch) = (self.steps_per_epoch, self.config.train.batch);
@@ -514,7 +467,12 @@ impl Trainer {
         // per rank, in rank order.
         let (rank, world) = self.engine.shard();
         let order_vec = local_share(order_vec, spe, batch as usize, rank, world);
-        let prefetch = self.prefetch(&order_vec, epoch);
+        let prefetch = self.data.prefetch(
+            &order_vec,
+            (batch as usize, (self.totals.step % spe) as usize),
+            (self.config.train.seed, epoch),
+            self.engine.device(),
+        );
         let order = Tensor::from_slice(&order_vec);
         let needs = self.driver.needs();
         let mut lr = 0.0;
@@ -571,9 +529,19 @@ impl Trainer {
                 stop_vote: control.should_stop(step + 1),
                 decision: state_digest(&state),
             };
+            // The next batch goes up at the step's first host read, behind
+            // the step's work (on a GPU on a side stream); the time that
+            // takes on this thread counts outside the step.
+            if step + 1 < self.total && (step + 1) / spe == epoch {
+                if let Some(p) = &prefetch {
+                    reads::before_next_read(p.upload_ahead());
+                }
+            }
             let (in_step, reads_before) = (Instant::now(), reads::count());
             let stepped = self.engine.step(input, &y, &plan);
-            let step_seconds = in_step.elapsed().as_secs_f64();
+            reads::cancel_before_read();
+            let ahead = prefetch.as_ref().map_or(0.0, |p| p.take_ahead_seconds());
+            let step_seconds = (in_step.elapsed().as_secs_f64() - ahead).max(0.0);
             self.totals.host.reads += reads::count() - reads_before;
             let out = match stepped {
                 Ok(out) => out,
@@ -1011,53 +979,6 @@ fn policy_failure(e: anyhow::Error) -> Result<EpochEnd> {
     }
 }
 
-/// The input of step `step` (samples `idx`) and its labels, in host
-/// memory and on the engine's device: the committed prefix's output from
-/// the activation cache when there is one, else the images, prefetched
-/// (assembled on the batch thread) or selected here. The labels go up
-/// behind the images, non-blocking from pinned memory on a GPU. A
-/// libtorch error is returned as the inner error.
-fn fetch(
-    data: &mut Data,
-    engine: &dyn Engine,
-    prefetch: Option<&images::Prefetch>,
-    idx: &Tensor,
-    (step, committed): (u64, usize),
-) -> Result<Result<(Batch, Tensor, Tensor), TorchError>> {
-    let device = engine.device();
-    let fetched = torch_guard(
-        || format!("fetching the batch of step {step}"),
-        || -> Result<(Batch, Tensor, Tensor)> {
-            if data.fault_at == Some(step) {
-                refused_operation();
-            }
-            let (input, y_host) = match (data.cache.as_mut(), prefetch) {
-                (Some(c), _) if committed > 0 => (
-                    Batch::Boundary {
-                        h: c.boundary(engine.model(), &data.train.images, idx, committed),
-                        after: committed,
-                    },
-                    data.train.labels.index_select(0, idx),
-                ),
-                (_, Some(p)) => {
-                    let b = p.next()?;
-                    (Batch::Images(p.to_device(&b.images, device)), b.labels)
-                }
-                (_, None) => (
-                    Batch::Images(upload(&data.train.images.index_select(0, idx), device)),
-                    data.train.labels.index_select(0, idx),
-                ),
-            };
-            let y = upload(&y_host, device);
-            Ok((input, y_host, y))
-        },
-    );
-    match fetched {
-        Ok(batch) => batch.map(Ok),
-        Err(e) => Ok(Err(e)),
-    }
-}
-
 /// The probe batch of a policy that declares it: the first global batch's
 /// worth of samples of a fixed shuffle of the training set, the same on
 /// every rank. A training set not held in memory (an augmented image
@@ -1091,23 +1012,6 @@ fn probe_batch(
 
 /// Mixed into the seed for the probe batch's shuffle.
 const PROBE_SEED: u64 = 0x9e0b_e5a3;
-
-/// Set to a step number to make that step's batch fetch run an operation
-/// libtorch refuses: the failure path of a run, end to end (tests; see
-/// docs/errors.md).
-pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
-
-/// `RANK:STEP`: that rank of a data-parallel run kills itself (SIGKILL)
-/// when it reaches that step; `RANK:STEP:hang` stops itself instead
-/// (SIGSTOP: alive, never answering). A lost or hung rank, end to end
-/// (tests; see docs/distributed.md).
-pub const KILL_VAR: &str = "SIMFREEZE_KILL_RANK_AT_STEP";
-
-/// An operation libtorch refuses (mismatched matrix shapes).
-fn refused_operation() {
-    let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
-    let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
-}
 
 #[cfg(test)]
 mod augment_tests {

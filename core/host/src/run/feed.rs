@@ -1,0 +1,239 @@
+//! What the loop reads its batches from, and how a batch reaches the
+//! engine's device.
+//!
+//! - A dataset held in memory is kept on the GPU when it fits
+//!   ([`Data::keep_on_device`]): a step then selects its rows there and
+//!   uploads nothing but its indices. On the CPU the dataset is where it
+//!   always was.
+//! - Otherwise (an augmented image folder, or a dataset too large for the
+//!   GPU) a [`Prefetch`] thread assembles the batches ahead, and the loop
+//!   queues the next batch's upload for the step's first host read, so that
+//!   on a GPU it runs on a side stream behind the step.
+//! - With the activation cache, a step whose prefix is committed reads the
+//!   cached rows instead of the images.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tch::{Device, Tensor};
+
+use crate::data::images::Augmenter;
+use crate::data::prefetch::{Prefetch, Source};
+use crate::data::Dataset;
+use crate::engine::cache::PrefixCache;
+use crate::engine::single::upload;
+use crate::engine::{Batch, Engine};
+use crate::error::{torch_guard, TorchError};
+
+/// Set to a step number to make that step's batch fetch run an operation
+/// libtorch refuses: the failure path of a run, end to end (tests; see
+/// docs/errors.md).
+pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
+
+/// `RANK:STEP`: that rank of a data-parallel run kills itself (SIGKILL)
+/// when it reaches that step; `RANK:STEP:hang` stops itself instead
+/// (SIGSTOP: alive, never answering). A lost or hung rank, end to end
+/// (tests; see docs/distributed.md).
+pub const KILL_VAR: &str = "SIMFREEZE_KILL_RANK_AT_STEP";
+
+/// What the loop reads its batches from.
+pub(super) struct Data {
+    pub train: Dataset,
+    pub eval: Dataset,
+    /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
+    pub fault_at: Option<u64>,
+    /// The step at which this rank kills or stops itself ([`KILL_VAR`]).
+    pub kill_at: Option<(u64, i32)>,
+    pub augment: Option<Arc<Augmenter>>,
+    pub cache: Option<PrefixCache>,
+}
+
+impl Data {
+    /// The data of rank `rank`'s run, with the test hooks the environment
+    /// sets.
+    pub fn new(
+        (train, eval): (Dataset, Dataset),
+        augment: Option<Augmenter>,
+        cache: Option<PrefixCache>,
+        rank: usize,
+    ) -> Data {
+        Data {
+            train,
+            eval,
+            augment: augment.map(Arc::new),
+            fault_at: std::env::var(FAULT_STEP_VAR)
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            kill_at: std::env::var(KILL_VAR).ok().and_then(|v| {
+                let mut parts = v.split(':');
+                let (r, s) = (parts.next()?, parts.next()?);
+                let signal = match parts.next() {
+                    Some("hang") => libc::SIGSTOP,
+                    _ => libc::SIGKILL,
+                };
+                (r.parse::<usize>().ok()? == rank).then(|| Some((s.parse().ok()?, signal)))?
+            }),
+            cache,
+        }
+    }
+
+    /// Moves the in-memory training images, then the evaluation images, to
+    /// GPU `device` when they fit in what is left of a quarter of its free
+    /// memory (`free_mib`); the labels stay in host memory (the policy
+    /// reads them there; a step uploads its few). The numbers do not
+    /// change: a batch is the same rows of the same float32 tensor. What
+    /// was moved, for the run's log.
+    pub fn keep_on_device(&mut self, device: Device, free_mib: Option<u64>) -> Vec<String> {
+        let (true, Some(free)) = (device.is_cuda(), free_mib) else {
+            return Vec::new();
+        };
+        let mut left = free / 4;
+        let mut moved = Vec::new();
+        for (name, set) in [
+            ("training", &mut self.train),
+            ("evaluation", &mut self.eval),
+        ] {
+            let images = &set.images;
+            let mib = (images.numel() * images.kind().elt_size_in_bytes()).div_ceil(1 << 20) as u64;
+            if images.numel() == 0 || images.device() == device || mib > left {
+                continue;
+            }
+            set.images = images.to_device(device);
+            left -= mib;
+            moved.push(format!("{name} images ({mib} MiB)"));
+        }
+        moved
+    }
+
+    /// The batch thread of an epoch's batches (`order`, from its batch
+    /// `first` on), or `None` when a step selects its batch on the main
+    /// thread: with the activation cache (whose steps read cached rows),
+    /// with the images already on the device, and on the CPU for a dataset
+    /// in memory, where a batch thread competes with the step's own threads
+    /// for the cores (on 2 cores, `run` fell from 0.70-1.11x of `bench`'s
+    /// img/s to 0.34-0.66x with it). Augmented batches are always built on
+    /// the thread.
+    pub fn prefetch(
+        &self,
+        order: &[i64],
+        (batch, first): (usize, usize),
+        (seed, epoch): (u64, u64),
+        device: Device,
+    ) -> Option<Prefetch> {
+        let source = match (&self.augment, &self.cache) {
+            (Some(a), _) => Source::Augment(a.clone()),
+            (None, None) if device != Device::Cpu && self.train.images.device() != device => {
+                Source::Memory(self.train.images.shallow_clone())
+            }
+            (None, _) => return None,
+        };
+        Some(Prefetch::start(
+            source,
+            &self.train.labels,
+            order.to_vec(),
+            (batch, first, 3),
+            (seed, epoch),
+            device,
+        ))
+    }
+}
+
+/// The input of step `step` (samples `idx`, in host memory) and its
+/// labels, in host memory and on the engine's device: the committed
+/// prefix's output from the activation cache when there is one, else the
+/// images, prefetched (assembled on the batch thread, perhaps uploaded
+/// ahead) or selected here (on the device when the images are there). The
+/// labels go up behind the images, non-blocking from pinned memory on a
+/// GPU. A libtorch error is returned as the inner error.
+pub(super) fn fetch(
+    data: &mut Data,
+    engine: &dyn Engine,
+    prefetch: Option<&Prefetch>,
+    idx: &Tensor,
+    (step, committed): (u64, usize),
+) -> Result<Result<(Batch, Tensor, Tensor), TorchError>> {
+    let device = engine.device();
+    let fetched = torch_guard(
+        || format!("fetching the batch of step {step}"),
+        || -> Result<(Batch, Tensor, Tensor)> {
+            if data.fault_at == Some(step) {
+                refused_operation();
+            }
+            let (input, y_host) = match (data.cache.as_mut(), prefetch) {
+                (Some(c), _) if committed > 0 => (
+                    Batch::Boundary {
+                        h: c.boundary(engine.model(), &data.train.images, idx, committed),
+                        after: committed,
+                    },
+                    data.train.labels.index_select(0, idx),
+                ),
+                (_, Some(p)) => {
+                    let b = p.next()?;
+                    return Ok((Batch::Images(b.images), b.labels_host, b.labels));
+                }
+                (_, None) => {
+                    let images = &data.train.images;
+                    let rows = upload(idx, images.device());
+                    (
+                        Batch::Images(upload(&images.index_select(0, &rows), device)),
+                        data.train.labels.index_select(0, idx),
+                    )
+                }
+            };
+            let y = upload(&y_host, device);
+            Ok((input, y_host, y))
+        },
+    );
+    match fetched {
+        Ok(batch) => batch.map(Ok),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// An operation libtorch refuses (mismatched matrix shapes).
+fn refused_operation() {
+    let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
+    let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> Data {
+        let set = |n| Dataset::synthetic(n, 2, 1, 8, 0);
+        Data::new((set(8), set(4)), None, None, 0)
+    }
+
+    #[test]
+    fn datasets_stay_put_on_the_cpu_and_without_a_free_memory_figure() {
+        let mut d = data();
+        assert!(d.keep_on_device(Device::Cpu, Some(1 << 20)).is_empty());
+        assert!(d.keep_on_device(Device::Cuda(0), None).is_empty());
+        assert_eq!(d.train.images.device(), Device::Cpu);
+        // Too little room on a GPU: nothing is touched (the 4 test images
+        // need under a MiB, and a quarter of 3 MiB is 0).
+        assert!(d.keep_on_device(Device::Cuda(0), Some(3)).is_empty());
+        assert_eq!(d.eval.images.device(), Device::Cpu);
+    }
+
+    #[test]
+    fn an_in_memory_batch_is_the_rows_it_names() {
+        let mut d = data();
+        let idx = Tensor::from_slice(&[5i64, 0, 3]);
+        let engine = crate::engine::SingleEngine::new(
+            &crate::model::test_config(2),
+            crate::model::precision::Precision::F32,
+            crate::config::TrainSection::default().recipe(),
+            Device::Cpu,
+        )
+        .unwrap();
+        let (batch, y_host, y) = fetch(&mut d, &engine, None, &idx, (0, 0)).unwrap().unwrap();
+        let Batch::Images(x) = batch else {
+            panic!("images expected")
+        };
+        assert!(x.equal(&d.train.images.index_select(0, &idx)));
+        assert!(y.equal(&y_host));
+        assert_eq!(Vec::<i64>::try_from(&y_host).unwrap(), [1, 0, 1]);
+    }
+}
