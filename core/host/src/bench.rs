@@ -28,8 +28,13 @@ use crate::model::VitConfig;
 pub struct BenchResult {
     /// Frozen blocks.
     pub frozen: usize,
-    /// Training throughput (policy loop included when a policy is given).
+    /// Training throughput (policy loop included when a policy is given),
+    /// in the best round.
     pub images_per_sec: f64,
+    /// The same in the median round (the mean of the middle two of an
+    /// even number): what a steady stretch of steps runs at, to set beside
+    /// a run's epoch.
+    pub median_images_per_sec: f64,
     /// Peak resident memory while this prefix ran (MiB; Linux only).
     pub peak_rss_mib: Option<f64>,
     /// Share of step time spent in the policy loop (feature and label copy,
@@ -233,6 +238,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     );
     let (mut comm_share, mut comm_bytes) = (vec![0.0f64; n], vec![0u64; n]);
     let (mut host, mut reads_per_step) = (vec![0.0f64; n], vec![0.0f64; n]);
+    let mut all_ips = vec![Vec::new(); n];
     for &k in spec.frozen {
         run(k, spec.warmup)?;
     }
@@ -247,6 +253,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
             let secs = t.elapsed().as_secs_f64();
             let ips = spec.steps as f64 * (batch * world as i64) as f64 / secs;
             let per_step = spec.steps.max(1) as f64;
+            all_ips[i].push(ips);
             if ips > best[i] {
                 best[i] = ips;
                 comm_share[i] = m.in_comm / secs;
@@ -270,6 +277,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
         .map(|i| BenchResult {
             frozen: spec.frozen[i],
             images_per_sec: best[i],
+            median_images_per_sec: median(&mut all_ips[i]),
             peak_rss_mib: peak[i],
             policy_overhead: has_policy.then_some(overhead[i]),
             comm_share: group.is_some().then_some(comm_share[i]),
@@ -285,9 +293,32 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     })
 }
 
+/// The median of `v` (the mean of the middle two of an even count; 0 when
+/// empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// Waits for the GPU's queued work (nothing to wait for on the CPU).
 fn synchronize(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_odd_even_and_no_rounds() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
     }
 }
