@@ -349,8 +349,9 @@ pub struct TrainSection {
     pub cache_max_mib: u64,
     /// On a GPU, keep a training and evaluation set held in memory on the
     /// device when it fits in a quarter of the free memory (training set
-    /// first): a step then selects its rows there instead of uploading
-    /// them. The same numbers either way; the CPU ignores it.
+    /// first; with `cache_frozen` only the evaluation set): a step then
+    /// selects its rows there instead of uploading them. The same numbers
+    /// either way; the CPU ignores it.
     pub data_on_device: bool,
     /// `F32`, or `Bf16` for bfloat16 autocast of the forward passes
     /// (GPUs with bf16; parameters and optimizer stay float32).

@@ -77,30 +77,39 @@ impl Data {
         }
     }
 
-    /// Moves the in-memory training images, then the evaluation images, to
+    /// Moves the in-memory training images (unless `training` is false:
+    /// with the activation cache, which takes its share of the memory
+    /// after this and serves most steps), then the evaluation images, to
     /// GPU `device` when they fit in what is left of a quarter of its free
     /// memory (`free_mib`); the labels stay in host memory (the policy
     /// reads them there; a step uploads its few). The numbers do not
     /// change: a batch is the same rows of the same float32 tensor. What
     /// was moved, for the run's log.
-    pub fn keep_on_device(&mut self, device: Device, free_mib: Option<u64>) -> Vec<String> {
+    pub fn keep_on_device(
+        &mut self,
+        device: Device,
+        free_mib: Option<u64>,
+        training: bool,
+    ) -> Vec<String> {
         let (true, Some(free)) = (device.is_cuda(), free_mib) else {
             return Vec::new();
         };
-        let mut left = free / 4;
+        let mib = |d: &Dataset| match d.images.numel() {
+            0 => None,
+            n => Some((n * d.images.kind().elt_size_in_bytes()).div_ceil(1 << 20) as u64),
+        };
+        let sizes = [mib(&self.train), mib(&self.eval)];
+        let keep = resident(sizes, free, training);
         let mut moved = Vec::new();
-        for (name, set) in [
+        let sets = [
             ("training", &mut self.train),
             ("evaluation", &mut self.eval),
-        ] {
-            let images = &set.images;
-            let mib = (images.numel() * images.kind().elt_size_in_bytes()).div_ceil(1 << 20) as u64;
-            if images.numel() == 0 || images.device() == device || mib > left {
-                continue;
+        ];
+        for (((name, set), keep), mib) in sets.into_iter().zip(keep).zip(sizes) {
+            if keep && set.images.device() != device {
+                set.images = set.images.to_device(device);
+                moved.push(format!("{name} images ({} MiB)", mib.unwrap_or(0)));
             }
-            set.images = images.to_device(device);
-            left -= mib;
-            moved.push(format!("{name} images ({mib} MiB)"));
         }
         moved
     }
@@ -136,6 +145,25 @@ impl Data {
             device,
         ))
     }
+}
+
+/// Which of the training and evaluation images (their MiB, `None` when
+/// not held in memory) to keep on a GPU with `free_mib` free: the training
+/// set first (unless `training` is false), then the evaluation set, each
+/// when it fits in what is left of a quarter of the free memory.
+fn resident(sizes: [Option<u64>; 2], free_mib: u64, training: bool) -> [bool; 2] {
+    let mut left = free_mib / 4;
+    let mut keep = [false; 2];
+    for (i, size) in sizes.into_iter().enumerate() {
+        match size {
+            Some(mib) if mib <= left && (i == 1 || training) => {
+                keep[i] = true;
+                left -= mib;
+            }
+            _ => {}
+        }
+    }
+    keep
 }
 
 /// The input of step `step` (samples `idx`, in host memory) and its
@@ -208,13 +236,27 @@ mod tests {
     #[test]
     fn datasets_stay_put_on_the_cpu_and_without_a_free_memory_figure() {
         let mut d = data();
-        assert!(d.keep_on_device(Device::Cpu, Some(1 << 20)).is_empty());
-        assert!(d.keep_on_device(Device::Cuda(0), None).is_empty());
+        assert!(d
+            .keep_on_device(Device::Cpu, Some(1 << 20), true)
+            .is_empty());
+        assert!(d.keep_on_device(Device::Cuda(0), None, true).is_empty());
         assert_eq!(d.train.images.device(), Device::Cpu);
         // Too little room on a GPU: nothing is touched (the 4 test images
         // need under a MiB, and a quarter of 3 MiB is 0).
-        assert!(d.keep_on_device(Device::Cuda(0), Some(3)).is_empty());
+        assert!(d.keep_on_device(Device::Cuda(0), Some(3), true).is_empty());
         assert_eq!(d.eval.images.device(), Device::Cpu);
+    }
+
+    #[test]
+    fn the_training_set_goes_first_into_a_quarter_of_the_free_memory() {
+        // 100 MiB free: 25 for the data.
+        assert_eq!(resident([Some(20), Some(5)], 100, true), [true, true]);
+        assert_eq!(resident([Some(20), Some(6)], 100, true), [true, false]);
+        assert_eq!(resident([Some(26), Some(6)], 100, true), [false, true]);
+        // With the activation cache only the evaluation set.
+        assert_eq!(resident([Some(20), Some(6)], 100, false), [false, true]);
+        // An augmented folder's training set is not in memory.
+        assert_eq!(resident([None, Some(25)], 100, true), [false, true]);
     }
 
     #[test]

@@ -381,7 +381,8 @@ impl Trainer {
         };
         let mut data = Data::new((train, eval), augment, None, rank);
         if config.train.data_on_device {
-            let moved = data.keep_on_device(device, crate::memory::free_mib(device));
+            let free = crate::memory::free_mib(device);
+            let moved = data.keep_on_device(device, free, !config.train.cache_frozen);
             if writes && !moved.is_empty() {
                 eprintln!(
                     "data: {} kept on {}",
