@@ -104,8 +104,8 @@ struct Group {
     std::shared_ptr<Hooks> hooks;
     // On a GPU, the last backward's exposed communication as two timing
     // events on the compute stream: recorded when the backward's kernels
-    // were queued and when the stream's wait for the last bucket was
-    // (simfreeze_dist_exposed_ms reads them).
+    // and the last buckets' packing were queued, and when the stream's wait
+    // for the last bucket was (simfreeze_dist_exposed_ms reads them).
     std::unique_ptr<c10::Event> exposed_from, exposed_to;
 };
 
@@ -306,10 +306,6 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
         const auto end = std::chrono::steady_clock::now();
         g->exposed_from.reset();
         g->exposed_to.reset();
-        std::unique_ptr<c10::Event> from;
-        if (stage_cuda >= 0) {
-            from = cuda_mark(stage_cuda);
-        }
         *early = s.next;
         for (size_t i = 0; i < n; ++i) {
             if (!s.grads[i].defined()) {
@@ -317,6 +313,12 @@ int simfreeze_dist_backward_allreduce(void* group, const at::Tensor* loss,
             }
         }
         s.launch_ready();
+        // On a GPU the stream's wait is timed from here: the buckets
+        // packed after the backward are queued before this mark.
+        std::unique_ptr<c10::Event> from;
+        if (stage_cuda >= 0) {
+            from = cuda_mark(stage_cuda);
+        }
         c10::AutoGradMode no_grad(false);
         std::vector<at::Tensor> averaged(n);
         // Under NCCL a wait makes the compute stream wait, not the host:

@@ -38,11 +38,14 @@ const c10::impl::DeviceGuardImplInterface* guard() {
 
 extern "C" {
 
-// A stream of CUDA device `device` from libtorch's pool (normal priority):
-// *id. Returns 0, or 1 with the error message in err.
+// A stream of CUDA device `device` from libtorch's high-priority pool: *id.
+// (ProcessGroupNCCL takes its streams from the normal-priority pool, round
+// robin; a stream from there would now and then be NCCL's, and the step's
+// collectives would queue behind an upload.) Returns 0, or 1 with the
+// error message in err.
 int simfreeze_cuda_pool_stream(int device, int64_t* id, char* err, size_t err_len) {
     return simfreeze::guarded(err, err_len, 1, [&] {
-        *id = guard()->getStreamFromGlobalPool(cuda(device), false).pack3().stream_id;
+        *id = guard()->getStreamFromGlobalPool(cuda(device), true).pack3().stream_id;
         return 0;
     });
 }

@@ -143,6 +143,7 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<Loaded> {
                     images: Tensor::zeros([0, c, size, size], (Kind::Float, Device::Cpu)),
                     labels: Tensor::from_slice(&labels),
                     classes: train.classes,
+                    bytes: None,
                 };
                 (Some(ds), Some(aug))
             }

@@ -95,8 +95,9 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A stream of CUDA device `device` from libtorch's pool, not the
-    /// default one.
+    /// A stream of CUDA device `device` from libtorch's high-priority
+    /// pool: not the default stream, and not one of the normal-priority
+    /// pool's that NCCL takes its streams from.
     pub fn side(device: usize) -> Result<Stream, String> {
         let mut id = 0;
         // SAFETY: the shim writes `id` or the error buffer.

@@ -506,10 +506,18 @@ pub fn load(
         |(path, _), out| decode_into(path, channels, size as u32, resize as u32, out),
     )?;
     let labels: Vec<i64> = split.items.iter().map(|(_, l)| *l).collect();
+    let decoded = bytes;
+    let bytes = Tensor::from_slice(&decoded).reshape([n, channels, size, size]);
+    drop(decoded);
     Ok(Dataset {
-        images: normalise(bytes, [n, channels, size, size], mean, std),
+        images: normalise_bytes(&bytes, mean, std),
         labels: Tensor::from_slice(&labels),
         classes: split.classes,
+        bytes: Some(super::Bytes {
+            images: bytes,
+            mean: mean.to_vec(),
+            std: std.to_vec(),
+        }),
     })
 }
 
@@ -556,21 +564,50 @@ fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tens
 
 /// `[N, C, H, W]` bytes as float32 `(x / 255 - mean) / std` per channel,
 /// where `x` is (the host, or the device of a batch uploaded as bytes).
+pub fn normalise_bytes(bytes: &Tensor, mean: &[f64], std: &[f64]) -> Tensor {
+    normalise_tensor(bytes.shallow_clone(), mean, std)
+}
+
+/// [`normalise_bytes`], taking the bytes.
 pub(super) fn normalise_tensor(bytes: Tensor, mean: &[f64], std: &[f64]) -> Tensor {
-    let c = bytes.size()[1];
-    let device = bytes.device();
-    let mut x = bytes.to_kind(tch::Kind::Float);
-    let stat = |v: &[f64]| {
-        Tensor::from_slice(v)
-            .to_kind(tch::Kind::Float)
-            .reshape([1, c, 1, 1])
-            .to_device(device)
-    };
-    let _ = x
-        .g_div_scalar_(255.0)
-        .g_sub_(&stat(mean))
-        .g_div_(&stat(std));
-    x
+    Normaliser::new(mean, std, bytes.device()).apply(bytes)
+}
+
+/// `(x / 255 - mean) / std` per channel for bytes on one device, its
+/// constants made there once. Every operand is a tensor on that device:
+/// CUDA divides by a host scalar as a product with its reciprocal, one ulp
+/// off the host's quotient, while a tensor quotient is exact on both, so a
+/// batch normalised on a GPU holds the host's float32 values bit for bit.
+/// Made where the batches will be normalised (on a GPU, on the main
+/// thread, before a side stream uses it: it is only read there).
+pub struct Normaliser {
+    div: Tensor,
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Normaliser {
+    /// The constants of `mean` and `std` (one per channel) on `device`.
+    pub fn new(mean: &[f64], std: &[f64], device: tch::Device) -> Normaliser {
+        let stat = |v: &[f64]| {
+            Tensor::from_slice(v)
+                .to_kind(tch::Kind::Float)
+                .reshape([1, v.len() as i64, 1, 1])
+                .to_device(device)
+        };
+        Normaliser {
+            div: Tensor::from(255.0f32).to_device(device),
+            mean: stat(mean),
+            std: stat(std),
+        }
+    }
+
+    /// `[N, C, H, W]` bytes (on the normaliser's device) as float32.
+    pub fn apply(&self, bytes: Tensor) -> Tensor {
+        let mut x = bytes.to_kind(tch::Kind::Float);
+        let _ = x.g_div_(&self.div).g_sub_(&self.mean).g_div_(&self.std);
+        x
+    }
 }
 
 #[cfg(test)]

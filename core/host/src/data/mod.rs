@@ -1,5 +1,6 @@
 //! Datasets held in memory as normalised `[N, C, H, W]` f32 tensors with
-//! i64 labels: Fashion-MNIST from its IDX+gzip files, a deterministic
+//! i64 labels (and the bytes they were decoded to, while a GPU's batches
+//! may travel as those): Fashion-MNIST from its IDX+gzip files, a deterministic
 //! synthetic class-structured dataset for tests, class subsets with
 //! relabelling (source/target splits), and batches in an order that is a
 //! pure function of (seed, epoch).
@@ -32,6 +33,39 @@ pub struct Dataset {
     pub labels: Tensor,
     /// Number of classes.
     pub classes: i64,
+    /// The bytes `images` were normalised from, when they were decoded
+    /// from bytes (image files, Fashion-MNIST): batches bound for a GPU
+    /// travel as these and are normalised there.
+    pub bytes: Option<Bytes>,
+}
+
+/// A dataset's images as the bytes they were decoded to: its `images` are
+/// `(bytes / 255 - mean) / std` per channel in float32, exactly
+/// ([`images::normalise_bytes`]).
+#[derive(Debug)]
+pub struct Bytes {
+    /// `[N, C, H, W]` uint8.
+    pub images: Tensor,
+    /// Per channel.
+    pub mean: Vec<f64>,
+    /// Per channel.
+    pub std: Vec<f64>,
+}
+
+impl Bytes {
+    /// A copy sharing the tensor.
+    pub fn shallow_clone(&self) -> Bytes {
+        self.with(self.images.shallow_clone())
+    }
+
+    /// The same statistics over other bytes.
+    fn with(&self, images: Tensor) -> Bytes {
+        Bytes {
+            images,
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
+    }
 }
 
 impl Dataset {
@@ -68,6 +102,10 @@ impl Dataset {
             images: self.images.index_select(0, &idx),
             labels: relabel.index_select(0, &idx),
             classes: classes.len() as i64,
+            bytes: self
+                .bytes
+                .as_ref()
+                .map(|b| b.with(b.images.index_select(0, &idx))),
         })
     }
 
@@ -78,6 +116,10 @@ impl Dataset {
             images: self.images.narrow(0, 0, n),
             labels: self.labels.narrow(0, 0, n),
             classes: self.classes,
+            bytes: self
+                .bytes
+                .as_ref()
+                .map(|b| b.with(b.images.narrow(0, 0, n))),
         }
     }
 
@@ -118,6 +160,7 @@ impl Dataset {
             images: Tensor::from_slice(&images).reshape([n, channels, size, size]),
             labels: Tensor::from_slice(&labels),
             classes,
+            bytes: None,
         }
     }
 }
@@ -143,14 +186,17 @@ pub fn fashion_mnist(root: &Path, train: bool, mean: f64, std: f64) -> Result<Da
         });
     }
     let n = dims[0] as i64;
-    let images = Tensor::from_slice(&pixels)
-        .reshape([n, 1, dims[1] as i64, dims[2] as i64])
-        .to_kind(Kind::Float)
-        / 255.0;
+    let bytes = Tensor::from_slice(&pixels).reshape([n, 1, dims[1] as i64, dims[2] as i64]);
+    let images = bytes.to_kind(Kind::Float) / 255.0;
     Ok(Dataset {
         images: (images - mean) / std,
         labels: Tensor::from_slice(&labels).to_kind(Kind::Int64),
         classes: 10,
+        bytes: Some(Bytes {
+            images: bytes,
+            mean: vec![mean],
+            std: vec![std],
+        }),
     })
 }
 
@@ -235,6 +281,23 @@ mod tests {
         assert_eq!(ds.images.size(), [20, 1, 4, 4]);
         assert_eq!(ds.labels.int64_value(&[13]), 3);
         assert!((ds.images.double_value(&[0, 0, 0, 1]) - 1.0 / 255.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_bytes_normalise_to_the_images_exactly_and_follow_subsets() {
+        let d = tempfile::tempdir().unwrap();
+        fixture(d.path(), 20);
+        // The quickstart's statistics: the device's normalisation of the
+        // bytes must give the host's float32 values bit for bit.
+        let ds = fashion_mnist(d.path(), true, 0.2860, 0.3530).unwrap();
+        let b = ds.bytes.as_ref().unwrap();
+        assert_eq!(b.images.kind(), Kind::Uint8);
+        assert!(images::normalise_bytes(&b.images, &b.mean, &b.std).equal(&ds.images));
+        for part in [ds.subset(&[3, 1]).unwrap(), ds.take(7)] {
+            let b = part.bytes.as_ref().unwrap();
+            assert!(images::normalise_bytes(&b.images, &b.mean, &b.std).equal(&part.images));
+        }
+        assert!(Dataset::synthetic(4, 2, 1, 4, 0).bytes.is_none());
     }
 
     #[test]

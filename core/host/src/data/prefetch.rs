@@ -2,8 +2,9 @@
 //!
 //! A background thread builds each batch in host memory (decoded and
 //! augmented, or selected from a dataset held in memory), pinned when it is
-//! bound for a GPU; augmented batches for a GPU stay bytes (a quarter of
-//! float32's) and are normalised on the device. The upload of the next
+//! bound for a GPU; augmented batches for a GPU, and those of a dataset
+//! decoded from bytes, stay bytes (a quarter of float32's) and are
+//! normalised on the device. The upload of the next
 //! batch can be queued early ([`Prefetch::upload_ahead`]): the loop queues
 //! it for the step's first host read, so on a GPU it runs on a side stream
 //! while the device finishes the step, and the next step's work waits for
@@ -18,7 +19,7 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::images::{normalise_tensor, Augmenter};
+use super::images::{Augmenter, Normaliser};
 use super::DataError;
 use crate::error::torch_guard;
 use crate::stream::{Event, Stream};
@@ -31,6 +32,9 @@ pub enum Source {
     /// Images held in memory, `[N, C, H, W]` float32, normalised (a
     /// shallow copy of the dataset's tensor).
     Memory(Tensor),
+    /// Images held in memory as their bytes (a shallow copy of the
+    /// dataset's [`super::Bytes`]), normalised after the upload.
+    MemoryBytes(super::Bytes),
 }
 
 /// One training batch in host memory, as the prefetch thread left it.
@@ -40,6 +44,16 @@ pub struct HostBatch {
     pub images: Tensor,
     /// `[B]` i64.
     pub labels: Tensor,
+}
+
+impl HostBatch {
+    /// A copy sharing the tensors.
+    fn shallow_clone(&self) -> HostBatch {
+        HostBatch {
+            images: self.images.shallow_clone(),
+            labels: self.labels.shallow_clone(),
+        }
+    }
 }
 
 /// One training batch on the trainer's device.
@@ -64,8 +78,8 @@ pub struct Prefetch {
 struct Feed {
     rx: Receiver<Result<HostBatch, DataError>>,
     device: Device,
-    /// Mean and std of bytes normalised on the device.
-    stats: Option<(Vec<f64>, Vec<f64>)>,
+    /// The normalisation of batches that come as bytes, on the device.
+    norm: Option<Normaliser>,
     /// The side stream of uploads queued ahead (GPUs), until one fails.
     side: Cell<Option<Stream>>,
     /// The next batch, when its upload was queued ahead.
@@ -97,8 +111,9 @@ impl Prefetch {
     ) -> Prefetch {
         let (tx, rx) = std::sync::mpsc::sync_channel(depth.max(1));
         let gpu = device.is_cuda();
-        let stats = match (&source, gpu) {
-            (Source::Augment(a), true) => Some((a.mean.clone(), a.std.clone())),
+        let norm = match (&source, gpu) {
+            (Source::Augment(a), true) => Some(Normaliser::new(&a.mean, &a.std, device)),
+            (Source::MemoryBytes(b), _) => Some(Normaliser::new(&b.mean, &b.std, device)),
             _ => None,
         };
         let labels = labels.shallow_clone();
@@ -110,6 +125,7 @@ impl Prefetch {
                     Source::Augment(a) if gpu => a.batch_bytes(idx, seed, epoch),
                     Source::Augment(a) => a.batch(idx, seed, epoch),
                     Source::Memory(all) => Ok(all.index_select(0, &rows)),
+                    Source::MemoryBytes(all) => Ok(all.images.index_select(0, &rows)),
                 };
                 let out = images.map(|images| {
                     let labels = labels.index_select(0, &rows);
@@ -138,7 +154,7 @@ impl Prefetch {
             feed: Rc::new(Feed {
                 rx,
                 device,
-                stats,
+                norm,
                 side: Cell::new(side),
                 ahead: RefCell::new(None),
                 ahead_seconds: Cell::new(0.0),
@@ -184,7 +200,17 @@ impl Prefetch {
             let started = std::time::Instant::now();
             let ahead = match (feed.receive(), feed.side.get()) {
                 (Ok(host), Some(side)) => feed.upload_on(side, host),
-                (Ok(host), None) => Ahead::Uploaded(feed.upload(host), None),
+                // A libtorch failure here would surface as the step's own:
+                // the batch stays received, and `next` meets the failure
+                // again where it is named as the fetch's.
+                (Ok(host), None) => {
+                    let keep = host.shallow_clone();
+                    let during = || "uploading the next batch".to_string();
+                    match torch_guard(during, || feed.upload(host)) {
+                        Ok(batch) => Ahead::Uploaded(batch, None),
+                        Err(_) => Ahead::Received(Ok(keep)),
+                    }
+                }
                 (Err(e), _) => Ahead::Received(Err(e)),
             };
             *feed.ahead.borrow_mut() = Some(ahead);
@@ -215,8 +241,8 @@ impl Feed {
             true => t.to_device_(device, t.kind(), true, false),
             false => t.to_device(device),
         };
-        let images = match (&self.stats, host.images.kind()) {
-            (Some((mean, std)), tch::Kind::Uint8) => normalise_tensor(put(&host.images), mean, std),
+        let images = match (&self.norm, host.images.kind()) {
+            (Some(norm), tch::Kind::Uint8) => norm.apply(put(&host.images)),
             _ => put(&host.images),
         };
         Uploaded {
@@ -233,10 +259,7 @@ impl Feed {
         let Device::Cuda(i) = self.device else {
             return Ahead::Received(Ok(host));
         };
-        let keep = HostBatch {
-            images: host.images.shallow_clone(),
-            labels: host.labels.shallow_clone(),
-        };
+        let keep = host.shallow_clone();
         let queued = torch_guard(
             || "uploading the next batch on a side stream".into(),
             || -> Result<_, String> {
@@ -319,5 +342,31 @@ mod tests {
         // Past the end: the error waits for `next`.
         q.upload_ahead()();
         assert!(q.next().is_err());
+    }
+
+    #[test]
+    fn bytes_held_in_memory_come_normalised_as_the_dataset_s_rows() {
+        let bytes = Tensor::arange(6 * 3 * 4 * 4, (tch::Kind::Int64, Device::Cpu))
+            .remainder(256)
+            .to_kind(tch::Kind::Uint8)
+            .reshape([6, 3, 4, 4]);
+        let (mean, std) = (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225]);
+        let images = super::super::images::normalise_bytes(&bytes, &mean, &std);
+        let labels = Tensor::arange(6, (tch::Kind::Int64, Device::Cpu));
+        let source = Source::MemoryBytes(super::super::Bytes {
+            images: bytes,
+            mean,
+            std,
+        });
+        let order = vec![4i64, 0, 5, 2];
+        let p = Prefetch::start(source, &labels, order, (2, 0, 2), (0, 0), Device::Cpu);
+        p.upload_ahead()();
+        for rows in [[4i64, 0], [5, 2]] {
+            let got = p.next().unwrap();
+            let rows = Tensor::from_slice(&rows);
+            assert_eq!(got.images.kind(), tch::Kind::Float);
+            assert!(got.images.equal(&images.index_select(0, &rows)));
+            assert!(got.labels.equal(&rows));
+        }
     }
 }

@@ -136,12 +136,13 @@ impl PrefixCache {
         self.misses += missing as u64;
         self.hits += (rows.len() - missing) as u64;
         for (from, ids) in stale {
-            let at = upload(&Tensor::from_slice(&ids), self.device);
+            let rows = Tensor::from_slice(&ids);
+            let at = upload(&rows, self.device);
             let h = if from == EMPTY || from > level32 {
-                let x = images
-                    .index_select(0, &at.to_device(images.device()))
-                    .to_device(self.device);
-                model.frozen_prefix(&x, level)
+                // The rows are selected where the images are and go up
+                // without blocking (no copy of `at` back to the host).
+                let x = images.index_select(0, &upload(&rows, images.device()));
+                model.frozen_prefix(&upload(&x, self.device), level)
             } else {
                 self.advanced += ids.len() as u64;
                 let h = self.store.index_select(0, &at).to_kind(Kind::Float);

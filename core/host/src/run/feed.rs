@@ -6,7 +6,8 @@
 //!   uploads nothing but its indices. On the CPU the dataset is where it
 //!   always was.
 //! - Otherwise (an augmented image folder, or a dataset too large for the
-//!   GPU) a [`Prefetch`] thread assembles the batches ahead, and the loop
+//!   GPU) a [`Prefetch`] thread assembles the batches ahead (as bytes when
+//!   the dataset was decoded from bytes), and the loop
 //!   queues the next batch's upload for the step's first host read, so that
 //!   on a GPU it runs on a side stream behind the step.
 //! - With the activation cache, a step whose prefix is committed reads the
@@ -114,6 +115,21 @@ impl Data {
         moved
     }
 
+    /// Drops the datasets' bytes where no batch will travel as bytes: they
+    /// serve only the training batches the batch thread uploads to a GPU
+    /// (not on the CPU, not when the images stay on the device, not with
+    /// the activation cache, and never for evaluation).
+    pub fn drop_unused_bytes(&mut self, device: Device) {
+        self.eval.bytes = None;
+        let used = device.is_cuda()
+            && self.augment.is_none()
+            && self.cache.is_none()
+            && self.train.images.device() != device;
+        if !used {
+            self.train.bytes = None;
+        }
+    }
+
     /// The batch thread of an epoch's batches (`order`, from its batch
     /// `first` on), or `None` when a step selects its batch on the main
     /// thread: with the activation cache (whose steps read cached rows),
@@ -132,7 +148,10 @@ impl Data {
         let source = match (&self.augment, &self.cache) {
             (Some(a), _) => Source::Augment(a.clone()),
             (None, None) if device != Device::Cpu && self.train.images.device() != device => {
-                Source::Memory(self.train.images.shallow_clone())
+                match &self.train.bytes {
+                    Some(b) => Source::MemoryBytes(b.shallow_clone()),
+                    None => Source::Memory(self.train.images.shallow_clone()),
+                }
             }
             (None, _) => return None,
         };

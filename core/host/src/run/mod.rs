@@ -392,6 +392,7 @@ impl Trainer {
             }
         }
         data.cache = activation_cache(&config, &model, data.train.len(), device)?;
+        data.drop_unused_bytes(device);
         let mut trainer = Trainer {
             data,
             config,
