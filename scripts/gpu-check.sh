@@ -33,7 +33,8 @@
 #              step, host reads per step
 #   smoke      20 steps of AdamW with clipping, label smoothing and layer
 #              decay under AutoFreeze (gradient norms), --stop-after then
-#              --resume; the activation cache; NCCL on one rank (torchrun)
+#              --resume; the activation cache; in-memory JPEGs uploaded per
+#              batch as bytes; NCCL on one rank (torchrun)
 #   errors     what a user sees for cuda:99 and a batch that does not fit
 # PYTHON names the Python whose torch provides the libraries (python3).
 set -uo pipefail
@@ -329,6 +330,13 @@ PY
             --set train.frozen_from_start=6 --set train.epochs=2 --set policy=None > /dev/null
         echo "cache exit $?"
         cat "$runs/cache-001/summary.json"
+        echo
+        say "the JPEGs held in memory as bytes, uploaded per batch (train.data_on_device=false), 1 epoch"
+        t "$bin" run --config "$cfg" --set train.precision=Bf16 --set train.batch=64 \
+            --set "data.source=ImageFolder(root: \"$root/$dir/jpegs\")" --set data.mean=0.5 --set data.std=0.5 \
+            --set train.data_on_device=false --set policy=None --set "name=\"bytes\"" --set "output=\"$runs\"" > /dev/null
+        echo "bytes exit $?"
+        cat "$runs/bytes-001/summary.json"
         echo
         say "data-parallel, 1 rank under torchrun (NCCL when built, else Gloo), bf16"
         t "$py" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
