@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tch::{Device, Tensor};
 
-use crate::data::images::Augmenter;
+use crate::data::images::{Augmenter, Normaliser};
 use crate::data::prefetch::{Prefetch, Source};
 use crate::data::Dataset;
 use crate::engine::cache::PrefixCache;
@@ -47,6 +47,9 @@ pub(super) struct Data {
     pub kill_at: Option<(u64, i32)>,
     pub augment: Option<Arc<Augmenter>>,
     pub cache: Option<PrefixCache>,
+    /// The training images kept on the GPU as their bytes, normalised
+    /// there per batch ([`Data::keep_on_device`]).
+    pub resident_bytes: Option<(Tensor, Normaliser)>,
 }
 
 impl Data {
@@ -75,6 +78,7 @@ impl Data {
                 (r.parse::<usize>().ok()? == rank).then(|| Some((s.parse().ok()?, signal)))?
             }),
             cache,
+            resident_bytes: None,
         }
     }
 
@@ -83,9 +87,11 @@ impl Data {
     /// after this and serves most steps), then the evaluation images, to
     /// GPU `device` when they fit in what is left of a quarter of its free
     /// memory (`free_mib`); the labels stay in host memory (the policy
-    /// reads them there; a step uploads its few). The numbers do not
-    /// change: a batch is the same rows of the same float32 tensor. What
-    /// was moved, for the run's log.
+    /// reads them there; a step uploads its few). Training images decoded
+    /// from bytes go as those (a quarter of float32's), normalised per
+    /// batch on the device to the same float32 values; the evaluation set
+    /// goes as float32. The numbers do not change. What was moved, for the
+    /// run's log.
     pub fn keep_on_device(
         &mut self,
         device: Device,
@@ -95,22 +101,38 @@ impl Data {
         let (true, Some(free)) = (device.is_cuda(), free_mib) else {
             return Vec::new();
         };
-        let mib = |d: &Dataset| match d.images.numel() {
+        let mib = |t: &Tensor| match t.numel() {
             0 => None,
-            n => Some((n * d.images.kind().elt_size_in_bytes()).div_ceil(1 << 20) as u64),
+            n => Some((n * t.kind().elt_size_in_bytes()).div_ceil(1 << 20) as u64),
         };
-        let sizes = [mib(&self.train), mib(&self.eval)];
+        let train_bytes = self
+            .train
+            .bytes
+            .as_ref()
+            .filter(|_| mib(&self.train.images).is_some());
+        let sizes = [
+            train_bytes.map_or_else(|| mib(&self.train.images), |b| mib(&b.images)),
+            mib(&self.eval.images),
+        ];
         let keep = resident(sizes, free, training);
         let mut moved = Vec::new();
-        let sets = [
-            ("training", &mut self.train),
-            ("evaluation", &mut self.eval),
-        ];
-        for (((name, set), keep), mib) in sets.into_iter().zip(keep).zip(sizes) {
-            if keep && set.images.device() != device {
-                set.images = set.images.to_device(device);
-                moved.push(format!("{name} images ({} MiB)", mib.unwrap_or(0)));
+        let size = |i: usize| sizes[i].unwrap_or(0);
+        if keep[0] {
+            match train_bytes {
+                Some(b) => {
+                    let norm = Normaliser::new(&b.mean, &b.std, device);
+                    self.resident_bytes = Some((b.images.to_device(device), norm));
+                    moved.push(format!("training images as bytes ({} MiB)", size(0)));
+                }
+                None => {
+                    self.train.images = self.train.images.to_device(device);
+                    moved.push(format!("training images ({} MiB)", size(0)));
+                }
             }
+        }
+        if keep[1] {
+            self.eval.images = self.eval.images.to_device(device);
+            moved.push(format!("evaluation images ({} MiB)", size(1)));
         }
         moved
     }
@@ -124,6 +146,7 @@ impl Data {
         let used = device.is_cuda()
             && self.augment.is_none()
             && self.cache.is_none()
+            && self.resident_bytes.is_none()
             && self.train.images.device() != device;
         if !used {
             self.train.bytes = None;
@@ -147,7 +170,11 @@ impl Data {
     ) -> Option<Prefetch> {
         let source = match (&self.augment, &self.cache) {
             (Some(a), _) => Source::Augment(a.clone()),
-            (None, None) if device != Device::Cpu && self.train.images.device() != device => {
+            (None, None)
+                if device != Device::Cpu
+                    && self.resident_bytes.is_none()
+                    && self.train.images.device() != device =>
+            {
                 match &self.train.bytes {
                     Some(b) => Source::MemoryBytes(b.shallow_clone()),
                     None => Source::Memory(self.train.images.shallow_clone()),
@@ -219,12 +246,17 @@ pub(super) fn fetch(
                     return Ok((Batch::Images(b.images), b.labels_host, b.labels));
                 }
                 (_, None) => {
-                    let images = &data.train.images;
-                    let rows = upload(idx, images.device());
-                    (
-                        Batch::Images(upload(&images.index_select(0, &rows), device)),
-                        data.train.labels.index_select(0, idx),
-                    )
+                    let x = match &data.resident_bytes {
+                        Some((bytes, norm)) => {
+                            norm.apply(bytes.index_select(0, &upload(idx, bytes.device())))
+                        }
+                        None => {
+                            let images = &data.train.images;
+                            let rows = upload(idx, images.device());
+                            upload(&images.index_select(0, &rows), device)
+                        }
+                    };
+                    (Batch::Images(x), data.train.labels.index_select(0, idx))
                 }
             };
             let y = upload(&y_host, device);
@@ -296,5 +328,17 @@ mod tests {
         assert!(x.equal(&d.train.images.index_select(0, &idx)));
         assert!(y.equal(&y_host));
         assert_eq!(Vec::<i64>::try_from(&y_host).unwrap(), [1, 0, 1]);
+        // The training images kept as bytes (on the CPU here, as on a
+        // GPU): the same float32 rows, normalised per batch.
+        let bytes = Tensor::randint(256, [8, 1, 8, 8], (tch::Kind::Int64, Device::Cpu))
+            .to_kind(tch::Kind::Uint8);
+        let (mean, std) = ([0.2860], [0.3530]);
+        d.train.images = crate::data::images::normalise_bytes(&bytes, &mean, &std);
+        d.resident_bytes = Some((bytes, Normaliser::new(&mean, &std, Device::Cpu)));
+        let (batch, _, _) = fetch(&mut d, &engine, None, &idx, (1, 0)).unwrap().unwrap();
+        let Batch::Images(x) = batch else {
+            panic!("images expected")
+        };
+        assert!(x.equal(&d.train.images.index_select(0, &idx)));
     }
 }
