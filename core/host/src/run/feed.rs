@@ -311,6 +311,32 @@ mod tests {
     }
 
     #[test]
+    fn the_bytes_stay_only_for_a_gpu_s_uploaded_training_batches() {
+        let with_bytes = || {
+            let mut d = data();
+            for set in [&mut d.train, &mut d.eval] {
+                set.bytes = Some(crate::data::Bytes {
+                    images: set.images.to_kind(tch::Kind::Uint8),
+                    mean: vec![0.0],
+                    std: vec![1.0],
+                });
+            }
+            d
+        };
+        let mut gpu = with_bytes();
+        gpu.drop_unused_bytes(Device::Cuda(0));
+        assert!(gpu.train.bytes.is_some() && gpu.eval.bytes.is_none());
+        let mut cpu = with_bytes();
+        cpu.drop_unused_bytes(Device::Cpu);
+        assert!(cpu.train.bytes.is_none());
+        let mut kept = with_bytes();
+        let norm = Normaliser::new(&[0.0], &[1.0], Device::Cpu);
+        kept.resident_bytes = Some((kept.train.images.to_kind(tch::Kind::Uint8), norm));
+        kept.drop_unused_bytes(Device::Cuda(0));
+        assert!(kept.train.bytes.is_none());
+    }
+
+    #[test]
     fn an_in_memory_batch_is_the_rows_it_names() {
         let mut d = data();
         let idx = Tensor::from_slice(&[5i64, 0, 3]);
