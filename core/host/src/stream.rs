@@ -69,6 +69,9 @@ extern "C" {
     ) -> c_int;
 }
 
+/// A shim function that writes a stream's id.
+type StreamGetter = unsafe extern "C" fn(c_int, *mut i64, *mut c_char, usize) -> c_int;
+
 /// Runs one shim call with an error buffer: its message (first line) on
 /// failure.
 fn shim(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
@@ -99,22 +102,24 @@ impl Stream {
     /// pool: not the default stream, and not one of the normal-priority
     /// pool's that NCCL takes its streams from.
     pub fn side(device: usize) -> Result<Stream, String> {
-        let mut id = 0;
-        // SAFETY: the shim writes `id` or the error buffer.
-        shim("a CUDA side stream", |e, n| unsafe {
-            simfreeze_cuda_pool_stream(device as c_int, &mut id, e, n)
-        })?;
-        Ok(Stream { device, id })
+        Stream::of(device, "a CUDA side stream", simfreeze_cuda_pool_stream)
     }
 
     /// The calling thread's current stream of CUDA device `device` (the
     /// one libtorch queues its work on).
     pub fn current(device: usize) -> Result<Stream, String> {
+        Stream::of(
+            device,
+            "the current CUDA stream",
+            simfreeze_cuda_current_stream,
+        )
+    }
+
+    /// The stream of `device` that the shim function `get` names.
+    fn of(device: usize, what: &str, get: StreamGetter) -> Result<Stream, String> {
         let mut id = 0;
-        // SAFETY: as in `side`.
-        shim("the current CUDA stream", |e, n| unsafe {
-            simfreeze_cuda_current_stream(device as c_int, &mut id, e, n)
-        })?;
+        // SAFETY: the shim writes `id` or the error buffer.
+        shim(what, |e, n| unsafe { get(device as c_int, &mut id, e, n) })?;
         Ok(Stream { device, id })
     }
 

@@ -559,17 +559,12 @@ fn fill_parallel<T: Sync>(
 fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tensor {
     let x = Tensor::from_slice(&bytes).reshape(shape);
     drop(bytes);
-    normalise_tensor(x, mean, std)
+    normalise_bytes(&x, mean, std)
 }
 
 /// `[N, C, H, W]` bytes as float32 `(x / 255 - mean) / std` per channel,
 /// where `x` is (the host, or the device of a batch uploaded as bytes).
 pub fn normalise_bytes(bytes: &Tensor, mean: &[f64], std: &[f64]) -> Tensor {
-    normalise_tensor(bytes.shallow_clone(), mean, std)
-}
-
-/// [`normalise_bytes`], taking the bytes.
-pub(super) fn normalise_tensor(bytes: Tensor, mean: &[f64], std: &[f64]) -> Tensor {
     Normaliser::new(mean, std, bytes.device()).apply(bytes)
 }
 
@@ -603,7 +598,7 @@ impl Normaliser {
     }
 
     /// `[N, C, H, W]` bytes (on the normaliser's device) as float32.
-    pub fn apply(&self, bytes: Tensor) -> Tensor {
+    pub fn apply(&self, bytes: &Tensor) -> Tensor {
         let mut x = bytes.to_kind(tch::Kind::Float);
         let _ = x.g_div_(&self.div).g_sub_(&self.mean).g_div_(&self.std);
         x
@@ -682,7 +677,7 @@ mod tests {
         assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
         let bytes = aug.batch_bytes(&[0, 1, 2, 3], 7, 0).unwrap();
         assert_eq!(bytes.kind(), tch::Kind::Uint8);
-        assert!(normalise_tensor(bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
+        assert!(normalise_bytes(&bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
     }
 
     #[test]

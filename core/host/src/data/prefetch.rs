@@ -242,7 +242,7 @@ impl Feed {
             false => t.to_device(device),
         };
         let images = match (&self.norm, host.images.kind()) {
-            (Some(norm), tch::Kind::Uint8) => norm.apply(put(&host.images)),
+            (Some(norm), tch::Kind::Uint8) => norm.apply(&put(&host.images)),
             _ => put(&host.images),
         };
         Uploaded {

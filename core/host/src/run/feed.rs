@@ -82,6 +82,17 @@ impl Data {
         }
     }
 
+    /// At the step [`KILL_VAR`] names, kills or stops this process.
+    pub fn kill_if_due(&self, step: u64) {
+        if let Some((at, signal)) = self.kill_at {
+            if at == step {
+                // SAFETY: signals this process, as `kill -9` (or `kill
+                // -STOP`: alive, never answering) would.
+                unsafe { libc::kill(libc::getpid(), signal) };
+            }
+        }
+    }
+
     /// Moves the in-memory training images (unless `training` is false:
     /// with the activation cache, which takes its share of the memory
     /// after this and serves most steps), then the evaluation images, to
@@ -248,7 +259,7 @@ pub(super) fn fetch(
                 (_, None) => {
                     let x = match &data.resident_bytes {
                         Some((bytes, norm)) => {
-                            norm.apply(bytes.index_select(0, &upload(idx, bytes.device())))
+                            norm.apply(&bytes.index_select(0, &upload(idx, bytes.device())))
                         }
                         None => {
                             let images = &data.train.images;

@@ -34,12 +34,13 @@ use simfreeze_runtime::more::MoreData;
 use tch::{Device, Tensor};
 
 use crate::config::RunConfig;
+use crate::data::prefetch::Prefetch;
 use crate::data::Dataset;
 use crate::engine::cache::PrefixCache;
 use crate::engine::dist::{DistEnv, ProcessGroup};
 use crate::engine::observer::{self, Observer};
 use crate::engine::{
-    observe_with, reads, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
+    observe_with, reads, Batch, Comm, Engine, Fnv, ParallelEngine, SingleEngine, StepAt, StepError,
     StepOut, StepPlan,
 };
 use crate::error::{torch_guard, RunStopped, Status, Stop, TorchError, UsageError};
@@ -483,13 +484,7 @@ impl Trainer {
             // The main thread's time outside the engine's step: this
             // iteration's, less the step's.
             let iteration = Instant::now();
-            if let Some((at, signal)) = self.data.kill_at {
-                if at == step {
-                    // SAFETY: signals this process, as `kill -9` (or
-                    // `kill -STOP`: alive, never answering) would.
-                    unsafe { libc::kill(libc::getpid(), signal) };
-                }
-            }
+            self.data.kill_if_due(step);
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let state = self.driver.state().clone();
             let asked = state.observe();
@@ -531,31 +526,13 @@ impl Trainer {
                 stop_vote: control.should_stop(step + 1),
                 decision: state_digest(&state),
             };
-            // The next batch goes up at the step's first host read, behind
-            // the step's work (on a GPU on a side stream); the time that
-            // takes on this thread counts outside the step.
-            if step + 1 < self.total && (step + 1) / spe == epoch {
-                if let Some(p) = &prefetch {
-                    reads::before_next_read(p.upload_ahead());
-                }
-            }
-            let (in_step, reads_before) = (Instant::now(), reads::count());
-            let stepped = self.engine.step(input, &y, &plan);
-            reads::cancel_before_read();
-            let ahead = prefetch.as_ref().map_or(0.0, |p| p.take_ahead_seconds());
-            let step_seconds = (in_step.elapsed().as_secs_f64() - ahead).max(0.0);
-            self.totals.host.reads += reads::count() - reads_before;
+            let next = (step + 1 < self.total && (step + 1) / spe == epoch)
+                .then_some(prefetch.as_ref())
+                .flatten();
+            let (stepped, step_seconds) = self.timed_step(input, &y, &plan, next);
             let out = match stepped {
                 Ok(out) => out,
-                Err(StepError::Diverged(loss)) => {
-                    return Ok(EpochEnd::Stopped(Stop::Diverged { step, epoch, loss }))
-                }
-                Err(StepError::Torch(e)) => {
-                    let during = format!("at step {step}");
-                    let error = TorchError { during, ..e };
-                    return Ok(EpochEnd::Stopped(self.torch_stop(error)));
-                }
-                Err(StepError::Comm(e)) => return Ok(EpochEnd::Stopped(Stop::Peer(e))),
+                Err(e) => return Ok(EpochEnd::Stopped(self.step_stop(e, step, epoch))),
             };
             self.epoch_loss += out.loss;
             if let Some(c) = out.comm {
@@ -574,16 +551,7 @@ impl Trainer {
                 Ok(o) => o,
                 Err(e) => return policy_failure(e),
             };
-            self.log.events(&Event::of_step(step, &outcome))?;
-            if let Some(record) = self.driver.take_record() {
-                self.log.observation(&record)?;
-            }
-            let mut scalars = tensorboard::step_scalars(out.loss, lr, &state, &outcome.scalars);
-            if let Some(c) = out.comm {
-                scalars.push(("comm/allreduce_bytes".into(), c.bytes as f64));
-                scalars.push(("comm/seconds".into(), c.seconds));
-            }
-            self.log.scalars(step, &scalars)?;
+            self.log_step((step, lr), &state, &out, &outcome)?;
             self.totals.step += 1;
             let frontier = self.driver.state().frontier;
             self.progress
@@ -617,6 +585,62 @@ impl Trainer {
         }
         let seconds = self.carried_seconds + started.elapsed().as_secs_f64();
         Ok(EpochEnd::Done { epoch, seconds, lr })
+    }
+
+    /// A step's event, its recorded observation and its TensorBoard
+    /// scalars.
+    fn log_step(
+        &mut self,
+        (step, lr): (u64, f64),
+        state: &simfreeze_runtime::contract::FreezeState,
+        out: &StepOut,
+        outcome: &StepOutcome,
+    ) -> Result<()> {
+        self.log.events(&Event::of_step(step, outcome))?;
+        if let Some(record) = self.driver.take_record() {
+            self.log.observation(&record)?;
+        }
+        let mut scalars = tensorboard::step_scalars(out.loss, lr, state, &outcome.scalars);
+        if let Some(c) = out.comm {
+            scalars.push(("comm/allreduce_bytes".into(), c.bytes as f64));
+            scalars.push(("comm/seconds".into(), c.seconds));
+        }
+        self.log.scalars(step, &scalars)
+    }
+
+    /// The engine's step, with the next batch's upload (from `next`, the
+    /// epoch's batch thread when the next step is in this epoch) queued for
+    /// the step's first host read, so that it goes up behind the step's
+    /// work (on a GPU on a side stream); the seconds of the step, less the
+    /// upload's time on this thread, which counts outside the step.
+    fn timed_step(
+        &mut self,
+        input: Batch,
+        y: &Tensor,
+        plan: &StepPlan<'_>,
+        next: Option<&Prefetch>,
+    ) -> (Result<StepOut, StepError>, f64) {
+        if let Some(p) = next {
+            reads::before_next_read(p.upload_ahead());
+        }
+        let (in_step, reads_before) = (Instant::now(), reads::count());
+        let stepped = self.engine.step(input, y, plan);
+        reads::cancel_before_read();
+        let ahead = next.map_or(0.0, Prefetch::take_ahead_seconds);
+        self.totals.host.reads += reads::count() - reads_before;
+        (stepped, (in_step.elapsed().as_secs_f64() - ahead).max(0.0))
+    }
+
+    /// How a failed step stops the run.
+    fn step_stop(&self, e: StepError, step: u64, epoch: u64) -> Stop {
+        match e {
+            StepError::Diverged(loss) => Stop::Diverged { step, epoch, loss },
+            StepError::Torch(e) => self.torch_stop(TorchError {
+                during: format!("at step {step}"),
+                ..e
+            }),
+            StepError::Comm(e) => Stop::Peer(e),
+        }
     }
 
     /// Hands the step to the policy: completes the on-demand observations
