@@ -33,6 +33,20 @@ fn main() {
             && nvidia.join("nccl/include/nccl.h").exists()
             && cuda_include.join("crt/host_config.h").exists()
             && cuda_include.join("nv/target").exists();
+        // The version of the headers the shims compile against, recorded
+        // in every run's provenance.
+        let header = torch.join("include/torch/headeronly/version.h");
+        println!("cargo:rerun-if-changed={}", header.display());
+        if let Ok(text) = std::fs::read_to_string(&header) {
+            let part = |name: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(&format!("#define TORCH_VERSION_{name} ")))
+                    .map(|v| v.trim().to_string())
+            };
+            if let (Some(a), Some(b), Some(c)) = (part("MAJOR"), part("MINOR"), part("PATCH")) {
+                println!("cargo:rustc-env=SIMFREEZE_LIBTORCH_VERSION={a}.{b}.{c}");
+            }
+        }
         println!("cargo:rustc-check-cfg=cfg(simfreeze_nccl)");
         println!("cargo:rerun-if-changed={}", cuda_include.display());
         cc::Build::new()

@@ -6,7 +6,11 @@
 //! Invariant: the timeline records what actually ran. `frozen(step)` counts
 //! the blocks frozen during that step, the probe included, and the compute
 //! model charges each step `3L - 2 * frozen(step)` units (forward 1, backward
-//! 2 per block) against `3L` for full fine-tuning.
+//! 2 per block) against `3L` for full fine-tuning. What the host computes
+//! only for the policy (contract 2's block observations, reference forwards
+//! and snapshots, sampled weights, gradient sums) is charged on top, in the
+//! same units, through [`PolicyDriver::charge_observation`]: the compute
+//! speedup counts it, the training-only speedup does not.
 
 use std::collections::BTreeMap;
 
@@ -70,11 +74,28 @@ pub struct Timeline {
     pub cost: f64,
     /// Compute-model units full fine-tuning would have spent.
     pub full_cost: f64,
+    /// Compute-model units the host spent observing for the policy (0 in
+    /// timelines written before it was charged).
+    #[serde(default)]
+    pub observe_cost: f64,
 }
 
 impl Timeline {
-    /// Full fine-tuning cost over spent cost (1 = no saving, at most 3).
+    /// Full fine-tuning cost over the cost spent training and observing
+    /// (1 = no saving, at most 3; below 1 when observing costs more than
+    /// freezing saves).
     pub fn compute_speedup(&self) -> f64 {
+        let spent = self.cost + self.observe_cost;
+        if spent > 0.0 {
+            self.full_cost / spent
+        } else {
+            1.0
+        }
+    }
+
+    /// Full fine-tuning cost over the training cost alone (what freezing
+    /// saves, observation left out).
+    pub fn train_compute_speedup(&self) -> f64 {
         if self.cost > 0.0 {
             self.full_cost / self.cost
         } else {
@@ -178,6 +199,14 @@ impl PolicyDriver {
             *f = Some(0);
         }
         self.controller.restore(state);
+    }
+
+    /// Charges `units` of compute-model cost (one unit: one block's forward
+    /// of the step's batch) that the host spent observing for the policy.
+    pub fn charge_observation(&mut self, units: f64) {
+        if units.is_finite() && units > 0.0 {
+            self.timeline.observe_cost += units;
+        }
     }
 
     /// Restores the timeline (resume).

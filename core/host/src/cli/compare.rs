@@ -8,11 +8,12 @@ use anyhow::Result;
 use simfreeze_runtime::loader::SearchPath;
 
 use crate::error::UsageError;
-use crate::experiment::collect::{rerun_list, write_outputs};
+use crate::experiment::collect::{self, rerun_list, write_outputs};
 use crate::experiment::compare::{self, CompareConfig, Schedule};
 use crate::experiment::job::{run_job, Outcome};
 use crate::experiment::plan;
 use crate::experiment::slurm::{self, SlurmOptions};
+use crate::experiment::stages::{advance, Advanced, Stages};
 use crate::run::RunControl;
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +145,7 @@ fn job_cmd(
 ) -> Result<()> {
     match run_job(&dir, index, threads, search, control)? {
         Outcome::Pretrained => eprintln!("job {index}: pretraining done"),
+        Outcome::Skipped(what) => eprintln!("job {index}: {what}"),
         Outcome::Finetuned(s) => match s.final_top1 {
             Some(top1) if s.reason.is_none() => eprintln!(
                 "job {index}: done, top-1 {top1:.2}%, compute speedup {:.2}x, {:.0}s ({})",
@@ -163,6 +165,15 @@ fn job_cmd(
 }
 
 fn slurm_cmd(cfg: &CompareConfig, search: &SearchPath, o: SbatchArgs, submit: bool) -> Result<()> {
+    if cfg.precision_pp.is_some() {
+        return Err(UsageError(
+            "precision_pp adds seeds as results come in, and a Slurm job array is sized when it \
+             is submitted: run it with `compare --parallel N` or `--plan` (collect plans each \
+             round), or list the seeds"
+                .into(),
+        )
+        .into());
+    }
     let exp = compare::plan_only(cfg, search)?;
     let opts = SlurmOptions {
         partition: o.partition,
@@ -173,7 +184,11 @@ fn slurm_cmd(cfg: &CompareConfig, search: &SearchPath, o: SbatchArgs, submit: bo
         max_running: o.max_running,
         extra: o.sbatch_args,
     };
-    let scripts = slurm::write(&exp, &plan::jobs(&plan::load(&exp)?), &opts)?;
+    let scripts = slurm::write(
+        &exp,
+        &plan::jobs(&plan::load(&exp)?, &Stages::default()),
+        &opts,
+    )?;
     println!(
         "Slurm scripts: {} (submit all three with {})",
         scripts.array.parent().unwrap_or(&exp).display(),
@@ -189,14 +204,59 @@ fn slurm_cmd(cfg: &CompareConfig, search: &SearchPath, o: SbatchArgs, submit: bo
             scripts.tasks.1,
             ids.collect
         );
+        if let (Some((conf, fin)), Some((_, (a, b)))) = (&ids.confirm, &scripts.confirm) {
+            println!(
+                "confirmation array {conf} (tasks {a}-{b}) after the selection, collect {fin}"
+            );
+        }
     }
     Ok(())
 }
 
+/// Writes the outputs of the experiment in `dir` from whatever finished;
+/// when the stage it waits for has ended, decides the next one (the
+/// selection, a precision round), prints its jobs and succeeds.
 fn collect_cmd(dir: &std::path::Path) -> Result<()> {
     let cfg = plan::load(dir)?;
+    let (rows, unfinished) = collect::rows(&cfg, dir)?;
+    let complete = unfinished.iter().all(|u| u.awaiting);
+    let advanced = advance(&cfg, dir, &rows, complete)?;
+    let jobs = plan::jobs(&cfg, &Stages::load(dir)?);
+    plan::write_jobs(dir, &jobs)?;
     let (rows, unfinished) = write_outputs(&cfg, dir)?;
-    let list = rerun_list(&cfg, dir, &rows, &unfinished);
+    let list = rerun_list(dir, &rows, &unfinished);
+    let new_jobs =
+        |what: &str| {
+            let idx: Vec<usize> = unfinished.iter().map(|u| u.index).collect();
+            eprintln!(
+            "{what}; run its jobs {}, then collect again:\n  for i in {}; do {} compare --job {} \
+             $i; done",
+            idx.iter().map(usize::to_string).collect::<Vec<_>>().join(", "),
+            idx.iter().map(usize::to_string).collect::<Vec<_>>().join(" "),
+            crate::error::command_name(),
+            dir.display()
+        );
+        };
+    match advanced {
+        Advanced::Selected(s) => {
+            new_jobs(&format!(
+                "selection made (on seeds {:?}): {}; the confirmation is planned",
+                cfg.seeds,
+                s.points().join(", ")
+            ));
+            return Ok(());
+        }
+        Advanced::Round(r) => {
+            new_jobs(&format!(
+                "precision: {} still wider than ±{} pp; seed {} is planned",
+                r.labels[1..].join(", "),
+                cfg.precision_pp.unwrap_or_default(),
+                r.seed
+            ));
+            return Ok(());
+        }
+        Advanced::Nothing => {}
+    }
     if !list.is_empty() {
         eprintln!("not finished or failed:\n{list}");
     }
@@ -204,7 +264,7 @@ fn collect_cmd(dir: &std::path::Path) -> Result<()> {
         anyhow::bail!(
             "{} of {} fine-tunes have not finished; the table and results have the others",
             unfinished.len(),
-            rows.len()
+            rows.len() + unfinished.iter().filter(|u| u.awaiting).count()
         );
     }
     Ok(())

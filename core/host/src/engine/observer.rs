@@ -55,9 +55,128 @@ struct Reference {
     model: Option<(nn::VarStore, Vit)>,
 }
 
+/// The compute model's price of what the observer computes, in the
+/// model's units: one unit is one block's forward of the step's (global)
+/// training batch, as [`simfreeze_runtime::driver::Timeline`] counts a
+/// step (3 units a block: forward 1, backward 2). FLOPs are counted as
+/// multiply-adds × 2 of the block's matrix products (QKV, attention,
+/// projection, MLP); a forward of `r` rows through the `L` blocks is
+/// `L · r / B` units.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObservationCost {
+    /// FLOPs of one block's forward of one image.
+    block_flops: f64,
+    /// Tokens per image T and their width D.
+    tokens: f64,
+    dim: f64,
+    /// Blocks L.
+    depth: f64,
+    /// Parameters per block (the embedding counted with block 0).
+    block_params: Vec<f64>,
+}
+
+impl ObservationCost {
+    /// The prices for `cfg`, with its blocks' parameter counts.
+    pub fn new(cfg: &VitConfig, block_params: Vec<f64>) -> ObservationCost {
+        let (t, d) = (cfg.tokens() as f64, cfg.dim as f64);
+        // QKV 6TD², projection 2TD², QKᵀ and AV 4T²D, MLP 4rTD².
+        let block_flops = (8.0 + 4.0 * cfg.mlp_ratio) * t * d * d + 4.0 * t * t * d;
+        ObservationCost {
+            block_flops,
+            tokens: t,
+            dim: d,
+            depth: cfg.depth as f64,
+            block_params,
+        }
+    }
+
+    /// FLOPs of one unit for a training batch of `batch` images.
+    fn unit(&self, batch: f64) -> f64 {
+        (self.block_flops * batch).max(1.0)
+    }
+
+    /// The units of the reductions `what` of `rows` images through every
+    /// block (the forward, the pooled tokens, the Gram matrices).
+    pub fn reductions(&self, what: Needs, rows: f64, batch: f64) -> f64 {
+        if what
+            .intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS)
+            .is_empty()
+        {
+            return 0.0;
+        }
+        let (t, d) = (self.tokens, self.dim);
+        let mut per_block = self.block_flops * rows;
+        if what.contains(Needs::BLOCK_TOKENS) {
+            per_block += rows * t * d;
+        }
+        if what.contains(Needs::BLOCK_GRAMS) {
+            // A Aᵀ of [rows, T·D], then the rows' norms.
+            per_block += 2.0 * rows * rows * t * d + 3.0 * rows * rows;
+        }
+        self.depth * per_block / self.unit(batch)
+    }
+
+    /// The units of one step's observation `asked` (within what was
+    /// declared), for a training batch of `batch` images, `probe_rows`
+    /// images in the probe batch, with a reference (`reference`) or not;
+    /// the gradient sums' adds over the trainable blocks `[frozen, L)` when
+    /// `accumulating`.
+    pub fn step(
+        &self,
+        asked: Needs,
+        (batch, probe_rows): (f64, f64),
+        reference: bool,
+        accumulating: Option<usize>,
+    ) -> f64 {
+        let what = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+        let mut units = self.reductions(what, batch, batch);
+        let probe = asked.contains(Needs::PROBE_BATCH);
+        if probe {
+            units += self.reductions(what, probe_rows, batch);
+        }
+        if reference && asked.contains(Needs::REFERENCE) {
+            units += self.reductions(what, batch, batch);
+            if probe {
+                units += self.reductions(what, probe_rows, batch);
+            }
+        }
+        if asked.contains(Needs::SAMPLED_WEIGHTS) {
+            units += SAMPLES_PER_BLOCK as f64 * self.depth / self.unit(batch);
+        }
+        if let Some(frozen) = accumulating {
+            let trainable: f64 = self.block_params.iter().skip(frozen).sum();
+            // One add per trainable parameter every step; the two norms
+            // (3 FLOPs a parameter) only when read.
+            let read = if asked.contains(Needs::ACC_GRAD_NORMS) {
+                3.0
+            } else {
+                0.0
+            };
+            units += (1.0 + read) * trainable / self.unit(batch);
+        }
+        units
+    }
+
+    /// The units of taking a reference snapshot of every parameter (a copy
+    /// each; the int8 form quantizes the matrices: about 4 FLOPs each).
+    pub fn snapshot(&self, kind: ReferenceRequest, batch: f64) -> f64 {
+        let params: f64 = self.block_params.iter().sum();
+        let per = match kind {
+            ReferenceRequest::Keep => return 0.0,
+            ReferenceRequest::TakeF32 | ReferenceRequest::TakeBf16 => 1.0,
+            ReferenceRequest::TakeInt8 => 4.0,
+        };
+        per * params / self.unit(batch)
+    }
+}
+
 /// Computes the on-demand observations a policy asks for.
 pub struct Observer {
     declared: Needs,
+    /// What each observation costs in the compute model.
+    pub cost: ObservationCost,
+    /// Images in the probe batch (0 without one).
+    probe_rows: f64,
     cfg: VitConfig,
     device: Device,
     /// The probe batch's images, on the device.
@@ -84,15 +203,39 @@ impl Observer {
         if declared.intersection(Needs::ON_DEMAND).is_empty() {
             return None;
         }
-        let samples = sample_indices(model, &vars(), seed);
+        let vars = vars();
+        let samples = sample_indices(model, &vars, seed);
+        let mut block_params = vec![0.0; model.depth()];
+        for (name, t) in vars.iter().filter(|(n, _)| !n.contains('/')) {
+            if let Group::Block(b) = model.group_of(name) {
+                block_params[b] += t.numel() as f64;
+            }
+        }
+        let probe_rows = probe.as_ref().map_or(0.0, |p| p.size()[0] as f64);
         Some(Observer {
             declared,
+            cost: ObservationCost::new(cfg, block_params),
+            probe_rows,
             cfg: cfg.clone(),
             device,
             probe: probe.map(|p| p.to_device(device)),
             samples,
             reference: None,
         })
+    }
+
+    /// The compute-model units of the observation `asked` at a step of a
+    /// `batch`-image (global) training batch with `frozen` blocks frozen:
+    /// what [`Observer::before_step`] and [`Observer::after_step`] compute
+    /// for it, and the gradient sums' adds.
+    pub fn step_cost(&self, asked: Needs, batch: f64, frozen: usize) -> f64 {
+        let asked = asked.intersection(self.declared);
+        self.cost.step(
+            asked,
+            (batch, self.probe_rows),
+            self.reference.is_some(),
+            self.accumulates().then_some(frozen),
+        )
     }
 
     /// Whether the step's gradients must be summed.

@@ -10,7 +10,9 @@ use crate::experiment::collect::Row;
 use crate::experiment::config::{labels, CompareConfig};
 use crate::experiment::fronts::fronts_chart;
 use crate::experiment::plot::{self, Chart, Series, Style};
-use crate::experiment::table::mean_std;
+use crate::experiment::points::PointStats;
+use crate::experiment::stages::Stage;
+use crate::experiment::stats::mean_std;
 use crate::run::dir::RunDir;
 use crate::run::records::EventKind;
 
@@ -117,8 +119,20 @@ pub(super) fn frontier_steps(freeze_step: &[Option<u64>], steps: u64) -> Vec<(f6
     pts
 }
 
-pub(super) fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()> {
-    let first_seed = cfg.seeds[0];
+/// The charts of the headline stage (the scalars, timeline and scatter of
+/// its first seed and its points), its fronts, and with a confirmation the
+/// selection's fronts (`fronts-selection`).
+pub(super) fn plots(
+    cfg: &CompareConfig,
+    dir: &Path,
+    rows: &[Row],
+    points: &[PointStats],
+) -> Result<()> {
+    let stage = Stage::headline(cfg);
+    let rows: Vec<Row> = rows.iter().filter(|r| r.stage == stage).cloned().collect();
+    let Some(first_seed) = rows.first().map(|r| r.seed) else {
+        return Ok(());
+    };
     let labels = labels(cfg);
     let color = |label: &str| labels.iter().position(|l| l == label).unwrap_or(0);
     let done = |r: &&Row| r.status == "completed";
@@ -185,8 +199,22 @@ pub(super) fn plots(cfg: &CompareConfig, dir: &Path, rows: &[Row]) -> Result<()>
         ..Default::default()
     };
     plot::write(&scatter, dir, "accuracy-speedup")?;
-    if cfg.policies.iter().any(|e| !e.grid.is_empty()) {
-        plot::write(&fronts_chart(cfg, rows), dir, "fronts")?;
+    let of =
+        |s: Stage| -> Vec<PointStats> { points.iter().filter(|p| p.stage == s).cloned().collect() };
+    if cfg.policies.iter().any(|e| !e.grid.is_empty()) || stage == Stage::Confirm {
+        let title = match stage {
+            Stage::Confirm => "Accuracy-speedup fronts (confirmation seeds, 95 % intervals)",
+            Stage::Grid => "Accuracy-speedup fronts (means, 95 % intervals)",
+        };
+        plot::write(&fronts_chart(cfg, &of(stage), title), dir, "fronts")?;
+    }
+    if stage == Stage::Confirm && cfg.policies.iter().any(|e| !e.grid.is_empty()) {
+        let title = "Selection: every grid point (selection seeds, 95 % intervals)";
+        plot::write(
+            &fronts_chart(cfg, &of(Stage::Grid), title),
+            dir,
+            "fronts-selection",
+        )?;
     }
     Ok(())
 }

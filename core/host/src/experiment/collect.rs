@@ -1,5 +1,6 @@
 //! The rows of a comparison: one per fine-tune, read from its summary
-//! and metrics, relative to the same seed's baseline; `results.csv`.
+//! and metrics, relative to the same stage's and seed's baseline;
+//! `results.csv`, and the outputs written from them.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,10 +13,12 @@ use crate::experiment::charts::plots;
 use crate::experiment::config::CompareConfig;
 use crate::experiment::job::last_run_dir;
 use crate::experiment::plan::{self, Job, LOCK_DIR};
+use crate::experiment::points::{point_stats, write_points};
 use crate::experiment::slurm::{ARRAY_SCRIPT, SLURM_DIR};
+use crate::experiment::stages::{stage_labels, Stage, Stages};
 use crate::experiment::table::table;
 use crate::run::dir::{RunDir, SUMMARY_FILE};
-use crate::run::records::Summary;
+use crate::run::records::{Provenance, Summary};
 
 /// One fine-tuning run's result (a row of `results.csv`).
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +55,30 @@ pub struct Row {
     /// Top-1 gain (pp) over the run's last epoch (none with one epoch).
     #[serde(skip)]
     pub last_epoch_gain: Option<f64>,
+    /// The stage the run belongs to.
+    #[serde(skip)]
+    pub stage: Stage,
+    /// Compute-model speedup of training alone (observation not charged).
+    #[serde(skip)]
+    pub train_compute_speedup: f64,
+    /// Compute-model units spent observing for the policy.
+    #[serde(skip)]
+    pub observe_cost: f64,
+    /// Steps that ran with a probe (a block frozen for one step to test it).
+    #[serde(skip)]
+    pub probe_steps: u64,
+    /// The main thread's seconds per step outside the training step.
+    #[serde(skip)]
+    pub host_seconds_per_step: Option<f64>,
+    /// Whether the run served frozen prefixes from the activation cache.
+    #[serde(skip)]
+    pub cached: bool,
+    /// The run's provenance.
+    #[serde(skip)]
+    pub provenance: Option<Provenance>,
+    /// Its job's index in the plan.
+    #[serde(skip)]
+    pub job: usize,
 }
 
 pub(super) fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
@@ -70,6 +97,14 @@ pub(super) fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
         steps: 0,
         family: label.into(),
         last_epoch_gain: None,
+        stage: Stage::Grid,
+        train_compute_speedup: f64::NAN,
+        observe_cost: 0.0,
+        probe_steps: 0,
+        host_seconds_per_step: None,
+        cached: false,
+        provenance: None,
+        job: 0,
     }
 }
 
@@ -80,34 +115,23 @@ pub(super) fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
         top1: Some(top1),
         d_acc: Some(0.0),
         compute_speedup: speed,
+        train_compute_speedup: speed,
         status: "completed".into(),
         ..failed_row(label, seed, PathBuf::new())
     }
 }
 
-/// A row; `baseline` is the same seed's baseline (top-1, seconds), none
-/// when this row is the baseline or the baseline failed (then the
-/// relative columns stay empty).
-pub(super) fn row_of(
-    label: &str,
-    seed: u64,
-    s: &Summary,
-    is_baseline: bool,
-    baseline: Option<(f64, f64)>,
-) -> Row {
+/// The completed row of `label` and `seed` from its summary (its Δ and
+/// wall speedup are filled in by pairing it with its baseline).
+pub(super) fn row_of(label: &str, seed: u64, s: &Summary) -> Row {
     let top1 = s.final_top1;
-    let (d_acc, wall_speedup) = match (is_baseline, top1, baseline) {
-        (true, Some(_), _) => (Some(0.0), Some(1.0)),
-        (false, Some(t), Some((b, bs))) => (Some(t - b), Some(bs / s.train_seconds)),
-        _ => (None, None),
-    };
     Row {
         policy: label.into(),
         seed,
         status: "completed".into(),
         top1,
-        d_acc,
-        wall_speedup,
+        d_acc: None,
+        wall_speedup: None,
         compute_speedup: s.compute_speedup,
         frontier: s.freeze_step.iter().filter(|f| f.is_some()).count(),
         train_seconds: s.train_seconds,
@@ -116,6 +140,33 @@ pub(super) fn row_of(
         steps: s.steps,
         family: label.into(),
         last_epoch_gain: last_epoch_gain(&s.run_dir),
+        stage: Stage::Grid,
+        train_compute_speedup: s.train_compute_speedup.unwrap_or(s.compute_speedup),
+        observe_cost: s.observe_cost,
+        probe_steps: s.probe_steps,
+        host_seconds_per_step: s.host_seconds_per_step,
+        cached: cache_on(&s.run_dir),
+        provenance: s.provenance.clone(),
+        job: 0,
+    }
+}
+
+/// Whether the run in `run_dir` used the activation cache
+/// (`train.cache_frozen` in its `config.ron`).
+fn cache_on(run_dir: &Path) -> bool {
+    let file = run_dir.join(crate::run::dir::CONFIG_FILE);
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|t| crate::config::parse_ron::<crate::config::RunConfig>(&t, "config").ok())
+        .is_some_and(|c| c.train.cache_frozen)
+}
+
+/// A CSV field: quoted when it holds a comma or a quote.
+pub(super) fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
     }
 }
 
@@ -123,20 +174,19 @@ pub(super) fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or(String::new(), |v| format!("{v:.digits$}"))
 }
 
+/// The header of `results.csv`.
+pub const RESULTS_HEADER: &str = "policy,seed,status,top1,d_acc_pp,wall_speedup,compute_speedup,\
+final_frontier,train_seconds,run_dir,stage,train_compute_speedup,observe_units,probe_steps,\
+weights_sha256,machine,libtorch,revision";
+
 pub(super) fn write_results(dir: &Path, rows: &[Row]) -> Result<()> {
-    let mut s = String::from(
-        "policy,seed,status,top1,d_acc_pp,wall_speedup,compute_speedup,final_frontier,train_seconds,run_dir\n",
-    );
+    let mut s = format!("{RESULTS_HEADER}\n");
     for r in rows {
+        let p = r.provenance.as_ref();
         // Grid labels hold RON options, commas included.
-        let policy = if r.policy.contains([',', '"']) {
-            format!("\"{}\"", r.policy.replace('"', "\"\""))
-        } else {
-            r.policy.clone()
-        };
         s.push_str(&format!(
-            "{},{},{},{},{},{},{:.4},{},{:.2},{}\n",
-            policy,
+            "{},{},{},{},{},{},{:.4},{},{:.2},{},{},{},{:.1},{},{},{},{},{}\n",
+            csv_field(&r.policy),
             r.seed,
             r.status,
             opt(r.top1, 2),
@@ -145,7 +195,19 @@ pub(super) fn write_results(dir: &Path, rows: &[Row]) -> Result<()> {
             r.compute_speedup,
             r.frontier,
             r.train_seconds,
-            r.run_dir.display()
+            csv_field(&r.run_dir.display().to_string()),
+            r.stage.as_str(),
+            if r.train_compute_speedup.is_finite() {
+                format!("{:.4}", r.train_compute_speedup)
+            } else {
+                String::new()
+            },
+            r.observe_cost,
+            r.probe_steps,
+            p.and_then(|p| p.weights_sha256.clone()).unwrap_or_default(),
+            csv_field(&p.map(|p| p.machine()).unwrap_or_default()),
+            p.map(|p| p.libtorch.clone()).unwrap_or_default(),
+            p.map(|p| p.revision.clone()).unwrap_or_default(),
         ));
     }
     fs::write(dir.join("results.csv"), s).context("cannot write results.csv")
@@ -174,40 +236,47 @@ pub struct Unfinished {
     pub job: String,
     /// Not started, running, interrupted (resumable), or killed.
     pub state: String,
+    /// A confirmation slot that waits for the selection (no row yet).
+    pub awaiting: bool,
 }
 
 /// Every fine-tune's row, in plan order, read from the runs in `exp`
 /// (the last run directory of each); a fine-tune with no ended run is a
-/// `missing` row and is listed as unfinished.
-pub fn rows(cfg: &CompareConfig, exp: &Path) -> (Vec<Row>, Vec<Unfinished>) {
+/// `missing` row and is listed as unfinished, and so is a confirmation
+/// job that waits for the selection. Each row's Δ and wall speedup are
+/// against the baseline of the same stage and seed.
+pub fn rows(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<Unfinished>)> {
+    let stages = Stages::load(exp)?;
     let runs = exp.join("runs");
     let mut rows = Vec::new();
     let mut unfinished = Vec::new();
-    let mut baseline: Option<(u64, f64, f64)> = None;
-    for (index, job) in plan::jobs(cfg).into_iter().enumerate() {
-        let Job::Finetune {
-            label,
-            run_name,
-            seed,
-            family,
-            ..
-        } = &job
-        else {
-            continue;
+    for (index, job) in plan::jobs(cfg, &stages).into_iter().enumerate() {
+        let (label, run_name, seed, family, stage) = match &job {
+            Job::Finetune {
+                label,
+                run_name,
+                seed,
+                family,
+                stage,
+                ..
+            } => (label, run_name, seed, family, *stage),
+            Job::Awaiting { .. } => {
+                unfinished.push(Unfinished {
+                    index,
+                    job: job.describe(),
+                    state: "waits for the selection (collect the grid first)".into(),
+                    awaiting: true,
+                });
+                continue;
+            }
+            Job::Pretrain | Job::Skip { .. } => continue,
         };
         let last = last_run_dir(&runs, &format!("{run_name}-s{seed}-"));
         let summary = last
             .as_ref()
             .and_then(|d| RunDir::existing(d).read_json::<Summary>(SUMMARY_FILE).ok());
-        let is_baseline = label == "baseline";
-        if is_baseline {
-            baseline = None;
-        }
         let mut row = match summary {
-            Some(s) if s.status == Status::Completed => {
-                let base = baseline.filter(|b| b.0 == *seed).map(|b| (b.1, b.2));
-                row_of(label, *seed, &s, is_baseline, base)
-            }
+            Some(s) if s.status == Status::Completed => row_of(label, *seed, &s),
             Some(s) if s.status == Status::Failed => failed_row(label, *seed, s.run_dir),
             other => {
                 let locked = plan::is_locked(&exp.join(LOCK_DIR).join(format!("job-{index}.lock")));
@@ -221,6 +290,7 @@ pub fn rows(cfg: &CompareConfig, exp: &Path) -> (Vec<Row>, Vec<Unfinished>) {
                     index,
                     job: job.describe(),
                     state,
+                    awaiting: false,
                 });
                 Row {
                     status: "missing".into(),
@@ -229,35 +299,68 @@ pub fn rows(cfg: &CompareConfig, exp: &Path) -> (Vec<Row>, Vec<Unfinished>) {
             }
         };
         row.family = family.clone();
-        if is_baseline && row.status == "completed" {
-            baseline = Some((*seed, row.top1.unwrap_or(f64::NAN), row.train_seconds));
-        }
+        row.stage = stage;
+        row.job = index;
         rows.push(row);
     }
-    (rows, unfinished)
+    pair_with_baselines(&mut rows);
+    Ok((rows, unfinished))
+}
+
+/// Fills each completed row's Δ top-1 and wall speedup from the completed
+/// baseline of the same stage and seed (left empty without one).
+fn pair_with_baselines(rows: &mut [Row]) {
+    let baselines: Vec<(Stage, u64, f64, f64)> = rows
+        .iter()
+        .filter(|r| r.policy == "baseline" && r.status == "completed")
+        .filter_map(|r| Some((r.stage, r.seed, r.top1?, r.train_seconds)))
+        .collect();
+    for r in rows.iter_mut().filter(|r| r.status == "completed") {
+        let base = baselines
+            .iter()
+            .find(|b| b.0 == r.stage && b.1 == r.seed)
+            .map(|b| (b.2, b.3));
+        let is_baseline = r.policy == "baseline";
+        (r.d_acc, r.wall_speedup) = match (is_baseline, r.top1, base) {
+            (true, Some(_), _) => (Some(0.0), Some(1.0)),
+            (false, Some(t), Some((b, bs))) => (Some(t - b), Some(bs / r.train_seconds)),
+            _ => (None, None),
+        };
+    }
 }
 
 /// What `--collect` and a finished comparison write in `exp`:
-/// `results.csv`, `table.md` (with a note on what has not finished) and
-/// the plots; prints the table. Returns the rows and what is unfinished.
+/// `results.csv`, `points.csv`, `table.md` (with a note on what has not
+/// finished) and the plots; prints the table. Returns the rows and what is
+/// unfinished.
 pub fn write_outputs(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<Unfinished>)> {
     let _lock = plan::lock(
         &exp.join(LOCK_DIR).join("collect.lock"),
         "another process is collecting this experiment; waiting for it",
     )?;
-    let (rows, unfinished) = rows(cfg, exp);
+    let (rows, unfinished) = rows(cfg, exp)?;
+    let stages = Stages::load(exp)?;
     write_results(exp, &rows)?;
-    let mut table = table(cfg, &rows);
+    let mut points = Vec::new();
+    for stage in [Stage::Grid, Stage::Confirm] {
+        if let Some(labels) = stage_labels(cfg, &stages, stage) {
+            if rows.iter().any(|r| r.stage == stage) {
+                points.extend(point_stats(cfg, &rows, stage, &labels));
+            }
+        }
+    }
+    write_points(exp, &points)?;
+    let mut table = table(cfg, &stages, &rows);
     if !unfinished.is_empty() {
         table.push_str(&format!(
             "\nIncomplete: {} of {} fine-tunes have not finished (`missing` in results.csv); \
              `simfreeze compare --collect` lists them with the command that runs each.\n",
             unfinished.len(),
-            rows.len()
+            rows.len() + unfinished.iter().filter(|u| u.awaiting).count()
         ));
     }
     fs::write(exp.join("table.md"), &table)?;
-    plots(cfg, exp, &rows)?;
+    plots(cfg, exp, &rows, &points)?;
     println!("{table}");
     eprintln!("experiment directory: {}", exp.display());
     Ok((rows, unfinished))
@@ -265,12 +368,7 @@ pub fn write_outputs(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<U
 
 /// The unfinished and failed fine-tunes, each with the command that
 /// (re)runs it; empty when every fine-tune completed.
-pub fn rerun_list(
-    cfg: &CompareConfig,
-    exp: &Path,
-    rows: &[Row],
-    unfinished: &[Unfinished],
-) -> String {
+pub fn rerun_list(exp: &Path, rows: &[Row], unfinished: &[Unfinished]) -> String {
     let mut s = String::new();
     for u in unfinished {
         s.push_str(&format!(
@@ -284,19 +382,16 @@ pub fn rerun_list(
             s.push_str(&format!("    or: sbatch --array={} {sbatch}\n", u.index));
         }
     }
-    let offset = usize::from(cfg.pretrain.is_some());
-    for (i, r) in rows.iter().enumerate() {
-        if r.status == "failed" {
-            s.push_str(&format!(
-                "  job {} ({}, seed {}): failed (kept as a failed row); to run it again, remove \
-                 {} and run\n    {}\n",
-                i + offset,
-                r.policy,
-                r.seed,
-                r.run_dir.display(),
-                plan::job_command(exp, i + offset)
-            ));
-        }
+    for r in rows.iter().filter(|r| r.status == "failed") {
+        s.push_str(&format!(
+            "  job {} ({}, seed {}): failed (kept as a failed row); to run it again, remove \
+             {} and run\n    {}\n",
+            r.job,
+            r.policy,
+            r.seed,
+            r.run_dir.display(),
+            plan::job_command(exp, r.job)
+        ));
     }
     s
 }

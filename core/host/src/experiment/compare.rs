@@ -27,12 +27,13 @@ use anyhow::{Context, Result};
 use simfreeze_runtime::loader::SearchPath;
 
 use crate::error::{RunStopped, Status};
-use crate::experiment::collect::write_outputs;
 pub use crate::experiment::collect::Row;
+use crate::experiment::collect::{self, write_outputs};
 pub use crate::experiment::config::{cache_key, CompareConfig, Entry, Point, Stage, HEAD_ONLY};
 use crate::experiment::job::{finetune, finetune_config, pretrain, pretraining_stopped};
 pub use crate::experiment::plan::COMPARE_FILE;
 use crate::experiment::plan::{self, lock, Job, LOCK_DIR};
+use crate::experiment::stages::{advance, Advanced, Stages};
 use crate::run::RunControl;
 
 /// How the fine-tunes run: in this process one after another
@@ -83,7 +84,7 @@ pub fn plan_only(cfg: &CompareConfig, search: &SearchPath) -> Result<PathBuf> {
     let exp = plan::create(cfg)?;
     println!(
         "{}",
-        plan::instructions(&exp, &plan::jobs(&plan::load(&exp)?))
+        plan::instructions(&exp, &plan::jobs(&plan::load(&exp)?, &Stages::default()))
     );
     Ok(exp)
 }
@@ -100,7 +101,9 @@ pub(super) fn prepare(cfg: &CompareConfig, search: &SearchPath) -> Result<()> {
 }
 
 /// Every fine-tune of the experiment in `exp` (finished ones kept,
-/// checkpointed ones resumed), then the outputs.
+/// checkpointed ones resumed), stage after stage: the grid, then with
+/// `confirm_seeds` the selection and the confirmation, then with
+/// `precision_pp` one round of seeds after another; then the outputs.
 fn finish(
     cfg: &CompareConfig,
     exp: &Path,
@@ -109,29 +112,65 @@ fn finish(
     control: &RunControl,
     schedule: Schedule,
 ) -> Result<(PathBuf, Vec<Row>)> {
-    let finetunes: Vec<(usize, Job)> = plan::jobs(cfg)
-        .into_iter()
-        .enumerate()
-        .filter(|(_, j)| matches!(j, Job::Finetune { .. }))
-        .collect();
-    let mut failures = match schedule.parallel {
-        0 => in_process(cfg, exp, &finetunes, weights, search, control)?,
-        n => children(cfg, exp, &finetunes, n, control)?,
-    };
-    let (rows, _) = write_outputs(cfg, exp)?;
-    if schedule.parallel > 0 {
-        // A child's failure was reported as it ended; the rows say which.
-        failures = rows
+    loop {
+        let jobs = plan::jobs(cfg, &Stages::load(exp)?);
+        plan::write_jobs(exp, &jobs)?;
+        let (done, _) = collect::rows(cfg, exp)?;
+        let ended = |i: usize| {
+            done.iter()
+                .any(|r| r.job == i && (r.status == "completed" || r.status == "failed"))
+        };
+        let finetunes = jobs
             .iter()
-            .filter(|r| r.status != "completed")
-            .map(|r| format!("{} seed {}: {}", r.policy, r.seed, r.status))
+            .filter(|j| matches!(j, Job::Finetune { .. }))
+            .count();
+        let pending: Vec<(usize, Job)> = jobs
+            .into_iter()
+            .enumerate()
+            .filter(|(i, j)| matches!(j, Job::Finetune { .. }) && !ended(*i))
             .collect();
+        if pending.len() < finetunes {
+            eprintln!(
+                "kept: {} of {finetunes} fine-tunes that already ended",
+                finetunes - pending.len()
+            );
+        }
+        match schedule.parallel {
+            0 => in_process(cfg, exp, &pending, weights.clone(), search, control)?,
+            n => children(cfg, exp, &pending, n, control)?,
+        };
+        let (rows, unfinished) = collect::rows(cfg, exp)?;
+        let complete = unfinished.iter().all(|u| u.awaiting);
+        match advance(cfg, exp, &rows, complete)? {
+            Advanced::Nothing => break,
+            Advanced::Selected(s) => {
+                eprintln!(
+                    "selection (on seeds {:?}): {}; confirming on seeds {:?}",
+                    cfg.seeds,
+                    s.points().join(", "),
+                    cfg.confirm_seeds.as_deref().unwrap_or_default()
+                );
+            }
+            Advanced::Round(r) => eprintln!(
+                "precision: the interval of {} is wider than ±{} pp; adding seed {}",
+                r.labels[1..].join(", "),
+                cfg.precision_pp.unwrap_or_default(),
+                r.seed
+            ),
+        }
     }
+    plan::write_jobs(exp, &plan::jobs(cfg, &Stages::load(exp)?))?;
+    let (rows, _) = write_outputs(cfg, exp)?;
+    let failures: Vec<String> = rows
+        .iter()
+        .filter(|r| r.status != "completed")
+        .map(|r| format!("{} seed {}: {}", r.policy, r.seed, r.status))
+        .collect();
     if !failures.is_empty() {
         anyhow::bail!(
             "{} of {} fine-tuning runs failed (kept in the table as failed):\n{}",
             failures.len(),
-            finetunes.len(),
+            rows.len(),
             failures.join("\n")
         );
     }

@@ -102,7 +102,26 @@ pub struct CompareConfig {
     /// Also fine-tune with every block frozen from step 0 (`head-only`:
     /// linear probing of the source features), to tell the regime.
     pub head_only: bool,
+    /// Select, then confirm: after the grid has run on `seeds`, each
+    /// policy's best point per speedup band (the selection) runs again, with
+    /// the baseline and head-only, on these seeds (disjoint from `seeds`);
+    /// the headline table and fronts come from these runs only.
+    pub confirm_seeds: Option<Vec<u64>>,
+    /// The margin `m` (percentage points) of "within m points": a point is
+    /// within it when its paired Δ top-1's 95 % interval lies above `-m`.
+    pub margin_pp: f64,
+    /// Seeds to a precision: add seeds, in rounds, to the headline stage's
+    /// points whose Δ top-1 interval is wider than ± this (pp), until every
+    /// point is within it or has `max_seeds` seeds.
+    pub precision_pp: Option<f64>,
+    /// With `precision_pp`: the most seeds a point gets (default 10).
+    pub max_seeds: Option<usize>,
 }
+
+/// The default `margin_pp`: the paper's form of claim, "within 0.5 points".
+pub const DEFAULT_MARGIN_PP: f64 = 0.5;
+/// The default `max_seeds` with `precision_pp`.
+pub const DEFAULT_MAX_SEEDS: usize = 10;
 
 impl Default for CompareConfig {
     fn default() -> Self {
@@ -116,6 +135,10 @@ impl Default for CompareConfig {
             seeds: vec![0],
             policies: Vec::new(),
             head_only: true,
+            confirm_seeds: None,
+            margin_pp: DEFAULT_MARGIN_PP,
+            precision_pp: None,
+            max_seeds: None,
         }
     }
 }
@@ -134,6 +157,7 @@ impl CompareConfig {
             return Err(UsageError("seeds is empty: give at least one".into()));
         }
         check_name("name", &self.name)?;
+        self.validate_seeds()?;
         // The stages set these per stage; in `data` they would be ignored.
         let per_stage = [
             ("classes", self.data.classes.is_some()),
@@ -196,6 +220,86 @@ impl CompareConfig {
             }
         }
         Ok(())
+    }
+
+    /// The seed lists, the margin and the precision.
+    fn validate_seeds(&self) -> Result<(), UsageError> {
+        let mut sorted = self.seeds.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(UsageError(format!(
+                "seed {} is listed twice in seeds",
+                w[0]
+            )));
+        }
+        if let Some(confirm) = &self.confirm_seeds {
+            if confirm.is_empty() {
+                return Err(UsageError(
+                    "confirm_seeds is empty: give the seeds the selected points are confirmed                      on (disjoint from seeds), or leave it out to report the grid's seeds"
+                        .into(),
+                ));
+            }
+            let shared: Vec<String> = confirm
+                .iter()
+                .filter(|s| self.seeds.contains(s))
+                .map(u64::to_string)
+                .collect();
+            if !shared.is_empty() {
+                return Err(UsageError(format!(
+                    "confirm_seeds and seeds share seed(s) {}: a confirmation on the seeds the                      points were selected on keeps the winner's curse; give new seeds",
+                    shared.join(", ")
+                )));
+            }
+            let mut c = confirm.clone();
+            c.sort_unstable();
+            if let Some(w) = c.windows(2).find(|w| w[0] == w[1]) {
+                return Err(UsageError(format!(
+                    "seed {} is listed twice in confirm_seeds",
+                    w[0]
+                )));
+            }
+        }
+        if !(self.margin_pp.is_finite() && self.margin_pp > 0.0) {
+            return Err(UsageError(format!(
+                "margin_pp must be a positive number of percentage points, not {}",
+                self.margin_pp
+            )));
+        }
+        match (self.precision_pp, self.max_seeds) {
+            (None, Some(_)) => Err(UsageError(
+                "max_seeds has no effect without precision_pp: give both, or list the seeds"
+                    .into(),
+            )),
+            (Some(x), _) if !(x.is_finite() && x > 0.0) => Err(UsageError(format!(
+                "precision_pp must be a positive half-width in percentage points, not {x}"
+            ))),
+            (Some(_), Some(n)) if n < self.headline_seeds().len() => Err(UsageError(format!(
+                "max_seeds {n} is below the {} seeds already listed for the headline stage                  ({}): raise max_seeds or list fewer seeds",
+                self.headline_seeds().len(),
+                if self.confirm_seeds.is_some() {
+                    "confirm_seeds"
+                } else {
+                    "seeds"
+                }
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The seeds of the stage the headline table reports: `confirm_seeds`
+    /// when there is a confirmation, else `seeds`.
+    pub fn headline_seeds(&self) -> &[u64] {
+        self.confirm_seeds.as_deref().unwrap_or(&self.seeds)
+    }
+
+    /// `max_seeds`, or its default when a precision is asked for.
+    pub fn seed_cap(&self) -> usize {
+        self.max_seeds.unwrap_or(DEFAULT_MAX_SEEDS)
+    }
+
+    /// The entries' labels in configuration order (one front each).
+    pub fn families(&self) -> Vec<String> {
+        self.policies.iter().map(Entry::label).collect()
     }
 
     /// A run configuration for `stage` with the shared model and data.
@@ -350,6 +454,42 @@ mod tests {
         c.validate().unwrap();
         let c = cfg("(seeds: [])");
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn confirmation_seeds_margin_and_precision_are_checked() {
+        let c = cfg("(seeds: [0, 1], confirm_seeds: Some([1, 2]))");
+        let e = c.validate().unwrap_err().0;
+        assert!(
+            e.contains("share seed(s) 1") && e.contains("winner's curse"),
+            "{e}"
+        );
+        let c = cfg("(seeds: [0, 1], confirm_seeds: Some([]))");
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .0
+            .contains("confirm_seeds is empty"));
+        let c = cfg("(seeds: [0, 1], confirm_seeds: Some([5, 6]))");
+        c.validate().unwrap();
+        assert_eq!(c.headline_seeds(), [5, 6]);
+        let c = cfg("(margin_pp: 0.0)");
+        assert!(c.validate().unwrap_err().0.contains("margin_pp"));
+        let c = cfg("(precision_pp: Some(0.0))");
+        assert!(c.validate().unwrap_err().0.contains("precision_pp must be"));
+        let c = cfg("(precision_pp: Some(-1.0))");
+        assert!(c.validate().is_err());
+        let c = cfg("(seeds: [0, 1, 2], precision_pp: Some(0.3), max_seeds: Some(2))");
+        let e = c.validate().unwrap_err().0;
+        assert!(e.contains("max_seeds 2 is below the 3 seeds"), "{e}");
+        let c = cfg("(seeds: [0], max_seeds: Some(4))");
+        assert!(c.validate().unwrap_err().0.contains("without precision_pp"));
+        let c = cfg("(seeds: [0, 1], precision_pp: Some(0.3))");
+        c.validate().unwrap();
+        assert_eq!(c.seed_cap(), DEFAULT_MAX_SEEDS);
+        assert_eq!(c.margin_pp, DEFAULT_MARGIN_PP);
+        let c = cfg("(seeds: [0, 0])");
+        assert!(c.validate().unwrap_err().0.contains("listed twice"));
     }
 
     #[test]

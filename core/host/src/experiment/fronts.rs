@@ -1,32 +1,11 @@
-//! Accuracy-speedup fronts over a grid's points: Pareto fronts, the best
-//! accuracy at given speedups (table) and the fronts chart.
+//! Accuracy-speedup fronts over a grid's points: Pareto fronts, each
+//! policy's point per speedup band (table) and the fronts chart, all from
+//! one stage's per-point statistics.
 
-use crate::experiment::collect::Row;
 use crate::experiment::config::CompareConfig;
-use crate::experiment::plot::{Chart, Series, Style};
-use crate::experiment::table::mean_std;
-
-/// Compute speedups at which `fronts_table` reports each policy's best
-/// accuracy.
-pub const FRONT_SPEEDUPS: [f64; 3] = [1.3, 1.6, 2.0];
-
-/// Mean compute speedup and mean top-1 of each point (over its completed
-/// seeds), by family.
-pub(super) fn point_means(cfg: &CompareConfig, rows: &[Row]) -> Vec<(String, String, f64, f64)> {
-    let mut out = Vec::new();
-    for p in cfg.points() {
-        let ok: Vec<&Row> = rows
-            .iter()
-            .filter(|r| r.policy == p.label && r.status == "completed")
-            .collect();
-        let speed: Vec<f64> = ok.iter().map(|r| r.compute_speedup).collect();
-        let top1: Vec<f64> = ok.iter().filter_map(|r| r.top1).collect();
-        if !speed.is_empty() && !top1.is_empty() {
-            out.push((p.family, p.label, mean_std(&speed).0, mean_std(&top1).0));
-        }
-    }
-    out
-}
+use crate::experiment::plot::{Chart, ErrorBar, Series, Style};
+use crate::experiment::points::{fmt_delta, PointStats};
+use crate::experiment::stages::BANDS;
 
 /// The non-dominated points of `(speedup, accuracy)`: none other is at
 /// least as fast and more accurate, or faster and as accurate; sorted by
@@ -46,37 +25,74 @@ pub fn pareto(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     front
 }
 
-/// Per policy: the best mean top-1 among its points whose mean compute
-/// speedup reaches 1.3x, 1.6x and 2.0x.
-pub fn fronts_table(cfg: &CompareConfig, rows: &[Row]) -> String {
-    let means = point_means(cfg, rows);
-    let mut t = String::from(
-        "Fronts: each policy's best mean top-1 (%) over its points at a mean compute speedup of \
-         at least\n\n| policy | points | >= 1.3x | >= 1.6x | >= 2.0x |\n|---|---:|---:|---:|---:|\n",
-    );
-    let mut families: Vec<String> = Vec::new();
-    for (f, ..) in &means {
-        if !families.contains(f) {
-            families.push(f.clone());
+/// The point's mean compute speedup (NaN without one).
+fn speed(p: &PointStats) -> f64 {
+    p.compute.map_or(f64::NAN, |c| c.mean)
+}
+
+/// One cell of the fronts table: among `pts` in band `band`, the point with
+/// the best lower bound that is shown within the margin; else why none is.
+fn band_cell(pts: &[&PointStats], band: f64, margin: f64) -> String {
+    let inside: Vec<&&PointStats> = pts
+        .iter()
+        .filter(|p| speed(p) >= band && p.d_acc.is_some())
+        .collect();
+    let shown = inside
+        .iter()
+        .filter(|p| p.within == Some(true))
+        .max_by(|a, b| {
+            a.selection_key()
+                .total_cmp(&b.selection_key())
+                .then(speed(a).total_cmp(&speed(b)))
+        });
+    if let Some(p) = shown {
+        let d = p.d_acc.expect("filtered");
+        return format!("{} at {:.2}x ({})", fmt_delta(&d), speed(p), p.label);
+    }
+    let best = inside.iter().max_by(|a, b| {
+        a.selection_key()
+            .total_cmp(&b.selection_key())
+            .then(speed(a).total_cmp(&speed(b)))
+    });
+    match best {
+        Some(p) if p.within.is_none() => format!(
+            "n/a (one seed: {} at {:.2}x)",
+            fmt_delta(&p.d_acc.expect("filtered")),
+            speed(p)
+        ),
+        Some(p) => format!(
+            "none within {margin} pp (best: {} at {:.2}x)",
+            fmt_delta(&p.d_acc.expect("filtered")),
+            speed(p)
+        ),
+        None => {
+            let fastest = pts.iter().map(|p| speed(p)).fold(f64::NAN, f64::max);
+            if fastest.is_finite() {
+                format!("none (fastest {fastest:.2}x)")
+            } else {
+                "none".into()
+            }
         }
     }
-    for family in families {
-        let pts: Vec<(&str, f64, f64)> = means
-            .iter()
-            .filter(|m| m.0 == family)
-            .map(|m| (m.1.as_str(), m.2, m.3))
-            .collect();
-        let cells: Vec<String> = FRONT_SPEEDUPS
-            .iter()
-            .map(|&at| {
-                pts.iter()
-                    .filter(|p| p.1 >= at)
-                    .max_by(|a, b| a.2.total_cmp(&b.2))
-                    .map_or("none".to_string(), |p| {
-                        format!("{:.2} ({}, {:.2}x)", p.2, p.0, p.1)
-                    })
-            })
-            .collect();
+}
+
+/// Per policy and band (1.3x, 1.6x, 2.0x of mean compute speedup): the
+/// point whose Δ top-1 interval has the best lower bound among those shown
+/// within `margin_pp` of the baseline (not the best mean).
+pub fn fronts_table(cfg: &CompareConfig, stats: &[PointStats], heading: &str) -> String {
+    let m = cfg.margin_pp;
+    let mut t = format!(
+        "{heading}: per policy and band of mean compute speedup, the point whose Δ top-1 \
+         interval has the best lower bound among those shown within {m} pp (lower bound \
+         ≥ -{m}); Δ in pp with its 95 % interval\n\n\
+         | policy | points | >= 1.3x | >= 1.6x | >= 2.0x |\n|---|---:|---|---|---|\n"
+    );
+    for family in cfg.families() {
+        let pts: Vec<&PointStats> = stats.iter().filter(|p| p.family == family).collect();
+        if pts.is_empty() {
+            continue;
+        }
+        let cells: Vec<String> = BANDS.iter().map(|&b| band_cell(&pts, b, m)).collect();
         t.push_str(&format!(
             "| {family} | {} | {} |\n",
             pts.len(),
@@ -86,55 +102,55 @@ pub fn fronts_table(cfg: &CompareConfig, rows: &[Row]) -> String {
     t
 }
 
-/// Every point's mean accuracy against its mean compute speedup, with each
-/// policy's Pareto front drawn through its non-dominated points.
-pub(super) fn fronts_chart(cfg: &CompareConfig, rows: &[Row]) -> Chart {
-    let base: Vec<f64> = rows
-        .iter()
-        .filter(|r| r.policy == "baseline" && r.status == "completed")
-        .filter_map(|r| r.top1)
-        .collect();
-    let base = if base.is_empty() {
-        0.0
-    } else {
-        mean_std(&base).0
-    };
-    let means = point_means(cfg, rows);
+/// Every point's mean Δ top-1 against its mean compute speedup with both
+/// 95 % intervals as whiskers, each policy's Pareto front drawn through
+/// its non-dominated means.
+pub(super) fn fronts_chart(cfg: &CompareConfig, stats: &[PointStats], title: &str) -> Chart {
     let mut series = Vec::new();
-    for (color, e) in cfg.policies.iter().enumerate() {
-        let family = e.label();
-        let pts: Vec<(f64, f64)> = means
+    let mut error_bars = Vec::new();
+    for (i, family) in cfg.families().into_iter().enumerate() {
+        let color = i + 1;
+        let mine: Vec<&PointStats> = stats
             .iter()
-            .filter(|m| m.0 == family)
-            .map(|m| (m.2, m.3 - base))
+            .filter(|p| p.family == family && p.d_acc.is_some() && p.compute.is_some())
             .collect();
-        if pts.is_empty() {
+        if mine.is_empty() {
             continue;
+        }
+        let pts: Vec<(f64, f64)> = mine
+            .iter()
+            .map(|p| (speed(p), p.d_acc.map_or(f64::NAN, |d| d.mean)))
+            .collect();
+        for (p, at) in mine.iter().zip(&pts) {
+            error_bars.push(ErrorBar {
+                at: *at,
+                x: p.compute.and_then(|c| c.ci),
+                y: p.d_acc.and_then(|d| d.ci),
+                color,
+            });
         }
         series.push(Series {
             name: family.clone(),
             points: pts.clone(),
             style: Style::Faint,
-            color: color + 1,
+            color,
         });
         series.push(Series {
             name: family,
             points: pareto(&pts),
             style: Style::LineMarkers,
-            color: color + 1,
+            color,
         });
     }
-    let v_lines: Vec<(f64, String)> = FRONT_SPEEDUPS
-        .iter()
-        .map(|s| (*s, format!("{s}x")))
-        .collect();
+    let v_lines: Vec<(f64, String)> = BANDS.iter().map(|s| (*s, format!("{s}x"))).collect();
     Chart {
-        title: "Accuracy-speedup fronts (mean over seeds)".into(),
-        x_label: "compute speedup over full fine-tuning (x)".into(),
-        y_label: "Δ top-1 vs baseline (pp)".into(),
+        title: title.into(),
+        x_label: "compute speedup over full fine-tuning (x, observation charged)".into(),
+        y_label: "Δ top-1 vs baseline (pp), 95 % intervals".into(),
         series,
         h_lines: vec![(0.0, "baseline".into())],
         v_lines,
+        error_bars,
     }
 }
 
@@ -142,7 +158,9 @@ pub(super) fn fronts_chart(cfg: &CompareConfig, rows: &[Row]) -> Chart {
 mod tests {
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::done_row;
+    use crate::experiment::collect::{done_row, Row};
+    use crate::experiment::points::point_stats;
+    use crate::experiment::stages::{stage_labels, Stage, Stages};
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
@@ -162,23 +180,52 @@ mod tests {
         assert_eq!(pareto(&[(1.0, 1.0), (1.0, 1.0)]), vec![(1.0, 1.0)]);
     }
 
+    fn rows(label: &str, d: &[f64], speed: f64) -> Vec<Row> {
+        let mut out = Vec::new();
+        for (seed, d) in d.iter().enumerate() {
+            out.push(done_row("baseline", seed as u64, 90.0, 1.0));
+            let mut r = done_row(label, seed as u64, 90.0 + d, speed);
+            r.d_acc = Some(*d);
+            r.family = "slf".into();
+            out.push(r);
+        }
+        out
+    }
+
     #[test]
-    fn fronts_report_the_best_accuracy_at_each_speedup() {
-        let c = cfg(
-            r#"(seeds: [0, 1], policies: [(plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.7)"])])"#,
-        );
-        let rows = vec![
-            done_row("slf (t0: 0.3)", 0, 88.0, 1.7),
-            done_row("slf (t0: 0.3)", 1, 86.0, 1.7),
-            done_row("slf (t0: 0.7)", 0, 90.0, 1.35),
-            done_row("slf (t0: 0.7)", 1, 92.0, 1.35),
-        ];
-        let t = fronts_table(&c, &rows);
+    fn fronts_report_the_best_lower_bound_shown_within_the_margin() {
+        let c = cfg(r#"(seeds: [0, 1, 2], head_only: false,
+            policies: [(plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.5)", "(t0: 0.7)"])])"#);
+        // The best mean, but too wide to be shown within 0.5 pp.
+        let mut r = rows("slf (t0: 0.5)", &[1.5, -1.5, 1.2], 1.4);
+        // Narrow, just within.
+        r.extend(rows("slf (t0: 0.7)", &[-0.1, -0.2, -0.15], 1.35));
+        // Fast, clearly worse.
+        r.extend(rows("slf (t0: 0.3)", &[-2.0, -2.2, -2.1], 1.7));
+        let labels = stage_labels(&c, &Stages::default(), Stage::Grid).unwrap();
+        let stats = point_stats(&c, &r, Stage::Grid, &labels);
+        let t = fronts_table(&c, &stats, "Fronts");
+        let line = t.lines().find(|l| l.starts_with("| slf |")).unwrap();
+        let cells: Vec<&str> = line.split(" | ").collect();
         assert!(
-            t.contains(
-                "| slf | 2 | 91.00 (slf (t0: 0.7), 1.35x) | 87.00 (slf (t0: 0.3), 1.70x) | none |"
-            ),
-            "{t}"
+            cells[2].contains("(slf (t0: 0.7))") && cells[2].starts_with("-0.15 ["),
+            "{line}"
         );
+        assert!(
+            cells[3].starts_with("none within 0.5 pp (best: -2.10"),
+            "{line}"
+        );
+        assert!(cells[4].starts_with("none (fastest 1.70x)"), "{line}");
+        let chart = fronts_chart(&c, &stats, "t");
+        assert_eq!(chart.error_bars.len(), 3);
+        assert!(chart
+            .error_bars
+            .iter()
+            .all(|e| e.x.is_some() && e.y.is_some()));
+        // One seed: no interval, nothing shown within the margin.
+        let one = rows("slf (t0: 0.7)", &[-0.1], 1.35);
+        let stats = point_stats(&c, &one, Stage::Grid, &labels);
+        let t = fronts_table(&c, &stats, "Fronts");
+        assert!(t.contains("n/a (one seed: -0.10 [n/a] at 1.35x)"), "{t}");
     }
 }

@@ -15,6 +15,7 @@ use crate::engine::single::MODEL_INFO_FILE;
 use crate::error::{RunStopped, Status, UsageError};
 use crate::experiment::config::{cache_key, CompareConfig, Point, HEAD_ONLY};
 use crate::experiment::plan::{self, is_locked, lock, Job, LOCK_DIR};
+use crate::experiment::stages::Stages;
 use crate::model::weights::HeadInit;
 use crate::plan::Plan;
 use crate::run::dir::{RunDir, MODEL_FILE, SUMMARY_FILE};
@@ -229,6 +230,8 @@ pub enum Outcome {
     Pretrained,
     /// The fine-tune ended (completed or failed: its summary says which).
     Finetuned(Box<Summary>),
+    /// A confirmation slot with nothing to run (why).
+    Skipped(String),
 }
 
 /// Runs job `index` of the experiment in `exp`: a finished job is kept as
@@ -243,7 +246,7 @@ pub fn run_job(
     control: &RunControl,
 ) -> Result<Outcome> {
     let cfg = plan::load(exp)?;
-    let jobs = plan::jobs(&cfg);
+    let jobs = plan::jobs(&cfg, &Stages::load(exp)?);
     let Some(job) = jobs.get(index) else {
         return Err(UsageError(format!(
             "job {index} is not in the plan of {}: it has jobs 0 to {}",
@@ -256,9 +259,22 @@ pub fn run_job(
         &exp.join(LOCK_DIR).join(format!("job-{index}.lock")),
         &format!("job {index} is running in another process; waiting for it"),
     )?;
-    let Job::Finetune { seed, .. } = job else {
-        pretrain(&cfg, search, control).map_err(pretraining_stopped)?;
-        return Ok(Outcome::Pretrained);
+    let seed = match job {
+        Job::Finetune { seed, .. } => seed,
+        Job::Pretrain => {
+            pretrain(&cfg, search, control).map_err(pretraining_stopped)?;
+            return Ok(Outcome::Pretrained);
+        }
+        Job::Skip { .. } => return Ok(Outcome::Skipped(job.describe())),
+        Job::Awaiting { .. } => {
+            return Err(UsageError(format!(
+                "job {index} ({}) belongs to the confirmation, whose points the selection has                  not picked yet: once the grid's jobs have finished, collect them, which                  selects the points:\n  {} compare --collect {}",
+                job.describe(),
+                crate::error::command_name(),
+                exp.display()
+            ))
+            .into())
+        }
     };
     let point = job.point().expect("a fine-tune has a point");
     if !point.plugin.is_empty() {

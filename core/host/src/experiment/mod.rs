@@ -10,7 +10,10 @@
 //! | [`job`] | one job: the pretraining, or one fine-tune (kept, resumed or started) |
 //! | [`collect`] | the rows read back from the runs of whatever finished, `results.csv`, the outputs |
 //! | [`table`] | the Markdown table and the regime verdict |
-//! | [`fronts`] | Pareto fronts over a grid's points |
+//! | [`stats`] | paired differences, Student-t intervals, ratios on the log scale, verdicts |
+//! | [`points`] | per-point statistics of one stage, `points.csv` |
+//! | [`stages`] | the selection and confirmation, and the precision rounds, decided from results |
+//! | [`fronts`] | Pareto fronts and each policy's point per speedup band |
 //! | [`slurm`] | the plan as Slurm batch scripts: the pretraining, the fine-tunes' job array, the collect |
 //! | [`charts`] | the comparison's charts, drawn by [`plot`] |
 //!
@@ -25,5 +28,8 @@ pub mod fronts;
 pub mod job;
 pub mod plan;
 pub mod plot;
+pub mod points;
 pub mod slurm;
+pub mod stages;
+pub mod stats;
 pub mod table;

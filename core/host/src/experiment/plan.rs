@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
 use crate::experiment::config::{arms, CompareConfig, Point};
+use crate::experiment::stages::{arm, Stage, Stages, BANDS};
 use crate::run::dir::RunDir;
 
 /// The configuration file an experiment directory keeps.
@@ -46,6 +47,31 @@ pub enum Job {
         options: String,
         /// The front it belongs to.
         family: String,
+        /// The stage it belongs to.
+        #[serde(default)]
+        stage: Stage,
+    },
+    /// A confirmation slot (one policy, one band, one seed) before the
+    /// selection has picked its point.
+    Awaiting {
+        /// The policy.
+        family: String,
+        /// The band.
+        band: f64,
+        /// The confirmation seed.
+        seed: u64,
+    },
+    /// A confirmation slot with nothing to run: no point of the policy
+    /// reaches the band, or its pick is confirmed in another slot.
+    Skip {
+        /// The policy.
+        family: String,
+        /// The band.
+        band: f64,
+        /// The confirmation seed.
+        seed: u64,
+        /// Why.
+        why: String,
     },
 }
 
@@ -54,14 +80,28 @@ impl Job {
     pub fn describe(&self) -> String {
         match self {
             Job::Pretrain => "pretraining".into(),
-            Job::Finetune { label, seed, .. } => format!("{label}, seed {seed}"),
+            Job::Finetune {
+                label, seed, stage, ..
+            } => match stage {
+                Stage::Grid => format!("{label}, seed {seed}"),
+                Stage::Confirm => format!("{label}, seed {seed} (confirmation)"),
+            },
+            Job::Awaiting { family, band, seed } => {
+                format!("{family} at {band}x, seed {seed} (confirmation, awaiting the selection)")
+            }
+            Job::Skip {
+                family,
+                band,
+                seed,
+                why,
+            } => format!("{family} at {band}x, seed {seed} (confirmation): nothing to run, {why}"),
         }
     }
 
     /// The arm this fine-tune runs (none for the pretraining).
     pub fn point(&self) -> Option<Point> {
         match self {
-            Job::Pretrain => None,
+            Job::Pretrain | Job::Awaiting { .. } | Job::Skip { .. } => None,
             Job::Finetune {
                 label,
                 run_name,
@@ -80,8 +120,13 @@ impl Job {
     }
 }
 
-/// Every job of `cfg`, in index order.
-pub fn jobs(cfg: &CompareConfig) -> Vec<Job> {
+/// Every job of `cfg`, in index order, with what `stages` has decided:
+/// the pretraining (when there is one); every arm on every seed of the grid;
+/// with `confirm_seeds`, for each of them the baseline, head-only and one
+/// slot per policy and band (awaiting the selection, then its point or
+/// nothing); then the precision rounds' fine-tunes. Indices never move: a
+/// later decision only resolves slots or appends.
+pub fn jobs(cfg: &CompareConfig, stages: &Stages) -> Vec<Job> {
     let mut out = Vec::new();
     if cfg.pretrain.is_some() {
         out.push(Job::Pretrain);
@@ -89,17 +134,83 @@ pub fn jobs(cfg: &CompareConfig) -> Vec<Job> {
     let arms = arms(cfg);
     for &seed in &cfg.seeds {
         for a in &arms {
-            out.push(Job::Finetune {
-                label: a.label.clone(),
-                run_name: a.run_name.clone(),
-                seed,
-                plugin: a.plugin.clone(),
-                options: a.options.clone(),
-                family: a.family.clone(),
-            });
+            out.push(finetune_job(a, seed, Stage::Grid));
+        }
+    }
+    for &seed in cfg.confirm_seeds.iter().flatten() {
+        for a in arms.iter().filter(|a| a.plugin.is_empty()) {
+            out.push(finetune_job(a, seed, Stage::Confirm));
+        }
+        for family in cfg.families() {
+            let mut confirmed: Vec<String> = Vec::new();
+            for band in BANDS {
+                let Some(selection) = &stages.selection else {
+                    out.push(Job::Awaiting {
+                        family: family.clone(),
+                        band,
+                        seed,
+                    });
+                    continue;
+                };
+                let pick = selection.pick(&family, band).and_then(|p| p.point.clone());
+                let skip = |why: String| Job::Skip {
+                    family: family.clone(),
+                    band,
+                    seed,
+                    why,
+                };
+                out.push(match pick {
+                    None => skip(format!("no point of it reaches {band}x")),
+                    Some(l) if confirmed.contains(&l) => {
+                        skip(format!("its pick `{l}` is confirmed at a lower band"))
+                    }
+                    Some(l) => match arm(cfg, &l) {
+                        Some(a) => {
+                            confirmed.push(l);
+                            finetune_job(&a, seed, Stage::Confirm)
+                        }
+                        None => skip(format!("`{l}` is no longer in the configuration")),
+                    },
+                });
+            }
+        }
+    }
+    let stage = Stage::headline(cfg);
+    for round in &stages.rounds {
+        for label in &round.labels {
+            if let Some(a) = arm(cfg, label) {
+                out.push(finetune_job(&a, round.seed, stage));
+            }
         }
     }
     out
+}
+
+fn finetune_job(a: &Point, seed: u64, stage: Stage) -> Job {
+    Job::Finetune {
+        label: a.label.clone(),
+        run_name: a.run_name.clone(),
+        seed,
+        plugin: a.plugin.clone(),
+        options: a.options.clone(),
+        family: a.family.clone(),
+        stage,
+    }
+}
+
+/// Rewrites `jobs.json` of the experiment in `exp` for its jobs now.
+pub fn write_jobs(exp: &Path, jobs: &[Job]) -> Result<()> {
+    let list = JobsFile {
+        experiment: exp.to_owned(),
+        jobs: jobs
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(index, job)| IndexedJob { index, job })
+            .collect(),
+    };
+    fs::write(exp.join(JOBS_FILE), serde_json::to_string_pretty(&list)?)?;
+    Ok(())
 }
 
 /// The job list as written to `jobs.json`.
@@ -134,15 +245,7 @@ pub fn create(cfg: &CompareConfig) -> Result<PathBuf> {
         exp.join(COMPARE_FILE),
         ron::ser::to_string_pretty(&cfg, Default::default())?,
     )?;
-    let list = JobsFile {
-        experiment: exp.clone(),
-        jobs: jobs(&cfg)
-            .into_iter()
-            .enumerate()
-            .map(|(index, job)| IndexedJob { index, job })
-            .collect(),
-    };
-    fs::write(exp.join(JOBS_FILE), serde_json::to_string_pretty(&list)?)?;
+    write_jobs(&exp, &jobs(&cfg, &Stages::default()))?;
     fs::create_dir_all(exp.join(LOCK_DIR))?;
     Ok(exp)
 }
@@ -175,12 +278,51 @@ pub fn job_command(dir: &Path, index: usize) -> String {
     )
 }
 
+/// An inclusive range of job indices.
+pub type Range = (usize, usize);
+
+/// The index range of the grid's fine-tunes and of the confirmation's
+/// jobs (slots included), each `None` when the plan has none.
+pub fn stage_ranges(jobs: &[Job]) -> (Option<Range>, Option<Range>) {
+    let range = |is: &dyn Fn(&Job) -> bool| -> Option<Range> {
+        let idx: Vec<usize> = jobs
+            .iter()
+            .enumerate()
+            .filter(|(_, j)| is(j))
+            .map(|(i, _)| i)
+            .collect();
+        Some((*idx.first()?, *idx.last()?))
+    };
+    let grid = range(&|j| {
+        matches!(
+            j,
+            Job::Finetune {
+                stage: Stage::Grid,
+                ..
+            }
+        )
+    });
+    let confirm = range(&|j| {
+        matches!(
+            j,
+            Job::Awaiting { .. }
+                | Job::Skip { .. }
+                | Job::Finetune {
+                    stage: Stage::Confirm,
+                    ..
+                }
+        )
+    });
+    (grid, confirm)
+}
+
 /// How to run the plan's jobs, printed by `--plan`.
 pub fn instructions(dir: &Path, jobs: &[Job]) -> String {
     let exe = crate::error::command_name();
     let d = dir.display();
     let first = usize::from(matches!(jobs.first(), Some(Job::Pretrain)));
-    let last = jobs.len().saturating_sub(1);
+    let (grid, confirm) = stage_ranges(jobs);
+    let last = grid.map_or(jobs.len().saturating_sub(1), |g| g.1);
     let mut s = format!(
         "planned {} jobs in {d} (list: {d}/{JOBS_FILE}):\n",
         jobs.len()
@@ -199,9 +341,19 @@ pub fn instructions(dir: &Path, jobs: &[Job]) -> String {
         ));
     }
     s.push_str(&format!(
-        "  for i in $(seq {first} {last}); do {exe} compare --job {d} $i; done\n\
-         then collect the table, results and plots (any time; it lists what is missing):\n  \
-         {exe} compare --collect {d}\n"
+        "  for i in $(seq {first} {last}); do {exe} compare --job {d} $i; done\n"
+    ));
+    if let Some((a, b)) = confirm {
+        s.push_str(&format!(
+            "then collect: once the grid has finished, it selects each policy's point per band \
+             and plans the confirmation (jobs {a}..={b}):\n  {exe} compare --collect {d}\n\
+             then run the confirmation, in any order and at the same time:\n  \
+             for i in $(seq {a} {b}); do {exe} compare --job {d} $i; done\n"
+        ));
+    }
+    s.push_str(&format!(
+        "then collect the table, results and plots (any time; it lists what is missing, and \
+         with precision_pp it plans the next round of seeds):\n  {exe} compare --collect {d}\n"
     ));
     s
 }
@@ -253,6 +405,7 @@ pub fn is_locked(path: &Path) -> bool {
 mod tests {
     use super::*;
     use crate::config::parse_ron;
+    use crate::experiment::stages::{Pick, Round, Selection};
 
     #[test]
     fn jobs_are_pretraining_then_every_arm_seed_by_seed() {
@@ -262,21 +415,75 @@ mod tests {
             "c",
         )
         .unwrap();
-        let j = jobs(&c);
+        let j = jobs(&c, &Stages::default());
         assert_eq!(j.len(), 1 + 2 * 4);
         assert_eq!(j[0], Job::Pretrain);
         let names: Vec<String> = j[1..5]
             .iter()
             .map(|j| match j {
                 Job::Finetune { run_name, .. } => run_name.clone(),
-                Job::Pretrain => unreachable!(),
+                _ => unreachable!(),
             })
             .collect();
         assert_eq!(names, ["baseline", "head-only", "slf-g1", "slf-g2"]);
         assert_eq!(j[5].describe(), "baseline, seed 4");
         let mut no_pre = c.clone();
         no_pre.pretrain = None;
-        assert_eq!(jobs(&no_pre)[0].describe(), "baseline, seed 3");
+        assert_eq!(
+            jobs(&no_pre, &Stages::default())[0].describe(),
+            "baseline, seed 3"
+        );
+    }
+
+    #[test]
+    fn confirmation_slots_keep_their_indices_from_plan_to_selection() {
+        let c: CompareConfig = parse_ron(
+            r#"(seeds: [0], confirm_seeds: Some([7, 8]), policies: [
+                (plugin: "slf", grid: ["(t0: 0.3)", "(t0: 0.5)"]), (plugin: "ucf")])"#,
+            "c",
+        )
+        .unwrap();
+        let before = jobs(&c, &Stages::default());
+        // Grid: 5 arms; per confirmation seed: 2 references + 2 policies x 3 bands.
+        assert_eq!(before.len(), 5 + 2 * (2 + 6));
+        assert_eq!(stage_ranges(&before), (Some((0, 4)), Some((5, 20))));
+        assert!(matches!(
+            before[7],
+            Job::Awaiting {
+                band: 1.3,
+                seed: 7,
+                ..
+            }
+        ));
+        let pick = |family: &str, band, point: Option<&str>| Pick {
+            family: family.into(),
+            band,
+            point: point.map(String::from),
+        };
+        let stages = Stages {
+            selection: Some(Selection {
+                picks: vec![
+                    pick("slf", 1.3, Some("slf (t0: 0.5)")),
+                    pick("slf", 1.6, Some("slf (t0: 0.5)")),
+                    pick("slf", 2.0, None),
+                    pick("ucf", 1.3, Some("ucf")),
+                    pick("ucf", 1.6, None),
+                    pick("ucf", 2.0, None),
+                ],
+            }),
+            rounds: vec![Round {
+                seed: 9,
+                labels: vec!["baseline".into(), "ucf".into()],
+            }],
+        };
+        let after = jobs(&c, &stages);
+        assert_eq!(after.len(), before.len() + 2);
+        assert_eq!(after[..7], before[..7]);
+        assert_eq!(after[7].describe(), "slf (t0: 0.5), seed 7 (confirmation)");
+        assert!(after[8].describe().contains("confirmed at a lower band"));
+        assert!(after[9].describe().contains("no point of it reaches 2x"));
+        assert_eq!(after[10].describe(), "ucf, seed 7 (confirmation)");
+        assert_eq!(after[22].describe(), "ucf, seed 9 (confirmation)");
     }
 
     #[test]

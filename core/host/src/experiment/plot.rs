@@ -51,6 +51,22 @@ pub struct Chart {
     pub h_lines: Vec<(f64, String)>,
     /// Vertical reference lines `(x, label)`.
     pub v_lines: Vec<(f64, String)>,
+    /// Confidence intervals drawn as whiskers on both axes.
+    pub error_bars: Vec<ErrorBar>,
+}
+
+/// A point's intervals on both axes, drawn as a cross of whiskers with
+/// caps in its series' colour.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ErrorBar {
+    /// The point.
+    pub at: (f64, f64),
+    /// The interval along x, if any.
+    pub x: Option<(f64, f64)>,
+    /// The interval along y, if any.
+    pub y: Option<(f64, f64)>,
+    /// Palette index.
+    pub color: usize,
 }
 
 /// Matplotlib's tab10 palette.
@@ -109,7 +125,13 @@ impl Chart {
         let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
         let extra_y = self.h_lines.iter().map(|(y, _)| (f64::NAN, *y));
         let extra_x = self.v_lines.iter().map(|(x, _)| (*x, f64::NAN));
-        for (x, y) in pts.chain(extra_y).chain(extra_x) {
+        let whiskers = self.error_bars.iter().flat_map(|e| {
+            let (x, y) = e.at;
+            let (x0, x1) = e.x.unwrap_or((x, x));
+            let (y0, y1) = e.y.unwrap_or((y, y));
+            [(x0, y0), (x1, y1)]
+        });
+        for (x, y) in pts.chain(extra_y).chain(extra_x).chain(whiskers) {
             if x.is_finite() {
                 x0 = x0.min(x);
                 x1 = x1.max(x);
@@ -230,6 +252,43 @@ impl Chart {
                 .map(|(x, y)| (sx(*x), sy(*y)))
                 .collect();
             draw_series(&mut s, se, c, &pts);
+        }
+        for e in &self.error_bars {
+            let c = PALETTE[e.color % PALETTE.len()];
+            let (px, py) = (sx(e.at.0), sy(e.at.1));
+            if !(px.is_finite() && py.is_finite()) {
+                continue;
+            }
+            let mut d = String::new();
+            if let Some((lo, hi)) = e.x.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+                let (a, b) = (sx(lo), sx(hi));
+                let _ = write!(
+                    d,
+                    "M{a:.1} {py:.1} H{b:.1} M{a:.1} {:.1} V{:.1} M{b:.1} {:.1} V{:.1} ",
+                    py - 3.0,
+                    py + 3.0,
+                    py - 3.0,
+                    py + 3.0
+                );
+            }
+            if let Some((lo, hi)) = e.y.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+                let (a, b) = (sy(lo), sy(hi));
+                let _ = write!(
+                    d,
+                    "M{px:.1} {a:.1} V{b:.1} M{:.1} {a:.1} H{:.1} M{:.1} {b:.1} H{:.1}",
+                    px - 3.0,
+                    px + 3.0,
+                    px - 3.0,
+                    px + 3.0
+                );
+            }
+            if !d.is_empty() {
+                let _ = writeln!(
+                    s,
+                    r#"<path class="ci" d="{}" fill="none" stroke="{c}" stroke-width="1.2" stroke-opacity="0.8"/>"#,
+                    d.trim_end()
+                );
+            }
         }
         let _ = writeln!(s, "</g>");
         // Point labels, outside the clip: a label near the plot's edge
@@ -488,6 +547,7 @@ mod tests {
             ],
             h_lines: vec![(0.6, "baseline".into())],
             v_lines: vec![],
+            error_bars: vec![],
         };
         write(&chart, dir.path(), "c").unwrap();
         let svg = std::fs::read_to_string(dir.path().join("c.svg")).unwrap();
@@ -498,5 +558,41 @@ mod tests {
         assert_eq!((img.width(), img.height()), (2 * W as u32, 2 * H as u32));
         let coloured = img.pixels().iter().filter(|p| p.red() != p.blue()).count();
         assert!(coloured > 100, "the series should be drawn in colour");
+    }
+
+    #[test]
+    fn error_bars_span_their_intervals_and_widen_the_axes() {
+        let bar = ErrorBar {
+            at: (1.5, -0.5),
+            x: Some((1.4, 1.6)),
+            y: Some((-3.0, 2.0)),
+            color: 1,
+        };
+        let chart = Chart {
+            series: vec![Series {
+                name: "p".into(),
+                points: vec![(1.5, -0.5)],
+                style: Style::Labelled,
+                color: 1,
+            }],
+            error_bars: vec![bar],
+            ..Default::default()
+        };
+        let ((x0, x1), (y0, y1)) = chart.bounds();
+        assert!(x0 < 1.4 && x1 > 1.6 && y0 < -3.0 && y1 > 2.0);
+        let svg = chart.to_svg();
+        let path = svg
+            .lines()
+            .find(|l| l.contains(r#"class="ci""#))
+            .expect("the whiskers are drawn");
+        // Two whiskers, each with two caps: six sub-paths.
+        assert_eq!(path.matches('M').count(), 6, "{path}");
+        let only_y = Chart {
+            error_bars: vec![ErrorBar { x: None, ..bar }],
+            ..chart
+        };
+        let svg = only_y.to_svg();
+        let path = svg.lines().find(|l| l.contains(r#"class="ci""#)).unwrap();
+        assert_eq!(path.matches('M').count(), 3, "{path}");
     }
 }

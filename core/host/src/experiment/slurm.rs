@@ -2,6 +2,9 @@
 //! fine-tunes as a job array that starts after it (`afterok`), the collect
 //! as one job after the array (`afterany`), each running the same
 //! `simfreeze compare --job` / `--collect` as any other scheduler would.
+//! With a confirmation, that collect makes the selection, and a second
+//! array (the confirmation's jobs, `afterok` on it) and a second collect
+//! follow.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,12 +13,14 @@ use std::process::Command;
 use anyhow::{Context, Result};
 
 use crate::error::UsageError;
-use crate::experiment::plan::{Job, JOBS_FILE};
+use crate::experiment::plan::{stage_ranges, Job, JOBS_FILE};
 
 /// The folder of the scripts inside the experiment directory.
 pub const SLURM_DIR: &str = "slurm";
 /// The array script, also used to resubmit single tasks.
 pub const ARRAY_SCRIPT: &str = "finetune.sbatch";
+/// The confirmation's array script.
+pub const CONFIRM_SCRIPT: &str = "confirm.sbatch";
 
 /// What every job asks of Slurm.
 #[derive(Debug, Clone, Default)]
@@ -45,9 +50,11 @@ pub struct Scripts {
     pub array: PathBuf,
     /// The indices the array covers (`first..=last`).
     pub tasks: (usize, usize),
-    /// The collect job.
+    /// The collect job (also the selection's, with a confirmation).
     pub collect: PathBuf,
-    /// A shell script submitting all three with their dependencies.
+    /// The confirmation's array job and the indices it covers.
+    pub confirm: Option<(PathBuf, (usize, usize))>,
+    /// A shell script submitting them all with their dependencies.
     pub submit: PathBuf,
 }
 
@@ -68,10 +75,10 @@ pub fn write(exp: &Path, jobs: &[Job], opts: &SlurmOptions) -> Result<Scripts> {
         .file_name()
         .map_or("compare".into(), |n| n.to_string_lossy().into_owned());
     let first = usize::from(matches!(jobs.first(), Some(Job::Pretrain)));
-    let last = jobs.len().saturating_sub(1);
-    if last < first {
+    let (grid, confirm) = stage_ranges(jobs);
+    let Some((_, last)) = grid else {
         return Err(UsageError("the plan has no fine-tunes".into()).into());
-    }
+    };
     let logs = dir.join("logs");
     let mut common = Vec::new();
     let cwd = std::env::current_dir()?;
@@ -142,6 +149,27 @@ pub fn write(exp: &Path, jobs: &[Job], opts: &SlurmOptions) -> Result<Scripts> {
     let collect = dir.join("collect.sbatch");
     let body = format!("exec {exe} compare --collect {exp_q}");
     fs::write(&collect, script("collect", &[], "collect-%j.out", &body))?;
+    let confirm = match confirm {
+        Some((a, b)) => {
+            let mut opts_c = gpus.clone();
+            opts_c.push(match opts.max_running {
+                Some(k) => format!("--array={a}-{b}%{k}"),
+                None => format!("--array={a}-{b}"),
+            });
+            let body = format!(
+                "# The confirmation: one job per array task (a slot without a point to \
+                 confirm ends at once)\n\
+                 exec {exe} compare --job {exp_q} \"$SLURM_ARRAY_TASK_ID\"{threads}"
+            );
+            let path = dir.join(CONFIRM_SCRIPT);
+            fs::write(
+                &path,
+                script("confirm", &opts_c, "confirm-%A_%a.out", &body),
+            )?;
+            Some((path, (a, b)))
+        }
+        None => None,
+    };
     let submit = dir.join("submit.sh");
     let mut s = String::from(
         "#!/bin/sh\n# Submits the comparison: pretraining, then the fine-tunes' array, then the collect.\nset -e\ncd \"$(dirname \"$0\")\"\n",
@@ -155,14 +183,25 @@ pub fn write(exp: &Path, jobs: &[Job], opts: &SlurmOptions) -> Result<Scripts> {
     };
     s.push_str(&format!(
         "arr=$(sbatch --parsable {dep}{ARRAY_SCRIPT} | cut -d';' -f1)\n\
-         col=$(sbatch --parsable --dependency=afterany:$arr collect.sbatch | cut -d';' -f1)\n\
-         echo \"pretraining: $pre  fine-tunes (array {first}-{last}): $arr  collect: $col\"\n"
+         col=$(sbatch --parsable --dependency=afterany:$arr collect.sbatch | cut -d';' -f1)\n"
     ));
+    match &confirm {
+        Some((_, (a, b))) => s.push_str(&format!(
+            "conf=$(sbatch --parsable --dependency=afterok:$col {CONFIRM_SCRIPT} | cut -d';' -f1)\n\
+             fin=$(sbatch --parsable --dependency=afterany:$conf collect.sbatch | cut -d';' -f1)\n\
+             echo \"pretraining: $pre  fine-tunes (array {first}-{last}): $arr  selection: $col  \
+             confirmation (array {a}-{b}): $conf  collect: $fin\"\n"
+        )),
+        None => s.push_str(&format!(
+            "echo \"pretraining: $pre  fine-tunes (array {first}-{last}): $arr  collect: $col\"\n"
+        )),
+    }
     fs::write(&submit, s)?;
     use std::os::unix::fs::PermissionsExt;
     for f in [&array, &collect, &submit]
         .into_iter()
         .chain(pretrain.as_ref())
+        .chain(confirm.as_ref().map(|c| &c.0))
     {
         fs::set_permissions(f, fs::Permissions::from_mode(0o755))?;
     }
@@ -171,6 +210,7 @@ pub fn write(exp: &Path, jobs: &[Job], opts: &SlurmOptions) -> Result<Scripts> {
         array,
         tasks: (first, last),
         collect,
+        confirm,
         submit,
     })
 }
@@ -182,8 +222,10 @@ pub struct Submitted {
     pub pretrain: Option<String>,
     /// The array job.
     pub array: String,
-    /// The collect job.
+    /// The collect job (the selection's, with a confirmation).
     pub collect: String,
+    /// With a confirmation: its array job and the final collect.
+    pub confirm: Option<(String, String)>,
 }
 
 fn sbatch(args: &[&str], script: &Path) -> Result<String> {
@@ -225,10 +267,19 @@ pub fn submit(s: &Scripts) -> Result<Submitted> {
     let args: Vec<&str> = dep.iter().map(String::as_str).collect();
     let array = sbatch(&args, &s.array)?;
     let collect = sbatch(&[&format!("--dependency=afterany:{array}")], &s.collect)?;
+    let confirm = match &s.confirm {
+        Some((script, _)) => {
+            let conf = sbatch(&[&format!("--dependency=afterok:{collect}")], script)?;
+            let fin = sbatch(&[&format!("--dependency=afterany:{conf}")], &s.collect)?;
+            Some((conf, fin))
+        }
+        None => None,
+    };
     Ok(Submitted {
         pretrain,
         array,
         collect,
+        confirm,
     })
 }
 
@@ -246,6 +297,7 @@ mod tests {
             plugin: String::new(),
             options: String::new(),
             family: "baseline".into(),
+            stage: Default::default(),
         };
         let jobs = [Job::Pretrain, ft(0), ft(1), ft(2)];
         let opts = SlurmOptions {

@@ -18,6 +18,7 @@ pub mod checkpoint;
 pub mod dir;
 mod feed;
 pub mod progress;
+pub mod provenance;
 pub mod records;
 pub mod tensorboard;
 
@@ -53,7 +54,7 @@ use dir::{
 use feed::{fetch, Data};
 pub use feed::{FAULT_STEP_VAR, KILL_VAR};
 use progress::Progress;
-use records::{Event, MetricsRow, PolicyIdentity, Summary, Totals};
+use records::{Event, MetricsRow, PolicyIdentity, Provenance, Summary, Totals};
 
 /// Outside control of a run.
 #[derive(Debug, Clone, Default)]
@@ -292,6 +293,8 @@ struct Trainer {
     observer: Option<Observer>,
     /// Writes checkpoints in the background.
     writer: checkpoint::Writer,
+    /// The starting checkpoint, machine, libtorch and code of the run.
+    provenance: Provenance,
 }
 
 /// How an epoch ended.
@@ -348,6 +351,11 @@ impl Trainer {
             let report = engine.import_weights(ck, config.model.head)?;
             eprintln!("weights: {from}: {report}");
         }
+        let provenance = Provenance::collect(
+            config.model.weights.as_deref(),
+            device_name(device),
+            tch::get_num_threads().into(),
+        );
         let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
         if config.train.record_observations {
             driver.record_observations();
@@ -419,6 +427,7 @@ impl Trainer {
             last_allreduce: None,
             observer,
             writer: checkpoint::Writer::default(),
+            provenance,
         };
         match start {
             Some(meta) => trainer.restore(meta)?,
@@ -515,6 +524,12 @@ impl Trainer {
                 }
                 None => MoreData::default(),
             };
+            if let Some(o) = &self.observer {
+                // Every rank observes the global batch.
+                let (batch, frozen) = (self.totals.global_batch as f64, state.frozen_prefix());
+                let units = o.step_cost(asked, batch, frozen as usize) * world as f64;
+                self.driver.charge_observation(units);
+            }
             lr = self.engine.lr_at(step, self.total);
             let plan = StepPlan {
                 lr,
@@ -669,6 +684,9 @@ impl Trainer {
                 || format!("taking the reference snapshot after step {step}"),
                 || o.take_reference(engine, kind, step),
             )??;
+            let units = o.cost.snapshot(kind, self.totals.global_batch as f64);
+            self.driver
+                .charge_observation(units * self.totals.world_size.max(1) as f64);
         }
         Ok(Ok(outcome))
     }
@@ -935,7 +953,10 @@ impl Trainer {
     fn summary_of(&self, ended: (Status, Option<String>), identity: PolicyIdentity) -> Summary {
         let t = self.driver.timeline();
         let at = (self.dir.path.clone(), device_name(self.engine.device()));
-        Summary::new(ended, &self.totals, t, identity, at)
+        Summary {
+            provenance: Some(self.provenance.clone()),
+            ..Summary::new(ended, &self.totals, t, identity, at)
+        }
     }
 
     /// Writes `summary.json` (rank 0 only) and returns the summary.

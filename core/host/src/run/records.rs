@@ -129,8 +129,19 @@ pub struct Summary {
     pub compute_cost: f64,
     /// Compute-model cost of full fine-tuning.
     pub full_compute_cost: f64,
-    /// `full_compute_cost / compute_cost`.
+    /// `full_compute_cost / (compute_cost + observe_cost)`: what freezing
+    /// saves, less what observing for the policy costs.
     pub compute_speedup: f64,
+    /// Compute-model units spent observing for the policy (contract 2's
+    /// on-demand observations; 0 in summaries written before they were
+    /// charged).
+    #[serde(default)]
+    pub observe_cost: f64,
+    /// `full_compute_cost / compute_cost`: training alone (absent in
+    /// summaries written before observation was charged, where it equals
+    /// `compute_speedup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_compute_speedup: Option<f64>,
     /// Per block: the first step that ran with it frozen (the `step` of
     /// its `freeze` event), or null. A block frozen by the decision after
     /// the last step has `steps`, a step that never ran.
@@ -167,6 +178,32 @@ pub struct Summary {
     /// gradient norms when the policy asks for them), over the same steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_reads_per_step: Option<f64>,
+    /// Where and from what the run was made (absent in summaries written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// What a result depends on beyond its configuration: the checkpoint it
+/// started from, the machine, libtorch and the code. Two tables are
+/// comparable only where these agree (or the difference is stated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// SHA-256 of the weights file the run started from (`model.weights`),
+    /// none for a model initialised from scratch.
+    pub weights_sha256: Option<String>,
+    /// The CPU model (`/proc/cpuinfo`'s `model name`).
+    pub cpu: String,
+    /// libtorch's intra-op threads during the run.
+    pub threads: i64,
+    /// The device trained on (`cpu`, `cuda:0`), with the GPU's name on CUDA.
+    pub device: String,
+    /// libtorch's version, as compiled into the program.
+    pub libtorch: String,
+    /// The code revision (`git describe --always --dirty` of the source
+    /// tree the program was run from, `SIMFREEZE_REVISION` when set, or
+    /// `unknown`).
+    pub revision: String,
 }
 
 fn one() -> usize {
@@ -195,6 +232,8 @@ impl Summary {
             compute_cost: t.cost,
             full_compute_cost: t.full_cost,
             compute_speedup: t.compute_speedup(),
+            observe_cost: t.observe_cost,
+            train_compute_speedup: Some(t.train_compute_speedup()),
             freeze_step: t.freeze_step.clone(),
             probe_steps: t.probe_steps,
             policy,
@@ -208,6 +247,7 @@ impl Summary {
                 .then(|| totals.host.outside_seconds / totals.host.steps as f64),
             host_reads_per_step: (totals.host.steps > 0)
                 .then(|| totals.host.reads as f64 / totals.host.steps as f64),
+            provenance: None,
         }
     }
 }
