@@ -14,6 +14,7 @@ mod run;
 mod simulate;
 mod slurm;
 mod smartfrz;
+mod statistics;
 mod sweep;
 mod template;
 mod tensorboard;

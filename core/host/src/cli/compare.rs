@@ -219,7 +219,7 @@ fn slurm_cmd(cfg: &CompareConfig, search: &SearchPath, o: SbatchArgs, submit: bo
 fn collect_cmd(dir: &std::path::Path) -> Result<()> {
     let cfg = plan::load(dir)?;
     let (rows, unfinished) = collect::rows(&cfg, dir)?;
-    let complete = unfinished.iter().all(|u| u.awaiting);
+    let complete = unfinished.is_empty();
     let advanced = advance(&cfg, dir, &rows, complete)?;
     let jobs = plan::jobs(&cfg, &Stages::load(dir)?);
     plan::write_jobs(dir, &jobs)?;

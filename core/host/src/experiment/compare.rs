@@ -140,7 +140,7 @@ fn finish(
             n => children(cfg, exp, &pending, n, control)?,
         };
         let (rows, unfinished) = collect::rows(cfg, exp)?;
-        let complete = unfinished.iter().all(|u| u.awaiting);
+        let complete = unfinished.is_empty();
         match advance(cfg, exp, &rows, complete)? {
             Advanced::Nothing => break,
             Advanced::Selected(s) => {

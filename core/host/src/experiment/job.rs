@@ -268,7 +268,9 @@ pub fn run_job(
         Job::Skip { .. } => return Ok(Outcome::Skipped(job.describe())),
         Job::Awaiting { .. } => {
             return Err(UsageError(format!(
-                "job {index} ({}) belongs to the confirmation, whose points the selection has                  not picked yet: once the grid's jobs have finished, collect them, which                  selects the points:\n  {} compare --collect {}",
+                "job {index} ({}) belongs to the confirmation, whose points the selection has \
+                 not picked yet: once the grid's jobs have finished, collect them, which selects \
+                 the points:\n  {} compare --collect {}",
                 job.describe(),
                 crate::error::command_name(),
                 exp.display()

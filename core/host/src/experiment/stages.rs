@@ -284,20 +284,27 @@ pub enum Advanced {
     Round(Round),
 }
 
-/// Decides the next stage of the experiment in `exp` when the jobs it
-/// waits for have all ended (`complete`): the selection once the grid is
-/// done, then the precision rounds. Writes what it decides.
-pub fn advance(cfg: &CompareConfig, exp: &Path, rows: &[Row], complete: bool) -> Result<Advanced> {
-    if !complete {
-        return Ok(Advanced::Nothing);
-    }
+/// Decides the next stage of the experiment in `exp` from its `rows`: the
+/// selection once every grid job has ended, then a precision round once
+/// every job has (`all_ended`). Writes what it decides.
+pub fn advance(cfg: &CompareConfig, exp: &Path, rows: &[Row], all_ended: bool) -> Result<Advanced> {
     let mut stages = Stages::load(exp)?;
+    let grid_ended = rows
+        .iter()
+        .filter(|r| r.stage == Stage::Grid)
+        .all(|r| r.status == "completed" || r.status == "failed");
     if cfg.confirm_seeds.is_some() && stages.selection.is_none() {
+        if !grid_ended {
+            return Ok(Advanced::Nothing);
+        }
         let labels = stage_labels(cfg, &stages, Stage::Grid).unwrap_or_default();
         let grid = point_stats(cfg, rows, Stage::Grid, &labels);
         let selection = select(cfg, &grid)?;
         Stages::save_selection(exp, &selection)?;
         return Ok(Advanced::Selected(selection));
+    }
+    if !all_ended {
+        return Ok(Advanced::Nothing);
     }
     match next_round(cfg, &stages, rows) {
         Some(round) => {
