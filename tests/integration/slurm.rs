@@ -202,3 +202,71 @@ fn a_plan_runs_as_a_slurm_array_and_a_cancelled_task_is_resubmitted_alone() {
     assert_eq!(seq.len(), 9);
     assert_eq!(results_without_wall(&exp), seq);
 }
+
+#[test]
+fn a_confirmation_runs_as_a_second_slurm_array_after_the_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(cluster) = Cluster::start(&dir.path().join("slurm")) else {
+        eprintln!("\n\n*** SKIPPED: Slurm is not installed (see the test above) ***\n\n");
+        return;
+    };
+    let cfg = config(dir.path());
+    let sets = [
+        "--set",
+        r#"policies=[(plugin: "slf", grid: ["(t0: 0.1)", "(t0: 0.6)"]), (plugin: "ucf")]"#,
+        "--set",
+        "confirm_seeds=Some([4])",
+    ];
+    let out = cluster
+        .cmd(simfreeze_bin().to_str().unwrap())
+        .args(["compare", "--config", cfg.to_str().unwrap()])
+        .args(sets)
+        .args([
+            "--set",
+            r#"name="confirm""#,
+            "--slurm",
+            "--cpus-per-job",
+            "1",
+            "--submit",
+        ])
+        .env_remove("SIMFREEZE_PLUGIN_PATH")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    // 1 + 2 seeds x 5 arms; the confirmation: 1 seed x (2 + 2 x 3).
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("submitted:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("(tasks 1-10)"), "{line}");
+    let second = stdout
+        .lines()
+        .find(|l| l.starts_with("confirmation array"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(second.contains("(tasks 11-18)"), "{second}");
+    let ids = [
+        id_after(line, "pretraining"),
+        id_after(line, "array"),
+        id_after(line, "collect"),
+        id_after(second, "confirmation array"),
+        id_after(second, "collect"),
+    ];
+    cluster.wait(&ids);
+    for id in ids {
+        assert_eq!(cluster.state(id), "COMPLETED", "job {id}");
+    }
+    let exp = dir.path().join("exp/confirm-001");
+    assert!(exp.join("selection.json").is_file());
+    let mut args = vec!["compare", "--config", cfg.to_str().unwrap()];
+    args.extend(sets);
+    let out = simfreeze(&args);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let seq = dir.path().join("exp/tiny-001");
+    assert_eq!(results_without_wall(&exp), results_without_wall(&seq));
+    let table = std::fs::read_to_string(exp.join("table.md")).unwrap();
+    assert!(
+        table.contains("Confirmation: the selected points"),
+        "{table}"
+    );
+}

@@ -336,5 +336,26 @@ mod tests {
         assert!(s.pretrain.is_none() && s.tasks == (0, 2));
         let submit = fs::read_to_string(&s.submit).unwrap();
         assert!(!submit.contains("afterok"), "{submit}");
+        assert!(s.confirm.is_none());
+        // A confirmation: a second array after the first collect (the
+        // selection), and a second collect after it.
+        let slot = |band| Job::Awaiting {
+            family: "slf".into(),
+            band,
+            seed: 9,
+        };
+        let with = [Job::Pretrain, ft(0), ft(1), slot(1.3), slot(1.6), slot(2.0)];
+        let s = write(d.path(), &with, &SlurmOptions::default()).unwrap();
+        assert_eq!(s.tasks, (1, 2));
+        let (confirm, range) = s.confirm.clone().unwrap();
+        assert_eq!(range, (3, 5));
+        let script = fs::read_to_string(&confirm).unwrap();
+        assert!(script.contains("#SBATCH --array=3-5"), "{script}");
+        let submit = fs::read_to_string(&s.submit).unwrap();
+        assert!(
+            submit.contains("--dependency=afterok:$col confirm.sbatch")
+                && submit.contains("--dependency=afterany:$conf collect.sbatch"),
+            "{submit}"
+        );
     }
 }
