@@ -10,6 +10,8 @@ echo "[test] cargo fmt --check"
 cargo fmt --all -- --check
 echo "[test] module layering (scripts/check-layers.py)"
 python3 scripts/check-layers.py core/host/src core/runtime/src
+echo "[test] Markdown links (scripts/check-links.py)"
+python3 scripts/check-links.py
 echo "[test] cargo clippy"
 cargo clippy --release --workspace --all-targets --quiet -- -D warnings
 echo "[test] cargo test"

@@ -285,3 +285,83 @@ fn per_stage_keys_in_data_and_unknown_keys_are_refused_with_what_is_valid() {
         assert!(stderr.contains(expected), "{set}: {stderr}");
     }
 }
+
+#[test]
+fn a_shipped_backbone_replaces_the_pretraining_and_a_tampered_one_is_refused() {
+    use simfreeze::run::provenance::sha256_of;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    compare_ok(&cfg, "seeds=[0]");
+    let cache = std::fs::read_dir(dir.path().join("exp"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("pretrain-"))
+        .unwrap()
+        .path();
+    // Ship the pretraining's result, as backbones/ does.
+    let shipped = dir.path().join("backbone");
+    std::fs::create_dir_all(&shipped).unwrap();
+    for f in ["model.safetensors", "model.json"] {
+        std::fs::copy(cache.join(f), shipped.join(f)).unwrap();
+    }
+    let weights = shipped.join("model.safetensors");
+    let sha = sha256_of(&weights).unwrap();
+    let set = format!(
+        "backbone=Some((path: {:?}, sha256: {sha:?}))",
+        weights.to_str().unwrap()
+    );
+    let out_dir = dir.path().join("fresh");
+    let out = simfreeze(&[
+        "compare",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "seeds=[0]",
+        "--set",
+        &set,
+        "--set",
+        &format!("output={:?}", out_dir.to_str().unwrap()),
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the shipped backbone") && stderr.contains("sha256 verified"),
+        "{stderr}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.starts_with("pretrain-")),
+        "nothing pretrains: {names:?}"
+    );
+    let exp = out_dir.join("tiny-001");
+    // The same weights, seeds and data: the same results as the run that
+    // pretrained them; every row records the backbone's digest.
+    assert_eq!(
+        results_without_wall(&exp),
+        results_without_wall(&dir.path().join("exp/tiny-001"))
+    );
+    let csv = std::fs::read_to_string(exp.join("results.csv")).unwrap();
+    assert_eq!(
+        csv.lines().skip(1).filter(|l| l.contains(&sha)).count(),
+        4,
+        "{csv}"
+    );
+
+    // One byte changed: refused before anything trains, both digests named.
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, bytes).unwrap();
+    let tampered = sha256_of(&weights).unwrap();
+    let out = simfreeze(&["compare", "--config", cfg.to_str().unwrap(), "--set", &set]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&sha) && stderr.contains(&tampered) && stderr.contains("model.safetensors"),
+        "{stderr}"
+    );
+}

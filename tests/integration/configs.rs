@@ -1,5 +1,6 @@
-//! Every configuration shipped in configs/ parses and resolves its model:
-//! a typo in a shipped file fails here, not on a user's machine.
+//! Every configuration shipped in configs/ parses and resolves its model,
+//! and the backbone it names is shipped with the digest it names: a typo
+//! in a shipped file fails here, not on a user's machine.
 
 use simfreeze::config::RunConfig;
 use simfreeze::experiment::compare::CompareConfig;
@@ -22,6 +23,13 @@ fn every_shipped_config_parses() {
             let c = CompareConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             c.validate().unwrap();
             c.model.resolve(10).unwrap();
+            // A shipped backbone is there, with the digest the config names.
+            if let Some(mut b) = c.backbone.clone() {
+                b.path = simfreeze_tests::repo_root().join(&b.path);
+                b.verify()
+                    .unwrap_or_else(|e| panic!("{}: {}", f.display(), e.0));
+                assert!(b.path.with_file_name("model.json").is_file());
+            }
         } else {
             let c = RunConfig::load(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             c.model.resolve(10).unwrap();

@@ -7,6 +7,7 @@ mod conformance;
 mod contract;
 mod distributed;
 mod formulas;
+mod layers;
 mod loader;
 mod parity;
 mod reliability;

@@ -291,7 +291,7 @@ fn adamw_with_layer_decay_matches_timm_groups_and_torch_fused_adamw() {
 /// and an average-pooling one with registers.
 #[test]
 fn block_observations_match_timm_hooks_and_numpy() {
-    use simfreeze::engine::observer::reduce;
+    use simfreeze::observe::observer::reduce;
     use simfreeze_abi::sdk::{sp_loss, Matrix};
     use simfreeze_abi::Needs;
 

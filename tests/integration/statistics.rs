@@ -9,7 +9,7 @@ use std::process::Command;
 
 use simfreeze_tests::{fixture, simfreeze, simfreeze_bin, text};
 
-use crate::compare::{compare_ok, config, results_without_wall};
+use crate::compare::{config, results_without_wall};
 
 /// `points.csv` of `exp` as rows of fields (a quoted label kept whole).
 fn points(exp: &Path) -> Vec<Vec<String>> {

@@ -172,6 +172,12 @@ pub fn venv_python() -> PathBuf {
 #[cfg(doctest)]
 pub struct ReadmeExamples;
 
+/// The contract page's Rust examples (a contract-2 policy), compiled and
+/// run as doctests.
+#[doc = include_str!("../../docs/contract.md")]
+#[cfg(doctest)]
+pub struct ContractExamples;
+
 /// The template README's Rust examples, compiled and run as doctests.
 #[doc = include_str!("../../plugins/template/README.md")]
 #[cfg(doctest)]

@@ -3,8 +3,7 @@
 //! ([`observe`]) as a run, so what it times is what a run does.
 
 use simfreeze_runtime::more::MoreData;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -13,15 +12,15 @@ use simfreeze_runtime::driver::PolicyDriver;
 use simfreeze_runtime::loader::PolicyHandle;
 use tch::{Device, Kind, Tensor};
 
-use crate::engine::dist::{Backend, DistEnv, ProcessGroup};
-use crate::engine::observer::Observer;
+use crate::engine::dist::Backend;
+use crate::engine::launch::{launch, DistSettings, Placement};
 use crate::engine::optim::Recipe;
-use crate::engine::{
-    observe_with, reads, Batch, Engine, ParallelEngine, SingleEngine, StepAt, StepError, StepPlan,
-};
+use crate::engine::{reads, Batch, StepError, StepPlan};
 use crate::memory;
 use crate::model::precision::Precision;
 use crate::model::VitConfig;
+use crate::observe::observer::Observer;
+use crate::observe::{observe_with, StepAt};
 
 /// Result of `simfreeze bench` for one frozen prefix.
 #[derive(Debug, Serialize)]
@@ -107,37 +106,6 @@ pub struct BenchSpec<'a> {
     pub overlap_allreduce: bool,
 }
 
-/// An engine, its group (under torchrun) and its device.
-type BenchEngine = (Box<dyn Engine>, Option<Arc<ProcessGroup>>, Device);
-
-/// The engine `bench` times: one process on `spec.device`, or under
-/// torchrun this rank of the group (on `cuda:LOCAL_RANK` when the device
-/// is a GPU).
-fn bench_engine(spec: &BenchSpec<'_>) -> Result<BenchEngine> {
-    let mut device = spec.device;
-    let group = match DistEnv::from_env()? {
-        Some(env) => {
-            device = env.claim_device(device)?;
-            Some(Arc::new(ProcessGroup::join(
-                &env,
-                Duration::from_secs(spec.dist_timeout_s.max(1)),
-                spec.dist_backend.resolve(device)?,
-            )?))
-        }
-        None => None,
-    };
-    let recipe = Recipe::sgd(Default::default());
-    let single = SingleEngine::new(spec.model, spec.precision, recipe, device)?;
-    let engine: Box<dyn Engine> = match &group {
-        Some(g) => {
-            let (bucket, overlap) = (spec.bucket_mib, spec.overlap_allreduce);
-            Box::new(ParallelEngine::new(single, g.clone(), bucket, overlap)?)
-        }
-        None => Box::new(single),
-    };
-    Ok((engine, group, device))
-}
-
 /// Times training steps per frozen prefix on random inputs of the model's
 /// shape: `warmup` untimed steps, then `rounds` rounds of `steps` timed
 /// steps, the prefixes interleaved within each round so that a burst of load
@@ -153,8 +121,17 @@ fn bench_engine(spec: &BenchSpec<'_>) -> Result<BenchEngine> {
 pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<BenchRun> {
     let (mcfg, batch) = (spec.model, spec.batch);
     tch::manual_seed(0);
-    let (mut engine, group, device) = bench_engine(spec)?;
-    let (rank, world) = group.as_deref().map_or((0, 1), |g| (g.rank, g.world));
+    let dist = DistSettings {
+        timeout_s: spec.dist_timeout_s,
+        backend: spec.dist_backend,
+        bucket_mib: spec.bucket_mib,
+        overlap: spec.overlap_allreduce,
+    };
+    let at = Placement::join(spec.device, &dist)?;
+    let recipe = Recipe::sgd(Default::default());
+    let mut engine = launch(spec.model, spec.precision, recipe, &at, &dist)?;
+    let (group, device) = (at.group.clone(), at.device);
+    let (rank, world) = at.rank_world();
     let x = Tensor::randn(
         [batch, mcfg.channels, mcfg.image_size, mcfg.image_size],
         (Kind::Float, device),

@@ -386,6 +386,16 @@ pub struct TrainSection {
 }
 
 impl TrainSection {
+    /// The data-parallel settings an engine is assembled with.
+    pub fn dist(&self) -> crate::engine::launch::DistSettings {
+        crate::engine::launch::DistSettings {
+            timeout_s: self.dist_timeout_s,
+            backend: self.dist_backend,
+            bucket_mib: self.bucket_mib,
+            overlap: self.overlap_allreduce,
+        }
+    }
+
     /// What decides each update: the optimizer and its settings, the
     /// layer-wise decay, clipping and label smoothing.
     pub fn recipe(&self) -> Recipe {

@@ -14,6 +14,8 @@
 //! - [`config`]: the RON configuration and `--set` overrides;
 //! - [`engine`]: the [`engine::Engine`] seam (a step under a freeze state,
 //!   evaluation, save/restore), the optimizer and the activation cache;
+//! - [`observe`]: what a policy sees of a step: the host copies it asked
+//!   for, contract 2's on-demand observations and their compute cost;
 //! - [`plan`]: a configuration resolved into everything a run needs;
 //! - [`run`]: the training loop, the run directory and its records,
 //!   checkpoints;
@@ -30,6 +32,7 @@ pub mod error;
 pub mod experiment;
 pub mod memory;
 pub mod model;
+pub mod observe;
 pub mod plan;
 pub mod run;
 pub mod stream;

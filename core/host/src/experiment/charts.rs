@@ -6,12 +6,12 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::experiment::collect::Row;
 use crate::experiment::config::{labels, CompareConfig};
 use crate::experiment::fronts::fronts_chart;
 use crate::experiment::plot::{self, Chart, Series, Style};
 use crate::experiment::points::PointStats;
-use crate::experiment::stages::Stage;
+use crate::experiment::rows::Phase;
+use crate::experiment::rows::Row;
 use crate::experiment::stats::mean_std;
 use crate::run::dir::RunDir;
 use crate::run::records::EventKind;
@@ -128,7 +128,7 @@ pub(super) fn plots(
     rows: &[Row],
     points: &[PointStats],
 ) -> Result<()> {
-    let stage = Stage::headline(cfg);
+    let stage = Phase::headline(cfg);
     let rows: Vec<Row> = rows.iter().filter(|r| r.stage == stage).cloned().collect();
     let Some(first_seed) = rows.first().map(|r| r.seed) else {
         return Ok(());
@@ -200,18 +200,18 @@ pub(super) fn plots(
     };
     plot::write(&scatter, dir, "accuracy-speedup")?;
     let of =
-        |s: Stage| -> Vec<PointStats> { points.iter().filter(|p| p.stage == s).cloned().collect() };
-    if cfg.policies.iter().any(|e| !e.grid.is_empty()) || stage == Stage::Confirm {
+        |s: Phase| -> Vec<PointStats> { points.iter().filter(|p| p.stage == s).cloned().collect() };
+    if cfg.policies.iter().any(|e| !e.grid.is_empty()) || stage == Phase::Confirm {
         let title = match stage {
-            Stage::Confirm => "Accuracy-speedup fronts (confirmation seeds, 95 % intervals)",
-            Stage::Grid => "Accuracy-speedup fronts (means, 95 % intervals)",
+            Phase::Confirm => "Accuracy-speedup fronts (confirmation seeds, 95 % intervals)",
+            Phase::Grid => "Accuracy-speedup fronts (means, 95 % intervals)",
         };
         plot::write(&fronts_chart(cfg, &of(stage), title), dir, "fronts")?;
     }
-    if stage == Stage::Confirm && cfg.policies.iter().any(|e| !e.grid.is_empty()) {
+    if stage == Phase::Confirm && cfg.policies.iter().any(|e| !e.grid.is_empty()) {
         let title = "Selection: every grid point (selection seeds, 95 % intervals)";
         plot::write(
-            &fronts_chart(cfg, &of(Stage::Grid), title),
+            &fronts_chart(cfg, &of(Phase::Grid), title),
             dir,
             "fronts-selection",
         )?;

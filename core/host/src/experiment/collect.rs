@@ -1,12 +1,11 @@
-//! The rows of a comparison: one per fine-tune, read from its summary
-//! and metrics, relative to the same stage's and seed's baseline;
-//! `results.csv`, and the outputs written from them.
+//! Collecting a comparison: every fine-tune's row read back from whatever
+//! finished, paired with the same stage's and seed's baseline, what has
+//! not finished, `results.csv`, and the outputs written from them.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 
 use crate::error::Status;
 use crate::experiment::charts::plots;
@@ -14,165 +13,13 @@ use crate::experiment::config::CompareConfig;
 use crate::experiment::job::last_run_dir;
 use crate::experiment::plan::{self, Job, LOCK_DIR};
 use crate::experiment::points::{point_stats, write_points};
+pub use crate::experiment::rows::Row;
+use crate::experiment::rows::{csv_field, failed_row, opt, row_of, Phase};
 use crate::experiment::slurm::{ARRAY_SCRIPT, SLURM_DIR};
-use crate::experiment::stages::{stage_labels, Stage, Stages};
+use crate::experiment::stages::{stage_labels, Stages};
 use crate::experiment::table::table;
 use crate::run::dir::{RunDir, SUMMARY_FILE};
-use crate::run::records::{Provenance, Summary};
-
-/// One fine-tuning run's result (a row of `results.csv`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Row {
-    /// Policy label (`baseline` for none).
-    pub policy: String,
-    /// Fine-tuning seed.
-    pub seed: u64,
-    /// `completed` or `failed`.
-    pub status: String,
-    /// Final top-1 (%).
-    pub top1: Option<f64>,
-    /// Top-1 minus the same seed's baseline, percentage points.
-    pub d_acc: Option<f64>,
-    /// Baseline training seconds over this run's (evaluation excluded).
-    pub wall_speedup: Option<f64>,
-    /// Compute-model speedup.
-    pub compute_speedup: f64,
-    /// Blocks frozen at the end.
-    pub frontier: usize,
-    /// Training seconds.
-    pub train_seconds: f64,
-    /// The run directory.
-    pub run_dir: PathBuf,
-    /// Per block: first frozen step.
-    #[serde(skip)]
-    pub freeze_step: Vec<Option<u64>>,
-    /// Steps run.
-    #[serde(skip)]
-    pub steps: u64,
-    /// The front this row belongs to (its entry's label).
-    #[serde(skip)]
-    pub family: String,
-    /// Top-1 gain (pp) over the run's last epoch (none with one epoch).
-    #[serde(skip)]
-    pub last_epoch_gain: Option<f64>,
-    /// The stage the run belongs to.
-    #[serde(skip)]
-    pub stage: Stage,
-    /// Compute-model speedup of training alone (observation not charged).
-    #[serde(skip)]
-    pub train_compute_speedup: f64,
-    /// Compute-model units spent observing for the policy.
-    #[serde(skip)]
-    pub observe_cost: f64,
-    /// Steps that ran with a probe (a block frozen for one step to test it).
-    #[serde(skip)]
-    pub probe_steps: u64,
-    /// The main thread's seconds per step outside the training step.
-    #[serde(skip)]
-    pub host_seconds_per_step: Option<f64>,
-    /// Whether the run served frozen prefixes from the activation cache.
-    #[serde(skip)]
-    pub cached: bool,
-    /// The run's provenance.
-    #[serde(skip)]
-    pub provenance: Option<Provenance>,
-    /// Its job's index in the plan.
-    #[serde(skip)]
-    pub job: usize,
-}
-
-pub(super) fn failed_row(label: &str, seed: u64, dir: PathBuf) -> Row {
-    Row {
-        policy: label.into(),
-        seed,
-        status: "failed".into(),
-        top1: None,
-        d_acc: None,
-        wall_speedup: None,
-        compute_speedup: f64::NAN,
-        frontier: 0,
-        train_seconds: f64::NAN,
-        run_dir: dir,
-        freeze_step: Vec::new(),
-        steps: 0,
-        family: label.into(),
-        last_epoch_gain: None,
-        stage: Stage::Grid,
-        train_compute_speedup: f64::NAN,
-        observe_cost: 0.0,
-        probe_steps: 0,
-        host_seconds_per_step: None,
-        cached: false,
-        provenance: None,
-        job: 0,
-    }
-}
-
-/// A completed row (the tests of the table and the fronts).
-#[cfg(test)]
-pub(super) fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
-    Row {
-        top1: Some(top1),
-        d_acc: Some(0.0),
-        compute_speedup: speed,
-        train_compute_speedup: speed,
-        status: "completed".into(),
-        ..failed_row(label, seed, PathBuf::new())
-    }
-}
-
-/// The completed row of `label` and `seed` from its summary (its Δ and
-/// wall speedup are filled in by pairing it with its baseline).
-pub(super) fn row_of(label: &str, seed: u64, s: &Summary) -> Row {
-    let top1 = s.final_top1;
-    Row {
-        policy: label.into(),
-        seed,
-        status: "completed".into(),
-        top1,
-        d_acc: None,
-        wall_speedup: None,
-        compute_speedup: s.compute_speedup,
-        frontier: s.freeze_step.iter().filter(|f| f.is_some()).count(),
-        train_seconds: s.train_seconds,
-        run_dir: s.run_dir.clone(),
-        freeze_step: s.freeze_step.clone(),
-        steps: s.steps,
-        family: label.into(),
-        last_epoch_gain: last_epoch_gain(&s.run_dir),
-        stage: Stage::Grid,
-        train_compute_speedup: s.train_compute_speedup.unwrap_or(s.compute_speedup),
-        observe_cost: s.observe_cost,
-        probe_steps: s.probe_steps,
-        host_seconds_per_step: s.host_seconds_per_step,
-        cached: cache_on(&s.run_dir),
-        provenance: s.provenance.clone(),
-        job: 0,
-    }
-}
-
-/// Whether the run in `run_dir` used the activation cache
-/// (`train.cache_frozen` in its `config.ron`).
-fn cache_on(run_dir: &Path) -> bool {
-    let file = run_dir.join(crate::run::dir::CONFIG_FILE);
-    fs::read_to_string(file)
-        .ok()
-        .and_then(|t| crate::config::parse_ron::<crate::config::RunConfig>(&t, "config").ok())
-        .is_some_and(|c| c.train.cache_frozen)
-}
-
-/// A CSV field: quoted when it holds a comma or a quote.
-pub(super) fn csv_field(v: &str) -> String {
-    if v.contains([',', '"', '\n']) {
-        format!("\"{}\"", v.replace('"', "\"\""))
-    } else {
-        v.to_string()
-    }
-}
-
-pub(super) fn opt(v: Option<f64>, digits: usize) -> String {
-    v.map_or(String::new(), |v| format!("{v:.digits$}"))
-}
+use crate::run::records::Summary;
 
 /// The header of `results.csv`.
 pub const RESULTS_HEADER: &str = "policy,seed,status,top1,d_acc_pp,wall_speedup,compute_speedup,\
@@ -211,20 +58,6 @@ pub(super) fn write_results(dir: &Path, rows: &[Row]) -> Result<()> {
         ));
     }
     fs::write(dir.join("results.csv"), s).context("cannot write results.csv")
-}
-
-/// The top-1 gain over a run's last epoch, from its `metrics.csv`.
-pub(super) fn last_epoch_gain(run_dir: &Path) -> Option<f64> {
-    let text = fs::read_to_string(run_dir.join(crate::run::dir::METRICS_FILE)).ok()?;
-    let top1: Vec<f64> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split(',').nth(3)?.parse().ok())
-        .collect();
-    match top1.as_slice() {
-        [.., a, b] => Some(b - a),
-        _ => None,
-    }
 }
 
 /// A fine-tune of the plan with no result yet.
@@ -310,7 +143,7 @@ pub fn rows(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<Unfinished
 /// Fills each completed row's Δ top-1 and wall speedup from the completed
 /// baseline of the same stage and seed (left empty without one).
 fn pair_with_baselines(rows: &mut [Row]) {
-    let baselines: Vec<(Stage, u64, f64, f64)> = rows
+    let baselines: Vec<(Phase, u64, f64, f64)> = rows
         .iter()
         .filter(|r| r.policy == "baseline" && r.status == "completed")
         .filter_map(|r| Some((r.stage, r.seed, r.top1?, r.train_seconds)))
@@ -342,7 +175,7 @@ pub fn write_outputs(cfg: &CompareConfig, exp: &Path) -> Result<(Vec<Row>, Vec<U
     let stages = Stages::load(exp)?;
     write_results(exp, &rows)?;
     let mut points = Vec::new();
-    for stage in [Stage::Grid, Stage::Confirm] {
+    for stage in [Phase::Grid, Phase::Confirm] {
         if let Some(labels) = stage_labels(cfg, &stages, stage) {
             if rows.iter().any(|r| r.stage == stage) {
                 points.extend(point_stats(cfg, &rows, stage, &labels));

@@ -27,12 +27,12 @@ use anyhow::{Context, Result};
 use simfreeze_runtime::loader::SearchPath;
 
 use crate::error::{RunStopped, Status};
-pub use crate::experiment::collect::Row;
 use crate::experiment::collect::{self, write_outputs};
 pub use crate::experiment::config::{cache_key, CompareConfig, Entry, Point, Stage, HEAD_ONLY};
 use crate::experiment::job::{finetune, finetune_config, pretrain, pretraining_stopped};
 pub use crate::experiment::plan::COMPARE_FILE;
 use crate::experiment::plan::{self, lock, Job, LOCK_DIR};
+pub use crate::experiment::rows::Row;
 use crate::experiment::stages::{advance, Advanced, Stages};
 use crate::run::RunControl;
 
@@ -94,6 +94,9 @@ pub fn plan_only(cfg: &CompareConfig, search: &SearchPath) -> Result<PathBuf> {
 /// not after the baseline.
 pub(super) fn prepare(cfg: &CompareConfig, search: &SearchPath) -> Result<()> {
     cfg.validate()?;
+    if let Some(b) = &cfg.backbone {
+        b.verify()?;
+    }
     for p in cfg.points() {
         search.load(&p.plugin)?.new_policy(&p.options)?;
     }

@@ -116,6 +116,48 @@ pub struct CompareConfig {
     pub precision_pp: Option<f64>,
     /// With `precision_pp`: the most seeds a point gets (default 10).
     pub max_seeds: Option<usize>,
+    /// A shipped pretrained backbone: the pretraining stage's result,
+    /// checked by its SHA-256. With it the fine-tunes start from this file
+    /// and the pretraining does not run (`--set backbone=None` pretrains
+    /// from scratch as the `pretrain` stage says).
+    pub backbone: Option<Backbone>,
+}
+
+/// A pretrained checkpoint named by path and SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backbone {
+    /// The weights file (`model.safetensors`, with its `model.json` beside
+    /// it); relative to the working directory.
+    pub path: PathBuf,
+    /// Its SHA-256, 64 lower-case hex digits.
+    pub sha256: String,
+}
+
+impl Backbone {
+    /// The file, once its SHA-256 is the one named; else an error that
+    /// names the file and both digests.
+    pub fn verify(&self) -> Result<PathBuf, UsageError> {
+        let actual = crate::run::provenance::sha256_of(&self.path).map_err(|e| {
+            UsageError(format!(
+                "cannot read the backbone {}: {e} (restore it with `git checkout -- {}`, or \
+                 pretrain from scratch with `--set backbone=None`)",
+                self.path.display(),
+                self.path.display()
+            ))
+        })?;
+        if actual != self.sha256 {
+            return Err(UsageError(format!(
+                "the backbone {} has sha256 {actual}, but the configuration names sha256 {}: \
+                 it is not the file the configuration was made with; restore it (`git \
+                 checkout -- {}`), or pretrain from scratch with `--set backbone=None`",
+                self.path.display(),
+                self.sha256,
+                self.path.display()
+            )));
+        }
+        Ok(self.path.clone())
+    }
 }
 
 /// The default `margin_pp`: the paper's form of claim, "within 0.5 points".
@@ -139,6 +181,7 @@ impl Default for CompareConfig {
             margin_pp: DEFAULT_MARGIN_PP,
             precision_pp: None,
             max_seeds: None,
+            backbone: None,
         }
     }
 }
@@ -158,6 +201,19 @@ impl CompareConfig {
         }
         check_name("name", &self.name)?;
         self.validate_seeds()?;
+        if let Some(b) = &self.backbone {
+            let hex = b.sha256.len() == 64
+                && b.sha256
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+            if !hex {
+                return Err(UsageError(format!(
+                    "backbone.sha256 must be 64 lower-case hex digits (`sha256sum {}`), not `{}`",
+                    b.path.display(),
+                    b.sha256
+                )));
+            }
+        }
         // The stages set these per stage; in `data` they would be ignored.
         let per_stage = [
             ("classes", self.data.classes.is_some()),
@@ -235,7 +291,8 @@ impl CompareConfig {
         if let Some(confirm) = &self.confirm_seeds {
             if confirm.is_empty() {
                 return Err(UsageError(
-                    "confirm_seeds is empty: give the seeds the selected points are confirmed                      on (disjoint from seeds), or leave it out to report the grid's seeds"
+                    "confirm_seeds is empty: give the seeds the selected points are confirmed \
+                     on (disjoint from seeds), or leave it out to report the grid's seeds"
                         .into(),
                 ));
             }
@@ -246,7 +303,8 @@ impl CompareConfig {
                 .collect();
             if !shared.is_empty() {
                 return Err(UsageError(format!(
-                    "confirm_seeds and seeds share seed(s) {}: a confirmation on the seeds the                      points were selected on keeps the winner's curse; give new seeds",
+                    "confirm_seeds and seeds share seed(s) {}: a confirmation on the seeds the \
+                     points were selected on keeps the winner's curse; give new seeds",
                     shared.join(", ")
                 )));
             }
@@ -267,14 +325,14 @@ impl CompareConfig {
         }
         match (self.precision_pp, self.max_seeds) {
             (None, Some(_)) => Err(UsageError(
-                "max_seeds has no effect without precision_pp: give both, or list the seeds"
-                    .into(),
+                "max_seeds has no effect without precision_pp: give both, or list the seeds".into(),
             )),
             (Some(x), _) if !(x.is_finite() && x > 0.0) => Err(UsageError(format!(
                 "precision_pp must be a positive half-width in percentage points, not {x}"
             ))),
             (Some(_), Some(n)) if n < self.headline_seeds().len() => Err(UsageError(format!(
-                "max_seeds {n} is below the {} seeds already listed for the headline stage                  ({}): raise max_seeds or list fewer seeds",
+                "max_seeds {n} is below the {} seeds already listed for the headline stage \
+                 ({}): raise max_seeds or list fewer seeds",
                 self.headline_seeds().len(),
                 if self.confirm_seeds.is_some() {
                     "confirm_seeds"

@@ -158,9 +158,9 @@ pub(super) fn fronts_chart(cfg: &CompareConfig, stats: &[PointStats], title: &st
 mod tests {
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::{done_row, Row};
     use crate::experiment::points::point_stats;
-    use crate::experiment::stages::{stage_labels, Stage, Stages};
+    use crate::experiment::rows::{done_row, Row};
+    use crate::experiment::stages::{stage_labels, Phase, Stages};
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
@@ -202,8 +202,8 @@ mod tests {
         r.extend(rows("slf (t0: 0.7)", &[-0.1, -0.2, -0.15], 1.35));
         // Fast, clearly worse.
         r.extend(rows("slf (t0: 0.3)", &[-2.0, -2.2, -2.1], 1.7));
-        let labels = stage_labels(&c, &Stages::default(), Stage::Grid).unwrap();
-        let stats = point_stats(&c, &r, Stage::Grid, &labels);
+        let labels = stage_labels(&c, &Stages::default(), Phase::Grid).unwrap();
+        let stats = point_stats(&c, &r, Phase::Grid, &labels);
         let t = fronts_table(&c, &stats, "Fronts");
         let line = t.lines().find(|l| l.starts_with("| slf |")).unwrap();
         let cells: Vec<&str> = line.split(" | ").collect();
@@ -224,7 +224,7 @@ mod tests {
             .all(|e| e.x.is_some() && e.y.is_some()));
         // One seed: no interval, nothing shown within the margin.
         let one = rows("slf (t0: 0.7)", &[-0.1], 1.35);
-        let stats = point_stats(&c, &one, Stage::Grid, &labels);
+        let stats = point_stats(&c, &one, Phase::Grid, &labels);
         let t = fronts_table(&c, &stats, "Fronts");
         assert!(t.contains("n/a (one seed: -0.10 [n/a] at 1.35x)"), "{t}");
     }

@@ -28,6 +28,14 @@ pub(super) fn pretrain(
     search: &SearchPath,
     control: &RunControl,
 ) -> Result<Option<PathBuf>> {
+    if let Some(b) = &cfg.backbone {
+        let path = b.verify()?;
+        eprintln!(
+            "pretraining: the shipped backbone {} (sha256 verified)",
+            path.display()
+        );
+        return Ok(Some(path));
+    }
     let Some(mut run_cfg) = cfg.pretrain_config() else {
         return Ok(cfg.model.weights.clone());
     };
@@ -167,10 +175,14 @@ pub(super) fn finetune(
 pub const LOCK_FILE: &str = "pretrain.lock";
 
 /// The weights a fine-tune of `cfg` starts from, for a job that does not
-/// pretrain itself: the cached pretraining (waited for while another
+/// pretrain itself: the shipped backbone (its sha256 checked), the cached
+/// pretraining (waited for while another
 /// process runs it; an error naming the job to run when it has not run),
 /// else `model.weights`.
 pub fn pretrained_weights(cfg: &CompareConfig, exp: &Path) -> Result<Option<PathBuf>> {
+    if let Some(b) = &cfg.backbone {
+        return Ok(Some(b.verify()?));
+    }
     let Some(run_cfg) = cfg.pretrain_config() else {
         return Ok(cfg.model.weights.clone());
     };
@@ -209,7 +221,7 @@ pub fn finetune_config(
     run_cfg.train.seed = seed;
     if cfg.pretrain.is_some() || weights.is_some() {
         run_cfg.model.weights = weights;
-        if cfg.pretrain.is_some() {
+        if cfg.pretrain.is_some() || cfg.backbone.is_some() {
             run_cfg.model.head = HeadInit::New;
         }
     }

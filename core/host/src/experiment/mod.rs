@@ -8,6 +8,7 @@
 //! | [`plan`] | the comparison as a plan of jobs: the experiment directory, the job list with stable indices, the locks |
 //! | [`compare`] | the whole comparison in one process (or `--parallel` child processes), and its resume |
 //! | [`job`] | one job: the pretraining, or one fine-tune (kept, resumed or started) |
+//! | [`rows`] | `Row` (one fine-tune's result), its stage, the CSV helpers |
 //! | [`collect`] | the rows read back from the runs of whatever finished, `results.csv`, the outputs |
 //! | [`table`] | the Markdown table and the regime verdict |
 //! | [`stats`] | paired differences, Student-t intervals, ratios on the log scale, verdicts |
@@ -29,6 +30,7 @@ pub mod job;
 pub mod plan;
 pub mod plot;
 pub mod points;
+pub mod rows;
 pub mod slurm;
 pub mod stages;
 pub mod stats;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
 use crate::experiment::config::{arms, CompareConfig, Point};
-use crate::experiment::stages::{arm, Stage, Stages, BANDS};
+use crate::experiment::stages::{arm, Phase, Stages, BANDS};
 use crate::run::dir::RunDir;
 
 /// The configuration file an experiment directory keeps.
@@ -49,7 +49,7 @@ pub enum Job {
         family: String,
         /// The stage it belongs to.
         #[serde(default)]
-        stage: Stage,
+        stage: Phase,
     },
     /// A confirmation slot (one policy, one band, one seed) before the
     /// selection has picked its point.
@@ -83,8 +83,8 @@ impl Job {
             Job::Finetune {
                 label, seed, stage, ..
             } => match stage {
-                Stage::Grid => format!("{label}, seed {seed}"),
-                Stage::Confirm => format!("{label}, seed {seed} (confirmation)"),
+                Phase::Grid => format!("{label}, seed {seed}"),
+                Phase::Confirm => format!("{label}, seed {seed} (confirmation)"),
             },
             Job::Awaiting { family, band, seed } => {
                 format!("{family} at {band}x, seed {seed} (confirmation, awaiting the selection)")
@@ -128,18 +128,19 @@ impl Job {
 /// later decision only resolves slots or appends.
 pub fn jobs(cfg: &CompareConfig, stages: &Stages) -> Vec<Job> {
     let mut out = Vec::new();
-    if cfg.pretrain.is_some() {
+    // A shipped backbone is the pretraining's result: nothing to run.
+    if cfg.pretrain.is_some() && cfg.backbone.is_none() {
         out.push(Job::Pretrain);
     }
     let arms = arms(cfg);
     for &seed in &cfg.seeds {
         for a in &arms {
-            out.push(finetune_job(a, seed, Stage::Grid));
+            out.push(finetune_job(a, seed, Phase::Grid));
         }
     }
     for &seed in cfg.confirm_seeds.iter().flatten() {
         for a in arms.iter().filter(|a| a.plugin.is_empty()) {
-            out.push(finetune_job(a, seed, Stage::Confirm));
+            out.push(finetune_job(a, seed, Phase::Confirm));
         }
         for family in cfg.families() {
             let mut confirmed: Vec<String> = Vec::new();
@@ -167,7 +168,7 @@ pub fn jobs(cfg: &CompareConfig, stages: &Stages) -> Vec<Job> {
                     Some(l) => match arm(cfg, &l) {
                         Some(a) => {
                             confirmed.push(l);
-                            finetune_job(&a, seed, Stage::Confirm)
+                            finetune_job(&a, seed, Phase::Confirm)
                         }
                         None => skip(format!("`{l}` is no longer in the configuration")),
                     },
@@ -175,7 +176,7 @@ pub fn jobs(cfg: &CompareConfig, stages: &Stages) -> Vec<Job> {
             }
         }
     }
-    let stage = Stage::headline(cfg);
+    let stage = Phase::headline(cfg);
     for round in &stages.rounds {
         for label in &round.labels {
             if let Some(a) = arm(cfg, label) {
@@ -186,7 +187,7 @@ pub fn jobs(cfg: &CompareConfig, stages: &Stages) -> Vec<Job> {
     out
 }
 
-fn finetune_job(a: &Point, seed: u64, stage: Stage) -> Job {
+fn finetune_job(a: &Point, seed: u64, stage: Phase) -> Job {
     Job::Finetune {
         label: a.label.clone(),
         run_name: a.run_name.clone(),
@@ -236,6 +237,11 @@ pub fn create(cfg: &CompareConfig) -> Result<PathBuf> {
     let mut cfg = cfg.clone();
     for e in &mut cfg.policies {
         e.plugin = crate::plan::absolute_plugin(&e.plugin);
+    }
+    if let Some(b) = &mut cfg.backbone {
+        if let Ok(abs) = fs::canonicalize(&b.path) {
+            b.path = abs;
+        }
     }
     fs::create_dir_all(&cfg.output)
         .with_context(|| format!("cannot create {}", cfg.output.display()))?;
@@ -297,7 +303,7 @@ pub fn stage_ranges(jobs: &[Job]) -> (Option<Range>, Option<Range>) {
         matches!(
             j,
             Job::Finetune {
-                stage: Stage::Grid,
+                stage: Phase::Grid,
                 ..
             }
         )
@@ -308,7 +314,7 @@ pub fn stage_ranges(jobs: &[Job]) -> (Option<Range>, Option<Range>) {
             Job::Awaiting { .. }
                 | Job::Skip { .. }
                 | Job::Finetune {
-                    stage: Stage::Confirm,
+                    stage: Phase::Confirm,
                     ..
                 }
         )

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::experiment::collect::{csv_field, Row};
 use crate::experiment::config::CompareConfig;
-use crate::experiment::stages::Stage;
+use crate::experiment::rows::Phase;
+use crate::experiment::rows::{csv_field, Row};
 use crate::experiment::stats::{mean_std, within_margin, Estimate, Ratio, Verdict};
 
 /// One point (an arm: the baseline, head-only or a policy point) of one
@@ -17,7 +17,7 @@ use crate::experiment::stats::{mean_std, within_margin, Estimate, Ratio, Verdict
 #[derive(Debug, Clone, PartialEq)]
 pub struct PointStats {
     /// The stage.
-    pub stage: Stage,
+    pub stage: Phase,
     /// Its label.
     pub label: String,
     /// Its front (the entry's label; the label itself for the references).
@@ -63,7 +63,7 @@ impl PointStats {
 pub fn point_stats(
     cfg: &CompareConfig,
     rows: &[Row],
-    stage: Stage,
+    stage: Phase,
     labels: &[(String, String)],
 ) -> Vec<PointStats> {
     labels
@@ -187,7 +187,7 @@ pub fn fmt_ratio(r: &Ratio) -> String {
 mod tests {
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::done_row;
+    use crate::experiment::rows::done_row;
 
     #[test]
     fn paired_deltas_give_intervals_verdicts_and_the_margin_reading() {
@@ -204,7 +204,7 @@ mod tests {
             ("baseline".to_string(), "baseline".to_string()),
             ("p".to_string(), "p".to_string()),
         ];
-        let s = point_stats(&c, &rows, Stage::Grid, &labels);
+        let s = point_stats(&c, &rows, Phase::Grid, &labels);
         let p = &s[1];
         assert_eq!((p.n(), p.attempted), (3, 3));
         let (lo, hi) = p.d_acc.unwrap().ci.unwrap();
@@ -234,7 +234,7 @@ mod tests {
             "{csv}"
         );
         // One seed: no interval, no verdict, nothing invented.
-        let one = point_stats(&c, &rows[..2], Stage::Grid, &labels);
+        let one = point_stats(&c, &rows[..2], Phase::Grid, &labels);
         assert_eq!((one[1].verdict, one[1].within), (None, None));
         assert_eq!(fmt_delta(&one[1].d_acc.unwrap()), "-0.10 [n/a]");
         write_points(d.path(), &one).unwrap();

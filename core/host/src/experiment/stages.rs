@@ -19,9 +19,10 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::error::UsageError;
-use crate::experiment::collect::Row;
 use crate::experiment::config::{arms, CompareConfig, Point};
 use crate::experiment::points::{point_stats, PointStats};
+pub use crate::experiment::rows::Phase;
+use crate::experiment::rows::Row;
 
 /// The compute-speedup bands of the fronts and of the selection: a point
 /// is in band `b` when its mean compute speedup is at least `b`.
@@ -30,37 +31,6 @@ pub const BANDS: [f64; 3] = [1.3, 1.6, 2.0];
 pub const SELECTION_FILE: &str = "selection.json";
 /// The precision rounds, in the experiment directory.
 pub const ROUNDS_FILE: &str = "rounds.json";
-
-/// Which runs a row belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    /// Every point on `seeds` (and its precision rounds when there is no
-    /// confirmation).
-    #[default]
-    Grid,
-    /// The selected points, the baseline and head-only on `confirm_seeds`
-    /// (and their precision rounds).
-    Confirm,
-}
-
-impl Stage {
-    /// `grid` or `confirm`, as in `results.csv` and `points.csv`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Grid => "grid",
-            Stage::Confirm => "confirm",
-        }
-    }
-
-    /// The stage the headline table reports.
-    pub fn headline(cfg: &CompareConfig) -> Stage {
-        match cfg.confirm_seeds {
-            Some(_) => Stage::Confirm,
-            None => Stage::Grid,
-        }
-    }
-}
 
 /// One policy's pick for one band.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,7 +201,7 @@ pub fn select(cfg: &CompareConfig, grid: &[PointStats]) -> Result<Selection, Usa
 /// `max_seeds` seeds tried; none when every point is done.
 pub fn next_round(cfg: &CompareConfig, stages: &Stages, rows: &[Row]) -> Option<Round> {
     let x = cfg.precision_pp?;
-    let stage = Stage::headline(cfg);
+    let stage = Phase::headline(cfg);
     let labels = stage_labels(cfg, stages, stage)?;
     let stats = point_stats(cfg, rows, stage, &labels);
     let wanting: Vec<String> = stats
@@ -257,12 +227,12 @@ pub fn next_round(cfg: &CompareConfig, stages: &Stages, rows: &[Row]) -> Option<
 pub fn stage_labels(
     cfg: &CompareConfig,
     stages: &Stages,
-    stage: Stage,
+    stage: Phase,
 ) -> Option<Vec<(String, String)>> {
     let all: Vec<(String, String)> = arms(cfg).into_iter().map(|a| (a.label, a.family)).collect();
     match stage {
-        Stage::Grid => Some(all),
-        Stage::Confirm => {
+        Phase::Grid => Some(all),
+        Phase::Confirm => {
             let picked = stages.selection.as_ref()?.points();
             Some(
                 all.into_iter()
@@ -291,14 +261,14 @@ pub fn advance(cfg: &CompareConfig, exp: &Path, rows: &[Row], all_ended: bool) -
     let mut stages = Stages::load(exp)?;
     let grid_ended = rows
         .iter()
-        .filter(|r| r.stage == Stage::Grid)
+        .filter(|r| r.stage == Phase::Grid)
         .all(|r| r.status == "completed" || r.status == "failed");
     if cfg.confirm_seeds.is_some() && stages.selection.is_none() {
         if !grid_ended {
             return Ok(Advanced::Nothing);
         }
-        let labels = stage_labels(cfg, &stages, Stage::Grid).unwrap_or_default();
-        let grid = point_stats(cfg, rows, Stage::Grid, &labels);
+        let labels = stage_labels(cfg, &stages, Phase::Grid).unwrap_or_default();
+        let grid = point_stats(cfg, rows, Phase::Grid, &labels);
         let selection = select(cfg, &grid)?;
         Stages::save_selection(exp, &selection)?;
         return Ok(Advanced::Selected(selection));
@@ -320,7 +290,7 @@ pub fn advance(cfg: &CompareConfig, exp: &Path, rows: &[Row], all_ended: bool) -
 mod tests {
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::done_row;
+    use crate::experiment::rows::done_row;
 
     fn cfg(text: &str) -> CompareConfig {
         let c: CompareConfig = parse_ron(text, "c").unwrap();
@@ -330,7 +300,7 @@ mod tests {
 
     /// Rows of `label` on `seeds` with paired Δ `d` and compute speedup
     /// `speed`, and the baseline's.
-    fn rows(label: &str, seeds: &[u64], d: &[f64], speed: f64, stage: Stage) -> Vec<Row> {
+    fn rows(label: &str, seeds: &[u64], d: &[f64], speed: f64, stage: Phase) -> Vec<Row> {
         let mut out = Vec::new();
         for (s, d) in seeds.iter().zip(d) {
             let mut b = done_row("baseline", *s, 80.0, 1.0);
@@ -356,7 +326,7 @@ mod tests {
             &[0, 1, 2],
             &[-2.0, -1.0, -1.5],
             1.7,
-            Stage::Grid,
+            Phase::Grid,
         );
         // A better mean but a wider interval: not picked for 1.3x.
         r.extend(rows(
@@ -364,17 +334,17 @@ mod tests {
             &[0, 1, 2],
             &[1.0, -2.0, 0.5],
             1.45,
-            Stage::Grid,
+            Phase::Grid,
         ));
         r.extend(rows(
             "slf (t0: 0.7)",
             &[0, 1, 2],
             &[-0.2, -0.1, -0.3],
             1.35,
-            Stage::Grid,
+            Phase::Grid,
         ));
-        let labels = stage_labels(&c, &Stages::default(), Stage::Grid).unwrap();
-        let s = select(&c, &point_stats(&c, &r, Stage::Grid, &labels)).unwrap();
+        let labels = stage_labels(&c, &Stages::default(), Phase::Grid).unwrap();
+        let s = select(&c, &point_stats(&c, &r, Phase::Grid, &labels)).unwrap();
         let pick = |b| s.pick("slf", b).unwrap().point.clone();
         assert_eq!(pick(1.3).as_deref(), Some("slf (t0: 0.7)"));
         assert_eq!(pick(1.6).as_deref(), Some("slf (t0: 0.3)"));
@@ -386,7 +356,7 @@ mod tests {
                 selection: Some(s),
                 rounds: vec![],
             },
-            Stage::Confirm,
+            Phase::Confirm,
         )
         .unwrap();
         let names: Vec<&str> = confirm.iter().map(|l| l.0.as_str()).collect();
@@ -397,9 +367,9 @@ mod tests {
             &[0, 1, 2],
             &[0.0, 0.1, 0.0],
             1.2,
-            Stage::Grid,
+            Phase::Grid,
         );
-        let e = select(&c, &point_stats(&c, &slow, Stage::Grid, &labels))
+        let e = select(&c, &point_stats(&c, &slow, Phase::Grid, &labels))
             .unwrap_err()
             .0;
         assert!(
@@ -416,7 +386,7 @@ mod tests {
         );
         let stages = Stages::default();
         // Wide: Δ -1 and +1 over two seeds.
-        let wide = rows("ucf", &[0, 1], &[-1.0, 1.0], 1.5, Stage::Grid);
+        let wide = rows("ucf", &[0, 1], &[-1.0, 1.0], 1.5, Phase::Grid);
         let r = next_round(&c, &stages, &wide).unwrap();
         assert_eq!(
             r,
@@ -426,7 +396,7 @@ mod tests {
             }
         );
         // Narrow enough: no round.
-        let narrow = rows("ucf", &[0, 1, 2], &[-0.30, -0.32, -0.31], 1.5, Stage::Grid);
+        let narrow = rows("ucf", &[0, 1, 2], &[-0.30, -0.32, -0.31], 1.5, Phase::Grid);
         assert!(next_round(&c, &stages, &narrow).is_none());
         // Still wide at the cap: no round either.
         let capped = rows(
@@ -434,7 +404,7 @@ mod tests {
             &[0, 1, 2, 3],
             &[-1.0, 1.0, -1.0, 1.0],
             1.5,
-            Stage::Grid,
+            Phase::Grid,
         );
         let stages = Stages {
             selection: None,
@@ -451,7 +421,7 @@ mod tests {
         };
         assert!(next_round(&c, &stages, &capped).is_none());
         // One seed has no interval: it always wants another.
-        let one = rows("ucf", &[0], &[0.0], 1.5, Stage::Grid);
+        let one = rows("ucf", &[0], &[0.0], 1.5, Phase::Grid);
         let c1 = cfg(r#"(seeds: [0], precision_pp: Some(0.5), head_only: false,
             policies: [(plugin: "ucf")])"#);
         assert_eq!(next_round(&c1, &Stages::default(), &one).unwrap().seed, 1);

@@ -5,28 +5,30 @@
 //! confirmation, the headline is the confirmation's and the grid's table
 //! follows, labelled as the selection it was.
 
-use crate::experiment::collect::Row;
+use std::path::Path;
+
 use crate::experiment::config::CompareConfig;
 use crate::experiment::fronts::fronts_table;
 use crate::experiment::points::{fmt_delta, fmt_ratio, point_stats, PointStats};
-use crate::experiment::stages::{stage_labels, Stage, Stages};
+use crate::experiment::rows::Row;
+use crate::experiment::stages::{stage_labels, Phase, Stages};
 use crate::experiment::stats::{Estimate, Verdict};
 
 /// The whole table: the headline stage, the regime, the fronts, the
 /// selection (with a confirmation) and the provenance.
 pub fn table(cfg: &CompareConfig, stages: &Stages, rows: &[Row]) -> String {
-    let headline = Stage::headline(cfg);
+    let headline = Phase::headline(cfg);
     let mut t = String::new();
     match stage_labels(cfg, stages, headline) {
         Some(labels) => {
             let stats = point_stats(cfg, rows, headline, &labels);
             let heading = match headline {
-                Stage::Confirm => format!(
+                Phase::Confirm => format!(
                     "Confirmation: the selected points, the baseline and head-only run anew on \
                      seeds {} (not the seeds they were selected on)",
-                    seeds_of(rows, Stage::Confirm)
+                    seeds_of(rows, Phase::Confirm)
                 ),
-                Stage::Grid => format!("Seeds {}", seeds_of(rows, Stage::Grid)),
+                Phase::Grid => format!("Seeds {}", seeds_of(rows, Phase::Grid)),
             };
             t.push_str(&intro(cfg, &heading));
             t.push_str(&stage_table(cfg, &stats, rows, headline));
@@ -34,11 +36,11 @@ pub fn table(cfg: &CompareConfig, stages: &Stages, rows: &[Row]) -> String {
                 t.push('\n');
                 t.push_str(&r);
             }
-            if has_grid(cfg) || headline == Stage::Confirm {
+            if has_grid(cfg) || headline == Phase::Confirm {
                 t.push('\n');
                 let name = match headline {
-                    Stage::Confirm => "Fronts (confirmation)",
-                    Stage::Grid => "Fronts",
+                    Phase::Confirm => "Fronts (confirmation)",
+                    Phase::Grid => "Fronts",
                 };
                 t.push_str(&fronts_table(cfg, &stats, name));
             }
@@ -48,16 +50,16 @@ pub fn table(cfg: &CompareConfig, stages: &Stages, rows: &[Row]) -> String {
             "Confirmation: not run yet (it waits for the selection below)",
         )),
     }
-    if headline == Stage::Confirm {
-        let labels = stage_labels(cfg, stages, Stage::Grid).unwrap_or_default();
-        let stats = point_stats(cfg, rows, Stage::Grid, &labels);
+    if headline == Phase::Confirm {
+        let labels = stage_labels(cfg, stages, Phase::Grid).unwrap_or_default();
+        let stats = point_stats(cfg, rows, Phase::Grid, &labels);
         t.push_str(&format!(
             "\n### Selection (seeds {})\n\nEvery grid point on the seeds the confirmation's \
              points were picked on (per policy and band, the best lower bound of Δ). These \
              figures carry the pick's winner's curse: read the confirmation above.\n\n",
-            seeds_of(rows, Stage::Grid)
+            seeds_of(rows, Phase::Grid)
         ));
-        t.push_str(&stage_table(cfg, &stats, rows, Stage::Grid));
+        t.push_str(&stage_table(cfg, &stats, rows, Phase::Grid));
         if has_grid(cfg) {
             t.push('\n');
             t.push_str(&fronts_table(cfg, &stats, "Fronts (selection)"));
@@ -75,7 +77,7 @@ fn has_grid(cfg: &CompareConfig) -> bool {
 }
 
 /// The seeds of `stage`'s rows, in order of appearance.
-fn seeds_of(rows: &[Row], stage: Stage) -> String {
+fn seeds_of(rows: &[Row], stage: Phase) -> String {
     let mut seeds: Vec<u64> = Vec::new();
     for r in rows.iter().filter(|r| r.stage == stage) {
         if !seeds.contains(&r.seed) {
@@ -101,10 +103,18 @@ fn intro(cfg: &CompareConfig, heading: &str) -> String {
             .map_or("all classes".to_string(), |c| format!("classes {c:?}")),
         match (&cfg.pretrain, &cfg.model.weights) {
             (Some(p), _) => format!(
-                "a model pretrained on {}",
+                "a model pretrained on {}{}",
                 p.classes
                     .as_ref()
-                    .map_or("all classes".to_string(), |c| format!("classes {c:?}"))
+                    .map_or("all classes".to_string(), |c| format!("classes {c:?}")),
+                cfg.backbone.as_ref().map_or(String::new(), |b| format!(
+                    " (the shipped backbone `{}`, sha256 {}…)",
+                    b.path
+                        .parent()
+                        .and_then(Path::file_name)
+                        .map_or(String::new(), |n| n.to_string_lossy().into()),
+                    &b.sha256[..12.min(b.sha256.len())]
+                ))
             ),
             (None, Some(w)) => w.display().to_string(),
             (None, None) => "scratch".into(),
@@ -114,7 +124,7 @@ fn intro(cfg: &CompareConfig, heading: &str) -> String {
 }
 
 /// One stage's table with its wall-time footnote.
-fn stage_table(cfg: &CompareConfig, stats: &[PointStats], rows: &[Row], stage: Stage) -> String {
+fn stage_table(cfg: &CompareConfig, stats: &[PointStats], rows: &[Row], stage: Phase) -> String {
     let depth = rows.iter().map(|r| r.freeze_step.len()).max().unwrap_or(0);
     let m = cfg.margin_pp;
     let mut t = format!(
@@ -274,7 +284,7 @@ fn footnote(flags: &[(String, u64, Cause)]) -> String {
 /// full fine-tuning) and the baseline's top-1 gain over its last epoch
 /// (converged when its interval contains 0). Undecided where an interval
 /// straddles a bound. None without a head-only row.
-pub fn regime(stats: &[PointStats], rows: &[Row], stage: Stage) -> Option<String> {
+pub fn regime(stats: &[PointStats], rows: &[Row], stage: Phase) -> Option<String> {
     let head = stats
         .iter()
         .find(|p| p.label == crate::experiment::config::HEAD_ONLY)?;
@@ -381,16 +391,16 @@ mod tests {
 
     use super::*;
     use crate::config::parse_ron;
-    use crate::experiment::collect::{done_row, failed_row};
     use crate::experiment::config::HEAD_ONLY;
+    use crate::experiment::rows::{done_row, failed_row};
 
     fn cfg(text: &str) -> CompareConfig {
         parse_ron(text, "c").unwrap()
     }
 
     fn stats_of(c: &CompareConfig, rows: &[Row]) -> Vec<PointStats> {
-        let labels = stage_labels(c, &Stages::default(), Stage::Grid).unwrap();
-        point_stats(c, rows, Stage::Grid, &labels)
+        let labels = stage_labels(c, &Stages::default(), Phase::Grid).unwrap();
+        point_stats(c, rows, Phase::Grid, &labels)
     }
 
     #[test]
@@ -404,7 +414,7 @@ mod tests {
             h.d_acc = Some(gap);
             rows.extend([b, h]);
         }
-        let text = regime(&stats_of(&c, &rows), &rows, Stage::Grid).unwrap();
+        let text = regime(&stats_of(&c, &rows), &rows, Phase::Grid).unwrap();
         assert!(
             text.contains("(worse)") && text.contains("This is the paper's regime"),
             "{text}"
@@ -417,7 +427,7 @@ mod tests {
         {
             r.d_acc = Some(gap);
         }
-        let text = regime(&stats_of(&c, &rows), &rows, Stage::Grid).unwrap();
+        let text = regime(&stats_of(&c, &rows), &rows, Phase::Grid).unwrap();
         assert!(
             text.contains("Undecided") && text.contains("straddles -2 pp"),
             "{text}"
@@ -426,14 +436,14 @@ mod tests {
         for r in rows.iter_mut().filter(|r| r.policy == "baseline") {
             r.last_epoch_gain = Some(1.5 + r.seed as f64 * 0.1);
         }
-        let text = regime(&stats_of(&c, &rows), &rows, Stage::Grid).unwrap();
+        let text = regime(&stats_of(&c, &rows), &rows, Phase::Grid).unwrap();
         assert!(text.contains("still learning"), "{text}");
         let base: Vec<Row> = rows
             .into_iter()
             .filter(|r| r.policy == "baseline")
             .collect();
         let c = cfg("(seeds: [0, 1, 2], head_only: false)");
-        assert!(regime(&stats_of(&c, &base), &base, Stage::Grid).is_none());
+        assert!(regime(&stats_of(&c, &base), &base, Phase::Grid).is_none());
     }
 
     fn timed(label: &str, compute: f64, wall: f64) -> Row {
@@ -489,13 +499,13 @@ mod tests {
 
         let c = cfg(r#"(policies: [(plugin: "atsf")], head_only: false)"#);
         let rows = [base.clone(), observing];
-        let t = stage_table(&c, &stats_of(&c, &rows), &rows, Stage::Grid);
+        let t = stage_table(&c, &stats_of(&c, &rows), &rows, Phase::Grid);
         assert!(
             t.contains("0.88x †") && t.contains("the policy's observations: 76.0 ms"),
             "{t}"
         );
         let calm = [base, timed("atsf", 1.77, 1.9)];
-        assert!(!stage_table(&c, &stats_of(&c, &calm), &calm, Stage::Grid).contains('†'));
+        assert!(!stage_table(&c, &stats_of(&c, &calm), &calm, Phase::Grid).contains('†'));
     }
 
     #[test]

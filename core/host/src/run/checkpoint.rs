@@ -82,7 +82,7 @@ pub struct CheckpointMeta {
     /// What the on-demand observations keep (the reference snapshot, whose
     /// tensors are `observer.reference/<name>` in the tensor half).
     #[serde(default)]
-    pub observer: Option<crate::engine::observer::ObserverMeta>,
+    pub observer: Option<crate::observe::observer::ObserverMeta>,
 }
 
 const FORMAT: u32 = 1;
@@ -244,6 +244,109 @@ pub fn read_tensors(dir: &Path, meta: &CheckpointMeta) -> Result<(PathBuf, Vec<(
     let loaded = Tensor::read_safetensors(&path)
         .with_context(|| format!("cannot read {}", path.display()))?;
     Ok((path, loaded))
+}
+
+/// Taking and restoring a trainer's checkpoint (the trainer's side: what
+/// it copies into a checkpoint, and what it restores from one).
+mod trainer {
+    use super::super::*;
+
+    impl Trainer {
+        /// Writes a checkpoint of everything needed to continue after the
+        /// current step; `epoch_loss` and `epoch_seconds` are the current
+        /// epoch's so far.
+        pub(in crate::run) fn checkpoint(
+            &mut self,
+            epoch_loss: f64,
+            epoch_seconds: f64,
+        ) -> Result<()> {
+            if !self.writes {
+                // Rank 0 writes it; every rank holds the same state.
+                return Ok(());
+            }
+            let lengths = self.log.flush()?;
+            let step = self.totals.step;
+            let policy_state = match self.driver.policy() {
+                Some(p) => p.save_state(step)?,
+                None => Vec::new(),
+            };
+            let meta = CheckpointMeta {
+                format: 0,
+                step,
+                epoch_loss_sum: epoch_loss,
+                epoch_seconds,
+                train_seconds: self.totals.train_seconds,
+                best_top1: self.totals.best_top1,
+                last_top1: self.totals.last_top1,
+                freeze: self.driver.state().clone(),
+                timeline: self.driver.timeline().clone(),
+                policy_state: checkpoint::to_hex(&policy_state),
+                weights: String::new(),
+                metrics_len: lengths.metrics,
+                events_len: lengths.events,
+                tensorboard_len: lengths.tensorboard,
+                observations_len: lengths.observations,
+                world_size: self.totals.world_size,
+                allreduce_bytes: self.totals.allreduce_bytes,
+                comm_seconds: self.totals.comm_seconds,
+                epoch_allreduce_bytes: self.epoch_comm.bytes,
+                epoch_comm_seconds: self.epoch_comm.seconds,
+                last_allreduce_bytes: self.last_allreduce,
+                observer: None,
+            };
+            let mut meta = meta;
+            let mut tensors = self.engine.state_tensors();
+            if let Some(o) = &self.observer {
+                let (m, t) = o.state();
+                meta.observer = Some(m);
+                tensors.extend(t);
+            }
+            self.writer.submit(&self.dir.path, meta, tensors)
+        }
+
+        /// Continues from a checkpoint: tensors, policy state, freeze state,
+        /// timeline and the run's accumulators.
+        pub(in crate::run) fn restore(&mut self, m: CheckpointMeta) -> Result<()> {
+            let (path, tensors) = checkpoint::read_tensors(&self.dir.path, &m)?;
+            let (observed, tensors): (Vec<_>, Vec<_>) = tensors
+                .into_iter()
+                .partition(|(n, _)| n.starts_with(observer::CHECKPOINT_PREFIX));
+            self.engine.load_state_tensors(&path, tensors)?;
+            if let (Some(o), Some(meta)) = (&mut self.observer, &m.observer) {
+                o.restore(meta, observed)?;
+            }
+            let state = checkpoint::from_hex(&m.policy_state)?;
+            if let Some(p) = self.driver.policy_mut() {
+                p.load_state(m.step, &state)?;
+            }
+            self.driver.restore_state(m.freeze);
+            self.driver.restore_timeline(m.timeline);
+            self.totals = Totals {
+                step: m.step,
+                last_top1: m.last_top1,
+                best_top1: m.best_top1,
+                train_seconds: m.train_seconds,
+                allreduce_bytes: m.allreduce_bytes,
+                comm_seconds: m.comm_seconds,
+                ..self.totals.clone()
+            };
+            self.epoch_comm = Comm {
+                bytes: m.epoch_allreduce_bytes,
+                seconds: m.epoch_comm_seconds,
+                params: 0,
+            };
+            self.last_allreduce = m.last_allreduce_bytes;
+            self.epoch_loss = m.epoch_loss_sum;
+            self.carried_seconds = m.epoch_seconds;
+            self.progress.println(&format!(
+                "resuming {} at step {}/{}",
+                self.dir.path.display(),
+                m.step,
+                self.total
+            ));
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

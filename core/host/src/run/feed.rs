@@ -25,26 +25,14 @@ use crate::engine::cache::PrefixCache;
 use crate::engine::single::upload;
 use crate::engine::{Batch, Engine};
 use crate::error::{torch_guard, TorchError};
-
-/// Set to a step number to make that step's batch fetch run an operation
-/// libtorch refuses: the failure path of a run, end to end (tests; see
-/// docs/errors.md).
-pub const FAULT_STEP_VAR: &str = "SIMFREEZE_FAULT_AT_STEP";
-
-/// `RANK:STEP`: that rank of a data-parallel run kills itself (SIGKILL)
-/// when it reaches that step; `RANK:STEP:hang` stops itself instead
-/// (SIGSTOP: alive, never answering). A lost or hung rank, end to end
-/// (tests; see docs/distributed.md).
-pub const KILL_VAR: &str = "SIMFREEZE_KILL_RANK_AT_STEP";
+use crate::run::faults::Faults;
 
 /// What the loop reads its batches from.
 pub(super) struct Data {
     pub train: Dataset,
     pub eval: Dataset,
-    /// The step whose batch fetch fails on purpose ([`FAULT_STEP_VAR`]).
-    pub fault_at: Option<u64>,
-    /// The step at which this rank kills or stops itself ([`KILL_VAR`]).
-    pub kill_at: Option<(u64, i32)>,
+    /// The faults the tests inject ([`Faults`]).
+    pub faults: Faults,
     pub augment: Option<Arc<Augmenter>>,
     pub cache: Option<PrefixCache>,
     /// The training images kept on the GPU as their bytes, normalised
@@ -65,31 +53,9 @@ impl Data {
             train,
             eval,
             augment: augment.map(Arc::new),
-            fault_at: std::env::var(FAULT_STEP_VAR)
-                .ok()
-                .and_then(|v| v.parse().ok()),
-            kill_at: std::env::var(KILL_VAR).ok().and_then(|v| {
-                let mut parts = v.split(':');
-                let (r, s) = (parts.next()?, parts.next()?);
-                let signal = match parts.next() {
-                    Some("hang") => libc::SIGSTOP,
-                    _ => libc::SIGKILL,
-                };
-                (r.parse::<usize>().ok()? == rank).then(|| Some((s.parse().ok()?, signal)))?
-            }),
+            faults: Faults::from_env(rank),
             cache,
             resident_bytes: None,
-        }
-    }
-
-    /// At the step [`KILL_VAR`] names, kills or stops this process.
-    pub fn kill_if_due(&self, step: u64) {
-        if let Some((at, signal)) = self.kill_at {
-            if at == step {
-                // SAFETY: signals this process, as `kill -9` (or `kill
-                // -STOP`: alive, never answering) would.
-                unsafe { libc::kill(libc::getpid(), signal) };
-            }
         }
     }
 
@@ -229,21 +195,20 @@ fn resident(sizes: [Option<u64>; 2], free_mib: u64, training: bool) -> [bool; 2]
 /// images, prefetched (assembled on the batch thread, perhaps uploaded
 /// ahead) or selected here (on the device when the images are there). The
 /// labels go up behind the images, non-blocking from pinned memory on a
-/// GPU. A libtorch error is returned as the inner error.
+/// GPU. A libtorch error is an outcome ([`Fetched::Failed`]): the run
+/// stops on it.
 pub(super) fn fetch(
     data: &mut Data,
     engine: &dyn Engine,
     prefetch: Option<&Prefetch>,
     idx: &Tensor,
     (step, committed): (u64, usize),
-) -> Result<Result<(Batch, Tensor, Tensor), TorchError>> {
+) -> Result<Fetched> {
     let device = engine.device();
     let fetched = torch_guard(
         || format!("fetching the batch of step {step}"),
         || -> Result<(Batch, Tensor, Tensor)> {
-            if data.fault_at == Some(step) {
-                refused_operation();
-            }
+            data.faults.fail_fetch_if_due(step);
             let (input, y_host) = match (data.cache.as_mut(), prefetch) {
                 (Some(c), _) if committed > 0 => (
                     Batch::Boundary {
@@ -275,20 +240,29 @@ pub(super) fn fetch(
         },
     );
     match fetched {
-        Ok(batch) => batch.map(Ok),
-        Err(e) => Ok(Err(e)),
+        Ok(batch) => batch.map(|(input, y_host, y)| Fetched::Batch(input, y_host, y)),
+        Err(e) => Ok(Fetched::Failed(e)),
     }
 }
 
-/// An operation libtorch refuses (mismatched matrix shapes).
-fn refused_operation() {
-    let a = Tensor::zeros([2, 3], (tch::Kind::Float, Device::Cpu));
-    let _ = a.matmul(&Tensor::zeros([4, 5], (tch::Kind::Float, Device::Cpu)));
+/// A step's batch, or the libtorch error that kept it from the device.
+pub(super) enum Fetched {
+    /// The input, its labels in host memory and on the device.
+    Batch(Batch, Tensor, Tensor),
+    /// libtorch refused an operation.
+    Failed(TorchError),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fetched(f: anyhow::Result<Fetched>) -> (Batch, Tensor, Tensor) {
+        match f.unwrap() {
+            Fetched::Batch(input, y_host, y) => (input, y_host, y),
+            Fetched::Failed(e) => panic!("{e}"),
+        }
+    }
 
     fn data() -> Data {
         let set = |n| Dataset::synthetic(n, 2, 1, 8, 0);
@@ -358,7 +332,7 @@ mod tests {
             Device::Cpu,
         )
         .unwrap();
-        let (batch, y_host, y) = fetch(&mut d, &engine, None, &idx, (0, 0)).unwrap().unwrap();
+        let (batch, y_host, y) = fetched(fetch(&mut d, &engine, None, &idx, (0, 0)));
         let Batch::Images(x) = batch else {
             panic!("images expected")
         };
@@ -372,7 +346,7 @@ mod tests {
         let (mean, std) = ([0.2860], [0.3530]);
         d.train.images = crate::data::images::normalise_bytes(&bytes, &mean, &std);
         d.resident_bytes = Some((bytes, Normaliser::new(&mean, &std, Device::Cpu)));
-        let (batch, _, _) = fetch(&mut d, &engine, None, &idx, (1, 0)).unwrap().unwrap();
+        let (batch, _, _) = fetched(fetch(&mut d, &engine, None, &idx, (1, 0)));
         let Batch::Images(x) = batch else {
             panic!("images expected")
         };

@@ -16,14 +16,11 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use prost::Message;
 use simfreeze_runtime::contract::FreezeState;
-
-use crate::run::dir::open_truncated;
 
 /// The event file's name in a run directory (TensorBoard reads any file
 /// whose name contains `tfevents`; one fixed name lets a resume find it).
@@ -71,13 +68,12 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// Creates the file with its version record, or, when resuming, opens
-    /// it cut back to `len` bytes.
-    pub fn open(path: &Path, len: Option<u64>) -> Result<EventWriter> {
-        let mut w = EventWriter {
-            out: open_truncated(path, len, None)?,
-        };
-        if len.is_none() {
+    /// A writer appending to `out`: a file just created (`fresh`: the
+    /// version record goes first), or one a resume cut back to the
+    /// checkpoint's length.
+    pub fn new(out: BufWriter<File>, fresh: bool) -> Result<EventWriter> {
+        let mut w = EventWriter { out };
+        if fresh {
             w.record(&Event {
                 wall_time: now(),
                 step: 0,
@@ -203,14 +199,18 @@ mod tests {
     fn records_round_trip_and_zero_is_written() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join(EVENTS_FILE);
-        let mut w = EventWriter::open(&path, None).unwrap();
+        let open = |len: Option<u64>| {
+            let out = crate::run::log::open_truncated(&path, len, None).unwrap();
+            EventWriter::new(out, len.is_none()).unwrap()
+        };
+        let mut w = open(None);
         w.scalars(3, &[("a".into(), 0.0), ("b".into(), 2.5)])
             .unwrap();
         let len = w.flush().unwrap();
         w.scalars(4, &[("a".into(), 1.0)]).unwrap();
         w.flush().unwrap();
         drop(w);
-        let mut w = EventWriter::open(&path, Some(len)).unwrap();
+        let mut w = open(Some(len));
         w.scalars(5, &[("a".into(), 7.0)]).unwrap();
         w.flush().unwrap();
         let events = records(&std::fs::read(&path).unwrap());

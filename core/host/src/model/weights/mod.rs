@@ -22,6 +22,9 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use crate::model::VitConfig;
 
+mod hf;
+mod npz;
+
 pub use crate::error::WeightsError;
 
 fn err(path: &Path, message: impl Into<String>) -> WeightsError {
@@ -94,14 +97,14 @@ impl Checkpoint {
         })?;
         let raw: BTreeMap<String, Tensor> = raw.into_iter().collect();
         if is_npz {
-            return from_npz(path, raw);
+            return npz::from_npz(path, raw);
         }
         if raw
             .keys()
             .any(|k| k.contains("embeddings.patch_embeddings"))
         {
             let norm_eps = norm_eps_beside(path)?;
-            let (tensors, ignored) = from_hf(path, raw)?;
+            let (tensors, ignored) = hf::from_hf(path, raw)?;
             return Ok(Checkpoint {
                 path: path.to_owned(),
                 format: Format::HuggingFace,
@@ -282,7 +285,9 @@ pub fn load_into(
                 return Err(err(
                     &path,
                     format!(
-                        "pos_embed has {have} tokens, not a square grid plus {prefix} prefix                          tokens (the model's class_token, reg_tokens and no_embed_class                          must match the checkpoint's)"
+                        "pos_embed has {have} tokens, not a square grid plus {prefix} prefix \
+                         tokens (the model's class_token, reg_tokens and no_embed_class \
+                         must match the checkpoint's)"
                     ),
                 ));
             }
@@ -446,314 +451,6 @@ pub fn norm_eps_beside(path: &Path) -> Result<Option<f64>, WeightsError> {
         }
     }
     Ok(None)
-}
-
-fn from_hf(
-    path: &Path,
-    mut raw: BTreeMap<String, Tensor>,
-) -> Result<(BTreeMap<String, Tensor>, Vec<String>), WeightsError> {
-    // `ViTForImageClassification` prefixes the encoder with `vit.`;
-    // `ViTModel` does not.
-    // `ViTForImageClassification` and `Dinov2ForImageClassification`
-    // prefix the encoder; the bare models do not.
-    let pre = ["vit.", "dinov2."]
-        .into_iter()
-        .find(|p| raw.contains_key(&format!("{p}embeddings.cls_token")))
-        .unwrap_or("");
-    let width = raw
-        .get(&format!("{pre}embeddings.cls_token"))
-        .map_or(0, |t| *t.size().last().unwrap_or(&0));
-    let mut unused = Vec::new();
-    let mut out = BTreeMap::new();
-    let mut put = |ours: &str, t: Tensor| {
-        out.insert(ours.to_string(), t);
-    };
-    let e = format!("{pre}embeddings.");
-    put("cls_token", take(path, &mut raw, &format!("{e}cls_token"))?);
-    put(
-        "pos_embed",
-        take(path, &mut raw, &format!("{e}position_embeddings"))?,
-    );
-    for wb in ["weight", "bias"] {
-        put(
-            &format!("patch_embed.proj.{wb}"),
-            take(
-                path,
-                &mut raw,
-                &format!("{e}patch_embeddings.projection.{wb}"),
-            )?,
-        );
-        put(
-            &format!("norm.{wb}"),
-            take(path, &mut raw, &format!("{pre}layernorm.{wb}"))?,
-        );
-        if let Some(t) = raw.remove(&format!("classifier.{wb}")) {
-            // Dinov2ForImageClassification's classifier reads the class
-            // token and the mean patch token side by side (2 x width): not
-            // our head's input, so it is not loaded.
-            if wb == "weight" && t.size().get(1) != Some(&width) || !unused.is_empty() {
-                unused.push(format!("classifier.{wb}"));
-            } else {
-                put(&format!("head.{wb}"), t);
-            }
-        }
-    }
-    // ViT's and Dinov2's layers differ in their norms' and MLP's names,
-    // and Dinov2 has LayerScale.
-    let dinov2 = raw.contains_key(&format!("{pre}encoder.layer.0.norm1.weight"));
-    let layer: &[(&str, &str)] = if dinov2 {
-        &[
-            ("norm1", "norm1"),
-            ("attention.output.dense", "attn.proj"),
-            ("norm2", "norm2"),
-            ("mlp.fc1", "mlp.fc1"),
-            ("mlp.fc2", "mlp.fc2"),
-        ]
-    } else {
-        &[
-            ("layernorm_before", "norm1"),
-            ("attention.output.dense", "attn.proj"),
-            ("layernorm_after", "norm2"),
-            ("intermediate.dense", "mlp.fc1"),
-            ("output.dense", "mlp.fc2"),
-        ]
-    };
-    let first_norm = if dinov2 { "norm1" } else { "layernorm_before" };
-    for i in 0.. {
-        let l = format!("{pre}encoder.layer.{i}.");
-        if !raw.contains_key(&format!("{l}{first_norm}.weight")) {
-            break;
-        }
-        let b = format!("blocks.{i}.");
-        for wb in ["weight", "bias"] {
-            let qkv: Vec<Tensor> = ["query", "key", "value"]
-                .iter()
-                .map(|n| take(path, &mut raw, &format!("{l}attention.attention.{n}.{wb}")))
-                .collect::<Result<_, _>>()?;
-            put(&format!("{b}attn.qkv.{wb}"), Tensor::cat(&qkv, 0));
-            for (theirs, ours) in layer {
-                put(
-                    &format!("{b}{ours}.{wb}"),
-                    take(path, &mut raw, &format!("{l}{theirs}.{wb}"))?,
-                );
-            }
-        }
-        if dinov2 {
-            for n in 1..=2 {
-                put(
-                    &format!("{b}ls{n}.gamma"),
-                    take(path, &mut raw, &format!("{l}layer_scale{n}.lambda1"))?,
-                );
-            }
-        }
-    }
-    // The pooler and Dinov2's mask token (for masked pre-training) have
-    // no place in a classifier.
-    let (mut ignored, unknown): (Vec<String>, Vec<String>) = raw.into_keys().partition(|k| {
-        k.starts_with(&format!("{pre}pooler.")) || *k == format!("{pre}embeddings.mask_token")
-    });
-    ignored.extend(unused);
-    if let Some(k) = unknown.first() {
-        return Err(err(
-            path,
-            format!(
-                "tensor `{k}` is not part of a Hugging Face ViT or Dinov2 model{}",
-                if k.contains("register_tokens") {
-                    " (Dinov2WithRegistersModel is not read: use timm's \
-                     vit_base_patch14_reg4_dinov2 weights with that preset)"
-                } else {
-                    ""
-                }
-            ),
-        ));
-    }
-    Ok((out, ignored))
-}
-
-/// Google's `_n2p` with transposition: kernels are stored input-major.
-fn n2p(t: Tensor) -> Tensor {
-    let s = t.size();
-    let t = if s.len() == 4 && s[0] == 1 && s[1] == 1 && s[2] == 1 {
-        t.flatten(0, -1)
-    } else {
-        t
-    };
-    match t.dim() {
-        4 => t.permute([3, 2, 0, 1]),
-        3 => t.permute([2, 0, 1]),
-        2 => t.tr(),
-        _ => t,
-    }
-    .contiguous()
-}
-
-fn from_npz(path: &Path, mut raw: BTreeMap<String, Tensor>) -> Result<Checkpoint, WeightsError> {
-    let prefix = ["", "opt/target/", "params/", "params/img/"]
-        .into_iter()
-        .find(|p| raw.contains_key(&format!("{p}embedding/kernel")))
-        .ok_or_else(|| err(path, "no `embedding/kernel`: not a ViT .npz checkpoint"))?;
-    let big_vision = prefix.starts_with("params/")
-        || raw.contains_key(&format!("{prefix}pos_embedding"))
-        || raw.contains_key(&format!(
-            "{prefix}Transformer/encoderblock/LayerNorm_0/scale"
-        ));
-    let mut out = BTreeMap::new();
-    let k =
-        |raw: &mut BTreeMap<String, Tensor>, key: &str| take(path, raw, &format!("{prefix}{key}"));
-    out.insert(
-        "patch_embed.proj.weight".to_string(),
-        n2p(k(&mut raw, "embedding/kernel")?),
-    );
-    out.insert(
-        "patch_embed.proj.bias".to_string(),
-        k(&mut raw, "embedding/bias")?,
-    );
-    out.insert("cls_token".to_string(), k(&mut raw, "cls")?);
-    let pos = if big_vision {
-        k(&mut raw, "pos_embedding")?
-    } else {
-        k(&mut raw, "Transformer/posembed_input/pos_embedding")?
-    };
-    out.insert("pos_embed".to_string(), pos);
-    out.insert(
-        "norm.weight".to_string(),
-        k(&mut raw, "Transformer/encoder_norm/scale")?,
-    );
-    out.insert(
-        "norm.bias".to_string(),
-        k(&mut raw, "Transformer/encoder_norm/bias")?,
-    );
-    if raw.contains_key(&format!("{prefix}head/kernel")) {
-        out.insert("head.weight".to_string(), n2p(k(&mut raw, "head/kernel")?));
-        out.insert("head.bias".to_string(), k(&mut raw, "head/bias")?);
-    }
-    let (mha, mlp, ln2) = if big_vision { (0, 0, 1) } else { (1, 3, 2) };
-    let stacked = raw.contains_key(&format!(
-        "{prefix}Transformer/encoderblock/LayerNorm_0/scale"
-    ));
-    let depth = if stacked {
-        raw[&format!("{prefix}Transformer/encoderblock/LayerNorm_0/scale")].size()[0]
-    } else {
-        (0..)
-            .take_while(|i| {
-                raw.contains_key(&format!(
-                    "{prefix}Transformer/encoderblock_{i}/LayerNorm_0/scale"
-                ))
-            })
-            .count() as i64
-    };
-    // The stacked (scanned) layout keeps every block's tensor in one array.
-    let mut stacked_cache: BTreeMap<String, Tensor> = BTreeMap::new();
-    for i in 0..depth {
-        let mut get =
-            |raw: &mut BTreeMap<String, Tensor>, key: &str| -> Result<Tensor, WeightsError> {
-                if stacked {
-                    let full = format!("{prefix}Transformer/encoderblock/{key}");
-                    if !stacked_cache.contains_key(&full) {
-                        let t = take(path, raw, &full)?;
-                        stacked_cache.insert(full.clone(), t);
-                    }
-                    Ok(stacked_cache[&full].get(i))
-                } else {
-                    take(
-                        path,
-                        raw,
-                        &format!("{prefix}Transformer/encoderblock_{i}/{key}"),
-                    )
-                }
-            };
-        let b = format!("blocks.{i}.");
-        let a = format!("MultiHeadDotProductAttention_{mha}/");
-        out.insert(
-            format!("{b}norm1.weight"),
-            get(&mut raw, "LayerNorm_0/scale")?,
-        );
-        out.insert(format!("{b}norm1.bias"), get(&mut raw, "LayerNorm_0/bias")?);
-        let mut w = Vec::new();
-        let mut bias = Vec::new();
-        for n in ["query", "key", "value"] {
-            w.push(
-                get(&mut raw, &format!("{a}{n}/kernel"))?
-                    .flatten(1, -1)
-                    .tr(),
-            );
-            bias.push(get(&mut raw, &format!("{a}{n}/bias"))?.reshape([-1]));
-        }
-        out.insert(format!("{b}attn.qkv.weight"), Tensor::cat(&w, 0));
-        out.insert(format!("{b}attn.qkv.bias"), Tensor::cat(&bias, 0));
-        out.insert(
-            format!("{b}attn.proj.weight"),
-            n2p(get(&mut raw, &format!("{a}out/kernel"))?).flatten(1, -1),
-        );
-        out.insert(
-            format!("{b}attn.proj.bias"),
-            get(&mut raw, &format!("{a}out/bias"))?,
-        );
-        out.insert(
-            format!("{b}norm2.weight"),
-            get(&mut raw, &format!("LayerNorm_{ln2}/scale"))?,
-        );
-        out.insert(
-            format!("{b}norm2.bias"),
-            get(&mut raw, &format!("LayerNorm_{ln2}/bias"))?,
-        );
-        for r in 0..2 {
-            let d = format!("MlpBlock_{mlp}/Dense_{r}/");
-            out.insert(
-                format!("{b}mlp.fc{}.weight", r + 1),
-                n2p(get(&mut raw, &format!("{d}kernel"))?),
-            );
-            out.insert(
-                format!("{b}mlp.fc{}.bias", r + 1),
-                get(&mut raw, &format!("{d}bias"))?,
-            );
-        }
-    }
-    // The old representation layer sits between the encoder and the head:
-    // without it the head would compute something else, so it is dropped
-    // (a new head is trained). Optimizer state outside the prefix is not a
-    // weight. Anything else under the prefix is a layout we do not know.
-    if raw.contains_key(&format!("{prefix}pre_logits/kernel")) {
-        out.remove("head.weight");
-        out.remove("head.bias");
-    }
-    let ignored = npz_leftovers(path, prefix, raw)?;
-    Ok(Checkpoint {
-        path: path.to_owned(),
-        format: Format::Npz,
-        tensors: out.into_iter().map(|(n, t)| (n, t.contiguous())).collect(),
-        ignored,
-        norm_eps: None,
-    })
-}
-
-/// What an `.npz` checkpoint holds besides the ViT's weights, as groups
-/// for the load report: the old `pre_logits` layer and optimizer state
-/// outside the weights' prefix; anything else under the prefix is a layout
-/// we do not know, and an error.
-fn npz_leftovers(
-    path: &Path,
-    prefix: &str,
-    raw: BTreeMap<String, Tensor>,
-) -> Result<Vec<String>, WeightsError> {
-    let mut ignored = BTreeMap::<String, usize>::new();
-    for k in raw.into_keys() {
-        let group = match k.strip_prefix(prefix) {
-            Some(rest) if rest.starts_with("pre_logits/") => "pre_logits/*".to_string(),
-            Some(_) => {
-                return Err(err(
-                    path,
-                    format!("tensor `{k}` is not part of a ViT checkpoint we know"),
-                ))
-            }
-            None => format!("{}/*", k.split('/').take(2).collect::<Vec<_>>().join("/")),
-        };
-        *ignored.entry(group).or_default() += 1;
-    }
-    Ok(ignored
-        .into_iter()
-        .map(|(g, n)| format!("{g} ({n} tensors)"))
-        .collect())
 }
 
 #[cfg(test)]
