@@ -272,7 +272,7 @@ fn per_stage_keys_in_data_and_unknown_keys_are_refused_with_what_is_valid() {
         ("data.classes=Some([0, 1])", "use finetune.classes"),
         (
             "train_limit=12",
-            "the top level has confirm_seeds, data, finetune, head_only",
+            "the top level has backbone, confirm_seeds, data, finetune",
         ),
         (
             "finetune.train.epoks=1",

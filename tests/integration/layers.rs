@@ -64,6 +64,7 @@ fn a_cycle_between_the_files_of_a_folder_fails_the_check() {
     // And a cycle between top-level modules.
     write(&src, "exp/b.rs", "pub struct B;\n");
     write(&src, "exp/a.rs", "pub struct A;\n");
+    write(&src, "exp/c.rs", "pub struct C;\n");
     write(&src, "run.rs", "use crate::exp::a::A;\n");
     let (ok, out) = check(&src);
     assert!(ok, "run -> exp alone is no cycle:\n{out}");

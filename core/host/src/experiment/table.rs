@@ -255,6 +255,7 @@ fn footnote(flags: &[(String, u64, Cause)]) -> String {
          machine's kernels explain (0.75x to 1.35x of it, or more than ±10 % for a policy that \
          froze nothing):\n",
     );
+    let mut noise: Vec<String> = Vec::new();
     for (label, seed, cause) in flags {
         let why = match cause {
             Cause::Observation { host, baseline } => format!(
@@ -268,13 +269,20 @@ fn footnote(flags: &[(String, u64, Cause)]) -> String {
                 "{n} probe steps (a block held frozen for one step to test it): the compute model \
                  counts them as frozen, the step's time may not fall as much"
             ),
-            Cause::Noise => "nothing this run knows of (no observation cost, no probes, no \
-                             activation cache): other work on the machine most likely slowed \
-                             one of the two runs; trust the compute speedup or rerun on a quiet \
-                             machine"
-                .into(),
+            Cause::Noise => {
+                noise.push(format!("{label} seed {seed}"));
+                continue;
+            }
         };
         t.push_str(&format!("- {label}, seed {seed}: {why}.\n"));
+    }
+    if !noise.is_empty() {
+        t.push_str(&format!(
+            "- {}: nothing these runs know of (no observation cost, no probes, no activation \
+             cache): other work on the machine most likely slowed the run or its baseline; trust \
+             the compute speedup, or rerun on a quiet machine.\n",
+            noise.join(", ")
+        ));
     }
     t
 }

@@ -32,7 +32,13 @@ impl Trainer {
             // The main thread's time outside the engine's step: this
             // iteration's, less the step's.
             let iteration = Instant::now();
-            self.data.faults.kill_if_due(step);
+            if self.data.faults.kill_due(step) {
+                // The fault is a process lost after its last checkpoint
+                // reached the disk (the background write finished), so
+                // that what it leaves is the same on every machine.
+                self.writer.wait()?;
+                self.data.faults.kill_if_due(step);
+            }
             let idx = order.narrow(0, (step % spe) as i64 * batch, batch);
             let state = self.driver.state().clone();
             let asked = state.observe();

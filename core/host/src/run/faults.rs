@@ -53,6 +53,11 @@ impl Faults {
         }
     }
 
+    /// Whether [`KILL_VAR`] names `step`.
+    pub fn kill_due(&self, step: u64) -> bool {
+        self.kill_at.is_some_and(|(at, _)| at == step)
+    }
+
     /// At the step [`KILL_VAR`] names, kills or stops this process.
     pub fn kill_if_due(&self, step: u64) {
         if let Some((at, signal)) = self.kill_at {
