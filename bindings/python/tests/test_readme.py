@@ -1,5 +1,5 @@
-"""The README's Python examples ("Use the policies from PyTorch") run as
-written."""
+"""The Python examples of docs/python.md ("Use the policies from PyTorch",
+once the README's section) run as written."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import REPO
 
 
 def examples() -> list:
-    text = (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "python.md").read_text()
     section = text.split("## Use the policies from PyTorch", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 

@@ -337,6 +337,61 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     1
 }
 
+/// The error buffer of a C++ shim call (`csrc/*.cpp`): the shims catch
+/// C++ exceptions and write the message here, NUL-terminated. One helper
+/// for every shim, so their messages read alike.
+pub struct ShimError([std::os::raw::c_char; 1024]);
+
+impl Default for ShimError {
+    fn default() -> Self {
+        ShimError([0; 1024])
+    }
+}
+
+impl ShimError {
+    /// The buffer to hand the shim.
+    pub fn ptr(&mut self) -> *mut std::os::raw::c_char {
+        self.0.as_mut_ptr()
+    }
+
+    /// Its capacity, to hand the shim with it.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never empty: a buffer of 1024 bytes (for clippy's `len` rule).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The shim's message without the C++ stack frames c10 appends.
+    pub fn message(&self) -> String {
+        // SAFETY: the buffer starts zeroed and the shims NUL-terminate
+        // what they write, so it always holds a terminated string.
+        let text = unsafe { std::ffi::CStr::from_ptr(self.0.as_ptr()) }.to_string_lossy();
+        let text = text.split("\nException raised from").next().unwrap_or("");
+        text.trim().to_string()
+    }
+
+    /// The message's first line.
+    pub fn first_line(&self) -> String {
+        self.message().lines().next().unwrap_or("").to_string()
+    }
+}
+
+/// Runs a shim call that returns a status (0: success) with a fresh error
+/// buffer; its message's first line on failure.
+pub fn shim_call(
+    call: impl FnOnce(*mut std::os::raw::c_char, usize) -> std::os::raw::c_int,
+) -> Result<(), String> {
+    let mut err = ShimError::default();
+    let len = err.len();
+    match call(err.ptr(), len) {
+        0 => Ok(()),
+        _ => Err(err.first_line()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,19 +75,7 @@ type StreamGetter = unsafe extern "C" fn(c_int, *mut i64, *mut c_char, usize) ->
 /// Runs one shim call with an error buffer: its message (first line) on
 /// failure.
 fn shim(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
-    let mut err = [0 as c_char; 512];
-    match call(err.as_mut_ptr(), err.len()) {
-        0 => Ok(()),
-        // SAFETY: the shim NUL-terminates `err` when it fails.
-        _ => Err(format!(
-            "{what}: {}",
-            unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-                .to_string_lossy()
-                .lines()
-                .next()
-                .unwrap_or("")
-        )),
-    }
+    crate::error::shim_call(call).map_err(|e| format!("{what}: {e}"))
 }
 
 /// A CUDA stream of one device.

@@ -161,14 +161,7 @@ impl Policy for PipeTransformer {
         Ok(d)
     }
 
-    fn save_state(&self) -> Result<Vec<u8>, PolicyError> {
-        simfreeze_options::save(&self.s)
-    }
-
-    fn load_state(&mut self, state: &[u8]) -> Result<(), PolicyError> {
-        self.s = simfreeze_options::load(state)?;
-        Ok(())
-    }
+    simfreeze_options::serde_state!(s);
 }
 
 impl PolicyPlugin for PipeTransformer {

@@ -5,7 +5,7 @@
 //! type), so a typo fails with ron's list of the valid field names.
 
 use serde::de::DeserializeOwned;
-use simfreeze_abi::sdk::PolicyError;
+pub use simfreeze_abi::sdk::PolicyError;
 
 /// Parses `text` (empty: `T::default()`).
 pub fn parse<T: DeserializeOwned + Default>(text: &str) -> Result<T, PolicyError> {
@@ -30,6 +30,25 @@ pub fn save<T: serde::Serialize>(state: &T) -> Result<Vec<u8>, PolicyError> {
 pub fn load<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, PolicyError> {
     let text = std::str::from_utf8(bytes).map_err(PolicyError::state)?;
     ron::from_str(text).map_err(PolicyError::state)
+}
+
+/// The `save_state` / `load_state` pair of a policy whose whole state is
+/// one serde field, kept as RON: write `simfreeze_options::serde_state!(s);`
+/// inside `impl Policy for ...` instead of the two methods. (The SDK itself
+/// stays free of serde, so this lives with the shipped policies' other
+/// shared helpers.)
+#[macro_export]
+macro_rules! serde_state {
+    ($field:ident) => {
+        fn save_state(&self) -> Result<Vec<u8>, $crate::PolicyError> {
+            $crate::save(&self.$field)
+        }
+
+        fn load_state(&mut self, state: &[u8]) -> Result<(), $crate::PolicyError> {
+            self.$field = $crate::load(state)?;
+            Ok(())
+        }
+    };
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@
 //! attempt's keys. Without these variables a run is single-process and
 //! unchanged.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{c_void, CString};
 use std::os::raw::{c_char, c_int, c_longlong};
 use std::time::Duration;
 
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
-use crate::error::UsageError;
+use crate::error::{ShimError, UsageError};
 
 extern "C" {
     // csrc/dist.cpp
@@ -251,15 +251,6 @@ unsafe impl Send for ProcessGroup {}
 // SAFETY: as above: c10d's Store and Backend methods are thread-safe.
 unsafe impl Sync for ProcessGroup {}
 
-/// The shim's message, without the C++ stack frames c10 appends.
-fn err_text(buf: &[c_char]) -> String {
-    // SAFETY: the shim NUL-terminates every message it writes; `buf` starts
-    // zeroed, so it is terminated even when nothing was written.
-    let text = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-    let text = text.split("\nException raised from").next().unwrap_or("");
-    text.trim().to_string()
-}
-
 fn c_string(s: &str) -> CString {
     CString::new(s.replace('\0', "")).expect("no interior NUL")
 }
@@ -278,7 +269,7 @@ impl ProcessGroup {
         let host = c_string(&env.master_addr);
         let prefix = c_string(&format!("/simfreeze/attempt_{}", env.attempt));
         let serve = !env.agent_store && env.rank == 0;
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: the strings outlive the call; the shim catches C++
         // exceptions and reports them in `err`.
         let ptr = unsafe {
@@ -292,7 +283,7 @@ impl ProcessGroup {
                 timeout.as_millis() as c_longlong,
                 timeout.max(RENDEZVOUS_MIN).as_millis() as c_longlong,
                 c_int::from(nccl),
-                err.as_mut_ptr(),
+                err.ptr(),
                 err.len(),
             )
         };
@@ -305,7 +296,7 @@ impl ProcessGroup {
                     env.master_addr,
                     env.master_port,
                     timeout.max(RENDEZVOUS_MIN).as_secs(),
-                    err_text(&err)
+                    err.message()
                 ),
             });
         }
@@ -327,22 +318,16 @@ impl ProcessGroup {
     /// first is waited for).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), CommError> {
         let ptrs: Vec<*const C_tensor> = tensors.iter().map(|t| t.as_ptr()).collect();
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: the tensors are live for the call; errors come back in
         // `err`.
         let rc = unsafe {
-            simfreeze_dist_allreduce_sum(
-                self.ptr,
-                ptrs.as_ptr(),
-                ptrs.len(),
-                err.as_mut_ptr(),
-                err.len(),
-            )
+            simfreeze_dist_allreduce_sum(self.ptr, ptrs.as_ptr(), ptrs.len(), err.ptr(), err.len())
         };
         match rc {
             0 => Ok(()),
             _ => Err(CommError {
-                message: err_text(&err),
+                message: err.message(),
             }),
         }
     }
@@ -371,7 +356,7 @@ impl ProcessGroup {
             Device::Cuda(i) => i as c_int,
             _ => -1,
         };
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: the tensors are live for the call; on success the shim
         // fills every `out` slot with a tensor handle allocated with `new`,
         // which `Tensor::from_ptr` takes ownership of; on failure it fills
@@ -388,7 +373,7 @@ impl ProcessGroup {
                 out.as_mut_ptr(),
                 &mut exposed,
                 &mut early,
-                err.as_mut_ptr(),
+                err.ptr(),
                 err.len(),
             )
         };
@@ -404,7 +389,7 @@ impl ProcessGroup {
                 },
             )),
             _ => Err(CommError {
-                message: err_text(&err),
+                message: err.message(),
             }),
         }
     }
@@ -417,16 +402,15 @@ impl ProcessGroup {
     /// wait is the figure), or when read already.
     pub fn exposed_on_device(&self) -> Result<Option<f64>, CommError> {
         let (mut ms, mut had) = (0.0f64, 0 as c_int);
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: the shim writes `ms` and `had`, or the error buffer.
-        let rc = unsafe {
-            simfreeze_dist_exposed_ms(self.ptr, &mut ms, &mut had, err.as_mut_ptr(), err.len())
-        };
+        let rc =
+            unsafe { simfreeze_dist_exposed_ms(self.ptr, &mut ms, &mut had, err.ptr(), err.len()) };
         match (rc, had) {
             (0, 0) => Ok(None),
             (0, _) => Ok(Some(ms / 1000.0)),
             _ => Err(CommError {
-                message: err_text(&err),
+                message: err.message(),
             }),
         }
     }
@@ -434,7 +418,7 @@ impl ProcessGroup {
     /// Sets `key` in the group's store.
     pub fn store_set(&self, key: &str, value: &[u8]) -> Result<(), CommError> {
         let k = c_string(key);
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: as above.
         let rc = unsafe {
             simfreeze_dist_store_set(
@@ -442,14 +426,14 @@ impl ProcessGroup {
                 k.as_ptr(),
                 value.as_ptr(),
                 value.len(),
-                err.as_mut_ptr(),
+                err.ptr(),
                 err.len(),
             )
         };
         match rc {
             0 => Ok(()),
             _ => Err(CommError {
-                message: err_text(&err),
+                message: err.message(),
             }),
         }
     }
@@ -458,7 +442,7 @@ impl ProcessGroup {
     pub fn store_get(&self, key: &str) -> Result<Option<Vec<u8>>, CommError> {
         let k = c_string(key);
         let mut out = vec![0u8; 4096];
-        let mut err = [0 as c_char; 1024];
+        let mut err = ShimError::default();
         // SAFETY: `out` has `out.len()` writable bytes.
         let n = unsafe {
             simfreeze_dist_store_get(
@@ -466,14 +450,14 @@ impl ProcessGroup {
                 k.as_ptr(),
                 out.as_mut_ptr(),
                 out.len(),
-                err.as_mut_ptr(),
+                err.ptr(),
                 err.len(),
             )
         };
         match n {
             -1 => Ok(None),
             n if n < 0 => Err(CommError {
-                message: err_text(&err),
+                message: err.message(),
             }),
             n => {
                 out.truncate((n as usize).min(4096));

@@ -195,14 +195,7 @@ fn parallel_step(
     comm.params = params;
     comm.bytes = params * 4;
     // The averaged gradients: every rank sums the same.
-    if plan.accumulate {
-        opt.accumulate(&grads);
-    }
-    let norms = plan
-        .grad_norms
-        .then(|| opt.grad_norms(&mut grads, model.depth()));
-    opt.clip(&mut grads);
-    opt.step(&grads, plan.lr, plan.lr_factors);
+    let norms = opt.update(&mut grads, plan, model.depth(), None);
     let grad_norms = norms.as_ref().map_or_else(Vec::new, reads::f32s);
     // 3. The global batch's features, in rank order, when asked for.
     let cls_host = match cls_host {

@@ -216,15 +216,6 @@ fn train_step_checked(
         }
     };
     let mut grads = opt.backward(&loss_t, plan.frozen);
-    if plan.accumulate {
-        opt.accumulate(&grads);
-    }
-    // The policy observes the gradients before clipping, as a clipped
-    // PyTorch loop's hooks would; they are read after the update.
-    let norms = plan
-        .grad_norms
-        .then(|| opt.grad_norms(&mut grads, model.depth()));
-    opt.clip(&mut grads);
     let found_inf = defer_check.then(|| {
         loss_t
             .detach()
@@ -232,7 +223,7 @@ fn train_step_checked(
             .logical_not()
             .to_kind(Kind::Float)
     });
-    opt.step_unless(&grads, plan.lr, plan.lr_factors, found_inf.as_ref());
+    let norms = opt.update(&mut grads, plan, model.depth(), found_inf.as_ref());
     let loss = match early {
         Some(loss) => loss,
         None => reads::scalar(&loss_t),

@@ -34,19 +34,10 @@ extern "C" {
 /// a context on GPU 0); an error when this libtorch has no CUDA or no such
 /// device.
 pub fn cuda_set_device(index: usize) -> Result<(), String> {
-    let mut err = [0 as c_char; 512];
     // SAFETY: the shim catches C++ exceptions and NUL-terminates `err`.
-    let rc = unsafe { simfreeze_cuda_set_device(index as c_int, err.as_mut_ptr(), err.len()) };
-    match rc {
-        0 => Ok(()),
-        // SAFETY: as above.
-        _ => Err(unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()),
-    }
+    crate::error::shim_call(|err, len| unsafe {
+        simfreeze_cuda_set_device(index as c_int, err, len)
+    })
 }
 
 /// CUDA float32 matrix products in TF32 (`true`: PyTorch's

@@ -3,6 +3,7 @@
 //! `csrc/adamw.cpp`, `csrc/foreach.cpp`), and the update that calls them.
 
 use super::*;
+use crate::error::ShimError;
 
 extern "C" {
     // csrc/sgd.cpp
@@ -91,7 +92,7 @@ impl Optimizer {
             }
         }
         let skip = found_inf.map_or(std::ptr::null(), Tensor::as_ptr);
-        let mut err = [0 as c_char; 512];
+        let mut err = ShimError::default();
         let (what, rc) = match self.recipe.kind {
             OptimizerKind::Sgd => {
                 let s = &self.recipe.sgd;
@@ -111,7 +112,7 @@ impl Optimizer {
                         c_int::from(s.nesterov),
                         c_int::from(first),
                         skip,
-                        err.as_mut_ptr(),
+                        err.ptr(),
                         err.len(),
                     )
                 };
@@ -134,7 +135,7 @@ impl Optimizer {
                         decay,
                         a.eps,
                         skip,
-                        err.as_mut_ptr(),
+                        err.ptr(),
                         err.len(),
                     )
                 };
@@ -144,9 +145,7 @@ impl Optimizer {
         if rc == 0 {
             return Ok(());
         }
-        // SAFETY: the shim NUL-terminated `err`.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        Err(format!("fused {what} step: {}", msg.to_string_lossy()))
+        Err(format!("fused {what} step: {}", err.message()))
     }
 }
 
@@ -155,17 +154,11 @@ impl Optimizer {
 pub(super) fn foreach_norms(ts: &[Tensor]) -> Tensor {
     let ptrs: Vec<*const C_tensor> = ts.iter().map(Tensor::as_ptr).collect();
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    let mut err = [0 as c_char; 512];
+    let mut err = ShimError::default();
     // SAFETY: the handles are live for the call; on success the shim
     // writes a new tensor handle that the returned Tensor owns.
     let rc = unsafe {
-        simfreeze_foreach_norms(
-            ptrs.as_ptr(),
-            ptrs.len(),
-            &mut out,
-            err.as_mut_ptr(),
-            err.len(),
-        )
+        simfreeze_foreach_norms(ptrs.as_ptr(), ptrs.len(), &mut out, err.ptr(), err.len())
     };
     shim_result(rc, &err, "gradient norms");
     // SAFETY: rc == 0, so `out` is a fresh handle from the shim.
@@ -177,7 +170,7 @@ pub(super) fn foreach_norms(ts: &[Tensor]) -> Tensor {
 pub(super) fn foreach_scale(ts: &[Tensor], scale: &Tensor) -> Vec<Tensor> {
     let ptrs: Vec<*const C_tensor> = ts.iter().map(Tensor::as_ptr).collect();
     let mut out: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); ts.len()];
-    let mut err = [0 as c_char; 512];
+    let mut err = ShimError::default();
     // SAFETY: as in `foreach_norms`; `out` has room for one handle per
     // tensor.
     let rc = unsafe {
@@ -186,7 +179,7 @@ pub(super) fn foreach_scale(ts: &[Tensor], scale: &Tensor) -> Vec<Tensor> {
             ptrs.len(),
             scale.as_ptr(),
             out.as_mut_ptr(),
-            err.as_mut_ptr(),
+            err.ptr(),
             err.len(),
         )
     };
@@ -199,10 +192,8 @@ pub(super) fn foreach_scale(ts: &[Tensor], scale: &Tensor) -> Vec<Tensor> {
 
 /// A failed shim call raised like tch's own errors, so the run's guard
 /// reports it.
-pub(super) fn shim_result(rc: c_int, err: &[c_char], what: &str) {
+pub(super) fn shim_result(rc: c_int, err: &ShimError, what: &str) {
     if rc != 0 {
-        // SAFETY: the shim NUL-terminated `err`.
-        let msg = unsafe { std::ffi::CStr::from_ptr(err.as_ptr()) };
-        std::panic::panic_any(TorchPanic(format!("{what}: {}", msg.to_string_lossy())));
+        std::panic::panic_any(TorchPanic(format!("{what}: {}", err.message())));
     }
 }

@@ -226,6 +226,27 @@ impl Optimizer {
         self.step_unless(grads, lr, factors, None);
     }
 
+    /// The update after a backward, as both engines run it: the gradient
+    /// sums a policy reads, its per-block gradient norms (taken before
+    /// clipping, as a clipped PyTorch loop's hooks would see them; returned
+    /// on the device, read after the update is queued), clipping, and the
+    /// step, skipped inside the kernel when `found_inf` holds 1.
+    pub fn update(
+        &mut self,
+        grads: &mut Grads,
+        plan: &crate::engine::StepPlan<'_>,
+        depth: usize,
+        found_inf: Option<&Tensor>,
+    ) -> Option<Tensor> {
+        if plan.accumulate {
+            self.accumulate(grads);
+        }
+        let norms = plan.grad_norms.then(|| self.grad_norms(grads, depth));
+        self.clip(grads);
+        self.step_unless(grads, plan.lr, plan.lr_factors, found_inf);
+        norms
+    }
+
     /// [`Optimizer::step`], skipped inside the kernel when `found_inf` (a
     /// scalar float tensor on the parameters' device) holds 1: nothing
     /// moves, no weight, no state. A GPU can then queue the step before
