@@ -69,10 +69,13 @@ pub struct ErrorBar {
     pub color: usize,
 }
 
-/// Matplotlib's tab10 palette.
-const PALETTE: [&str; 10] = [
+/// Matplotlib's tab10 palette, then the darker half of tab20b: a
+/// comparison of up to 20 series (the regime proxy has 11 policies) gives
+/// each its own colour.
+const PALETTE: [&str; 20] = [
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf",
+    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3",
+    "#8ca252", "#bd9e39", "#ad494a", "#a55194",
 ];
 const W: f64 = 760.0;
 const H: f64 = 460.0;
