@@ -36,3 +36,26 @@ fn every_shipped_config_parses() {
         }
     }
 }
+
+#[test]
+fn a_compare_config_given_to_run_says_how_to_run_it() {
+    let cfg = simfreeze_tests::repo_root().join("configs/quickstart.ron");
+    let out = simfreeze_tests::simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+    let (_, stderr) = simfreeze_tests::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is a `simfreeze compare` configuration")
+            && stderr.contains("compare --config")
+            && stderr.contains("--plan")
+            && !stderr.contains("Unexpected field"),
+        "{stderr}"
+    );
+    // A run's configuration with a typo still names the key.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.ron");
+    std::fs::write(&bad, "(name: \"x\", trian: ())").unwrap();
+    let out = simfreeze_tests::simfreeze(&["run", "--config", bad.to_str().unwrap()]);
+    let (_, stderr) = simfreeze_tests::text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("trian"), "{stderr}");
+}

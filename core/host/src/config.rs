@@ -476,7 +476,18 @@ impl RunConfig {
     pub fn load(path: &Path) -> Result<RunConfig, UsageError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| UsageError(format!("cannot read config {}: {e}", path.display())))?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&text, &path.display().to_string()).map_err(|e| match comparison_key(&text) {
+            Some(key) => {
+                let (exe, p) = (crate::error::command_name(), path.display());
+                UsageError(format!(
+                    "{p} is a `simfreeze compare` configuration (it has `{key}`), not a run's: \
+                         run the comparison with\n  {exe} compare --config {p}\nor one of its \
+                         fine-tunes: plan it (`{exe} compare --config {p} --plan` lists every \
+                         job with its number), then `{exe} compare --job EXPERIMENT_DIR N`"
+                ))
+            }
+            None => e,
+        })
     }
 
     /// Parses RON text; `origin` names it in errors.
@@ -657,6 +668,28 @@ pub fn parse_ron<T: serde::de::DeserializeOwned>(
             "{origin}:{}:{}: {}",
             e.position.line, e.position.col, e.code
         ))
+    })
+}
+
+/// A top-level key only a `simfreeze compare` configuration has, when
+/// `text` is one (so `simfreeze run` can say so instead of naming the key
+/// it does not know).
+fn comparison_key(text: &str) -> Option<&'static str> {
+    let ron::Value::Map(map) = ron::from_str::<ron::Value>(text).ok()? else {
+        return None;
+    };
+    [
+        "finetune",
+        "pretrain",
+        "seeds",
+        "policies",
+        "confirm_seeds",
+        "backbone",
+    ]
+    .into_iter()
+    .find(|k| {
+        map.keys()
+            .any(|key| key == &ron::Value::String((*k).into()))
     })
 }
 
