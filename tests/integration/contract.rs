@@ -1,6 +1,8 @@
 //! The plugin contract across versions: a plugin built against ABI 0.1.0
 //! (contract 1) and never rebuilt loads in this host and decides exactly as
-//! the same policy built from today's source; a contract-2 policy that asks
+//! the same policy built from today's source, and so does a contract-2
+//! plugin built against ABI 0.1.1 before the SDK was split; a contract-2
+//! policy that asks
 //! for every on-demand observation runs, passes `check`, and resumes
 //! byte-identically.
 
@@ -52,6 +54,45 @@ fn a_plugin_built_against_abi_0_1_0_decides_exactly_as_todays_build() {
             .any(|s| !s.is_null()),
         "AutoFreeze froze nothing: {}",
         a["freeze_step"]
+    );
+    let model = |r: &Path| fs::read(r.join("model.safetensors")).unwrap();
+    assert!(
+        model(&runs[0]) == model(&runs[1]),
+        "the final weights differ"
+    );
+}
+
+#[test]
+fn a_contract_2_plugin_built_before_the_sdk_split_decides_exactly_as_todays_build() {
+    let old = fixture("observe_all_v2");
+    let new = fixture("observe_all");
+    let (o, n) = (Plugin::load(&old).unwrap(), Plugin::load(&new).unwrap());
+    assert_eq!((o.meta.abi_version.as_str(), o.meta.contract), ("0.1.1", 2));
+    assert_eq!(n.meta.contract, 2);
+    let d = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (name, lib) in [("old", &old), ("new", &new)] {
+        let dir = d.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        let options = "(every: 2, tol: 0.5, max_frozen: 2)";
+        let cfg = tiny_run_config(&dir, name, "", &policy(lib, options));
+        let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out).1);
+        runs.push(dir.join(format!("runs/{name}-001")));
+    }
+    let summary = |r: &Path| json(&r.join("summary.json"));
+    let (a, b) = (summary(&runs[0]), summary(&runs[1]));
+    assert_eq!(a["freeze_step"], b["freeze_step"]);
+    assert_eq!(a["observe_cost"], b["observe_cost"]);
+    let events = |r: &Path| fs::read_to_string(r.join("events.jsonl")).unwrap();
+    assert_eq!(
+        events(&runs[0]),
+        events(&runs[1]),
+        "the same decisions and scalars"
+    );
+    assert!(
+        events(&runs[0]).contains("\"scalar\""),
+        "it observed and logged"
     );
     let model = |r: &Path| fs::read(r.join("model.safetensors")).unwrap();
     assert!(

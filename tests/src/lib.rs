@@ -117,10 +117,15 @@ fn cargo_release(command: &str, manifest: &Path) {
     );
 }
 
-/// The failure fixtures (tests/fixtures), built once per test process.
+/// The fixture plugins (tests/fixtures, and the frozen contract-2 plugin
+/// of tests/fixtures/contract2, a workspace of its own), built once per
+/// test process.
 pub fn fixture(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| cargo_build(&repo_root().join("tests/fixtures/Cargo.toml")));
+    BUILT.get_or_init(|| {
+        cargo_build(&repo_root().join("tests/fixtures/Cargo.toml"));
+        cargo_build(&repo_root().join("tests/fixtures/contract2/Cargo.toml"));
+    });
     external_target()
         .join("release")
         .join(format!("libfixture_{name}.so"))
