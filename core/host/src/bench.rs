@@ -106,6 +106,18 @@ pub struct BenchSpec<'a> {
     pub overlap_allreduce: bool,
 }
 
+impl BenchSpec<'_> {
+    /// The data-parallel settings the engine is assembled with.
+    fn dist(&self) -> DistSettings {
+        DistSettings {
+            timeout_s: self.dist_timeout_s,
+            backend: self.dist_backend,
+            bucket_mib: self.bucket_mib,
+            overlap: self.overlap_allreduce,
+        }
+    }
+}
+
 /// Times training steps per frozen prefix on random inputs of the model's
 /// shape: `warmup` untimed steps, then `rounds` rounds of `steps` timed
 /// steps, the prefixes interleaved within each round so that a burst of load
@@ -121,12 +133,7 @@ pub struct BenchSpec<'a> {
 pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<BenchRun> {
     let (mcfg, batch) = (spec.model, spec.batch);
     tch::manual_seed(0);
-    let dist = DistSettings {
-        timeout_s: spec.dist_timeout_s,
-        backend: spec.dist_backend,
-        bucket_mib: spec.bucket_mib,
-        overlap: spec.overlap_allreduce,
-    };
+    let dist = spec.dist();
     let at = Placement::join(spec.device, &dist)?;
     let recipe = Recipe::sgd(Default::default());
     let mut engine = launch(spec.model, spec.precision, recipe, &at, &dist)?;

@@ -256,43 +256,7 @@ impl Chart {
                 .collect();
             draw_series(&mut s, se, c, &pts);
         }
-        for e in &self.error_bars {
-            let c = PALETTE[e.color % PALETTE.len()];
-            let (px, py) = (sx(e.at.0), sy(e.at.1));
-            if !(px.is_finite() && py.is_finite()) {
-                continue;
-            }
-            let mut d = String::new();
-            if let Some((lo, hi)) = e.x.filter(|(a, b)| a.is_finite() && b.is_finite()) {
-                let (a, b) = (sx(lo), sx(hi));
-                let _ = write!(
-                    d,
-                    "M{a:.1} {py:.1} H{b:.1} M{a:.1} {:.1} V{:.1} M{b:.1} {:.1} V{:.1} ",
-                    py - 3.0,
-                    py + 3.0,
-                    py - 3.0,
-                    py + 3.0
-                );
-            }
-            if let Some((lo, hi)) = e.y.filter(|(a, b)| a.is_finite() && b.is_finite()) {
-                let (a, b) = (sy(lo), sy(hi));
-                let _ = write!(
-                    d,
-                    "M{px:.1} {a:.1} V{b:.1} M{:.1} {a:.1} H{:.1} M{:.1} {b:.1} H{:.1}",
-                    px - 3.0,
-                    px + 3.0,
-                    px - 3.0,
-                    px + 3.0
-                );
-            }
-            if !d.is_empty() {
-                let _ = writeln!(
-                    s,
-                    r#"<path class="ci" d="{}" fill="none" stroke="{c}" stroke-width="1.2" stroke-opacity="0.8"/>"#,
-                    d.trim_end()
-                );
-            }
-        }
+        draw_error_bars(&mut s, &self.error_bars, &sx, &sy);
         let _ = writeln!(s, "</g>");
         // Point labels, outside the clip: a label near the plot's edge
         // turns inwards instead of being cut (head-only sits at the right
@@ -334,6 +298,53 @@ impl Chart {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+/// Each interval as whiskers with caps, in plot coordinates (`sx`, `sy`
+/// map data to the plot).
+fn draw_error_bars(
+    s: &mut String,
+    bars: &[ErrorBar],
+    sx: &dyn Fn(f64) -> f64,
+    sy: &dyn Fn(f64) -> f64,
+) {
+    for e in bars {
+        let c = PALETTE[e.color % PALETTE.len()];
+        let (px, py) = (sx(e.at.0), sy(e.at.1));
+        if !(px.is_finite() && py.is_finite()) {
+            continue;
+        }
+        let mut d = String::new();
+        if let Some((lo, hi)) = e.x.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+            let (a, b) = (sx(lo), sx(hi));
+            let _ = write!(
+                d,
+                "M{a:.1} {py:.1} H{b:.1} M{a:.1} {:.1} V{:.1} M{b:.1} {:.1} V{:.1} ",
+                py - 3.0,
+                py + 3.0,
+                py - 3.0,
+                py + 3.0
+            );
+        }
+        if let Some((lo, hi)) = e.y.filter(|(a, b)| a.is_finite() && b.is_finite()) {
+            let (a, b) = (sy(lo), sy(hi));
+            let _ = write!(
+                d,
+                "M{px:.1} {a:.1} V{b:.1} M{:.1} {a:.1} H{:.1} M{:.1} {b:.1} H{:.1}",
+                px - 3.0,
+                px + 3.0,
+                px - 3.0,
+                px + 3.0
+            );
+        }
+        if !d.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<path class="ci" d="{}" fill="none" stroke="{c}" stroke-width="1.2" stroke-opacity="0.8"/>"#,
+                d.trim_end()
+            );
+        }
     }
 }
 
