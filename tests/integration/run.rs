@@ -373,3 +373,44 @@ fn models_lists_the_presets_with_shapes_and_normalisation() {
     let (stdout, _) = text(&out);
     assert!(stdout.contains("vit_base_patch14_dinov2") && stdout.contains("imagenet"));
 }
+
+/// `train.eval_last`: only the last epochs are evaluated; the others'
+/// evaluation cells are empty, and the run's top-1 is the last epoch's,
+/// the same number as when every epoch is evaluated (evaluation changes
+/// nothing the training does).
+#[test]
+fn eval_last_evaluates_only_the_last_epochs_and_changes_nothing_else() {
+    let metrics = |eval_last: u64| -> (Vec<String>, serde_json::Value) {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = simfreeze_tests::tiny_run_config(
+            d.path(),
+            "t",
+            &format!("sgd: (lr: 0.05), eval_last: {eval_last}"),
+            "",
+        );
+        let four = fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("epochs: 2,", "epochs: 4,");
+        fs::write(&cfg, four).unwrap();
+        let out = simfreeze(&["run", "--config", cfg.to_str().unwrap()]);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+        let text = fs::read_to_string(d.path().join("runs/t-001/metrics.csv")).unwrap();
+        let rows = text.lines().skip(1).map(str::to_string).collect();
+        (rows, serde_json::from_str(&stdout).unwrap())
+    };
+    let (every, all) = metrics(0);
+    let (last, two) = metrics(2);
+    let cells = |row: &str| row.split(',').map(str::to_string).collect::<Vec<_>>();
+    for (epoch, (a, b)) in every.iter().zip(&last).enumerate() {
+        let (a, b) = (cells(a), cells(b));
+        // Training loss and learning rate: the same training.
+        assert_eq!((&a[1], &a[4]), (&b[1], &b[4]), "epoch {epoch}");
+        if epoch < 2 {
+            assert_eq!((b[2].as_str(), b[3].as_str()), ("", ""), "epoch {epoch}");
+        } else {
+            assert_eq!((&a[2], &a[3]), (&b[2], &b[3]), "epoch {epoch}");
+        }
+    }
+    assert_eq!(all["final_top1"], two["final_top1"]);
+}

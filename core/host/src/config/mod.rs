@@ -220,6 +220,12 @@ pub struct TrainSection {
     pub device: String,
     /// CPU threads (0: libtorch's default).
     pub threads: i32,
+    /// Evaluate only at the end of the last this many epochs (0, the
+    /// default: after every epoch). A comparison reads the last epoch's
+    /// top-1, and the convergence check the one before it, so `2` gives
+    /// every number a comparison uses without paying for the others;
+    /// `metrics.csv` leaves the other epochs' evaluation cells empty.
+    pub eval_last: u64,
     /// Checkpoint every this many steps (0: only at epoch ends, which
     /// always checkpoint).
     pub checkpoint_every: u64,
@@ -308,6 +314,7 @@ impl Default for TrainSection {
             seed: 0,
             device: "auto".into(),
             threads: 0,
+            eval_last: 0,
             checkpoint_every: 500,
             cache_frozen: false,
             cache_max_mib: 0,

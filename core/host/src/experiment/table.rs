@@ -96,7 +96,7 @@ fn intro(cfg: &CompareConfig, heading: &str) -> String {
          -{m} (non-inferiority). Speedups: geometric means over seeds with their 95 % \
          intervals; the compute speedup charges what the host computes for the policy's \
          observations, the training-only one does not. Wall speedup: baseline training seconds \
-         over the policy's, same seed, evaluation excluded.\n\n",
+         over the policy's, same seed, evaluation excluded.{evaluated}\n\n",
         cfg.finetune
             .classes
             .as_ref()
@@ -120,7 +120,24 @@ fn intro(cfg: &CompareConfig, heading: &str) -> String {
             (None, None) => "scratch".into(),
         },
         m = cfg.margin_pp,
+        evaluated = evaluated(cfg),
     )
+}
+
+/// How the top-1 was measured: on how many test images, and whether only
+/// at the last epochs (`train.eval_last`).
+fn evaluated(cfg: &CompareConfig) -> String {
+    let images = cfg
+        .finetune
+        .eval_limit
+        .map_or("every test image of these classes".to_string(), |n| {
+            format!("the first {n} test images of these classes")
+        });
+    match cfg.finetune.train.eval_last {
+        0 => format!(" Top-1 on {images}, evaluated after every epoch."),
+        1 => format!(" Top-1 on {images}, evaluated after the last epoch only."),
+        n => format!(" Top-1 on {images}, evaluated after the last {n} epochs only."),
+    }
 }
 
 /// One stage's table with its wall-time footnote.

@@ -237,17 +237,30 @@ impl Trainer {
         Ok(Decided::Outcome(outcome))
     }
 
-    /// Evaluates, writes the epoch's metrics row and checkpoints; `Some`
+    /// Whether `epoch` ends with an evaluation: every epoch, or the last
+    /// `train.eval_last` of them.
+    fn evaluates(&self, epoch: u64) -> bool {
+        let last = self.config.train.eval_last;
+        last == 0 || epoch + last >= self.config.train.epochs
+    }
+
+    /// Evaluates when due, writes the epoch's metrics row and checkpoints; `Some`
     /// when libtorch failed in the evaluation.
     pub(super) fn end_epoch(&mut self, epoch: u64, seconds: f64, lr: f64) -> Result<Option<Stop>> {
-        let (top1, eval_loss) = match self.engine.evaluate(&self.data.eval) {
-            Ok(r) => r,
-            Err(error) => return Ok(Some(self.torch_stop(error))),
+        let eval = if self.evaluates(epoch) {
+            match self.engine.evaluate(&self.data.eval) {
+                Ok((top1, loss)) => Some((loss, top1)),
+                Err(error) => return Ok(Some(self.torch_stop(error))),
+            }
+        } else {
+            None
         };
         self.carried_seconds = 0.0;
         self.totals.train_seconds += seconds;
-        self.totals.last_top1 = Some(top1);
-        self.totals.best_top1 = Some(self.totals.best_top1.map_or(top1, |b| b.max(top1)));
+        if let Some((_, top1)) = eval {
+            self.totals.last_top1 = Some(top1);
+            self.totals.best_top1 = Some(self.totals.best_top1.map_or(top1, |b| b.max(top1)));
+        }
         let train_loss = self.epoch_loss / self.steps_per_epoch.max(1) as f64;
         self.epoch_loss = 0.0;
         // The epoch's last step names the row (records.rs: a record names
@@ -258,8 +271,7 @@ impl Trainer {
         self.log.metrics(&MetricsRow {
             epoch,
             train_loss,
-            eval_loss,
-            eval_top1: top1,
+            eval,
             lr,
             frozen_blocks: frontier,
             allreduce_bytes: self.epoch_comm.bytes,
@@ -269,14 +281,16 @@ impl Trainer {
         self.epoch_comm = Comm::default();
         let images = (self.steps_per_epoch * self.totals.global_batch as u64) as f64;
         let mut scalars = vec![
-            ("eval/top1".to_string(), top1),
-            ("eval/loss".to_string(), eval_loss),
             ("train/epoch_loss".to_string(), train_loss),
             (
                 "perf/images_per_sec".to_string(),
                 images / seconds.max(1e-9),
             ),
         ];
+        if let Some((eval_loss, top1)) = eval {
+            scalars.insert(0, ("eval/loss".to_string(), eval_loss));
+            scalars.insert(0, ("eval/top1".to_string(), top1));
+        }
         if let Some(c) = &self.data.cache {
             scalars.push(("cache/hit_rate".to_string(), c.hit_rate()));
             scalars.push(("cache/advanced_rows".to_string(), c.advanced as f64));
@@ -290,10 +304,14 @@ impl Trainer {
             )
         });
         let layers = self.driver.state().layers;
+        let evaluated = match eval {
+            Some((loss, top1)) => format!("eval loss {loss:.4}, top-1 {top1:.2}%"),
+            None => "not evaluated (eval_last)".to_string(),
+        };
         let host = self.totals.host;
         let host_ms = 1e3 * host.outside_seconds / host.steps.max(1) as f64;
         self.progress.println(&format!(
-            "epoch {epoch}: train loss {train_loss:.4}, eval loss {eval_loss:.4}, top-1 {top1:.2}%, frozen {frontier}/{layers}, {seconds:.1}s ({:.1} img/s, host {host_ms:.2} ms/step outside the step){cached}",
+            "epoch {epoch}: train loss {train_loss:.4}, {evaluated}, frozen {frontier}/{layers}, {seconds:.1}s ({:.1} img/s, host {host_ms:.2} ms/step outside the step){cached}",
             images / seconds.max(1e-9)
         ));
         self.checkpoint(0.0, 0.0)?;

@@ -369,10 +369,9 @@ pub struct MetricsRow {
     pub epoch: u64,
     /// Mean training loss over its steps.
     pub train_loss: f64,
-    /// Mean evaluation loss.
-    pub eval_loss: f64,
-    /// Evaluation top-1 (%).
-    pub eval_top1: f64,
+    /// Mean evaluation loss and top-1 (%); `None` in an epoch that was not
+    /// evaluated (`train.eval_last`), an empty cell in the CSV.
+    pub eval: Option<(f64, f64)>,
     /// Learning rate of its last step.
     pub lr: f64,
     /// Blocks committed frozen while its last step ran (the frontier that
@@ -403,12 +402,16 @@ impl MetricsRow {
 
     /// The CSV line (no newline).
     pub fn csv(&self) -> String {
+        let (eval_loss, eval_top1) = match self.eval {
+            Some((loss, top1)) => (format!("{loss:.6}"), format!("{top1:.4}")),
+            None => (String::new(), String::new()),
+        };
         format!(
-            "{},{:.6},{:.6},{:.4},{:.6e},{},{},{:.3},{:.3}",
+            "{},{:.6},{},{},{:.6e},{},{},{:.3},{:.3}",
             self.epoch,
             self.train_loss,
-            self.eval_loss,
-            self.eval_top1,
+            eval_loss,
+            eval_top1,
             self.lr,
             self.frozen_blocks,
             self.allreduce_bytes,
@@ -525,8 +528,7 @@ mod tests {
         let row = MetricsRow {
             epoch: 1,
             train_loss: 0.5,
-            eval_loss: 0.25,
-            eval_top1: 93.5,
+            eval: Some((0.25, 93.5)),
             lr: 0.01,
             frozen_blocks: 3,
             allreduce_bytes: 4096,
@@ -538,5 +540,10 @@ mod tests {
             "1,0.500000,0.250000,93.5000,1.000000e-2,3,4096,0.250,12.000"
         );
         assert_eq!(MetricsRow::HEADER.split(',').count(), 9);
+        let skipped = MetricsRow { eval: None, ..row };
+        assert_eq!(
+            skipped.csv(),
+            "1,0.500000,,,1.000000e-2,3,4096,0.250,12.000"
+        );
     }
 }
