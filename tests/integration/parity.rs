@@ -393,3 +393,62 @@ fn the_pytorch_reference_vit_matches_timm() {
         assert!(v["parameters"].as_u64().unwrap() > 20, "{v}");
     }
 }
+
+/// Contract 2 in PyTorch: the block tokens and Gram matrices the Python
+/// package's controller hands a policy (its hooks on the training forward,
+/// and its own forward of the probe batch; tests/parity/blocks.py) equal
+/// the trainer's (`observe::observer::reduce`) on the same weights and
+/// images within 1e-5, for timm's class-token and average pooling and a
+/// Hugging Face ViT.
+#[test]
+fn the_python_controllers_block_observations_are_the_trainers() {
+    use simfreeze::observe::observer::reduce;
+    use simfreeze_abi::ffi::Needs;
+
+    let dir = reference("blocks.py");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
+            .unwrap();
+    let refs: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(cases.len(), 3);
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let file = dir.path().join(case["file"].as_str().unwrap());
+        let cfg: VitConfig = match case.get("model") {
+            Some(section) => {
+                let mut section: ModelSection = serde_json::from_value(section.clone()).unwrap();
+                section.weights = Some(file.clone());
+                section.resolve(0).unwrap()
+            }
+            None => serde_json::from_value(case["shape"].clone()).unwrap(),
+        };
+        let vs = VarStore::new(Device::Cpu);
+        let model = Vit::new(&vs.root(), &cfg);
+        load_into(&vs, &cfg, Checkpoint::read(&file).unwrap(), HeadInit::Auto).unwrap();
+        let x = &refs[&format!("{name}.input")];
+        let ours =
+            tch::no_grad(|| reduce(&model, x, Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS)).unwrap();
+        assert_eq!(
+            (ours.blocks, ours.rows),
+            (cfg.depth as usize, x.size()[0] as usize)
+        );
+        for set in ["batch", "probe"] {
+            for (what, values) in [("tokens", &ours.tokens), ("grams", &ours.grams)] {
+                let theirs = &refs[&format!("{name}.{set}_{what}")];
+                let theirs: Vec<f32> = Vec::try_from(theirs.flatten(0, -1)).unwrap();
+                assert_eq!(theirs.len(), values.len(), "{name} {set} {what}");
+                let diff = theirs
+                    .iter()
+                    .zip(values.iter())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                eprintln!("{name:<5} {set:<5} {what:<6} max |difference| {diff:.1e}");
+                assert!(diff <= 1e-5, "{name}: {set} {what} differ by {diff:e}");
+            }
+        }
+    }
+}

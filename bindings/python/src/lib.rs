@@ -28,8 +28,9 @@ use pyo3::types::{PyBytes, PyDict};
 use simfreeze_abi::ffi::{Needs, ObservationV2, ReferenceRequest};
 use simfreeze_runtime::contract::FreezeState;
 use simfreeze_runtime::driver::{DriverError, PolicyDriver, StepInput, Timeline};
-use simfreeze_runtime::loader::{LoadError, PolicyCallError, SearchPath};
+use simfreeze_runtime::loader::{LoadError, Plugin, PolicyCallError, SearchPath};
 use simfreeze_runtime::more::MoreData;
+use simfreeze_runtime::simulate::{SimConfig, SyntheticWorld};
 
 create_exception!(
     _native,
@@ -108,6 +109,37 @@ fn i64s(name: &str, bytes: &[u8]) -> PyResult<Vec<i64>> {
         .collect())
 }
 
+/// `{set: (rows, dim, tokens bytes or None, grams bytes or None)}` as
+/// handed over by the Python side.
+fn blocks_in(d: &Bound<'_, PyDict>) -> PyResult<Vec<(String, BlocksIn)>> {
+    let mut out = Vec::new();
+    for (k, v) in d.iter() {
+        let name: String = k.extract()?;
+        let (rows, dim, tokens, grams): (
+            usize,
+            usize,
+            Option<Bound<'_, PyBytes>>,
+            Option<Bound<'_, PyBytes>>,
+        ) = v.extract()?;
+        let tokens = tokens
+            .map(|b| f32s(&format!("{name}_tokens"), b.as_bytes()))
+            .transpose()?;
+        let grams = grams
+            .map(|b| f32s(&format!("{name}_grams"), b.as_bytes()))
+            .transpose()?;
+        out.push((
+            name,
+            BlocksIn {
+                rows,
+                dim,
+                tokens,
+                grams,
+            },
+        ));
+    }
+    Ok(out)
+}
+
 fn reference_name(r: ReferenceRequest) -> &'static str {
     match r {
         ReferenceRequest::Keep => "keep",
@@ -123,12 +155,21 @@ fn reference_name(r: ReferenceRequest) -> &'static str {
 #[pyclass(module = "simfreeze._native", unsendable)]
 struct Policy {
     driver: PolicyDriver,
+    /// The plugin and options it was made from (a rehearsal makes another).
+    plugin: Plugin,
+    options: String,
     layers: u32,
+    /// The step after which the last reference snapshot was taken (the
+    /// policy's decision asked for it), if any.
+    reference_step: Option<u64>,
 }
 
-/// The on-demand observations (contract 2) a Python host can compute:
-/// sampled weights and accumulated gradient norms.
+/// The on-demand observations (contract 2) handed to `observe`: per-block
+/// reductions of the batch, the probe batch and both through the
+/// reference, sampled weights and accumulated gradient norms.
 struct More {
+    blocks: Vec<(String, BlocksIn)>,
+    reference_step: Option<u64>,
     sampled_weights: Option<Vec<f32>>,
     samples_per_block: usize,
     acc_grad_l1: Option<Vec<f64>>,
@@ -136,11 +177,131 @@ struct More {
     acc_grad_steps: u64,
 }
 
+/// One set of samples' per-block reductions, as handed over: `rows`
+/// samples, tokens `layers × rows × dim`, Gram matrices `layers × rows ×
+/// rows`.
+struct BlocksIn {
+    rows: usize,
+    dim: usize,
+    tokens: Option<Vec<f32>>,
+    grams: Option<Vec<f32>>,
+}
+
+/// The sets of samples a step's block reductions cover, by the names the
+/// Python side passes (`<set>_tokens`, `<set>_grams`).
+const SETS: [&str; 4] = ["batch", "batch_reference", "probe", "probe_reference"];
+
 impl Policy {
+    /// The per-block reductions `asked` needs, checked and owned; `None`
+    /// for a set that is not needed at this step.
+    fn reductions(
+        &self,
+        asked: Needs,
+        blocks: Vec<(String, BlocksIn)>,
+        reference_step: Option<u64>,
+    ) -> PyResult<[Option<simfreeze_runtime::more::BlocksData>; 4]> {
+        let layers = self.layers as usize;
+        let mut out: [Option<simfreeze_runtime::more::BlocksData>; 4] = Default::default();
+        for (name, _) in &blocks {
+            if !SETS.contains(&name.as_str()) {
+                return Err(PyValueError::new_err(format!(
+                    "block observations of `{name}`: the sets are {}",
+                    SETS.join(", ")
+                )));
+            }
+        }
+        let reductions = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
+        if reductions.is_empty() {
+            return Ok(out);
+        }
+        let probe = asked.contains(Needs::PROBE_BATCH);
+        let reference = asked.contains(Needs::REFERENCE) && reference_step.is_some();
+        let needed = [true, reference, probe, probe && reference];
+        let mut given: Vec<Option<BlocksIn>> = SETS.iter().map(|_| None).collect();
+        for (name, b) in blocks {
+            let i = SETS.iter().position(|s| *s == name).expect("checked");
+            given[i] = Some(b);
+        }
+        let mut missing = Vec::new();
+        for (i, set) in SETS.iter().enumerate() {
+            if !needed[i] {
+                continue;
+            }
+            let b = given[i].take();
+            let (rows, dim) = b.as_ref().map_or((0, 0), |b| (b.rows, b.dim));
+            let mut data = simfreeze_runtime::more::BlocksData {
+                first: 0,
+                blocks: layers,
+                rows,
+                dim,
+                ..Default::default()
+            };
+            let (tokens, grams) = b.map_or((None, None), |b| (b.tokens, b.grams));
+            if reductions.contains(Needs::BLOCK_TOKENS) {
+                match tokens {
+                    Some(t) if t.len() == layers * rows * dim => data.tokens = t,
+                    Some(t) => {
+                        return Err(PyValueError::new_err(format!(
+                            "{set}_tokens: {} values for {layers} blocks x {rows} samples x {dim}",
+                            t.len()
+                        )))
+                    }
+                    None => missing.push(format!("{set}_tokens (blocks x samples x dim)")),
+                }
+            }
+            if reductions.contains(Needs::BLOCK_GRAMS) {
+                match grams {
+                    Some(g) if g.len() == layers * rows * rows => data.grams = g,
+                    Some(g) => {
+                        return Err(PyValueError::new_err(format!(
+                            "{set}_grams: {} values for {layers} blocks x {rows} x {rows} samples",
+                            g.len()
+                        )))
+                    }
+                    None => missing.push(format!("{set}_grams (blocks x samples x samples)")),
+                }
+            }
+            out[i] = Some(data);
+        }
+        if !missing.is_empty() {
+            return Err(PyValueError::new_err(format!(
+                "policy `{}` asked at the previous step to observe {} at this step; pass {} to \
+                 observe() (simfreeze.torch.FreezeController computes them)",
+                self.name(),
+                asked.names().join(", "),
+                missing.join(", ")
+            )));
+        }
+        Ok(out)
+    }
+
     fn more(&self, m: More) -> PyResult<MoreData> {
         let asked = self.driver.state().observe();
         let layers = self.layers as usize;
         let mut data = MoreData::default();
+        let reference_step = m.reference_step.or(self.reference_step);
+        let [batch, batch_reference, probe, probe_reference] =
+            self.reductions(asked, m.blocks, reference_step)?;
+        let sets = [batch, batch_reference, probe, probe_reference];
+        if sets.iter().any(Option::is_some) {
+            data.provided = data.provided
+                | asked.intersection(
+                    Needs::BLOCK_TOKENS
+                        | Needs::BLOCK_GRAMS
+                        | Needs::PROBE_BATCH
+                        | Needs::REFERENCE,
+                );
+        } else {
+            // Asked without a reduction: nothing to hand over but the bits.
+            data.provided =
+                data.provided | asked.intersection(Needs::PROBE_BATCH | Needs::REFERENCE);
+        }
+        let [batch, batch_reference, probe, probe_reference] = sets;
+        data.batch = batch.unwrap_or_default();
+        data.batch_reference = batch_reference.unwrap_or_default();
+        data.probe = probe.unwrap_or_default();
+        data.probe_reference = probe_reference.unwrap_or_default();
+        data.reference_step = reference_step;
         if let Some(w) = m.sampled_weights {
             if m.samples_per_block == 0 || w.len() != layers * m.samples_per_block {
                 return Err(PyValueError::new_err(format!(
@@ -169,10 +330,21 @@ impl Policy {
         let missing = asked.difference(data.provided);
         let computable = Needs::SAMPLED_WEIGHTS | Needs::ACC_GRAD_NORMS;
         if !missing.intersection(computable).is_empty() {
+            let args: Vec<&str> = missing
+                .intersection(computable)
+                .names()
+                .iter()
+                .map(|n| match n.as_str() {
+                    "SAMPLED_WEIGHTS" => "sampled_weights",
+                    _ => "acc_grad_l1 and acc_grad_l2",
+                })
+                .collect();
             return Err(PyValueError::new_err(format!(
-                "policy `{}` asked to observe {} at this step; pass it to observe()",
+                "policy `{}` asked at the previous step to observe {} at this step; pass {} to \
+                 observe() (simfreeze.torch.FreezeController computes them)",
                 self.name(),
-                missing.intersection(computable).names().join(", ")
+                missing.intersection(computable).names().join(", "),
+                args.join(" and ")
             )));
         }
         Ok(data)
@@ -205,8 +377,37 @@ impl Policy {
         let policy = loaded.new_policy(options).map_err(load_error)?;
         Ok(Policy {
             driver: PolicyDriver::new(Some(policy), layers),
+            plugin: loaded,
+            options: options.to_string(),
             layers,
+            reference_step: None,
         })
+    }
+
+    /// Drives a fresh policy of the same plugin and options through the
+    /// synthetic world of `simfreeze simulate` (`steps` steps of
+    /// `steps_per_epoch`) and returns the first step whose decision set a
+    /// learning-rate factor other than 1, or None: whether the run needs
+    /// per-block optimizer groups, known before it starts (exactly for
+    /// schedules such as FreezeOut's; for a policy that reacts to its
+    /// observations, as far as the synthetic ones tell).
+    fn rehearse_lr_factors(&self, steps: u64, steps_per_epoch: u64) -> PyResult<Option<u64>> {
+        let policy = self.plugin.new_policy(&self.options).map_err(load_error)?;
+        let cfg = SimConfig {
+            layers: self.layers,
+            steps: steps.max(1),
+            steps_per_epoch: steps_per_epoch.max(1),
+            ..SimConfig::default()
+        };
+        let mut driver = PolicyDriver::new(Some(policy), self.layers);
+        let mut world = SyntheticWorld::new(&cfg);
+        for step in 0..cfg.steps {
+            world.drive(&mut driver, step).map_err(driver_error)?;
+            if driver.state().lr_factors.iter().any(|f| *f != 1.0) {
+                return Ok(Some(step));
+            }
+        }
+        Ok(None)
     }
 
     /// The plugin's name.
@@ -302,7 +503,8 @@ impl Policy {
         features = None, feature_dim = 0, labels = None, num_classes = 0,
         grad_norms = None, lr = None,
         sampled_weights = None, samples_per_block = 0,
-        acc_grad_l1 = None, acc_grad_l2 = None, acc_grad_steps = 0
+        acc_grad_l1 = None, acc_grad_l2 = None, acc_grad_steps = 0,
+        blocks = None, reference_step = None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn observe<'py>(
@@ -325,6 +527,8 @@ impl Policy {
         acc_grad_l1: Option<Vec<f64>>,
         acc_grad_l2: Option<Vec<f64>>,
         acc_grad_steps: u64,
+        blocks: Option<Bound<'py, PyDict>>,
+        reference_step: Option<u64>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let needs = self.needs_bits();
         let name = self.name();
@@ -377,7 +581,13 @@ impl Policy {
         let sampled_weights = sampled_weights
             .map(|b| f32s("sampled_weights", b.as_bytes()))
             .transpose()?;
+        let blocks = match blocks {
+            Some(d) => blocks_in(&d)?,
+            None => Vec::new(),
+        };
         let more = self.more(More {
+            blocks,
+            reference_step,
             sampled_weights,
             samples_per_block,
             acc_grad_l1,
@@ -406,6 +616,9 @@ impl Policy {
                 },
             })
             .map_err(driver_error)?;
+        if outcome.reference() != ReferenceRequest::Keep {
+            self.reference_step = Some(step);
+        }
         let state = self.driver.state();
         let d = PyDict::new(py);
         d.set_item("step", step)?;
@@ -437,6 +650,7 @@ impl Policy {
         d.set_item("layers", self.layers)?;
         d.set_item("step", step)?;
         d.set_item("policy_state", PyBytes::new(py, &policy_state))?;
+        d.set_item("reference_step", self.reference_step)?;
         d.set_item(
             "freeze_state",
             serde_json::to_string(self.driver.state()).map_err(json)?,
@@ -490,6 +704,11 @@ impl Policy {
         }
         self.driver.restore_state(freeze);
         self.driver.restore_timeline(timeline);
+        // State dicts written before the reference was tracked have none.
+        self.reference_step = match state.get_item("reference_step")? {
+            Some(v) => v.extract()?,
+            None => None,
+        };
         Ok(())
     }
 
@@ -534,12 +753,21 @@ fn observation_names() -> Vec<String> {
     Needs::ALL.names()
 }
 
+/// Block `block`'s `n` sampled-weight positions (sorted) among its
+/// `total` weights, drawn from the run's `seed`: the trainer's own
+/// (`SAMPLED_WEIGHTS`).
+#[pyfunction]
+fn sample_positions(total: usize, seed: u64, block: usize, n: usize) -> Vec<usize> {
+    simfreeze_runtime::more::sample_positions(total, seed, block, n)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Policy>()?;
     m.add_function(wrap_pyfunction!(discover, m)?)?;
     m.add_function(wrap_pyfunction!(observation_names, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_positions, m)?)?;
     m.add("PolicyError", py.get_type::<PolicyError>())?;
     m.add("PluginLoadError", py.get_type::<PluginLoadError>())?;
     m.add("ContractViolation", py.get_type::<ContractViolation>())?;

@@ -57,12 +57,16 @@ def args(out, epochs, save_steps=None):
 
 
 OPTIONS = "(record_steps: 2, compare_steps: 2, tolerance: 0.01)"
+# A contract-1 policy (the head's features) and a contract-2 one (Gram
+# matrices of the blocks against a reference snapshot).
+POLICIES = {"atsf": OPTIONS, "egeria": "(every: 2, window: 2, threshold: 0.5)"}
 
 
+@pytest.mark.parametrize("plugin", sorted(POLICIES))
 @pytest.mark.parametrize("make", [vit, dinov2], ids=["vit", "dinov2"])
-def test_hf_trainer_freezes_and_frozen_blocks_never_change(tmp_path, make):
+def test_hf_trainer_freezes_and_frozen_blocks_never_change(tmp_path, make, plugin):
     model = make()
-    freezer = FreezeCallback("atsf", OPTIONS)
+    freezer = FreezeCallback(plugin, POLICIES[plugin])
     trainer = Trainer(model=model, args=args(tmp_path, 4), train_dataset=Images(),
                       callbacks=[freezer])
     snaps: dict = {}
@@ -93,19 +97,21 @@ def test_hf_trainer_freezes_and_frozen_blocks_never_change(tmp_path, make):
     assert checked
 
 
-def test_hf_trainer_resume_continues_with_the_same_decisions(tmp_path):
-    straight = FreezeCallback("atsf", OPTIONS)
+@pytest.mark.parametrize("plugin", sorted(POLICIES))
+def test_hf_trainer_resume_continues_with_the_same_decisions(tmp_path, plugin):
+    OPTIONS = POLICIES[plugin]
+    straight = FreezeCallback(plugin, OPTIONS)
     Trainer(model=vit(), args=args(tmp_path / "a", 4), train_dataset=Images(),
             callbacks=[straight]).train()
 
-    first = FreezeCallback("atsf", OPTIONS)
+    first = FreezeCallback(plugin, OPTIONS)
     Trainer(model=vit(), args=args(tmp_path / "b", 4, save_steps=16), train_dataset=Images(),
             callbacks=[first]).train()
     checkpoint = tmp_path / "b" / "checkpoint-16"
     saved = json.loads((checkpoint / STATE_FILE).read_text())
     assert saved["step"] == 16
 
-    resumed = FreezeCallback("atsf", OPTIONS)
+    resumed = FreezeCallback(plugin, OPTIONS)
     Trainer(model=vit(), args=args(tmp_path / "b", 4), train_dataset=Images(),
             callbacks=[resumed]).train(resume_from_checkpoint=str(checkpoint))
     assert resumed.controller.step_index == 32
@@ -114,3 +120,17 @@ def test_hf_trainer_resume_continues_with_the_same_decisions(tmp_path):
     assert a["freeze_step"] == b["freeze_step"]
     assert a["scalars"] == b["scalars"]
     assert any(s is not None for s in a["freeze_step"])
+
+
+def test_hf_trainer_refuses_a_factor_policy_without_block_groups_at_train_start(tmp_path):
+    steps = []
+
+    class Count(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            steps.append(1)
+
+    trainer = Trainer(model=vit(), args=args(tmp_path, 1), train_dataset=Images(),
+                      callbacks=[FreezeCallback("slf"), Count()])
+    with pytest.raises(ValueError, match="param_groups"):
+        trainer.train()
+    assert not steps  # refused before the first step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -64,32 +65,67 @@ def trainer(tmp_path, epochs, callbacks):
 
 
 OPTIONS = "(record_steps: 2, compare_steps: 2, tolerance: 0.01)"
+# A contract-1 policy (the head's features) and a contract-2 one (Gram
+# matrices of the blocks against a reference snapshot).
+POLICIES = {"atsf": OPTIONS, "egeria": "(every: 2, window: 2, threshold: 0.5)"}
 
 
-def test_lightning_fit_freezes_and_frozen_blocks_never_change(tmp_path):
+@pytest.mark.parametrize("plugin", sorted(POLICIES))
+def test_lightning_fit_freezes_and_frozen_blocks_never_change(tmp_path, plugin):
     torch.manual_seed(0)
-    freezer = FreezeCallback("atsf", OPTIONS)
+    freezer = FreezeCallback(plugin, POLICIES[plugin])
     watch = Watch(freezer)
     trainer(tmp_path, 4, [freezer, watch]).fit(Classifier(), loader())
     timeline = freezer.controller.policy.timeline()
     assert timeline["steps"] == 32
     assert any(s is not None for s in timeline["freeze_step"])
     assert watch.checked > 0
+    # The fit's end makes every block trainable again (the default).
+    assert all(p.requires_grad for p in freezer.controller.model.parameters())
 
 
-def test_lightning_resume_continues_with_the_same_decisions(tmp_path):
+def test_lightning_can_leave_the_blocks_frozen_after_the_fit(tmp_path):
     torch.manual_seed(0)
-    straight = FreezeCallback("atsf", OPTIONS)
+    freezer = FreezeCallback("atsf", OPTIONS, restore_on_end=False)
+    trainer(tmp_path, 4, [freezer]).fit(Classifier(), loader())
+    c = freezer.controller
+    assert c.policy.frontier > 0
+    for b in range(c.policy.frontier):
+        assert not any(p.requires_grad for p in c.block_params[b])
+    assert all(p.requires_grad for p in c.block_params[-1])
+
+
+def test_lightning_refuses_a_factor_policy_without_block_groups_at_fit_start(tmp_path):
+    class Plain(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=0.05)
+
+    seen = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, *a):
+            seen.append(1)
+
+    with pytest.raises(ValueError, match="param_groups"):
+        trainer(tmp_path, 1, [FreezeCallback("slf"), Count()]).fit(Plain(), loader())
+    assert not seen  # refused before the first batch
+
+
+@pytest.mark.parametrize("plugin", sorted(POLICIES))
+def test_lightning_resume_continues_with_the_same_decisions(tmp_path, plugin):
+    OPTIONS = POLICIES[plugin]
+    torch.manual_seed(0)
+    straight = FreezeCallback(plugin, OPTIONS)
     trainer(tmp_path / "a", 4, [straight]).fit(Classifier(), loader())
 
     torch.manual_seed(0)
-    first = FreezeCallback("atsf", OPTIONS)
+    first = FreezeCallback(plugin, OPTIONS)
     t = trainer(tmp_path / "b", 2, [first])
     t.fit(Classifier(), loader())
     ckpt = tmp_path / "mid.ckpt"
     t.save_checkpoint(ckpt)
 
-    resumed = FreezeCallback("atsf", OPTIONS)
+    resumed = FreezeCallback(plugin, OPTIONS)
     trainer(tmp_path / "c", 4, [resumed]).fit(Classifier(), loader(), ckpt_path=str(ckpt))
     assert resumed.controller.step_index == 32
     a = straight.controller.policy.timeline()

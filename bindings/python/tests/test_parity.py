@@ -18,7 +18,15 @@ CASES = {
 }
 
 
-def run_with_observations(simfreeze_bin: Path, tmp: Path, plugin: str, options: str) -> Path:
+# Contract 2: their observations' values recorded (train.record_on_demand).
+ON_DEMAND = {
+    "egeria": "(every: 2, window: 2, threshold: 0.5)",
+    "smartfrz": "(threshold: 0.05, every: 2)",
+}
+
+
+def run_with_observations(simfreeze_bin: Path, tmp: Path, plugin: str, options: str,
+                          on_demand: bool = False) -> Path:
     config = tmp / "c.ron"
     config.write_text(
         f"""(
@@ -27,7 +35,7 @@ def run_with_observations(simfreeze_bin: Path, tmp: Path, plugin: str, options: 
     model: (preset: "tiny_fmnist", image_size: 8, patch: 4, dim: 12, depth: 4, heads: 3, mlp_ratio: 2.0),
     data: (source: Synthetic(train: 96, eval: 32, classes: 4)),
     train: (epochs: 4, batch: 8, threads: 1, device: "cpu", tensorboard: false,
-            record_observations: true, sgd: (lr: 0.05)),
+            record_observations: true, record_on_demand: {str(on_demand).lower()}, sgd: (lr: 0.05)),
     policy: (plugin: {json.dumps(plugin)}, options: {json.dumps(options)}),
 )"""
     )
@@ -62,3 +70,28 @@ def test_a_changed_policy_is_caught_by_the_replay(simfreeze_bin, tmp_path):
     records = simfreeze.read_observations(run / "observations.jsonl")
     other = simfreeze.Policy("slf", "(t0: 0.6)", layers=4)
     assert not all(simfreeze.matches(r, d) for r, d in simfreeze.replay(records, other))
+
+
+@pytest.mark.parametrize("plugin", sorted(ON_DEMAND))
+def test_replay_of_a_contract2_policy_takes_the_trainers_decisions(simfreeze_bin, tmp_path, plugin):
+    run = run_with_observations(simfreeze_bin, tmp_path, plugin, ON_DEMAND[plugin], on_demand=True)
+    records = simfreeze.read_observations(run / "observations.jsonl")
+    carried = [r for r in records if r["provided"]]
+    assert carried and all(r["more"] for r in carried)
+    policy = simfreeze.Policy(plugin, ON_DEMAND[plugin], layers=4)
+    for record, decision in simfreeze.replay(records, policy):
+        assert simfreeze.matches(record, decision), (
+            f"step {record['step']}: the run set {record['after']}, the replay {decision}"
+        )
+    summary = json.loads((run / "summary.json").read_text())
+    timeline = policy.timeline()
+    assert timeline["freeze_step"] == summary["freeze_step"]
+    assert any(s is not None for s in timeline["freeze_step"])
+
+
+def test_a_contract2_replay_without_the_values_says_how_to_record_them(simfreeze_bin, tmp_path):
+    run = run_with_observations(simfreeze_bin, tmp_path, "egeria", ON_DEMAND["egeria"])
+    records = simfreeze.read_observations(run / "observations.jsonl")
+    policy = simfreeze.Policy("egeria", ON_DEMAND["egeria"], layers=4)
+    with pytest.raises(ValueError, match="record_on_demand"):
+        simfreeze.replay(records, policy)

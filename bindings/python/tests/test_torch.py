@@ -74,13 +74,15 @@ def test_learning_rate_factors_scale_block_groups_and_are_restored():
         assert lr == pytest.approx(0.1 * (factors[b] if b is not None else 1.0))
 
 
-def test_factors_without_block_groups_are_refused_with_the_fix():
+def test_factors_without_block_groups_are_refused_before_training_with_the_fix():
     model = tiny_timm(depth=3)
-    x, y = synthetic()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = FreezeController(model, "slf", opt, total_steps=20)
-    with pytest.raises(ValueError, match="param_groups"):
-        train(model, ctl, opt, x, y, 3)
+    # FreezeOut sets its factors from the first step: refused when the
+    # controller is built, not at the first update.
+    with pytest.raises(ValueError, match="from step 0 on.*param_groups"):
+        FreezeController(model, "slf", opt, total_steps=20)
+    # A policy that never sets factors needs no groups.
+    FreezeController(model, "atsf", opt, total_steps=20).remove()
 
 
 def test_atsf_gets_features_and_labels_and_freezes():
@@ -139,10 +141,15 @@ def test_a_frozen_blocks_gradient_norm_is_zero():
         assert (n[:k] == 0).all() and (n[k:] > 0).all()
 
 
-def test_policies_the_controller_cannot_serve_are_refused_by_name():
+def test_a_reference_policy_without_the_optimizer_hook_says_how_to_fix_it():
+    # Egeria's reference forwards run before the update, which the
+    # controller sees only through the optimizer (or before_update()).
     model = tiny_timm(depth=3)
-    with pytest.raises(ValueError, match="REFERENCE.*only the simfreeze trainer"):
-        FreezeController(model, "egeria", total_steps=10)
+    x, y = synthetic()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ctl = FreezeController(model, "egeria", options="(every: 2)", total_steps=10)
+    with pytest.raises(RuntimeError, match="attach the optimizer.*before_update"):
+        train(model, ctl, opt, x, y, 10)
 
 
 def test_the_controller_state_resumes_the_same_decisions():

@@ -20,6 +20,7 @@ use simfreeze_abi::ffi::{NamedValues, Needs, Observation, ObservationV2, Referen
 
 use crate::contract::{Change, ContractViolation, FreezeController, FreezeState};
 use crate::loader::{PolicyCallError, PolicyHandle};
+use crate::more::MoreData;
 use crate::observations::ObservationRecord;
 
 /// What the trainer or simulator measured in one step.
@@ -139,6 +140,8 @@ pub struct PolicyDriver {
     timeline: Timeline,
     /// Whether each step's observation is kept as a record.
     recording: bool,
+    /// Whether the records hold the on-demand observations' values.
+    recording_more: bool,
     record: Option<ObservationRecord>,
 }
 
@@ -157,6 +160,7 @@ impl PolicyDriver {
                 ..Timeline::default()
             },
             recording: false,
+            recording_more: false,
             record: None,
         }
     }
@@ -165,6 +169,13 @@ impl PolicyDriver {
     /// it and the state its decision set: [`Self::take_record`].
     pub fn record_observations(&mut self) {
         self.recording = true;
+    }
+
+    /// Records also hold the values of the on-demand observations (contract
+    /// 2) a step carried, so that a replay of them is exact.
+    pub fn record_on_demand(&mut self) {
+        self.recording = true;
+        self.recording_more = true;
     }
 
     /// The record of the last step [`Self::after_step`] accepted, once.
@@ -312,6 +323,8 @@ impl PolicyDriver {
                 grad_norms: obs.grad_norms.to_vec(),
                 lr: input.lr,
                 provided: more.provided.names(),
+                more: (self.recording_more && !more.provided.is_empty())
+                    .then(|| MoreData::of(&more)),
                 after: self.controller.state().clone(),
             });
         }

@@ -9,12 +9,16 @@
 //! accumulated norm per block).
 
 use abi_stable::std_types::{ROption, RSlice};
+use serde::{Deserialize, Serialize};
 use simfreeze_abi::ffi::{BlockObservations, Needs, ObservationV2};
 
+use crate::observations::hex_f32;
 use crate::rng::Rng;
 
-/// Per-block reductions of one set of samples, owned.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Per-block reductions of one set of samples, owned (and, in a run's
+/// `observations.jsonl`, recorded: floats as the hex of their bytes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BlocksData {
     /// First block observed.
     pub first: usize,
@@ -25,12 +29,26 @@ pub struct BlocksData {
     /// Token width.
     pub dim: usize,
     /// `blocks × rows × dim`, or empty.
+    #[serde(with = "hex_f32")]
     pub tokens: Vec<f32>,
     /// `blocks × rows × rows`, or empty.
+    #[serde(with = "hex_f32")]
     pub grams: Vec<f32>,
 }
 
 impl BlocksData {
+    /// An owned copy of what `b` points to.
+    pub fn of(b: &BlockObservations<'_>) -> Self {
+        BlocksData {
+            first: b.first as usize,
+            blocks: b.blocks as usize,
+            rows: b.rows as usize,
+            dim: b.dim as usize,
+            tokens: b.tokens.to_vec(),
+            grams: b.grams.to_vec(),
+        }
+    }
+
     /// The stable view.
     pub fn view(&self) -> BlockObservations<'_> {
         BlockObservations {
@@ -44,10 +62,14 @@ impl BlocksData {
     }
 }
 
-/// Everything an [`ObservationV2`] points to, owned.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Everything an [`ObservationV2`] points to, owned. Recorded in a run's
+/// `observations.jsonl` under `more` (`train.record_on_demand`); `provided`
+/// is not part of it (the record names it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct MoreData {
     /// What was computed.
+    #[serde(skip)]
     pub provided: Needs,
     /// The batch through the model.
     pub batch: BlocksData,
@@ -60,6 +82,7 @@ pub struct MoreData {
     /// When the reference was taken.
     pub reference_step: Option<u64>,
     /// `layers × samples_per_block`.
+    #[serde(with = "hex_f32")]
     pub sampled_weights: Vec<f32>,
     /// Samples per block.
     pub samples_per_block: usize,
@@ -72,6 +95,23 @@ pub struct MoreData {
 }
 
 impl MoreData {
+    /// An owned copy of what `v` points to.
+    pub fn of(v: &ObservationV2<'_>) -> Self {
+        MoreData {
+            provided: v.provided,
+            batch: BlocksData::of(&v.batch),
+            batch_reference: BlocksData::of(&v.batch_reference),
+            probe: BlocksData::of(&v.probe),
+            probe_reference: BlocksData::of(&v.probe_reference),
+            reference_step: v.reference_step.into_option(),
+            sampled_weights: v.sampled_weights.to_vec(),
+            samples_per_block: v.samples_per_block as usize,
+            acc_grad_l1: v.acc_grad_l1.to_vec(),
+            acc_grad_l2: v.acc_grad_l2.to_vec(),
+            acc_grad_steps: v.acc_grad_steps,
+        }
+    }
+
     /// The stable view a policy receives.
     pub fn view(&self) -> ObservationV2<'_> {
         ObservationV2 {
@@ -89,6 +129,18 @@ impl MoreData {
             extra: RSlice::from_slice(&[]),
         }
     }
+}
+
+/// Block `block`'s `n` sampled-weight positions (`Needs::SAMPLED_WEIGHTS`),
+/// sorted, among its `total` weights (its parameters sorted by name, each
+/// flattened, one after the other), drawn from the run's `seed`: the same
+/// every time in a run, and the same in every host (the trainer and the
+/// Python controller draw them here).
+pub fn sample_positions(total: usize, seed: u64, block: usize, n: usize) -> Vec<usize> {
+    let mut rng = Rng::new(seed ^ (0x5a3d_u64 << 16) ^ block as u64);
+    let mut picks: Vec<usize> = (0..n).map(|_| rng.below(total.max(1))).collect();
+    picks.sort_unstable();
+    picks
 }
 
 /// The row-normalised Gram matrix `G = A Aᵀ`, each row divided by its L2

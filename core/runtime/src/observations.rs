@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::contract::FreezeState;
+use crate::more::MoreData;
 
 /// One step of the stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,11 +47,14 @@ pub struct ObservationRecord {
     pub grad_norms: Vec<f32>,
     /// The step's base learning rate, when the host has one.
     pub lr: Option<f64>,
-    /// The on-demand observations (contract 2) the step carried, by name;
-    /// their values are not recorded, so a replay of a step that carried
-    /// any cannot be exact.
+    /// The on-demand observations (contract 2) the step carried, by name.
     #[serde(default)]
     pub provided: Vec<String>,
+    /// Their values, when the run records them (`train.record_on_demand`:
+    /// they are large); without them a replay of a step that carried any
+    /// cannot be exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more: Option<MoreData>,
     /// The freeze state the policy's decision set for the next step.
     pub after: FreezeState,
 }

@@ -78,6 +78,33 @@ def _array(x: Any, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x), dtype=dtype)
 
 
+def _blocks(**sets: tuple) -> dict:
+    """`{set: (rows, dim, tokens bytes, grams bytes)}` for the native
+    side, from `{set: (tokens, grams)}` (`layers x B x D`, `layers x B x
+    B`; either may be None)."""
+    out = {}
+    for name, (tokens, grams) in sets.items():
+        if tokens is None and grams is None:
+            continue
+        rows, dim, t, g = 0, 0, None, None
+        if tokens is not None:
+            a = _array(tokens, "<f4")
+            if a.ndim != 3:
+                raise ValueError(f"{name}_tokens: expected blocks x B x D, got shape {a.shape}")
+            rows, dim, t = a.shape[1], a.shape[2], a.tobytes()
+        if grams is not None:
+            a = _array(grams, "<f4")
+            if a.ndim != 3 or a.shape[1] != a.shape[2]:
+                raise ValueError(f"{name}_grams: expected blocks x B x B, got shape {a.shape}")
+            if tokens is not None and a.shape[1] != rows:
+                raise ValueError(
+                    f"{name}_grams: {a.shape[1]} samples, {name}_tokens has {rows}"
+                )
+            rows, g = a.shape[1], a.tobytes()
+        out[name] = (rows, dim, t, g)
+    return out
+
+
 def _scalar(x: Any) -> float:
     return float(x.item()) if hasattr(x, "item") else float(x)
 
@@ -163,6 +190,15 @@ class Policy:
         acc_grad_l1: Any = None,
         acc_grad_l2: Any = None,
         acc_grad_steps: int = 0,
+        batch_tokens: Any = None,
+        batch_grams: Any = None,
+        batch_reference_tokens: Any = None,
+        batch_reference_grams: Any = None,
+        probe_tokens: Any = None,
+        probe_grams: Any = None,
+        probe_reference_tokens: Any = None,
+        probe_reference_grams: Any = None,
+        reference_step: Optional[int] = None,
     ) -> Decision:
         """Hands the policy step `step` (from 0), which just ran, and returns
         its checked decision for the next step.
@@ -171,8 +207,20 @@ class Policy:
         `labels` the batch's labels; `grad_norms` one gradient L2 norm per
         block (0 for frozen blocks); torch tensors (any device) or numpy
         arrays. Pass what `needs` names; the rest may be omitted.
-        `sampled_weights` (`layers x samples`) and the accumulated gradient
-        norms are the contract-2 observations, when `observe_next` asks.
+
+        The contract-2 observations, each needed only at a step that
+        `observe_next` asked for at the step before (the trainer's names):
+        `<set>_tokens` (`layers x B x D`: each block's pooled output token)
+        and `<set>_grams` (`layers x B x B`: each block's row-normalised
+        Gram matrix), where `<set>` is `batch` (the step's batch),
+        `probe` (the fixed probe batch), `batch_reference` and
+        `probe_reference` (the same through the reference snapshot, once
+        one was taken); `sampled_weights` (`layers x samples`);
+        `acc_grad_l1`, `acc_grad_l2` and `acc_grad_steps`;
+        `reference_step` (default: the step after which the policy last
+        asked for a snapshot). When the policy asked for one of them and it
+        is not passed, `observe` raises `ValueError` naming the argument:
+        a policy is never starved silently.
 
         Raises `ContractViolation` when the decision breaks the freezing
         contract (the state is unchanged), `PolicyFailed` or
@@ -206,6 +254,16 @@ class Policy:
             kwargs["acc_grad_l1"] = [float(v) for v in _array(acc_grad_l1, "<f8").reshape(-1)]
             kwargs["acc_grad_l2"] = [float(v) for v in _array(acc_grad_l2, "<f8").reshape(-1)]
             kwargs["acc_grad_steps"] = int(acc_grad_steps)
+        blocks = _blocks(
+            batch=(batch_tokens, batch_grams),
+            batch_reference=(batch_reference_tokens, batch_reference_grams),
+            probe=(probe_tokens, probe_grams),
+            probe_reference=(probe_reference_tokens, probe_reference_grams),
+        )
+        if blocks:
+            kwargs["blocks"] = blocks
+        if reference_step is not None:
+            kwargs["reference_step"] = int(reference_step)
         d = self._native.observe(
             step=int(step),
             epoch=int(step // steps_per_epoch if epoch is None else epoch),
@@ -228,6 +286,15 @@ class Policy:
             committed=tuple(d["committed"]),
             scalars=dict(d["scalars"]),
         )
+
+    def rehearse_lr_factors(self, total_steps: int, steps_per_epoch: Optional[int] = None):
+        """The first step after which a fresh copy of this policy, driven
+        through `simfreeze simulate`'s synthetic world for `total_steps`,
+        sets a per-block learning-rate factor other than 1; None if it
+        never does. Tells before training whether the optimizer needs
+        per-block groups (`simfreeze.torch.param_groups`)."""
+        return self._native.rehearse_lr_factors(
+            int(total_steps), int(steps_per_epoch or total_steps))
 
     def timeline(self) -> dict:
         """The freeze timeline so far: `freeze_step` per block (the first
@@ -270,8 +337,35 @@ def read_observations(path: os.PathLike | str) -> list[dict]:
                 r["features"] = r["features"].reshape(-1, r["feature_dim"])
             r["grad_norms"] = np.frombuffer(bytes.fromhex(r["grad_norms"]), dtype="<f4")
             r["labels"] = np.asarray(r["labels"], dtype="<i8")
+            if r.get("more") is not None:
+                r["more"] = _read_more(r["more"])
             by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
+
+
+def _read_more(m: dict) -> dict:
+    """A record's on-demand values (`train.record_on_demand`) as the
+    keyword arguments of `Policy.observe`."""
+    out: dict = {}
+    for name in ("batch", "batch_reference", "probe", "probe_reference"):
+        b = m.get(name) or {}
+        blocks, rows, dim = b.get("blocks", 0), b.get("rows", 0), b.get("dim", 0)
+        if b.get("tokens"):
+            out[f"{name}_tokens"] = np.frombuffer(
+                bytes.fromhex(b["tokens"]), dtype="<f4").reshape(blocks, rows, dim)
+        if b.get("grams"):
+            out[f"{name}_grams"] = np.frombuffer(
+                bytes.fromhex(b["grams"]), dtype="<f4").reshape(blocks, rows, rows)
+    if m.get("reference_step") is not None:
+        out["reference_step"] = m["reference_step"]
+    if m.get("sampled_weights"):
+        w = np.frombuffer(bytes.fromhex(m["sampled_weights"]), dtype="<f4")
+        out["sampled_weights"] = w.reshape(-1, m["samples_per_block"])
+    if m.get("acc_grad_l1"):
+        out["acc_grad_l1"] = np.asarray(m["acc_grad_l1"], dtype="<f8")
+        out["acc_grad_l2"] = np.asarray(m["acc_grad_l2"], dtype="<f8")
+        out["acc_grad_steps"] = m.get("acc_grad_steps", 0)
+    return out
 
 
 def replay(records: Iterable[Mapping], policy: Policy) -> list[tuple[Mapping, Decision]]:
@@ -282,12 +376,14 @@ def replay(records: Iterable[Mapping], policy: Policy) -> list[tuple[Mapping, De
     differently)."""
     out = []
     for r in records:
-        if r.get("provided"):
+        if r.get("provided") and r.get("more") is None:
             raise ValueError(
                 f"step {r['step']} carried on-demand observations "
-                f"({', '.join(r['provided'])}), which records do not hold"
+                f"({', '.join(r['provided'])}), whose values the run did not record "
+                f"(record them with train.record_on_demand: true)"
             )
         d = policy.observe(
+            **(r.get("more") or {}),
             step=r["step"],
             epoch=r["epoch"],
             steps_per_epoch=r["steps_per_epoch"],

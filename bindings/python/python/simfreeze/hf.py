@@ -29,6 +29,11 @@ from .torch import FreezeController, find_blocks
 
 #: The file each checkpoint folder gets.
 STATE_FILE = "simfreeze_policy.json"
+#: And, for a contract-2 policy, the tensors the controller keeps for it
+#: (the probe batch, the reference snapshot, the gradient sums).
+TENSOR_FILE = "simfreeze_observer.pt"
+#: The parts of the controller's state that are tensors.
+_TENSOR_KEYS = ("observer", "acc")
 
 
 def _inner(optimizer: Any) -> Any:
@@ -95,6 +100,9 @@ class FreezeCallback(transformers.TrainerCallback):
             with open(path) as f:
                 saved = json.load(f)
             saved["policy"]["policy_state"] = base64.b64decode(saved["policy"]["policy_state"])
+            tensors = os.path.join(folder, TENSOR_FILE)
+            if os.path.isfile(tensors):
+                saved.update(torch.load(tensors, weights_only=False))
             c.load_state_dict(saved)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -108,6 +116,11 @@ class FreezeCallback(transformers.TrainerCallback):
         saved = self.controller.state_dict()
         saved["policy"]["policy_state"] = base64.b64encode(saved["policy"]["policy_state"]).decode()
         os.makedirs(folder, exist_ok=True)
+        tensors = {k: saved.pop(k) for k in _TENSOR_KEYS if k in saved}
+        if tensors:
+            tmp = os.path.join(folder, f".{TENSOR_FILE}.tmp")
+            torch.save(tensors, tmp)
+            os.replace(tmp, os.path.join(folder, TENSOR_FILE))
         tmp = os.path.join(folder, f".{STATE_FILE}.tmp")
         with open(tmp, "w") as f:
             json.dump(saved, f)

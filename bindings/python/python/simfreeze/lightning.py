@@ -43,6 +43,16 @@ class FreezeCallback(pl.Callback):
     of its own); `labels(batch)` and `loss(outputs)` pick the labels and
     the loss out of a batch and `training_step`'s result (defaults: the
     second item of a tuple batch or its `labels` key; the `loss` key).
+
+    When the fit ends, the controller's hooks are removed and, with
+    `restore_on_end=True` (the default), every block gets back the
+    `requires_grad` it had before the fit, so a later fit or fine-tune
+    trains the whole model again; `restore_on_end=False` leaves the frozen
+    blocks frozen (`requires_grad=False`), as the policy left them.
+
+    An optimizer without the per-block groups of
+    `simfreeze.torch.param_groups` is refused when the fit starts if the
+    policy sets per-block learning-rate factors (FreezeOut's schedules).
     """
 
     def __init__(
@@ -54,9 +64,11 @@ class FreezeCallback(pl.Callback):
         labels: Callable[[Any], Any] = _default_labels,
         loss: Callable[[Any], Any] = _default_loss,
         num_classes: Optional[int] = None,
+        restore_on_end: bool = True,
         **controller_args: Any,
     ):
         self.plugin = plugin
+        self.restore_on_end = restore_on_end
         self.options = options
         self.model_attr = model_attr
         self.labels = labels
@@ -121,7 +133,7 @@ class FreezeCallback(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.controller is not None:
-            self.controller.remove()
+            self.controller.remove(restore=self.restore_on_end)
 
     def state_dict(self) -> dict:
         if self.controller is not None:

@@ -18,14 +18,20 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import _native
+from ._observe import REDUCTIONS, BlockObserver
 from ._policy import Decision, Policy
 
-#: The observations this controller computes. The others of contract 2
-#: (block tokens and Gram matrices, the reference snapshot, the probe
-#: batch) need the simfreeze trainer.
+#: The observations this controller computes: every one of contract 1 and
+#: contract 2.
 SUPPORTED = frozenset(
-    {"CLS_FEATURES", "LABELS", "GRAD_NORMS", "SAMPLED_WEIGHTS", "ACC_GRAD_NORMS"}
+    {
+        "CLS_FEATURES", "LABELS", "GRAD_NORMS", "BLOCK_TOKENS", "BLOCK_GRAMS",
+        "REFERENCE", "PROBE_BATCH", "SAMPLED_WEIGHTS", "ACC_GRAD_NORMS",
+    }
 )
+#: The contract-2 observations the block hooks compute.
+_BLOCK_NEEDS = REDUCTIONS | {"REFERENCE", "PROBE_BATCH"}
 #: Weights sampled per block for `SAMPLED_WEIGHTS` (the trainer's count).
 SAMPLES_PER_BLOCK = 64
 
@@ -147,6 +153,19 @@ class FreezeController:
     ViTs; pass them for other models. `capture_loss=True` takes the loss
     and labels from the model's forward (Hugging Face models called with
     `labels=`), for loops that do not hand them over.
+
+    Contract-2 policies (Egeria, SmartFRZ, your own) get their on-demand
+    observations computed here, only at the steps they asked for them,
+    as the trainer computes them: each block's pooled token and Gram
+    matrix of the step's batch (read from the training forward by hooks
+    on the blocks), of the probe batch and of both through the reference
+    snapshot (forwards run after the backward, before the update, without
+    autograd, in evaluation mode); the sampled weights at the trainer's
+    indices (for timm-named parameters, drawn from `seed`, the trainer's
+    `train.seed`); the accumulated gradient norms. The probe batch is
+    `probe_batch` (images, as the model's first argument), or else the
+    first batch the model is trained on, kept for the whole run (the
+    trainer keeps the first batch of a fixed shuffle of the training set).
     """
 
     def __init__(
@@ -164,6 +183,8 @@ class FreezeController:
         embedding: Optional[Iterable[nn.Parameter]] = None,
         capture_loss: bool = False,
         update_hook: bool = True,
+        probe_batch: Optional[torch.Tensor] = None,
+        seed: int = 0,
     ):
         self.model = model
         self.blocks = list(blocks) if blocks is not None else find_blocks(model)
@@ -180,9 +201,10 @@ class FreezeController:
         if unsupported:
             raise ValueError(
                 f"policy `{self.policy.name}` needs {', '.join(sorted(unsupported))}, which "
-                f"only the simfreeze trainer computes (this controller computes "
-                f"{', '.join(sorted(SUPPORTED))})"
+                f"this controller does not know (it computes {', '.join(sorted(SUPPORTED))}): "
+                f"a newer simfreeze may"
             )
+        self.seed = int(seed)
         self.total_steps = int(total_steps)
         self.steps_per_epoch = int(steps_per_epoch or total_steps)
         self.head = head if head is not None else find_head(model)
@@ -215,7 +237,11 @@ class FreezeController:
         self._acc: Optional[list] = None
         self._acc_steps = 0
         self._saved_lr: list = []
-        self._sample_index = self._sample_indices()
+        self._sample_index = self._sample_indices() if "SAMPLED_WEIGHTS" in needs else []
+        self._observer: Optional[BlockObserver] = None
+        self._observed_before_update = False
+        if needs & _BLOCK_NEEDS:
+            self._observer = BlockObserver(model, self.blocks, needs, probe_batch)
         if self.head is not None and "CLS_FEATURES" in needs:
             self._hooks.append(self.head.register_forward_pre_hook(self._capture_features))
         for i, b in enumerate(self.blocks):
@@ -236,9 +262,28 @@ class FreezeController:
         optimizer runs the backward inside `step(closure)` call
         `before_update()` themselves, after the backward)."""
         self.optimizer = optimizer
+        self.check_lr_groups(optimizer)
         self._hooks.append(optimizer.register_step_pre_hook(self._pre_step))
         self._hooks.append(optimizer.register_step_post_hook(self._post_step))
         self._update_hook = update_hook
+
+    def check_lr_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuses, before training, an optimizer without the per-block
+        groups of `param_groups` when the policy sets per-block
+        learning-rate factors (FreezeOut's schedules do from the first
+        step): a rehearsal of the policy on synthetic observations tells.
+        A policy that sets them only on some data is still caught at the
+        first optimizer step that needs them."""
+        if any("simfreeze_block" in g for g in optimizer.param_groups):
+            return
+        at = self.policy.rehearse_lr_factors(self.total_steps, self.steps_per_epoch)
+        if at is not None:
+            raise ValueError(
+                f"policy `{self.policy.name}` sets per-block learning-rate factors (from step "
+                f"{at} on, in a rehearsal of the run on synthetic observations), and the "
+                f"optimizer has no per-block groups: build it with "
+                f"simfreeze.torch.param_groups(model, lr) so that each block has its own group"
+            )
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self._update_hook:
@@ -276,6 +321,9 @@ class FreezeController:
             self._sampled = self._sample_weights()
         if "ACC_GRAD_NORMS" in needs:
             self._accumulate(frozen)
+        if self._observer is not None:
+            self._observer.before_update()
+            self._observed_before_update = True
         for ps in self.block_params[:frozen]:
             for p in ps:
                 p.grad = None
@@ -293,20 +341,33 @@ class FreezeController:
 
     def _sample_indices(self) -> list:
         """Per block, `(parameter, flat indices)` of the weights sampled
-        for `SAMPLED_WEIGHTS`: fixed for the run (seed 0), spread over the
-        block's weights in proportion to each parameter's size."""
-        g = torch.Generator().manual_seed(0)
+        for `SAMPLED_WEIGHTS`, as the trainer draws them: the block's
+        parameters (block 0 with the embedding) sorted by name and laid end
+        to end, `SAMPLES_PER_BLOCK` positions among them drawn from
+        `seed`, the same for the whole run. With timm's parameter names
+        they are the trainer's own weights."""
+        owner = {}
+        for i, ps in enumerate(self.block_params):
+            for p in ps:
+                owner[id(p)] = i
+        named: list = [[] for _ in self.blocks]
+        for name, p in self.model.named_parameters():
+            if id(p) in owner:
+                named[owner[id(p)]].append((name, p))
         out = []
-        for i, b in enumerate(self.blocks):
-            ps = [p for p in b.parameters()]
-            sizes = torch.tensor([p.numel() for p in ps], dtype=torch.float64)
-            picks = torch.multinomial(sizes, SAMPLES_PER_BLOCK, replacement=True, generator=g)
-            chosen = []
-            for k, p in enumerate(ps):
-                n = int((picks == k).sum())
-                if n:
-                    idx = torch.randint(p.numel(), (n,), generator=g)
-                    chosen.append((p, idx))
+        for i, params in enumerate(named):
+            params.sort(key=lambda np_: np_[0])
+            total = sum(p.numel() for _, p in params)
+            picks = torch.tensor(
+                _native.sample_positions(total, self.seed, i, SAMPLES_PER_BLOCK),
+                dtype=torch.long,
+            )
+            chosen, start = [], 0
+            for _, p in params:
+                mine = picks[(picks >= start) & (picks < start + p.numel())] - start
+                if mine.numel():
+                    chosen.append((p, mine))
+                start += p.numel()
             out.append(chosen)
         return out
 
@@ -424,6 +485,18 @@ class FreezeController:
             kwargs["sampled_weights"] = self._sampled
         if "ACC_GRAD_NORMS" in self.policy.observe_next:
             kwargs.update(self._read_accumulated())
+        if self._observer is not None:
+            asked = self.policy.observe_next
+            if asked & REDUCTIONS and asked & {"PROBE_BATCH", "REFERENCE"} and not (
+                self._observed_before_update
+            ):
+                raise RuntimeError(
+                    "the policy asked for the probe batch or the reference at this step, "
+                    "which are computed before the update: attach the optimizer "
+                    "(FreezeController(model, policy, optimizer, ...)) or call "
+                    "before_update() after the backward"
+                )
+            kwargs.update(self._observer.collect())
         batch = None
         if labels is not None:
             batch = int(labels.shape[0]) if hasattr(labels, "shape") else len(labels)
@@ -442,27 +515,54 @@ class FreezeController:
         self._labels.clear()
         self._grad_norms = None
         self._sampled = None
+        if self._observer is not None:
+            if decision.reference != "keep":
+                kind = decision.reference.removeprefix("take_")
+                self._observer.take_reference(kind, decision.step)
+            self._observer.arm(self.policy.observe_next)
+            self._observed_before_update = False
         self._apply()
         return decision
 
     # -- checkpoints ------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The policy's state and the step count (picklable)."""
-        return {"step": self.step_index, "policy": self.policy.state_dict(self.step_index)}
+        """The policy's state and the step count, and what the controller
+        keeps for a contract-2 policy (the probe batch, the reference
+        snapshot, the gradient sums): picklable (`torch.save`)."""
+        out = {"step": self.step_index, "policy": self.policy.state_dict(self.step_index)}
+        if self._observer is not None:
+            out["observer"] = self._observer.state_dict()
+        if self._acc is not None:
+            out["acc"] = {"sums": self._acc, "steps": self._acc_steps}
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         """Continues from `state_dict()`'s result: the policy's state, its
-        freeze state (applied to the model) and the step count."""
+        freeze state (applied to the model), the step count and what the
+        controller kept for the policy."""
         self.policy.load_state_dict(state["policy"])
         self.step_index = int(state["step"])
+        if self._observer is not None:
+            self._observer.load_state_dict(state.get("observer") or {})
+            self._observer.arm(self.policy.observe_next)
+        acc = state.get("acc")
+        if acc is not None:
+            self._acc, self._acc_steps = acc["sums"], int(acc["steps"])
         self._apply()
 
-    def remove(self) -> None:
-        """Removes the hooks and makes every block trainable again as it was."""
+    def remove(self, restore: bool = True) -> None:
+        """Removes the hooks and, with `restore`, gives every parameter back
+        the `requires_grad` it had before the controller (every block
+        trainable again as it was); `restore=False` leaves the blocks the
+        policy froze for good frozen."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for ps in self.block_params:
+        if self._observer is not None:
+            self._observer.remove()
+        frontier = 0 if restore else self.policy.frontier
+        for i, ps in enumerate(self.block_params):
             for p in ps:
-                p.requires_grad_(self._trainable[id(p)])
+                # A probed block (frozen for one step only) trains again.
+                p.requires_grad_(i >= frontier and self._trainable[id(p)])

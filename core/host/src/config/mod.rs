@@ -273,6 +273,14 @@ pub struct TrainSection {
     /// directory (one JSON line per step; replay it through a policy to
     /// check or debug one: docs/python.md).
     pub record_observations: bool,
+    /// Record as `record_observations` does (which it implies), and also
+    /// the values of the on-demand observations (contract 2: block tokens
+    /// and Gram matrices of the batch, the probe batch and the reference,
+    /// sampled weights, accumulated gradient norms) at the steps that
+    /// carried them, so that a replay of Egeria or SmartFRZ is exact. Off
+    /// by default: a Gram matrix per block per observed step makes the
+    /// file large.
+    pub record_on_demand: bool,
 }
 
 impl TrainSection {
@@ -327,6 +335,7 @@ impl Default for TrainSection {
             dist_backend: Backend::Auto,
             overlap_allreduce: true,
             record_observations: false,
+            record_on_demand: false,
         }
     }
 }

@@ -14,8 +14,7 @@
 
 use anyhow::{bail, Result};
 use simfreeze_abi::ffi::{Needs, ReferenceRequest};
-use simfreeze_runtime::more::{BlocksData, MoreData};
-use simfreeze_runtime::rng::Rng;
+use simfreeze_runtime::more::{sample_positions, BlocksData, MoreData};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::engine::{Batch, Engine};
@@ -610,11 +609,11 @@ fn sample_indices(
                 .map(|(n, t)| (n, t.numel() as i64))
                 .collect();
             let total: i64 = params.iter().map(|p| p.1).sum();
-            let mut rng = Rng::new(seed ^ (0x5a3d_u64 << 16) ^ block as u64);
-            let mut picks: Vec<i64> = (0..SAMPLES_PER_BLOCK)
-                .map(|_| rng.below(total.max(1) as usize) as i64)
-                .collect();
-            picks.sort_unstable();
+            let picks: Vec<i64> =
+                sample_positions(total.max(0) as usize, seed, block, SAMPLES_PER_BLOCK)
+                    .into_iter()
+                    .map(|p| p as i64)
+                    .collect();
             let mut out: Vec<(String, Tensor)> = Vec::new();
             let mut start = 0;
             for (name, n) in params {

@@ -58,7 +58,7 @@ impl LogFileSet {
     pub fn of(train: &TrainSection) -> LogFileSet {
         LogFileSet {
             tensorboard: train.tensorboard,
-            observations: train.record_observations,
+            observations: train.record_observations || train.record_on_demand,
         }
     }
 }

@@ -44,6 +44,9 @@ impl Trainer {
         if config.train.record_observations {
             driver.record_observations();
         }
+        if config.train.record_on_demand {
+            driver.record_on_demand();
+        }
         if start.is_none() && config.train.frozen_from_start > 0 {
             driver.freeze_from_start(config.train.frozen_from_start);
         }
