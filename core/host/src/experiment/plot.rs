@@ -230,6 +230,12 @@ impl Chart {
                 esc(label)
             );
         }
+        // The vertical lines' labels go at the foot of the plot, away from
+        // the horizontal lines' (drawn at the right end, above their line:
+        // the baseline's Δ = 0 sits near the top of an accuracy chart), or
+        // at the top when a horizontal line runs along the foot.
+        let foot = self.h_lines.iter().any(|(y, _)| sy(*y) > TOP + ph - 24.0);
+        let label_y = if foot { TOP + 14.0 } else { TOP + ph - 4.0 };
         for (x, label) in &self.v_lines {
             let px = sx(*x);
             let _ = writeln!(
@@ -237,7 +243,7 @@ impl Chart {
                 r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="#555" stroke-dasharray="5 4"/><text x="{:.1}" y="{:.1}" fill="#555" font-size="11">{}</text>"##,
                 TOP + ph,
                 px + 4.0,
-                TOP + 14.0,
+                label_y,
                 esc(label)
             );
         }
@@ -572,6 +578,41 @@ mod tests {
         assert_eq!((img.width(), img.height()), (2 * W as u32, 2 * H as u32));
         let coloured = img.pixels().iter().filter(|p| p.red() != p.blue()).count();
         assert!(coloured > 100, "the series should be drawn in colour");
+    }
+
+    /// The `(x, y)` of the `<text>` that reads `label`.
+    fn text_at(svg: &str, label: &str) -> (f64, f64) {
+        let end = svg.find(&format!(">{label}</text>")).unwrap();
+        let start = svg[..end].rfind("<text").unwrap();
+        let attr = |name: &str| -> f64 {
+            let tag = &svg[start..end];
+            let i = tag.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+            tag[i..].split('"').next().unwrap().parse().unwrap()
+        };
+        (attr("x"), attr("y"))
+    }
+
+    #[test]
+    fn the_baseline_label_and_the_band_labels_do_not_overlap() {
+        // Δ = 0 at the top of the chart and a band line near its right
+        // end: where the two labels used to share a corner.
+        let chart = Chart {
+            series: vec![Series {
+                name: "p".into(),
+                points: vec![(1.0, 0.0), (2.1, -3.0)],
+                style: Style::Labelled,
+                color: 1,
+            }],
+            h_lines: vec![(0.0, "baseline".into())],
+            v_lines: vec![(2.0, "2x".into())],
+            ..Default::default()
+        };
+        let svg = chart.to_svg();
+        let (bx, by) = text_at(&svg, "baseline");
+        let (vx, vy) = text_at(&svg, "2x");
+        // "baseline" ends at bx (anchored at its end); "2x" starts at vx.
+        let apart = (by - vy).abs() > 14.0 || vx > bx || vx + 20.0 < bx - 60.0;
+        assert!(apart, "baseline at ({bx}, {by}), 2x at ({vx}, {vy})");
     }
 
     #[test]

@@ -34,8 +34,11 @@ pub struct PointStats {
     pub train_compute: Option<Ratio>,
     /// Wall speedup against the same seed's baseline.
     pub wall: Option<Ratio>,
-    /// Mean blocks frozen at the end.
+    /// Mean blocks that ran frozen by the end.
     pub frozen: Option<f64>,
+    /// Mean steps that ran with a probe (the frontier block held frozen
+    /// for one step to test it): speed that no committed freeze explains.
+    pub probe_steps: Option<f64>,
     /// The Δ interval against 0 (none with one seed).
     pub verdict: Option<Verdict>,
     /// Whether the Δ interval's lower bound is at least `-margin_pp` (none
@@ -86,6 +89,7 @@ pub fn point_stats(
             };
             let d_acc = Estimate::of(&col(&|r| r.d_acc));
             let frozen = col(&|r| Some(r.frontier as f64));
+            let probes = col(&|r| Some(r.probe_steps as f64));
             PointStats {
                 stage,
                 label: label.clone(),
@@ -97,6 +101,7 @@ pub fn point_stats(
                 train_compute: Ratio::of(&col(&|r| Some(r.train_compute_speedup))),
                 wall: Ratio::of(&col(&|r| r.wall_speedup)),
                 frozen: (!frozen.is_empty()).then(|| mean_std(&frozen).0),
+                probe_steps: (!probes.is_empty()).then(|| mean_std(&probes).0),
                 verdict: d_acc.as_ref().and_then(Verdict::of),
                 within: d_acc.as_ref().and_then(|e| within_margin(e, cfg.margin_pp)),
             }
@@ -108,7 +113,7 @@ pub fn point_stats(
 pub const POINTS_HEADER: &str = "stage,label,family,n,top1_mean,d_acc_mean,d_acc_std,\
 d_acc_ci_low,d_acc_ci_high,d_acc_half_width,verdict,within_margin,compute_speedup,\
 compute_ci_low,compute_ci_high,train_compute_speedup,train_compute_ci_low,\
-train_compute_ci_high,wall_speedup,wall_ci_low,wall_ci_high,frozen_blocks";
+train_compute_ci_high,wall_speedup,wall_ci_low,wall_ci_high,frozen_blocks,probe_steps";
 
 /// Writes `points.csv`: one row per point and stage (the baseline's Δ
 /// columns empty: it is the reference), empty cells where there is
@@ -160,6 +165,7 @@ pub fn write_points(dir: &Path, points: &[PointStats]) -> Result<()> {
             w_lo,
             w_hi,
             f(p.frozen, 2),
+            f(p.probe_steps, 1),
         ];
         s.push_str(&fields.join(","));
         s.push('\n');

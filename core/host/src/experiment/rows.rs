@@ -61,7 +61,7 @@ pub struct Row {
     pub wall_speedup: Option<f64>,
     /// Compute-model speedup.
     pub compute_speedup: f64,
-    /// Blocks frozen at the end.
+    /// Blocks that ran frozen by the end ([`ran_frozen`]).
     pub frontier: usize,
     /// Training seconds.
     pub train_seconds: f64,
@@ -145,6 +145,17 @@ pub fn done_row(label: &str, seed: u64, top1: f64, speed: f64) -> Row {
     }
 }
 
+/// Blocks that ran frozen in a run of `steps` steps: a freeze takes effect
+/// from the step after its decision (`freeze_step`), so one decided after
+/// the last step (`freeze_step == steps`) never ran and is not counted, as
+/// the run's own log does not count it.
+pub fn ran_frozen(freeze_step: &[Option<u64>], steps: u64) -> usize {
+    freeze_step
+        .iter()
+        .filter(|f| f.is_some_and(|f| f < steps))
+        .count()
+}
+
 /// The completed row of `label` and `seed` from its summary (its Δ and
 /// wall speedup are filled in by pairing it with its baseline).
 pub fn row_of(label: &str, seed: u64, s: &Summary) -> Row {
@@ -157,7 +168,7 @@ pub fn row_of(label: &str, seed: u64, s: &Summary) -> Row {
         d_acc: None,
         wall_speedup: None,
         compute_speedup: s.compute_speedup,
-        frontier: s.freeze_step.iter().filter(|f| f.is_some()).count(),
+        frontier: ran_frozen(&s.freeze_step, s.steps),
         train_seconds: s.train_seconds,
         run_dir: s.run_dir.clone(),
         freeze_step: s.freeze_step.clone(),
@@ -209,5 +220,19 @@ pub fn last_epoch_gain(run_dir: &Path) -> Option<f64> {
     match top1.as_slice() {
         [.., a, b] => Some(b - a),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freeze_decided_after_the_last_step_is_not_counted() {
+        // 300 steps: block 0 ran frozen from step 120; block 1's freeze was
+        // decided after step 299 and never ran.
+        assert_eq!(ran_frozen(&[Some(120), Some(300), None], 300), 1);
+        assert_eq!(ran_frozen(&[Some(0), Some(299)], 300), 2);
+        assert_eq!(ran_frozen(&[None, None], 300), 0);
     }
 }

@@ -146,8 +146,8 @@ fn stage_table(cfg: &CompareConfig, stats: &[PointStats], rows: &[Row], stage: P
     let m = cfg.margin_pp;
     let mut t = format!(
         "| policy | n | top-1 (%) | Δ top-1 (pp) [95 % CI] | verdict | within {m} pp | compute \
-         speedup [95 % CI] | training-only | wall speedup | frozen blocks |\n\
-         |---|---:|---:|---|---|---|---|---:|---:|---:|\n"
+         speedup [95 % CI] | training-only | wall speedup | frozen blocks | probe steps |\n\
+         |---|---:|---:|---|---|---|---|---:|---:|---:|---:|\n"
     );
     let mut flags: Vec<(String, u64, Cause)> = Vec::new();
     for p in stats {
@@ -196,6 +196,7 @@ fn stage_table(cfg: &CompareConfig, stats: &[PointStats], rows: &[Row], stage: P
             p.wall.map_or(dash(), |r| format!("{:.2}x", r.mean))
                 + if causes.is_empty() { "" } else { " †" },
             p.frozen.map_or(dash(), |f| format!("{f:.1} / {depth}")),
+            p.probe_steps.map_or(dash(), |n| format!("{n:.0}")),
         ];
         t.push_str(&format!("| {} |\n", cells.join(" | ")));
     }
