@@ -365,3 +365,38 @@ fn a_shipped_backbone_replaces_the_pretraining_and_a_tampered_one_is_refused() {
         "{stderr}"
     );
 }
+
+/// `compare --only LABEL --seed N` runs that one fine-tune (after the
+/// pretraining the config needs), on a seed the config does not list, in
+/// an experiment of its own; an unknown label is refused with the labels.
+#[test]
+fn only_runs_one_point_of_a_comparison_on_any_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let c = cfg.to_str().unwrap();
+    let out = simfreeze(&["compare", "--config", c, "--only", "ucf", "--seed", "7"]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let runs: Vec<String> = std::fs::read_dir(dir.path().join("exp/tiny-001/runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(runs, ["ucf-s7-001"], "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("exp/tiny-001/runs/ucf-s7-001/summary.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert!(stderr.contains("compare --collect"), "{stderr}");
+
+    let out = simfreeze(&["compare", "--config", c, "--only", "sfl", "--seed", "0"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no such point")
+            && stderr.contains("`ucf`")
+            && stderr.contains("`baseline`"),
+        "{stderr}"
+    );
+}

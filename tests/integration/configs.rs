@@ -46,7 +46,7 @@ fn a_compare_config_given_to_run_says_how_to_run_it() {
     assert!(
         stderr.contains("is a `simfreeze compare` configuration")
             && stderr.contains("compare --config")
-            && stderr.contains("--plan")
+            && stderr.contains("--only baseline --seed 0")
             && !stderr.contains("Unexpected field"),
         "{stderr}"
     );

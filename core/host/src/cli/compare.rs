@@ -66,6 +66,22 @@ pub(super) struct CompareArgs {
     /// With `--slurm`: submit the scripts with `sbatch` and print the job ids.
     #[arg(long, requires = "slurm")]
     submit: bool,
+    /// Run one fine-tune of the comparison only: the point with this label
+    /// (as the table names it: `baseline`, `head-only`, `slf`, a grid
+    /// point `slf[t0: 0.3]`) on `--seed`, from the shipped backbone or
+    /// the cached pretraining (pretraining first when there is neither),
+    /// in an experiment directory of its own.
+    #[arg(
+        long,
+        value_name = "LABEL",
+        requires_all = ["config", "seed"],
+        conflicts_with_all = ["plan", "slurm", "parallel"]
+    )]
+    only: Option<String>,
+    /// With `--only`: the fine-tuning seed (any seed, not only the
+    /// config's).
+    #[arg(long, requires = "only")]
+    seed: Option<u64>,
     #[command(flatten)]
     sbatch: SbatchArgs,
 }
@@ -129,10 +145,56 @@ pub(super) fn compare_cmd(a: CompareArgs, search: &SearchPath, control: RunContr
         compare::plan_only(&cfg, search)?;
         return Ok(());
     }
+    if let (Some(label), Some(seed)) = (&a.only, a.seed) {
+        return only_cmd(cfg, label, seed, search, &control);
+    }
     if a.slurm {
         return slurm_cmd(&cfg, search, a.sbatch, a.submit);
     }
     compare::compare(&cfg, search, &control, schedule)?;
+    Ok(())
+}
+
+/// `--only LABEL --seed N`: one point of the comparison on one seed.
+fn only_cmd(
+    mut cfg: CompareConfig,
+    label: &str,
+    seed: u64,
+    search: &SearchPath,
+    control: &RunControl,
+) -> Result<()> {
+    cfg.seeds = vec![seed];
+    cfg.confirm_seeds = None;
+    cfg.precision_pp = None;
+    let jobs = plan::jobs(&cfg, &Stages::default());
+    let found = jobs
+        .iter()
+        .position(|j| matches!(j, plan::Job::Finetune { label: l, .. } if l.as_str() == label));
+    let Some(index) = found else {
+        let labels: Vec<String> = jobs
+            .iter()
+            .filter_map(|j| match j {
+                plan::Job::Finetune { label, .. } => Some(format!("`{label}`")),
+                _ => None,
+            })
+            .collect();
+        return Err(UsageError(format!(
+            "--only {label:?}: the comparison has no such point; its labels are {}",
+            labels.join(", ")
+        ))
+        .into());
+    };
+    let exp = compare::plan_only_quiet(&cfg, search)?;
+    if matches!(jobs.first(), Some(plan::Job::Pretrain)) {
+        job_cmd(exp.clone(), 0, 0, search, control)?;
+    }
+    job_cmd(exp.clone(), index, 0, search, control)?;
+    eprintln!(
+        "experiment directory: {} (its table: {} compare --collect {})",
+        exp.display(),
+        crate::error::command_name(),
+        exp.display()
+    );
     Ok(())
 }
 

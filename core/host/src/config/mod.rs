@@ -382,8 +382,9 @@ impl RunConfig {
                 UsageError(format!(
                     "{p} is a `simfreeze compare` configuration (it has `{key}`), not a run's: \
                          run the comparison with\n  {exe} compare --config {p}\nor one of its \
-                         fine-tunes: plan it (`{exe} compare --config {p} --plan` lists every \
-                         job with its number), then `{exe} compare --job EXPERIMENT_DIR N`"
+                         fine-tunes, e.g. the baseline on seed 0, with\n  {exe} compare \
+                         --config {p} --only baseline --seed 0\n(`--only` takes any label of \
+                         its table)"
                 ))
             }
             None => e,

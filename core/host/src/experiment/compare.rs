@@ -89,6 +89,12 @@ pub fn plan_only(cfg: &CompareConfig, search: &SearchPath) -> Result<PathBuf> {
     Ok(exp)
 }
 
+/// What `plan_only` does, without printing the instructions.
+pub fn plan_only_quiet(cfg: &CompareConfig, search: &SearchPath) -> Result<PathBuf> {
+    prepare(cfg, search)?;
+    plan::create(cfg)
+}
+
 /// Checks the configuration, and finds and constructs every plugin once
 /// before anything trains, so a typo in a policy or its options fails now,
 /// not after the baseline.
