@@ -400,3 +400,42 @@ fn only_runs_one_point_of_a_comparison_on_any_seed() {
         "{stderr}"
     );
 }
+
+/// `--plan` and then `--slurm` (or `--plan` again) on the same
+/// configuration reuse the planned experiment directory in which nothing
+/// ran, instead of leaving it orphaned; once something ran, a new one is
+/// made.
+#[test]
+fn a_planned_experiment_is_reused_until_something_runs_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    let c = cfg.to_str().unwrap();
+    for args in [
+        vec!["compare", "--config", c, "--plan"],
+        vec!["compare", "--config", c, "--plan"],
+        vec!["compare", "--config", c, "--slurm"],
+    ] {
+        let out = simfreeze(&args);
+        let (_, stderr) = text(&out);
+        assert!(out.status.success(), "{stderr}");
+    }
+    let exps = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path().join("exp"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("tiny-"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(exps(), ["tiny-001"]);
+    assert!(dir.path().join("exp/tiny-001/slurm").is_dir());
+    // Its Slurm scripts are written: the next plan is another experiment.
+    let out = simfreeze(&["compare", "--config", c, "--plan"]);
+    assert!(out.status.success());
+    assert_eq!(exps(), ["tiny-001", "tiny-002"]);
+    // Another configuration never reuses it.
+    let out = simfreeze(&["compare", "--config", c, "--plan", "--set", "seeds=[5]"]);
+    assert!(out.status.success());
+    assert_eq!(exps(), ["tiny-001", "tiny-002", "tiny-003"]);
+}

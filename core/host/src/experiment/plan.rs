@@ -246,14 +246,44 @@ pub fn create(cfg: &CompareConfig) -> Result<PathBuf> {
     fs::create_dir_all(&cfg.output)
         .with_context(|| format!("cannot create {}", cfg.output.display()))?;
     let output = fs::canonicalize(&cfg.output)?;
+    let text = ron::ser::to_string_pretty(&cfg, Default::default())?;
+    if let Some(exp) = untouched(&output, &cfg.name, &text) {
+        eprintln!(
+            "reusing {}: planned from the same configuration, and nothing has run in it yet",
+            exp.display()
+        );
+        return Ok(exp);
+    }
     let exp = RunDir::create(&output, &cfg.name)?.path;
-    fs::write(
-        exp.join(COMPARE_FILE),
-        ron::ser::to_string_pretty(&cfg, Default::default())?,
-    )?;
+    fs::write(exp.join(COMPARE_FILE), text)?;
     write_jobs(&exp, &jobs(&cfg, &Stages::default()))?;
     fs::create_dir_all(exp.join(LOCK_DIR))?;
     Ok(exp)
+}
+
+/// The newest experiment directory `<output>/<name>-NNN` planned from the
+/// same configuration (`text`, as `create` writes it) in which nothing has
+/// run: no run directory, no Slurm scripts, no outputs. `--plan` followed
+/// by `--slurm` (or another `--plan`) reuses it instead of leaving it
+/// orphaned.
+fn untouched(output: &Path, name: &str, text: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(output)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(name)?.strip_prefix('-'))
+                .is_some_and(|n| n.len() >= 3 && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    dirs.sort();
+    let exp = dirs.pop()?;
+    let same = fs::read_to_string(exp.join(COMPARE_FILE)).ok()? == text;
+    let ran = ["runs", "slurm", "logs", "results.csv", "selection.json"]
+        .iter()
+        .any(|f| exp.join(f).exists());
+    (same && !ran).then_some(exp)
 }
 
 /// The configuration of the experiment in `dir`, its pretraining cache
