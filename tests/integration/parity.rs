@@ -396,7 +396,7 @@ fn the_pytorch_reference_vit_matches_timm() {
 
 /// Contract 2 in PyTorch: the block tokens and Gram matrices the Python
 /// package's controller hands a policy (its hooks on the training forward,
-/// and its own forward of the probe batch; tests/parity/blocks.py) equal
+/// and its own forward of the fixed batch; tests/parity/blocks.py) equal
 /// the trainer's (`observe::observer::reduce`) on the same weights and
 /// images within 1e-5, for timm's class-token and average pooling and a
 /// Hugging Face ViT.
@@ -436,7 +436,7 @@ fn the_python_controllers_block_observations_are_the_trainers() {
             (ours.blocks, ours.rows),
             (cfg.depth as usize, x.size()[0] as usize)
         );
-        for set in ["batch", "probe"] {
+        for set in ["batch", "fixed"] {
             for (what, values) in [("tokens", &ours.tokens), ("grams", &ours.grams)] {
                 let theirs = &refs[&format!("{name}.{set}_{what}")];
                 let theirs: Vec<f32> = Vec::try_from(theirs.flatten(0, -1)).unwrap();

@@ -183,7 +183,7 @@ fn identical_runs_give_no_difference_and_observation_is_charged() {
     let lib = fixture("observe_all");
     let lib = lib.to_str().unwrap();
     // A policy that never freezes and never asks (twice), one that reads
-    // block tokens on the probe batch every 2 steps, and Egeria.
+    // block tokens on the fixed batch every 2 steps, and Egeria.
     let policies = format!(
         r#"policies=[
             (plugin: {lib:?}, label: "never-a", options: "(max_frozen: 0, ask: 0)"),

@@ -3,7 +3,7 @@ controller, for the trainer-parity test (tests/integration/parity.rs):
 random-weight timm and Hugging Face ViTs, one batch of images, and the
 per-block pooled tokens and Gram matrices `simfreeze.torch`'s block hooks
 hand a policy, on the training forward (the step's batch) and on the
-observer's own evaluation forward (the probe batch).
+observer's own evaluation forward (the fixed batch).
 
   <out>/cases.json            the cases: model shape, files
   <out>/tensors.safetensors   inputs, tokens and Gram matrices
@@ -29,7 +29,7 @@ OUT = sys.argv[1]
 os.makedirs(OUT, exist_ok=True)
 tensors = {}
 cases = []
-ASK = frozenset({"BLOCK_TOKENS", "BLOCK_GRAMS", "PROBE_BATCH"})
+ASK = frozenset({"BLOCK_TOKENS", "BLOCK_GRAMS", "FIXED_BATCH"})
 
 
 def perturb(model):
@@ -41,15 +41,15 @@ def perturb(model):
 
 def observe(name, model, x, entry):
     """What the controller's hooks record for `x`: a training forward with
-    autograd (the step's batch) and the observer's probe forward."""
-    obs = BlockObserver(model, find_blocks(model), ASK, probe_batch=x)
+    autograd (the step's batch) and the observer's forward of the fixed batch."""
+    obs = BlockObserver(model, find_blocks(model), ASK, fixed_batch=x)
     obs.arm(ASK)
     model.train()
     model(x)
     obs.before_update()
     got = obs.collect()
     obs.remove()
-    for key in ("batch_tokens", "batch_grams", "probe_tokens", "probe_grams"):
+    for key in ("batch_tokens", "batch_grams", "fixed_tokens", "fixed_grams"):
         tensors[f"{name}.{key}"] = got[key].contiguous()
     tensors[f"{name}.input"] = x.clone().contiguous()
     cases.append(dict(name=name, **entry))

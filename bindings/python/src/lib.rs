@@ -165,7 +165,7 @@ struct Policy {
 }
 
 /// The on-demand observations (contract 2) handed to `observe`: per-block
-/// reductions of the batch, the probe batch and both through the
+/// reductions of the batch, the fixed batch and both through the
 /// reference, sampled weights and accumulated gradient norms.
 struct More {
     blocks: Vec<(String, BlocksIn)>,
@@ -189,7 +189,7 @@ struct BlocksIn {
 
 /// The sets of samples a step's block reductions cover, by the names the
 /// Python side passes (`<set>_tokens`, `<set>_grams`).
-const SETS: [&str; 4] = ["batch", "batch_reference", "probe", "probe_reference"];
+const SETS: [&str; 4] = ["batch", "batch_reference", "fixed", "fixed_reference"];
 
 impl Policy {
     /// The per-block reductions `asked` needs, checked and owned; `None`
@@ -214,7 +214,7 @@ impl Policy {
         if reductions.is_empty() {
             return Ok(out);
         }
-        let probe = asked.contains(Needs::PROBE_BATCH);
+        let probe = asked.contains(Needs::FIXED_BATCH);
         let reference = asked.contains(Needs::REFERENCE) && reference_step.is_some();
         let needed = [true, reference, probe, probe && reference];
         let mut given: Vec<Option<BlocksIn>> = SETS.iter().map(|_| None).collect();
@@ -288,13 +288,13 @@ impl Policy {
                 | asked.intersection(
                     Needs::BLOCK_TOKENS
                         | Needs::BLOCK_GRAMS
-                        | Needs::PROBE_BATCH
+                        | Needs::FIXED_BATCH
                         | Needs::REFERENCE,
                 );
         } else {
             // Asked without a reduction: nothing to hand over but the bits.
             data.provided =
-                data.provided | asked.intersection(Needs::PROBE_BATCH | Needs::REFERENCE);
+                data.provided | asked.intersection(Needs::FIXED_BATCH | Needs::REFERENCE);
         }
         let [batch, batch_reference, probe, probe_reference] = sets;
         data.batch = batch.unwrap_or_default();

@@ -1,5 +1,5 @@
 """Contract-2 policies in PyTorch loops: the controller computes their
-on-demand observations (block tokens and Gram matrices, the probe batch,
+on-demand observations (block tokens and Gram matrices, the fixed batch,
 the reference snapshot, sampled weights, accumulated gradient norms), and
 a policy driven by hand that is denied one it asked for says so."""
 

@@ -151,10 +151,13 @@ impl Needs {
     /// samples: [`ObservationV2::batch_reference`] and
     /// [`ObservationV2::probe_reference`].
     pub const REFERENCE: Needs = Needs(1 << 5);
-    /// The per-block reductions (tokens and/or grams, as asked) of a fixed,
-    /// deterministic probe batch of training samples:
-    /// [`ObservationV2::probe`].
-    pub const PROBE_BATCH: Needs = Needs(1 << 6);
+    /// The per-block reductions (tokens and/or grams, as asked) of the
+    /// fixed batch: one batch of training samples, the same at every step
+    /// of the run: [`ObservationV2::probe`]. ("Fixed batch" because a
+    /// *probe* is the one-step freeze of the frontier block.)
+    pub const FIXED_BATCH: Needs = Needs(1 << 6);
+    /// [`Needs::FIXED_BATCH`] under its first name (the same bit).
+    pub const PROBE_BATCH: Needs = Needs::FIXED_BATCH;
     /// Per block, the values of its weights at fixed indices:
     /// [`ObservationV2::sampled_weights`].
     pub const SAMPLED_WEIGHTS: Needs = Needs(1 << 7);
@@ -203,7 +206,7 @@ impl Needs {
             "BLOCK_TOKENS",
             "BLOCK_GRAMS",
             "REFERENCE",
-            "PROBE_BATCH",
+            "FIXED_BATCH",
             "SAMPLED_WEIGHTS",
             "ACC_GRAD_NORMS",
         ];
@@ -362,9 +365,11 @@ pub struct ObservationV2<'a> {
     pub batch: BlockObservations<'a>,
     /// The same samples through the reference snapshot.
     pub batch_reference: BlockObservations<'a>,
-    /// The fixed probe batch through the model (weights before the update).
+    /// The fixed batch ([`Needs::FIXED_BATCH`]) through the model (weights
+    /// before the update). The field keeps its first name, `probe`: the
+    /// layout is the ABI's.
     pub probe: BlockObservations<'a>,
-    /// The probe batch through the reference snapshot.
+    /// The fixed batch through the reference snapshot.
     pub probe_reference: BlockObservations<'a>,
     /// The step after which the reference snapshot was taken (its weights
     /// are those the next step started from); none before the first one.

@@ -518,7 +518,7 @@ mod tests {
         let e = blocks.gram(0).unwrap_err().message;
         assert!(e.contains("Needs::BLOCK_GRAMS"), "{e}");
         assert!(blocks.tokens(2).is_err());
-        assert!(asked.probe_blocks().is_err());
+        assert!(asked.fixed_blocks().is_err());
     }
 
     #[test]

@@ -150,7 +150,7 @@ pub fn bench(spec: &BenchSpec<'_>, policy: Option<PolicyHandle>) -> Result<Bench
     let mut driver = PolicyDriver::new(policy, engine.model().depth() as u32);
     let needs = driver.needs();
     // The on-demand observations, computed at the steps the policy asks
-    // for them as in a run (the probe batch is the bench's batch).
+    // for them as in a run (the fixed batch is the bench's batch).
     let probe = Some(x.shallow_clone());
     let vars = || engine.state_tensors();
     let mut observer = Observer::new(needs, mcfg, engine.model(), vars, device, probe, 0);

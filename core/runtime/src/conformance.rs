@@ -280,12 +280,12 @@ fn hostile_more(r: &HostileRun, rng: &mut Rng, asked: Needs, reference: Option<u
     };
     if !reductions.is_empty() {
         more.batch = blocks(rng);
-        if asked.contains(Needs::PROBE_BATCH) {
+        if asked.contains(Needs::FIXED_BATCH) {
             more.probe = blocks(rng);
         }
         if asked.contains(Needs::REFERENCE) && reference.is_some() {
             more.batch_reference = blocks(rng);
-            if asked.contains(Needs::PROBE_BATCH) {
+            if asked.contains(Needs::FIXED_BATCH) {
                 more.probe_reference = blocks(rng);
             }
         }

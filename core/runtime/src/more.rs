@@ -75,9 +75,12 @@ pub struct MoreData {
     pub batch: BlocksData,
     /// The batch through the reference.
     pub batch_reference: BlocksData,
-    /// The probe batch through the model.
+    /// The fixed batch through the model (`fixed` in a record; `probe`,
+    /// its first name, is read too).
+    #[serde(rename = "fixed", alias = "probe")]
     pub probe: BlocksData,
-    /// The probe batch through the reference.
+    /// The fixed batch through the reference.
+    #[serde(rename = "fixed_reference", alias = "probe_reference")]
     pub probe_reference: BlocksData,
     /// When the reference was taken.
     pub reference_step: Option<u64>,

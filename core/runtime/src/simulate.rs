@@ -19,7 +19,7 @@
 //! (so asking for them leaves the world above unchanged): block `i`'s
 //! tokens are the features scaled by `1 + i / L` plus noise of
 //! `0.1 sigma_i` (`sigma_i` from block `i`'s own residual); the reference's
-//! are the same at the residuals of the step it was taken; the probe batch
+//! are the same at the residuals of the step it was taken; the fixed batch
 //! is one sample of each class in turn, drawn once; 8 weights per block
 //! random-walk with steps proportional to its gradient norm; the
 //! accumulated L2 norm is the sum of the per-step norms (perfectly aligned
@@ -126,7 +126,7 @@ pub struct SyntheticWorld {
 }
 
 /// The synthetic world's contract-2 state: its own generator, the
-/// reference, the probe batch, the sampled weights and the gradient sums.
+/// reference, the fixed batch, the sampled weights and the gradient sums.
 struct MoreWorld {
     rng: Rng,
     reference: Option<(u64, Vec<f64>)>,
@@ -256,7 +256,7 @@ impl SyntheticWorld {
             let rng = &mut self.more.rng;
             out.batch = synthetic_blocks(reductions, l, &self.features, (rows, dim), noise, rng);
             let probe = &self.more.probe;
-            if asked.contains(Needs::PROBE_BATCH) {
+            if asked.contains(Needs::FIXED_BATCH) {
                 out.probe = synthetic_blocks(reductions, l, probe, (rows, dim), noise, rng);
             }
             if let Some((_, residual)) = &self.more.reference {
@@ -266,7 +266,7 @@ impl SyntheticWorld {
                     let f = &self.features;
                     out.batch_reference =
                         synthetic_blocks(reductions, l, f, (rows, dim), noise, rng);
-                    if asked.contains(Needs::PROBE_BATCH) {
+                    if asked.contains(Needs::FIXED_BATCH) {
                         out.probe_reference =
                             synthetic_blocks(reductions, l, probe, (rows, dim), noise, rng);
                     }

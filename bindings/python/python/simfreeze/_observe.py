@@ -1,13 +1,13 @@
 """The block observations of contract 2 computed in a PyTorch model, as the
 simfreeze trainer computes them (core/host/src/observe/observer.rs):
 per-block pooled tokens and row-normalised Gram matrices of the step's
-batch, of a fixed probe batch, and of both through a reference snapshot
+batch, of the fixed batch (one batch of training samples, the same all run), and of both through a reference snapshot
 of the weights kept in float32, bfloat16 or int8.
 
 `BlockObserver` hooks the encoder blocks. Nothing is computed unless the
 policy asked for it at the step before (`arm`): the hooks return at once
 otherwise. The step's batch is read from the training forward itself (its
-block outputs, the weights the step trained with); the probe batch and the
+block outputs, the weights the step trained with); the fixed batch and the
 reference's forwards run in `before_update`, after the backward and before
 the optimizer changes the weights, without autograd and in evaluation mode
 (dropout and drop-path off).
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 #: The sets of samples a step's block observations cover.
-SETS = ("batch", "batch_reference", "probe", "probe_reference")
+SETS = ("batch", "batch_reference", "fixed", "fixed_reference")
 REDUCTIONS = frozenset({"BLOCK_TOKENS", "BLOCK_GRAMS"})
 
 
@@ -114,7 +114,7 @@ class Reference:
 
 class BlockObserver:
     """Per-block tokens and Gram matrices of a model's encoder blocks, on
-    demand (see the module's docstring). `probe_batch` is the fixed probe
+    demand (see the module's docstring). `fixed_batch` is the fixed
     batch (images, as the model's first argument takes them); without one,
     the first batch the model is trained on is kept as it."""
 
@@ -123,13 +123,13 @@ class BlockObserver:
         model: nn.Module,
         blocks: Sequence[nn.Module],
         needs: frozenset,
-        probe_batch: Optional[torch.Tensor] = None,
+        fixed_batch: Optional[torch.Tensor] = None,
     ):
         self.model = model
         self.layers = len(blocks)
         self.rule = pool_rule(model)
         self.needs = needs
-        self.probe = None if probe_batch is None else probe_batch.detach().clone()
+        self.fixed = None if fixed_batch is None else fixed_batch.detach().clone()
         self.reference: Optional[Reference] = None
         # What the next training forward records, and which set a forward
         # run by the observer itself records into.
@@ -179,8 +179,8 @@ class BlockObserver:
         x = args[0] if args else kwargs.get("pixel_values", kwargs.get("x"))
         if not isinstance(x, torch.Tensor):
             return
-        if self.probe is None and "PROBE_BATCH" in self.needs:
-            self.probe = x.detach().clone()
+        if self.fixed is None and "FIXED_BATCH" in self.needs:
+            self.fixed = x.detach().clone()
         if self._reductions() and "REFERENCE" in self._armed:
             self._inputs.append(x.detach())
 
@@ -202,22 +202,22 @@ class BlockObserver:
             self.model.train(was_training)
 
     def before_update(self) -> None:
-        """The probe batch's and the reference's forwards the step asked
+        """The fixed batch's and the reference's forwards the step asked
         for, on the weights the step trained with."""
         if not self._reductions():
             return
-        if "PROBE_BATCH" in self._armed:
-            if self.probe is None:
+        if "FIXED_BATCH" in self._armed:
+            if self.fixed is None:
                 raise RuntimeError(
-                    "the policy asked for the probe batch and none was kept: pass "
-                    "probe_batch= (a batch of images) to the controller"
+                    "the policy asked for the fixed batch and none was kept: pass "
+                    "fixed_batch= (a batch of images) to the controller"
                 )
-            self._run("probe", self.probe)
+            self._run("fixed", self.fixed)
         if "REFERENCE" in self._armed and self.reference is not None:
             if self._inputs:
                 self._run("batch_reference", torch.cat(self._inputs), self.reference)
-            if "PROBE_BATCH" in self._armed:
-                self._run("probe_reference", self.probe, self.reference)
+            if "FIXED_BATCH" in self._armed:
+                self._run("fixed_reference", self.fixed, self.reference)
 
     def take_reference(self, kind: str, step: int) -> None:
         """Keeps the weights after `step` as the reference (`f32`, `bf16` or
@@ -227,10 +227,10 @@ class BlockObserver:
     # -- checkpoints --------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """The probe batch and the reference snapshot."""
+        """The fixed batch and the reference snapshot."""
         r = self.reference
         return {
-            "probe": self.probe,
+            "fixed": self.fixed,
             "reference": None if r is None else {
                 "kind": r.kind, "step": r.step, "kept": r.kept,
                 "scales": r.scales, "shapes": {k: tuple(v) for k, v in r.shapes.items()},
@@ -238,8 +238,8 @@ class BlockObserver:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("probe") is not None:
-            self.probe = state["probe"]
+        if state.get("fixed") is not None:
+            self.fixed = state["fixed"]
         r = state.get("reference")
         if r is not None:
             ref = Reference.__new__(Reference)

@@ -194,10 +194,10 @@ class Policy:
         batch_grams: Any = None,
         batch_reference_tokens: Any = None,
         batch_reference_grams: Any = None,
-        probe_tokens: Any = None,
-        probe_grams: Any = None,
-        probe_reference_tokens: Any = None,
-        probe_reference_grams: Any = None,
+        fixed_tokens: Any = None,
+        fixed_grams: Any = None,
+        fixed_reference_tokens: Any = None,
+        fixed_reference_grams: Any = None,
         reference_step: Optional[int] = None,
     ) -> Decision:
         """Hands the policy step `step` (from 0), which just ran, and returns
@@ -213,8 +213,9 @@ class Policy:
         `<set>_tokens` (`layers x B x D`: each block's pooled output token)
         and `<set>_grams` (`layers x B x B`: each block's row-normalised
         Gram matrix), where `<set>` is `batch` (the step's batch),
-        `probe` (the fixed probe batch), `batch_reference` and
-        `probe_reference` (the same through the reference snapshot, once
+        `fixed` (the fixed batch: one batch of training samples, the same
+        at every step; `Needs::FIXED_BATCH`), `batch_reference` and
+        `fixed_reference` (the same through the reference snapshot, once
         one was taken); `sampled_weights` (`layers x samples`);
         `acc_grad_l1`, `acc_grad_l2` and `acc_grad_steps`;
         `reference_step` (default: the step after which the policy last
@@ -257,8 +258,8 @@ class Policy:
         blocks = _blocks(
             batch=(batch_tokens, batch_grams),
             batch_reference=(batch_reference_tokens, batch_reference_grams),
-            probe=(probe_tokens, probe_grams),
-            probe_reference=(probe_reference_tokens, probe_reference_grams),
+            fixed=(fixed_tokens, fixed_grams),
+            fixed_reference=(fixed_reference_tokens, fixed_reference_grams),
         )
         if blocks:
             kwargs["blocks"] = blocks
@@ -347,8 +348,9 @@ def _read_more(m: dict) -> dict:
     """A record's on-demand values (`train.record_on_demand`) as the
     keyword arguments of `Policy.observe`."""
     out: dict = {}
-    for name in ("batch", "batch_reference", "probe", "probe_reference"):
-        b = m.get(name) or {}
+    first = {"fixed": "probe", "fixed_reference": "probe_reference"}  # their first names
+    for name in ("batch", "batch_reference", "fixed", "fixed_reference"):
+        b = m.get(name) or m.get(first.get(name, name)) or {}
         blocks, rows, dim = b.get("blocks", 0), b.get("rows", 0), b.get("dim", 0)
         if b.get("tokens"):
             out[f"{name}_tokens"] = np.frombuffer(

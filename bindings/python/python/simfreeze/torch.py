@@ -27,11 +27,11 @@ from ._policy import Decision, Policy
 SUPPORTED = frozenset(
     {
         "CLS_FEATURES", "LABELS", "GRAD_NORMS", "BLOCK_TOKENS", "BLOCK_GRAMS",
-        "REFERENCE", "PROBE_BATCH", "SAMPLED_WEIGHTS", "ACC_GRAD_NORMS",
+        "REFERENCE", "FIXED_BATCH", "SAMPLED_WEIGHTS", "ACC_GRAD_NORMS",
     }
 )
 #: The contract-2 observations the block hooks compute.
-_BLOCK_NEEDS = REDUCTIONS | {"REFERENCE", "PROBE_BATCH"}
+_BLOCK_NEEDS = REDUCTIONS | {"REFERENCE", "FIXED_BATCH"}
 #: Weights sampled per block for `SAMPLED_WEIGHTS` (the trainer's count).
 SAMPLES_PER_BLOCK = 64
 
@@ -162,8 +162,9 @@ class FreezeController:
     snapshot (forwards run after the backward, before the update, without
     autograd, in evaluation mode); the sampled weights at the trainer's
     indices (for timm-named parameters, drawn from `seed`, the trainer's
-    `train.seed`); the accumulated gradient norms. The probe batch is
-    `probe_batch` (images, as the model's first argument), or else the
+    `train.seed`); the accumulated gradient norms. The fixed batch (one
+    batch of training samples, the same all run; `Needs::FIXED_BATCH`) is
+    `fixed_batch` (images, as the model's first argument), or else the
     first batch the model is trained on, kept for the whole run (the
     trainer keeps the first batch of a fixed shuffle of the training set).
     """
@@ -183,8 +184,9 @@ class FreezeController:
         embedding: Optional[Iterable[nn.Parameter]] = None,
         capture_loss: bool = False,
         update_hook: bool = True,
-        probe_batch: Optional[torch.Tensor] = None,
+        fixed_batch: Optional[torch.Tensor] = None,
         seed: int = 0,
+        probe_batch: Optional[torch.Tensor] = None,
     ):
         self.model = model
         self.blocks = list(blocks) if blocks is not None else find_blocks(model)
@@ -241,7 +243,9 @@ class FreezeController:
         self._observer: Optional[BlockObserver] = None
         self._observed_before_update = False
         if needs & _BLOCK_NEEDS:
-            self._observer = BlockObserver(model, self.blocks, needs, probe_batch)
+            # `probe_batch`: the fixed batch's first name.
+            fixed = fixed_batch if fixed_batch is not None else probe_batch
+            self._observer = BlockObserver(model, self.blocks, needs, fixed)
         if self.head is not None and "CLS_FEATURES" in needs:
             self._hooks.append(self.head.register_forward_pre_hook(self._capture_features))
         for i, b in enumerate(self.blocks):
@@ -487,11 +491,11 @@ class FreezeController:
             kwargs.update(self._read_accumulated())
         if self._observer is not None:
             asked = self.policy.observe_next
-            if asked & REDUCTIONS and asked & {"PROBE_BATCH", "REFERENCE"} and not (
+            if asked & REDUCTIONS and asked & {"FIXED_BATCH", "REFERENCE"} and not (
                 self._observed_before_update
             ):
                 raise RuntimeError(
-                    "the policy asked for the probe batch or the reference at this step, "
+                    "the policy asked for the fixed batch or the reference at this step, "
                     "which are computed before the update: attach the optimizer "
                     "(FreezeController(model, policy, optimizer, ...)) or call "
                     "before_update() after the backward"

@@ -147,7 +147,7 @@ impl<'a> Step<'a> {
     }
 
     /// Checks a reduction was declared and asked for (and `extra`, the
-    /// reference or the probe batch, when given), then reads `b`.
+    /// reference or the fixed batch, when given), then reads `b`.
     fn blocks_of(
         &self,
         b: &ffi::BlockObservations<'a>,
@@ -190,26 +190,37 @@ impl<'a> Step<'a> {
         Ok(self.reference_step().map(|_| blocks))
     }
 
-    /// The fixed probe batch through the model, per block. Needs
-    /// [`Needs::PROBE_BATCH`] and a reduction bit, asked for.
-    pub fn probe_blocks(&self) -> Result<Blocks<'a>, PolicyError> {
+    /// The fixed batch (one batch of training samples, the same at every
+    /// step of the run) through the model, per block. Needs
+    /// [`Needs::FIXED_BATCH`] and a reduction bit, asked for.
+    pub fn fixed_blocks(&self) -> Result<Blocks<'a>, PolicyError> {
         let b = self.more.probe;
         self.blocks_of(
             &b,
-            "the probe batch",
-            Some(("PROBE_BATCH", Needs::PROBE_BATCH)),
+            "the fixed batch",
+            Some(("FIXED_BATCH", Needs::FIXED_BATCH)),
         )
     }
 
-    /// The probe batch through the reference snapshot (`Ok(None)` before
-    /// the first snapshot). Needs [`Needs::PROBE_BATCH`] and
+    /// The fixed batch through the reference snapshot (`Ok(None)` before
+    /// the first snapshot). Needs [`Needs::FIXED_BATCH`] and
     /// [`Needs::REFERENCE`].
-    pub fn probe_reference_blocks(&self) -> Result<Option<Blocks<'a>>, PolicyError> {
+    pub fn fixed_reference_blocks(&self) -> Result<Option<Blocks<'a>>, PolicyError> {
         let b = self.more.probe_reference;
-        let what = "the probe batch through the reference";
+        let what = "the fixed batch through the reference";
         self.provided(what, "REFERENCE", Needs::REFERENCE)?;
-        let blocks = self.blocks_of(&b, what, Some(("PROBE_BATCH", Needs::PROBE_BATCH)))?;
+        let blocks = self.blocks_of(&b, what, Some(("FIXED_BATCH", Needs::FIXED_BATCH)))?;
         Ok(self.reference_step().map(|_| blocks))
+    }
+
+    /// [`Step::fixed_blocks`] under its first name.
+    pub fn probe_blocks(&self) -> Result<Blocks<'a>, PolicyError> {
+        self.fixed_blocks()
+    }
+
+    /// [`Step::fixed_reference_blocks`] under its first name.
+    pub fn probe_reference_blocks(&self) -> Result<Option<Blocks<'a>>, PolicyError> {
+        self.fixed_reference_blocks()
     }
 
     /// The step after which the reference snapshot was taken, if there is

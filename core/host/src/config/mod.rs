@@ -275,7 +275,7 @@ pub struct TrainSection {
     pub record_observations: bool,
     /// Record as `record_observations` does (which it implies), and also
     /// the values of the on-demand observations (contract 2: block tokens
-    /// and Gram matrices of the batch, the probe batch and the reference,
+    /// and Gram matrices of the batch, the fixed batch and the reference,
     /// sampled weights, accumulated gradient norms) at the steps that
     /// carried them, so that a replay of Egeria or SmartFRZ is exact. Off
     /// by default: a Gram matrix per block per observed step makes the

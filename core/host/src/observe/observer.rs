@@ -1,7 +1,7 @@
 //! The on-demand observations of contract 2, computed on the device only
 //! at the steps a policy asked for them (`FreezeState::observe`): per-block
 //! tokens and row-normalised Gram matrices of the step's batch and of a
-//! fixed probe batch, through the model and through a reference snapshot;
+//! fixed fixed batch, through the model and through a reference snapshot;
 //! sampled weights; and the norms of the gradients summed since the last
 //! read (the one observation that costs every step once declared: an add
 //! per trainable parameter).
@@ -117,7 +117,7 @@ impl ObservationCost {
 
     /// The units of one step's observation `asked` (within what was
     /// declared), for a training batch of `batch` images, `probe_rows`
-    /// images in the probe batch, with a reference (`reference`) or not;
+    /// images in the fixed batch, with a reference (`reference`) or not;
     /// the gradient sums' adds over the trainable blocks `[frozen, L)` when
     /// `accumulating`.
     pub fn step(
@@ -129,7 +129,7 @@ impl ObservationCost {
     ) -> f64 {
         let what = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
         let mut units = self.reductions(what, batch, batch);
-        let probe = asked.contains(Needs::PROBE_BATCH);
+        let probe = asked.contains(Needs::FIXED_BATCH);
         if probe {
             units += self.reductions(what, probe_rows, batch);
         }
@@ -174,11 +174,11 @@ pub struct Observer {
     declared: Needs,
     /// What each observation costs in the compute model.
     pub cost: ObservationCost,
-    /// Images in the probe batch (0 without one).
+    /// Images in the fixed batch (0 without one).
     probe_rows: f64,
     cfg: VitConfig,
     device: Device,
-    /// The probe batch's images, on the device.
+    /// The fixed batch's images, on the device.
     probe: Option<Tensor>,
     /// Per block, `(parameter, flat indices)` of the sampled weights.
     samples: Vec<Vec<(String, Tensor)>>,
@@ -188,7 +188,7 @@ pub struct Observer {
 impl Observer {
     /// An observer for a policy that declared `declared`, or `None` (and
     /// nothing computed) when it declared no on-demand bit. `probe` are the
-    /// probe batch's images (host memory); `vars` gives the model's
+    /// fixed batch's images (host memory); `vars` gives the model's
     /// parameters by name.
     pub fn new(
         declared: Needs,
@@ -252,7 +252,7 @@ impl Observer {
 
     /// The observations `asked` for that exist before the step's update:
     /// the reductions of the step's `batch` (its images; the loop bypasses
-    /// the activation cache for such a step) and of the probe batch,
+    /// the activation cache for such a step) and of the fixed batch,
     /// through the model and the reference, and the sampled weights. Every
     /// step's observation says whether there is a reference, asked for or
     /// not; a step that asks for nothing costs nothing more.
@@ -283,7 +283,7 @@ impl Observer {
             let probe = self
                 .probe
                 .as_ref()
-                .filter(|_| asked.contains(Needs::PROBE_BATCH));
+                .filter(|_| asked.contains(Needs::FIXED_BATCH));
             if let Some(p) = probe {
                 more.probe = reduce(engine.model(), p, what)?;
             }

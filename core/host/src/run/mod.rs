@@ -274,7 +274,7 @@ impl Trainer {
     }
 }
 
-/// Mixed into the seed for the probe batch's shuffle.
+/// Mixed into the seed for the fixed batch's shuffle.
 const PROBE_SEED: u64 = 0x9e0b_e5a3;
 
 #[cfg(test)]
@@ -335,12 +335,12 @@ mod augment_tests {
         assert!(format!("{e:#}").contains("random"), "{e:#}");
     }
 
-    /// A policy that declares the probe batch and never freezes.
+    /// A policy that declares the fixed batch and never freezes.
     struct WantsProbe;
 
     impl simfreeze_abi::sdk::Policy for WantsProbe {
         fn needs(&self) -> Needs {
-            Needs::PROBE_BATCH | Needs::BLOCK_TOKENS
+            Needs::FIXED_BATCH | Needs::BLOCK_TOKENS
         }
         fn decide(
             &mut self,
@@ -385,7 +385,7 @@ mod augment_tests {
         plan.policy = Some(plugin.new_policy("").unwrap());
         let e = format!("{:#}", run(plan, &RunControl::default()).unwrap_err());
         assert!(
-            e.contains("Needs::PROBE_BATCH") && e.contains("augment"),
+            e.contains("Needs::FIXED_BATCH") && e.contains("augment"),
             "{e}"
         );
     }

@@ -1,5 +1,5 @@
 //! Opening a trainer: the engine on its device, the weights or the
-//! checkpoint, the observer and its probe batch, the data kept on the
+//! checkpoint, the observer and its fixed batch, the data kept on the
 //! device, the activation cache, the logs.
 
 use super::*;
@@ -169,7 +169,7 @@ pub(super) fn activation_cache(
     Ok(Some(cache))
 }
 
-/// The probe batch of a policy that declares it: the first global batch's
+/// The fixed batch of a policy that declares it: the first global batch's
 /// worth of samples of a fixed shuffle of the training set, the same on
 /// every rank. A training set not held in memory (an augmented image
 /// folder reads its files per batch) has none: such a policy is refused.
@@ -179,12 +179,12 @@ pub(super) fn probe_batch(
     world: usize,
     driver: &PolicyDriver,
 ) -> Result<Option<Tensor>> {
-    if !driver.needs().contains(Needs::PROBE_BATCH) {
+    if !driver.needs().contains(Needs::FIXED_BATCH) {
         return Ok(None);
     }
     if train.images.numel() == 0 {
         return Err(UsageError(format!(
-            "policy `{}` asks for the probe batch (Needs::PROBE_BATCH), which needs a training \
+            "policy `{}` asks for the fixed batch (Needs::FIXED_BATCH), which needs a training \
              set held in memory; an augmented image folder reads its files per batch (turn the \
              augmentation off, or use a policy without it)",
             driver.policy().map_or("?", |p| p.meta.name.as_str())

@@ -66,7 +66,7 @@ pub struct PluginMeta {
     pub abi_version: String,
     /// The plugin contract it speaks: 1 (features, labels, gradient norms)
     /// or 2 (also the on-demand observations: block tokens and Gram
-    /// matrices, the reference snapshot, the probe batch, sampled weights,
+    /// matrices, the reference snapshot, the fixed batch, sampled weights,
     /// accumulated gradient norms), from the modules it exports.
     pub contract: u32,
     /// One paragraph.

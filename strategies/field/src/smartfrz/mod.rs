@@ -11,7 +11,7 @@
 //! is asked at the same step (so several blocks may freeze at once).
 //!
 //! The predictor is trained offline, on labels from the CKA of each block's
-//! output on a probe batch against the same block at the end of training,
+//! output on a fixed batch against the same block at the end of training,
 //! from simfreeze runs on the source task only (`record` mode below writes
 //! them; `tools/smartfrz-train` trains; the shipped weights say in their
 //! `provenance` how they were made; docs/policies.md).
@@ -46,7 +46,7 @@ pub struct Options {
     pub predictor: Option<String>,
     /// Record mode: never freeze; every `every` steps (and at the last
     /// step) append to this file one JSON line with the step, every block's
-    /// sampled weights and the Gram matrix of its tokens on the probe batch
+    /// sampled weights and the Gram matrix of its tokens on the fixed batch
     /// (the predictor's training data).
     pub record: Option<String>,
 }
@@ -77,7 +77,7 @@ pub struct Snapshot {
     /// Probe samples (B).
     pub rows: usize,
     /// `layers × B × B`: per block, `X Xᵀ` of its pooled tokens on the
-    /// probe batch.
+    /// fixed batch.
     pub grams: Vec<f32>,
 }
 
@@ -100,7 +100,7 @@ pub struct SmartFrz {
 impl SmartFrz {
     fn record(&mut self, s: &Step<'_>, path: &str) -> Result<(), PolicyError> {
         let w = s.sampled_weights()?;
-        let probe = s.probe_blocks()?;
+        let probe = s.fixed_blocks()?;
         let mut grams = Vec::new();
         for i in 0..s.layers {
             let t = probe.tokens(i)?;
@@ -150,7 +150,7 @@ fn fit(row: &[f32], size: usize) -> Vec<f32> {
 impl Policy for SmartFrz {
     fn needs(&self) -> Needs {
         if self.o.record.is_some() {
-            Needs::SAMPLED_WEIGHTS | Needs::BLOCK_TOKENS | Needs::PROBE_BATCH
+            Needs::SAMPLED_WEIGHTS | Needs::BLOCK_TOKENS | Needs::FIXED_BATCH
         } else {
             Needs::SAMPLED_WEIGHTS
         }
@@ -393,7 +393,7 @@ mod tests {
         std::fs::write(&path, "stale line\n").unwrap();
         let o = format!("(record: Some({:?}), every: 2)", path.to_str().unwrap());
         let mut p = SmartFrz::new(&o, &HostServices::none()).unwrap();
-        assert!(p.needs().contains(Needs::PROBE_BATCH | Needs::BLOCK_TOKENS));
+        assert!(p.needs().contains(Needs::FIXED_BATCH | Needs::BLOCK_TOKENS));
         let w = [1.0f32, 2.0, 3.0, 4.0];
         // Probe: 2 samples x 1 dim per block, 2 blocks.
         let tokens = [1.0f32, 2.0, 3.0, 4.0];
