@@ -130,6 +130,34 @@ mod tests {
     }
 
     #[test]
+    fn on_demand_values_round_trip_and_the_fixed_batch_reads_under_its_first_name() {
+        let mut more = MoreData {
+            reference_step: Some(3),
+            sampled_weights: vec![0.5, -1.25],
+            samples_per_block: 1,
+            acc_grad_l1: vec![1.0, 2.0],
+            acc_grad_l2: vec![0.5, 0.25],
+            acc_grad_steps: 4,
+            ..MoreData::default()
+        };
+        more.probe.blocks = 2;
+        more.probe.rows = 1;
+        more.probe.dim = 1;
+        more.probe.tokens = vec![0.1, 0.2];
+        let json = serde_json::to_string(&more).unwrap();
+        assert!(
+            json.contains("\"fixed\":") && !json.contains("\"probe\":"),
+            "{json}"
+        );
+        let back: MoreData = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, more);
+        // A record written before the rename.
+        let old = json.replace("\"fixed\":", "\"probe\":");
+        let back: MoreData = serde_json::from_str(&old).unwrap();
+        assert_eq!(back.probe.tokens, [0.1, 0.2]);
+    }
+
+    #[test]
     fn hex_refuses_broken_input() {
         assert!(hex_f32::decode("0000803")
             .unwrap_err()
