@@ -12,7 +12,6 @@ use abi_stable::std_types::{ROption, RSlice};
 use serde::{Deserialize, Serialize};
 use simfreeze_abi::ffi::{BlockObservations, Needs, ObservationV2};
 
-use crate::observations::hex_f32;
 use crate::rng::Rng;
 
 /// Per-block reductions of one set of samples, owned (and, in a run's
@@ -230,6 +229,55 @@ pub fn spoil(v: &mut [f32], every: usize, rng: &mut Rng) {
                 _ => 0.0,
             };
         }
+    }
+}
+
+/// `Vec<f32>` as the hex of its little-endian bytes.
+pub mod hex_f32 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Encodes `v`.
+    pub fn encode(v: &[f32]) -> String {
+        let mut s = String::with_capacity(v.len() * 8);
+        for x in v {
+            for b in x.to_le_bytes() {
+                s.push_str(&format!("{b:02x}"));
+            }
+        }
+        s
+    }
+
+    /// Decodes what [`encode`] wrote.
+    pub fn decode(s: &str) -> Result<Vec<f32>, String> {
+        if s.len() % 8 != 0 || !s.is_ascii() {
+            return Err(format!(
+                "{} hex digits do not make whole f32 values",
+                s.len()
+            ));
+        }
+        s.as_bytes()
+            .chunks_exact(8)
+            .map(|c| {
+                let mut bytes = [0u8; 4];
+                for (i, b) in bytes.iter_mut().enumerate() {
+                    let pair = std::str::from_utf8(&c[2 * i..2 * i + 2]).unwrap_or("");
+                    *b = u8::from_str_radix(pair, 16)
+                        .map_err(|_| format!("`{pair}` is not a hex byte"))?;
+                }
+                Ok(f32::from_le_bytes(bytes))
+            })
+            .collect()
+    }
+
+    /// Serde's side.
+    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(v))
+    }
+
+    /// Serde's side.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let s = String::deserialize(d)?;
+        decode(&s).map_err(serde::de::Error::custom)
     }
 }
 

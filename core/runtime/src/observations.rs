@@ -59,54 +59,9 @@ pub struct ObservationRecord {
     pub after: FreezeState,
 }
 
-/// `Vec<f32>` as the hex of its little-endian bytes.
-pub mod hex_f32 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    /// Encodes `v`.
-    pub fn encode(v: &[f32]) -> String {
-        let mut s = String::with_capacity(v.len() * 8);
-        for x in v {
-            for b in x.to_le_bytes() {
-                s.push_str(&format!("{b:02x}"));
-            }
-        }
-        s
-    }
-
-    /// Decodes what [`encode`] wrote.
-    pub fn decode(s: &str) -> Result<Vec<f32>, String> {
-        if s.len() % 8 != 0 || !s.is_ascii() {
-            return Err(format!(
-                "{} hex digits do not make whole f32 values",
-                s.len()
-            ));
-        }
-        s.as_bytes()
-            .chunks_exact(8)
-            .map(|c| {
-                let mut bytes = [0u8; 4];
-                for (i, b) in bytes.iter_mut().enumerate() {
-                    let pair = std::str::from_utf8(&c[2 * i..2 * i + 2]).unwrap_or("");
-                    *b = u8::from_str_radix(pair, 16)
-                        .map_err(|_| format!("`{pair}` is not a hex byte"))?;
-                }
-                Ok(f32::from_le_bytes(bytes))
-            })
-            .collect()
-    }
-
-    /// Serde's side.
-    pub fn serialize<S: Serializer>(v: &[f32], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&encode(v))
-    }
-
-    /// Serde's side.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-        let s = String::deserialize(d)?;
-        decode(&s).map_err(serde::de::Error::custom)
-    }
-}
+/// The hex encoding of batch floats (it lives with the on-demand buffers,
+/// which records hold too).
+pub use crate::more::hex_f32;
 
 #[cfg(test)]
 mod tests {
