@@ -3,7 +3,7 @@
 //! `record` mode), and exports it in the plugin's file format.
 //!
 //! Labels (SmartFRZ's, as its paper describes them): a block at a snapshot
-//! is *converged* when the linear CKA of its output on the probe batch
+//! is *converged* when the linear CKA of its output on the fixed batch
 //! against the same block's output at the end of the run is at least `tau`
 //! from that snapshot on. The inputs are the plugin's own
 //! [`window_features`] of the last `W` snapshots, so training and the
