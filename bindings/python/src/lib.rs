@@ -19,6 +19,8 @@
 //! four derive from `PolicyError`. Inputs of the wrong shape raise
 //! `ValueError` before the policy sees them.
 
+mod blocks;
+
 use std::path::PathBuf;
 
 use pyo3::create_exception;
@@ -109,37 +111,6 @@ fn i64s(name: &str, bytes: &[u8]) -> PyResult<Vec<i64>> {
         .collect())
 }
 
-/// `{set: (rows, dim, tokens bytes or None, grams bytes or None)}` as
-/// handed over by the Python side.
-fn blocks_in(d: &Bound<'_, PyDict>) -> PyResult<Vec<(String, BlocksIn)>> {
-    let mut out = Vec::new();
-    for (k, v) in d.iter() {
-        let name: String = k.extract()?;
-        let (rows, dim, tokens, grams): (
-            usize,
-            usize,
-            Option<Bound<'_, PyBytes>>,
-            Option<Bound<'_, PyBytes>>,
-        ) = v.extract()?;
-        let tokens = tokens
-            .map(|b| f32s(&format!("{name}_tokens"), b.as_bytes()))
-            .transpose()?;
-        let grams = grams
-            .map(|b| f32s(&format!("{name}_grams"), b.as_bytes()))
-            .transpose()?;
-        out.push((
-            name,
-            BlocksIn {
-                rows,
-                dim,
-                tokens,
-                grams,
-            },
-        ));
-    }
-    Ok(out)
-}
-
 fn reference_name(r: ReferenceRequest) -> &'static str {
     match r {
         ReferenceRequest::Keep => "keep",
@@ -168,7 +139,7 @@ struct Policy {
 /// reductions of the batch, the fixed batch and both through the
 /// reference, sampled weights and accumulated gradient norms.
 struct More {
-    blocks: Vec<(String, BlocksIn)>,
+    blocks: Vec<(String, blocks::BlocksIn)>,
     reference_step: Option<u64>,
     sampled_weights: Option<Vec<f32>>,
     samples_per_block: usize,
@@ -177,111 +148,19 @@ struct More {
     acc_grad_steps: u64,
 }
 
-/// One set of samples' per-block reductions, as handed over: `rows`
-/// samples, tokens `layers × rows × dim`, Gram matrices `layers × rows ×
-/// rows`.
-struct BlocksIn {
-    rows: usize,
-    dim: usize,
-    tokens: Option<Vec<f32>>,
-    grams: Option<Vec<f32>>,
-}
-
-/// The sets of samples a step's block reductions cover, by the names the
-/// Python side passes (`<set>_tokens`, `<set>_grams`).
-const SETS: [&str; 4] = ["batch", "batch_reference", "fixed", "fixed_reference"];
-
 impl Policy {
-    /// The per-block reductions `asked` needs, checked and owned; `None`
-    /// for a set that is not needed at this step.
-    fn reductions(
-        &self,
-        asked: Needs,
-        blocks: Vec<(String, BlocksIn)>,
-        reference_step: Option<u64>,
-    ) -> PyResult<[Option<simfreeze_runtime::more::BlocksData>; 4]> {
-        let layers = self.layers as usize;
-        let mut out: [Option<simfreeze_runtime::more::BlocksData>; 4] = Default::default();
-        for (name, _) in &blocks {
-            if !SETS.contains(&name.as_str()) {
-                return Err(PyValueError::new_err(format!(
-                    "block observations of `{name}`: the sets are {}",
-                    SETS.join(", ")
-                )));
-            }
-        }
-        let reductions = asked.intersection(Needs::BLOCK_TOKENS | Needs::BLOCK_GRAMS);
-        if reductions.is_empty() {
-            return Ok(out);
-        }
-        let probe = asked.contains(Needs::FIXED_BATCH);
-        let reference = asked.contains(Needs::REFERENCE) && reference_step.is_some();
-        let needed = [true, reference, probe, probe && reference];
-        let mut given: Vec<Option<BlocksIn>> = SETS.iter().map(|_| None).collect();
-        for (name, b) in blocks {
-            let i = SETS.iter().position(|s| *s == name).expect("checked");
-            given[i] = Some(b);
-        }
-        let mut missing = Vec::new();
-        for (i, set) in SETS.iter().enumerate() {
-            if !needed[i] {
-                continue;
-            }
-            let b = given[i].take();
-            let (rows, dim) = b.as_ref().map_or((0, 0), |b| (b.rows, b.dim));
-            let mut data = simfreeze_runtime::more::BlocksData {
-                first: 0,
-                blocks: layers,
-                rows,
-                dim,
-                ..Default::default()
-            };
-            let (tokens, grams) = b.map_or((None, None), |b| (b.tokens, b.grams));
-            if reductions.contains(Needs::BLOCK_TOKENS) {
-                match tokens {
-                    Some(t) if t.len() == layers * rows * dim => data.tokens = t,
-                    Some(t) => {
-                        return Err(PyValueError::new_err(format!(
-                            "{set}_tokens: {} values for {layers} blocks x {rows} samples x {dim}",
-                            t.len()
-                        )))
-                    }
-                    None => missing.push(format!("{set}_tokens (blocks x samples x dim)")),
-                }
-            }
-            if reductions.contains(Needs::BLOCK_GRAMS) {
-                match grams {
-                    Some(g) if g.len() == layers * rows * rows => data.grams = g,
-                    Some(g) => {
-                        return Err(PyValueError::new_err(format!(
-                            "{set}_grams: {} values for {layers} blocks x {rows} x {rows} samples",
-                            g.len()
-                        )))
-                    }
-                    None => missing.push(format!("{set}_grams (blocks x samples x samples)")),
-                }
-            }
-            out[i] = Some(data);
-        }
-        if !missing.is_empty() {
-            return Err(PyValueError::new_err(format!(
-                "policy `{}` asked at the previous step to observe {} at this step; pass {} to \
-                 observe() (simfreeze.torch.FreezeController computes them)",
-                self.name(),
-                asked.names().join(", "),
-                missing.join(", ")
-            )));
-        }
-        Ok(out)
-    }
-
     fn more(&self, m: More) -> PyResult<MoreData> {
         let asked = self.driver.state().observe();
         let layers = self.layers as usize;
         let mut data = MoreData::default();
         let reference_step = m.reference_step.or(self.reference_step);
-        let [batch, batch_reference, probe, probe_reference] =
-            self.reductions(asked, m.blocks, reference_step)?;
+        let [batch, batch_reference, probe, probe_reference] = blocks::reductions(
+            &self.name(),
+            self.layers as usize,
+            asked,
+            m.blocks,
+            reference_step,
+        )?;
         let sets = [batch, batch_reference, probe, probe_reference];
         if sets.iter().any(Option::is_some) {
             data.provided = data.provided
@@ -582,7 +461,7 @@ impl Policy {
             .map(|b| f32s("sampled_weights", b.as_bytes()))
             .transpose()?;
         let blocks = match blocks {
-            Some(d) => blocks_in(&d)?,
+            Some(d) => blocks::blocks_in(&d)?,
             None => Vec::new(),
         };
         let more = self.more(More {
