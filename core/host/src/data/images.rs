@@ -27,6 +27,8 @@ use simfreeze_runtime::rng::Rng;
 
 use crate::data::{DataError, Dataset};
 
+pub use super::augment::Augmenter;
+
 /// One split: image files with their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {
@@ -287,7 +289,7 @@ pub fn stanford_dogs(root: &Path) -> Result<(Split, Split), DataError> {
     ))
 }
 
-fn decode(path: &Path) -> Result<image::DynamicImage, DataError> {
+pub(super) fn decode(path: &Path) -> Result<image::DynamicImage, DataError> {
     let img = image::ImageReader::open(path)
         .map_err(|e| io_err(path, e))?
         .with_guessed_format()
@@ -300,7 +302,11 @@ fn decode(path: &Path) -> Result<image::DynamicImage, DataError> {
     Ok(img)
 }
 
-fn to_chw(img: &image::DynamicImage, channels: i64, out: &mut [u8]) -> Result<(), DataError> {
+pub(super) fn to_chw(
+    img: &image::DynamicImage,
+    channels: i64,
+    out: &mut [u8],
+) -> Result<(), DataError> {
     let hw = (img.width() * img.height()) as usize;
     match channels {
         1 => out.copy_from_slice(img.to_luma8().as_raw()),
@@ -321,7 +327,7 @@ fn to_chw(img: &image::DynamicImage, channels: i64, out: &mut [u8]) -> Result<()
 }
 
 /// Resizes so the shorter side is `short` (bicubic), keeping the aspect.
-fn resize_shorter(img: &image::DynamicImage, short: u32) -> image::DynamicImage {
+pub(super) fn resize_shorter(img: &image::DynamicImage, short: u32) -> image::DynamicImage {
     let (w, h) = (img.width(), img.height());
     let scale = short as f64 / w.min(h) as f64;
     let (nw, nh) = (
@@ -329,149 +335,6 @@ fn resize_shorter(img: &image::DynamicImage, short: u32) -> image::DynamicImage 
         ((h as f64 * scale).round() as u32).max(short),
     );
     img.resize_exact(nw, nh, FilterType::CatmullRom)
-}
-
-/// The training split kept as images (shorter side `resize`), for random
-/// augmentation each epoch: random resized crop (scale 0.08-1, aspect
-/// 3/4-4/3, bilinear, as torchvision's `RandomResizedCrop`) and a
-/// horizontal flip with probability 1/2. Unlike torchvision, the crop is
-/// taken from the image already resized to `resize` (memory: the originals
-/// are not kept), so small crops are upsampled from fewer pixels. The draws depend only on (seed,
-/// epoch, sample), so a resumed run sees the same crops.
-pub struct Augmenter {
-    images: Vec<image::DynamicImage>,
-    channels: i64,
-    size: u32,
-    pub(super) mean: Vec<f64>,
-    pub(super) std: Vec<f64>,
-}
-
-impl Augmenter {
-    /// Decodes `split` on all cores, shorter side resized to `resize`.
-    pub fn new(
-        split: &Split,
-        channels: i64,
-        size: i64,
-        resize: i64,
-        mean: &[f64],
-        std: &[f64],
-    ) -> Result<Augmenter, DataError> {
-        let n = split.items.len();
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |t| t.get())
-            .min(n.max(1));
-        let chunk = n.div_ceil(threads).max(1);
-        let images = std::thread::scope(|s| -> Result<Vec<image::DynamicImage>, DataError> {
-            let handles: Vec<_> = split
-                .items
-                .chunks(chunk)
-                .map(|items| {
-                    s.spawn(move || -> Result<Vec<image::DynamicImage>, DataError> {
-                        items
-                            .iter()
-                            .map(|(p, _)| Ok(resize_shorter(&decode(p)?, resize as u32)))
-                            .collect()
-                    })
-                })
-                .collect();
-            let mut all = Vec::with_capacity(n);
-            for h in handles {
-                all.extend(h.join().expect("decoder thread panicked")?);
-            }
-            Ok(all)
-        })?;
-        Ok(Augmenter {
-            images,
-            channels,
-            size: size as u32,
-            mean: mean.to_vec(),
-            std: std.to_vec(),
-        })
-    }
-
-    /// One augmented sample as CHW bytes.
-    fn sample(&self, i: usize, seed: u64, epoch: u64, out: &mut [u8]) -> Result<(), DataError> {
-        let img = &self.images[i];
-        let mut rng = Rng::new(
-            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ epoch.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
-                ^ (i as u64).wrapping_mul(0x1656_67B1_9E37_79F9),
-        );
-        let (w, h) = (img.width() as f64, img.height() as f64);
-        let area = w * h;
-        let (lo, hi) = ((3.0f64 / 4.0).ln(), (4.0f64 / 3.0).ln());
-        let mut crop = None;
-        for _ in 0..10 {
-            let target = area * (0.08 + 0.92 * rng.uniform());
-            let ratio = (lo + (hi - lo) * rng.uniform()).exp();
-            let cw = (target * ratio).sqrt().round();
-            let ch = (target / ratio).sqrt().round();
-            if cw >= 1.0 && ch >= 1.0 && cw <= w && ch <= h {
-                let x = (rng.uniform() * (w - cw + 1.0)).floor().min(w - cw);
-                let y = (rng.uniform() * (h - ch + 1.0)).floor().min(h - ch);
-                crop = Some((x as u32, y as u32, cw as u32, ch as u32));
-                break;
-            }
-        }
-        // Fallback, as torchvision: the whole image's centre, aspect clamped.
-        let (x, y, cw, ch) = crop.unwrap_or_else(|| {
-            let (cw, ch) = if w / h < 0.75 {
-                (w, (w / 0.75).round())
-            } else if w / h > 4.0 / 3.0 {
-                ((h * 4.0 / 3.0).round(), h)
-            } else {
-                (w, h)
-            };
-            (
-                ((w - cw) / 2.0) as u32,
-                ((h - ch) / 2.0) as u32,
-                cw as u32,
-                ch as u32,
-            )
-        });
-        let mut patch =
-            img.crop_imm(x, y, cw, ch)
-                .resize_exact(self.size, self.size, FilterType::Triangle);
-        if rng.uniform() < 0.5 {
-            patch = patch.fliph();
-        }
-        to_chw(&patch, self.channels, out)
-    }
-
-    /// The augmented, normalised batch `[B, C, size, size]` of samples
-    /// `idx`, built on all cores.
-    pub fn batch(&self, idx: &[i64], seed: u64, epoch: u64) -> Result<Tensor, DataError> {
-        let (c, size) = (self.channels, self.size as i64);
-        let bytes = fill_parallel(idx, (c * size * size) as usize, |i, out| {
-            self.sample(*i as usize, seed, epoch, out)
-        })?;
-        Ok(normalise(
-            bytes,
-            [idx.len() as i64, c, size, size],
-            &self.mean,
-            &self.std,
-        ))
-    }
-
-    /// The augmented batch of samples `idx` as bytes, `[B, C, size, size]`
-    /// uint8 (the same draws as [`Self::batch`], not normalised).
-    pub fn batch_bytes(&self, idx: &[i64], seed: u64, epoch: u64) -> Result<Tensor, DataError> {
-        let (c, size) = (self.channels, self.size as i64);
-        let bytes = fill_parallel(idx, (c * size * size) as usize, |i, out| {
-            self.sample(*i as usize, seed, epoch, out)
-        })?;
-        Ok(Tensor::from_slice(&bytes).reshape([idx.len() as i64, c, size, size]))
-    }
-
-    /// Number of images.
-    pub fn len(&self) -> usize {
-        self.images.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
-    }
 }
 
 /// The evaluation transform: resize so the shorter side is `resize`
@@ -522,7 +385,7 @@ pub fn load(
 }
 
 /// Fills one `per`-byte slot for each item on all cores.
-fn fill_parallel<T: Sync>(
+pub(super) fn fill_parallel<T: Sync>(
     items: &[T],
     per: usize,
     f: impl Fn(&T, &mut [u8]) -> Result<(), DataError> + Sync,
@@ -556,7 +419,7 @@ fn fill_parallel<T: Sync>(
 
 /// `[N, C, H, W]` bytes to `(x / 255 - mean) / std` in float32, in place:
 /// the float tensor is the only full-size copy left alive.
-fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tensor {
+pub(super) fn normalise(bytes: Vec<u8>, shape: [i64; 4], mean: &[f64], std: &[f64]) -> Tensor {
     let x = Tensor::from_slice(&bytes).reshape(shape);
     drop(bytes);
     normalise_bytes(&x, mean, std)

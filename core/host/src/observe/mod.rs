@@ -8,6 +8,7 @@
 //! policies; `run` and `bench` use this layer.
 
 pub mod observer;
+mod reference;
 
 use anyhow::Result;
 use simfreeze_abi::Needs;

@@ -1,7 +1,7 @@
 //! The on-demand observations of contract 2, computed on the device only
 //! at the steps a policy asked for them (`FreezeState::observe`): per-block
 //! tokens and row-normalised Gram matrices of the step's batch and of a
-//! fixed fixed batch, through the model and through a reference snapshot;
+//! fixed batch, through the model and through a reference snapshot;
 //! sampled weights; and the norms of the gradients summed since the last
 //! read (the one observation that costs every step once declared: an add
 //! per trainable parameter).
@@ -15,11 +15,11 @@
 use anyhow::{bail, Result};
 use simfreeze_abi::ffi::{Needs, ReferenceRequest};
 use simfreeze_runtime::more::{sample_positions, BlocksData, MoreData};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
+use super::reference::Reference;
 use crate::engine::{Batch, Engine};
-use crate::model::precision::Precision;
-use crate::model::{Group, PrefixModel, Vit, VitConfig};
+use crate::model::{Group, PrefixModel, VitConfig};
 
 /// Weights sampled per block.
 pub const SAMPLES_PER_BLOCK: usize = 64;
@@ -36,22 +36,6 @@ const SCALE_PREFIX: &str = "observer.scale/";
 pub struct ObserverMeta {
     /// The step after which the reference was taken, and how it is kept.
     pub reference: Option<(u64, String)>,
-}
-
-/// The reference snapshot.
-struct Reference {
-    kind: ReferenceRequest,
-    step: u64,
-    /// What is kept, by parameter name: float32 or bfloat16 weights, or
-    /// under `TakeInt8` the weight matrices as int8 (with `scales`) and the
-    /// rest as bfloat16.
-    kept: Vec<(String, Tensor)>,
-    /// `TakeInt8`: per weight matrix, its rows' scales (`[rows, 1]`).
-    scales: Vec<(String, Tensor)>,
-    /// `TakeF32`/`TakeBf16`: the model whose variables are `kept`. An int8
-    /// reference has none; a bf16 model is made from it for each step that
-    /// observes it.
-    model: Option<(nn::VarStore, Vit)>,
 }
 
 /// The compute model's price of what the observer computes, in the
@@ -413,140 +397,6 @@ impl Observer {
     }
 }
 
-impl Reference {
-    /// The reference of the weights `vars`, kept as `kind` asks.
-    fn take(
-        cfg: &VitConfig,
-        device: Device,
-        kind: ReferenceRequest,
-        step: u64,
-        vars: &[(String, Tensor)],
-    ) -> Self {
-        tch::no_grad(|| {
-            if kind != ReferenceRequest::TakeInt8 {
-                let kept = vars.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
-                // `restore` copies (and rounds to bf16) into a new model.
-                return Self::restore(cfg, device, kind, step, kept, Vec::new())
-                    .expect("a model's own variables fit a model of its shape");
-            }
-            let (mut kept, mut scales) = (Vec::new(), Vec::new());
-            for (name, t) in vars {
-                match quantize_rows(name, t) {
-                    Some((q, scale)) => {
-                        kept.push((name.clone(), q));
-                        scales.push((name.clone(), scale));
-                    }
-                    None => kept.push((name.clone(), t.to_kind(Kind::BFloat16))),
-                }
-            }
-            Reference {
-                kind,
-                step,
-                kept,
-                scales,
-                model: None,
-            }
-        })
-    }
-
-    /// A reference from what [`Reference::take`] kept (a checkpoint's).
-    fn restore(
-        cfg: &VitConfig,
-        device: Device,
-        kind: ReferenceRequest,
-        step: u64,
-        kept: Vec<(String, Tensor)>,
-        scales: Vec<(String, Tensor)>,
-    ) -> Result<Self> {
-        let mut r = Reference {
-            kind,
-            step,
-            kept,
-            scales,
-            model: None,
-        };
-        let names: std::collections::BTreeSet<&String> = r.kept.iter().map(|(n, _)| n).collect();
-        let (vs, model) = r.materialize(cfg, device)?;
-        if let Some(missing) = vs.variables().keys().find(|n| !names.contains(n)) {
-            bail!("the checkpoint's reference lacks {missing}");
-        }
-        if kind != ReferenceRequest::TakeInt8 {
-            r.kept = vs.variables().into_iter().collect();
-            r.kept.sort_by(|a, b| a.0.cmp(&b.0));
-            r.model = Some((vs, model));
-        }
-        Ok(r)
-    }
-
-    /// A model holding the reference's weights (dequantized for int8), in
-    /// float32 for `TakeF32`, else bfloat16.
-    fn materialize(&self, cfg: &VitConfig, device: Device) -> Result<(nn::VarStore, Vit)> {
-        let mut vs = nn::VarStore::new(device);
-        let model = Vit::build(&vs, cfg, Precision::F32);
-        if self.kind != ReferenceRequest::TakeF32 {
-            vs.bfloat16();
-        }
-        vs.freeze();
-        let scales: std::collections::HashMap<&String, &Tensor> =
-            self.scales.iter().map(|(n, s)| (n, s)).collect();
-        let mut dst = vs.variables();
-        tch::no_grad(|| -> Result<()> {
-            for (name, t) in &self.kept {
-                let Some(d) = dst.get_mut(name) else {
-                    bail!("the reference has an unknown tensor {name}");
-                };
-                let value = match scales.get(name) {
-                    Some(s) => dequantize_rows(t, s, &d.size()),
-                    None => t.shallow_clone(),
-                };
-                d.copy_(&value);
-            }
-            Ok(())
-        })?;
-        Ok((vs, model))
-    }
-
-    /// Runs `f` with the reference model and the dtype its input takes.
-    fn run<R>(&self, cfg: &VitConfig, device: Device, f: impl FnOnce(&Vit, Kind) -> R) -> R {
-        let dtype = match self.kind {
-            ReferenceRequest::TakeF32 | ReferenceRequest::Keep => Kind::Float,
-            _ => Kind::BFloat16,
-        };
-        match &self.model {
-            Some((_, model)) => f(model, dtype),
-            None => {
-                let (_vs, model) = self
-                    .materialize(cfg, device)
-                    .expect("the reference was checked when it was kept");
-                f(&model, dtype)
-            }
-        }
-    }
-}
-
-/// A layer's weight (a Linear or convolution `.weight` of 2 or more
-/// dimensions) as int8 per output row, symmetric: `q = round(w / s)` with
-/// `s = max |row| / 127`; `None` for everything else (norms, biases, the
-/// position embedding and the tokens stay bfloat16).
-fn quantize_rows(name: &str, t: &Tensor) -> Option<(Tensor, Tensor)> {
-    if t.dim() < 2 || !name.ends_with(".weight") {
-        return None;
-    }
-    let rows = t.size()[0];
-    let flat = t.detach().to_kind(Kind::Float).reshape([rows, -1]);
-    let scale = flat.abs().amax([1].as_slice(), true).clamp_min(1e-12) / 127.0;
-    let q = (&flat / &scale)
-        .round()
-        .clamp(-127.0, 127.0)
-        .to_kind(Kind::Int8);
-    Some((q, scale))
-}
-
-/// The float32 values of [`quantize_rows`]'s output, in `shape`.
-fn dequantize_rows(q: &Tensor, scale: &Tensor, shape: &[i64]) -> Tensor {
-    (q.to_kind(Kind::Float) * scale).reshape(shape)
-}
-
 /// Per-block reductions of images `x` through `model`, in host memory.
 pub fn reduce(model: &dyn PrefixModel, x: &Tensor, what: Needs) -> Result<BlocksData> {
     let (mut tokens, mut grams) = (Vec::new(), Vec::new());
@@ -635,6 +485,8 @@ fn sample_indices(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Vit;
+    use tch::nn;
 
     fn tiny() -> (nn::VarStore, Vit, VitConfig) {
         tch::manual_seed(5);
