@@ -13,7 +13,7 @@ use simfreeze_runtime::loader::{PolicyHandle, SearchPath};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::{DataSource, RunConfig};
-use crate::data::{fashion_mnist, images, Dataset};
+use crate::data::{augment, fashion_mnist, images, Dataset};
 use crate::error::UsageError;
 use crate::model::weights::Checkpoint;
 use crate::model::VitConfig;
@@ -89,7 +89,7 @@ pub struct Loaded {
     /// Evaluation set.
     pub eval: Dataset,
     /// Random augmentation of the training split.
-    pub augment: Option<images::Augmenter>,
+    pub augment: Option<augment::Augmenter>,
 }
 
 /// Loads the train and evaluation sets of `cfg`.
@@ -137,7 +137,7 @@ pub fn load_splits(cfg: &RunConfig, with_train: bool) -> Result<Loaded> {
                 None,
             ),
             (true, true) => {
-                let aug = images::Augmenter::new(&train, c, size, resize, &mean, &std)?;
+                let aug = augment::Augmenter::new(&train, c, size, resize, &mean, &std)?;
                 let labels: Vec<i64> = train.items.iter().map(|i| i.1).collect();
                 let ds = Dataset {
                     images: Tensor::zeros([0, c, size, size], (Kind::Float, Device::Cpu)),
@@ -231,7 +231,7 @@ pub struct Plan {
     /// Initial weights (`model.weights`), read and checked against the model.
     pub weights: Option<Checkpoint>,
     /// Random augmentation of the training split (`data.augment`).
-    pub augment: Option<images::Augmenter>,
+    pub augment: Option<augment::Augmenter>,
 }
 
 impl Plan {

@@ -153,3 +153,33 @@ impl Augmenter {
         self.images.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::images::tests::write_image;
+    use crate::data::images::{image_folder, normalise_bytes};
+
+    #[test]
+    fn augmentation_is_random_per_epoch_and_repeatable() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..4 {
+            write_image(
+                &d.path().join(format!("train/a/{i}.png")),
+                40 + 3 * i,
+                30,
+                100,
+            );
+        }
+        let (train, _) = image_folder(d.path(), "train", "train").unwrap();
+        let aug = Augmenter::new(&train, 3, 16, 18, &[0.5; 3], &[0.5; 3]).unwrap();
+        assert_eq!(aug.len(), 4);
+        let a = aug.batch(&[0, 1, 2, 3], 7, 0).unwrap();
+        assert_eq!(a.size(), [4, 3, 16, 16]);
+        assert_eq!(a, aug.batch(&[0, 1, 2, 3], 7, 0).unwrap());
+        assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
+        let bytes = aug.batch_bytes(&[0, 1, 2, 3], 7, 0).unwrap();
+        assert_eq!(bytes.kind(), tch::Kind::Uint8);
+        assert!(normalise_bytes(&bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
+    }
+}

@@ -27,8 +27,6 @@ use simfreeze_runtime::rng::Rng;
 
 use crate::data::{DataError, Dataset};
 
-pub use super::augment::Augmenter;
-
 /// One split: image files with their labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Split {
@@ -469,10 +467,10 @@ impl Normaliser {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn write_image(path: &Path, w: u32, h: u32, shade: u8) {
+    pub(in crate::data) fn write_image(path: &Path, w: u32, h: u32, shade: u8) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let img = image::RgbImage::from_fn(w, h, |x, y| {
             image::Rgb([shade, (x * 7) as u8, (y * 5) as u8])
@@ -518,29 +516,6 @@ mod tests {
             .mean(tch::Kind::Float)
             .double_value(&[]);
         assert!((red0 - 10.0 / 255.0).abs() < 0.02 && (red5 - 200.0 / 255.0).abs() < 0.02);
-    }
-
-    #[test]
-    fn augmentation_is_random_per_epoch_and_repeatable() {
-        let d = tempfile::tempdir().unwrap();
-        for i in 0..4 {
-            write_image(
-                &d.path().join(format!("train/a/{i}.png")),
-                40 + 3 * i,
-                30,
-                100,
-            );
-        }
-        let (train, _) = image_folder(d.path(), "train", "train").unwrap();
-        let aug = Augmenter::new(&train, 3, 16, 18, &[0.5; 3], &[0.5; 3]).unwrap();
-        assert_eq!(aug.len(), 4);
-        let a = aug.batch(&[0, 1, 2, 3], 7, 0).unwrap();
-        assert_eq!(a.size(), [4, 3, 16, 16]);
-        assert_eq!(a, aug.batch(&[0, 1, 2, 3], 7, 0).unwrap());
-        assert_ne!(a, aug.batch(&[0, 1, 2, 3], 7, 1).unwrap());
-        let bytes = aug.batch_bytes(&[0, 1, 2, 3], 7, 0).unwrap();
-        assert_eq!(bytes.kind(), tch::Kind::Uint8);
-        assert!(normalise_bytes(&bytes, &[0.5; 3], &[0.5; 3]).equal(&a));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!
 //! Invariant: a missing or corrupt file is an error that names the file.
 
-mod augment;
+pub mod augment;
 pub mod images;
 pub mod matfile;
 pub mod prefetch;

@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::images::{Augmenter, Normaliser};
+use super::augment::Augmenter;
+use super::images::Normaliser;
 use super::DataError;
 use crate::error::torch_guard;
 use crate::stream::{Event, Stream};

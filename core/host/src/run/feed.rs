@@ -18,7 +18,8 @@ use std::sync::Arc;
 use anyhow::Result;
 use tch::{Device, Tensor};
 
-use crate::data::images::{Augmenter, Normaliser};
+use crate::data::augment::Augmenter;
+use crate::data::images::Normaliser;
 use crate::data::prefetch::{Prefetch, Source};
 use crate::data::Dataset;
 use crate::engine::cache::PrefixCache;
