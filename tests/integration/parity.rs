@@ -39,18 +39,29 @@ fn reference(script: &str) -> tempfile::TempDir {
     dir
 }
 
-#[test]
-fn imported_weights_reproduce_timm_and_hugging_face_logits() {
-    let dir = reference("reference.py");
-
-    let cases: Vec<serde_json::Value> =
+/// Runs `script` like [`reference`] and reads what it wrote: `cases.json`
+/// and the tensors of `tensors.safetensors` by name.
+fn reference_cases(
+    script: &str,
+) -> (
+    tempfile::TempDir,
+    Vec<serde_json::Value>,
+    std::collections::HashMap<String, Tensor>,
+) {
+    let dir = reference(script);
+    let cases =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
             .unwrap();
-    let refs: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
+    let refs = Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    (dir, cases, refs)
+}
+
+#[test]
+fn imported_weights_reproduce_timm_and_hugging_face_logits() {
+    let (dir, cases, refs) = reference_cases("reference.py");
     let mut formats = Vec::new();
     assert_eq!(cases.len(), 15);
     for case in &cases {
@@ -295,15 +306,7 @@ fn block_observations_match_timm_hooks_and_numpy() {
     use simfreeze_abi::sdk::{sp_loss, Matrix};
     use simfreeze_abi::Needs;
 
-    let dir = reference("observations.py");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
-            .unwrap();
-    let refs: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
+    let (dir, cases, refs) = reference_cases("observations.py");
     assert_eq!(cases.len(), 2);
     for case in &cases {
         let name = case["name"].as_str().unwrap();
@@ -405,15 +408,7 @@ fn the_python_controllers_block_observations_are_the_trainers() {
     use simfreeze::observe::observer::reduce;
     use simfreeze_abi::ffi::Needs;
 
-    let dir = reference("blocks.py");
-    let cases: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cases.json")).unwrap())
-            .unwrap();
-    let refs: std::collections::HashMap<String, Tensor> =
-        Tensor::read_safetensors(dir.path().join("tensors.safetensors"))
-            .unwrap()
-            .into_iter()
-            .collect();
+    let (dir, cases, refs) = reference_cases("blocks.py");
     assert_eq!(cases.len(), 3);
     for case in &cases {
         let name = case["name"].as_str().unwrap();
